@@ -1,0 +1,15 @@
+"""Transformations and their actions on images, feature maps, group maps and tokens."""
+
+from .affine import Rotation, Scale
+from .base import InexactActionError, Layout, Transform, check_image
+from .composite import Compose
+from .dihedral import Dihedral, group_elements, hflip, identity, rot90, vflip
+from .photometric import ColorJitter
+from .spec import parse_transforms
+from .translation import Translation, shift_zero_fill
+
+__all__ = [
+    "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "Rotation", "Scale",
+    "Transform", "Translation", "check_image", "group_elements", "hflip", "identity",
+    "parse_transforms", "rot90", "shift_zero_fill", "vflip",
+]
