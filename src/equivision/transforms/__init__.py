@@ -1,7 +1,7 @@
 """Transformations and their actions on images, feature maps, group maps and tokens."""
 
 from .affine import Rotation, Scale
-from .base import InexactActionError, Layout, Transform, check_image
+from .base import InexactActionError, Layout, ShapeError, Transform, check_image
 from .composite import Compose
 from .dihedral import Dihedral, group_elements, hflip, identity, rot90, vflip
 from .photometric import ColorJitter
@@ -10,6 +10,7 @@ from .translation import Translation, shift_zero_fill
 
 __all__ = [
     "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "Rotation", "Scale",
+    "ShapeError",
     "Transform", "Translation", "check_image", "group_elements", "hflip", "identity",
     "parse_transforms", "rot90", "shift_zero_fill", "vflip",
 ]

@@ -40,6 +40,10 @@ class InexactActionError(ValueError):
     """
 
 
+class ShapeError(ValueError):
+    """The map has the wrong shape for this action (e.g. a 90° rotation of a 7x9 map)."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a captured tensor is laid out, so that a transformation can act on it.

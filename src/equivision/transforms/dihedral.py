@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import InexactActionError, Stride, Transform
+from .base import InexactActionError, ShapeError, Stride, Transform
 
 
 class Dihedral(Transform):
@@ -41,7 +41,7 @@ class Dihedral(Transform):
 
     def _check_map(self, shape: tuple[int, int], stride: Stride) -> None:
         if self.k % 2 == 1 and shape[0] != shape[1]:
-            raise InexactActionError(
+            raise ShapeError(
                 f"{self.name} needs a square map, got {shape[0]}x{shape[1]}; crop or pad the "
                 "input to a square size, exclude this layer, or measure flips / shifts instead"
             )

@@ -49,7 +49,9 @@ class Translation(Transform):
         """The shift ``(dy, dx)`` in map positions at ``stride``; raises if inexact."""
         sy, sx = as_stride(stride)
         qy, qx = self.dy / sy, self.dx / sx
-        if not (math.isclose(qy, round(qy), abs_tol=1e-6) and math.isclose(qx, round(qx), abs_tol=1e-6)):
+        whole = math.isclose(qy, round(qy), abs_tol=1e-6) and math.isclose(
+            qx, round(qx), abs_tol=1e-6)
+        if not whole:
             raise InexactActionError(
                 f"{self.name} is not a whole number of positions on a map of stride "
                 f"({sy:g}, {sx:g}); use shifts that are multiples of the stride"

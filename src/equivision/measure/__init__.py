@@ -1,0 +1,12 @@
+"""Layer-wise measurement of learned invariance and equivariance."""
+
+from .capture import LayerCapture, MeasureError, first_tensor, select_layers
+from .engine import measure
+from .parts import PARTS, assign_parts
+from .report import METRICS, LayerResult, Report, write_atomic
+from .stats import PairStats
+
+__all__ = [
+    "METRICS", "PARTS", "LayerCapture", "LayerResult", "MeasureError", "PairStats", "Report",
+    "assign_parts", "first_tensor", "measure", "select_layers", "write_atomic",
+]

@@ -1,0 +1,227 @@
+"""Capture the outputs of chosen layers of any ``nn.Module`` with forward hooks."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..transforms import Layout
+
+#: Leaf modules skipped by default: in evaluation mode their output is their input.
+PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.Identity, nn.Flatten)
+#: Modules treated as global pooling when their output is 1 x 1 (or a vector).
+GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d)
+
+TokenGrid = tuple[int, int] | tuple[int, int, int]
+
+
+class MeasureError(ValueError):
+    """A layer or input that the measurement cannot handle; the message says what to do."""
+
+
+def select_layers(
+    model: nn.Module,
+    layers: Sequence[str | type] | None = None,
+    include_pass_through: bool = False,
+) -> list[str]:
+    """Names of the modules to capture, in registration order.
+
+    Args:
+        model: any ``nn.Module``.
+        layers: ``None`` for every leaf module (except dropout / identity / flatten
+            unless ``include_pass_through``); otherwise module names (shell patterns
+            such as ``"features.conv*"`` allowed) and/or module types.
+    """
+    named = dict(model.named_modules())
+    if layers is None:
+        out = [
+            n for n, m in named.items()
+            if n and not any(True for _ in m.children())
+            and (include_pass_through or not isinstance(m, PASS_THROUGH))
+        ]
+        if not out:
+            raise MeasureError(f"{type(model).__name__} has no leaf modules to measure")
+        return out
+    out: list[str] = []
+    for spec in layers:
+        if isinstance(spec, type):
+            found = [n for n, m in named.items() if n and isinstance(m, spec)]
+        else:
+            found = [n for n in named if n and fnmatch.fnmatchcase(n, spec)]
+        if not found:
+            sample = ", ".join(list(n for n in named if n)[:12])
+            raise MeasureError(
+                f"no layer of {type(model).__name__} matches {spec!r}; layer names include: "
+                f"{sample}{', ...' if len(named) > 13 else ''}"
+            )
+        out.extend(n for n in found if n not in out)
+    return out
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The tensor a module returned: itself, or the first tensor in a tuple, list or dict."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+@dataclass
+class Captured:
+    """One layer's output for a batch, reshaped for measurement.
+
+    ``value`` is ``(B, C, h, w)`` for maps and token grids, ``(B, C, G, h, w)`` for
+    group maps and ``(B, C)`` for vectors.
+    """
+
+    value: Tensor
+    layout: Layout
+
+
+def to_measurable(
+    name: str,
+    out: Tensor,
+    input_hw: tuple[int, int],
+    token_grid: TokenGrid | None,
+    strides: Mapping[str, float] | None = None,
+) -> Captured:
+    """Interpret a raw layer output ``out`` and give it a :class:`Layout`.
+
+    Token sequences ``(B, N, C)`` keep only their patch tokens, reshaped to a
+    ``(B, C, h, w)`` map; prefix tokens ([CLS]) are dropped.
+    """
+    if not out.is_floating_point():
+        raise MeasureError(
+            f"layer {name!r} returns a {out.dtype} tensor; only floating-point outputs can be "
+            "measured, leave this layer out with --layers"
+        )
+    if out.dim() == 2:
+        return Captured(out, Layout("vector"))
+    if out.dim() == 3:
+        if token_grid is None:
+            raise MeasureError(
+                f"layer {name!r} returns tokens of shape {tuple(out.shape)}; give its grid "
+                "with token_grid=(h, w) or (h, w, prefix) (CLI: --token-grid h,w[,prefix])"
+            )
+        h, w = token_grid[0], token_grid[1]
+        prefix = token_grid[2] if len(token_grid) == 3 else 0
+        b, n, c = out.shape
+        if n - prefix != h * w:
+            raise MeasureError(
+                f"layer {name!r} has {n} tokens, which is not {prefix} prefix + {h}x{w} grid "
+                "tokens; fix token_grid"
+            )
+        value = out[:, prefix:].transpose(1, 2).reshape(b, c, h, w)
+        return Captured(value, Layout("map", _stride(name, input_hw, (h, w), strides)))
+    if out.dim() == 4:
+        hw = (out.shape[-2], out.shape[-1])
+        return Captured(out, Layout("map", _stride(name, input_hw, hw, strides)))
+    if out.dim() == 5:
+        g = out.shape[2]
+        group = {4: "p4", 8: "p4m"}.get(g)
+        if group is None:
+            raise MeasureError(
+                f"layer {name!r} returns a 5-D tensor with a group axis of size {g}; only p4 (4) "
+                "and p4m (8) group maps are understood"
+            )
+        hw = (out.shape[-2], out.shape[-1])
+        return Captured(out, Layout("group", _stride(name, input_hw, hw, strides), group=group))
+    raise MeasureError(
+        f"layer {name!r} returns a {out.dim()}-D tensor {tuple(out.shape)}; expected (B, C), "
+        "(B, N, C), (B, C, H, W) or (B, C, G, H, W)"
+    )
+
+
+def _stride(
+    name: str, input_hw: tuple[int, int], hw: tuple[int, int], strides: Mapping[str, float] | None
+) -> tuple[float, float]:
+    """Input pixels per map position: the rounded size ratio (28 -> 26 valid conv has
+    stride 1, 24 -> 12 pooling stride 2, 33 -> 17 stride 2), unless given."""
+    if strides and name in strides:
+        s = strides[name]
+        return (float(s), float(s))
+    return tuple(float(max(1, round(i / m))) if m else math.inf for i, m in zip(input_hw, hw))
+
+
+class LayerCapture:
+    """Context manager that records the first output of each named layer per forward.
+
+    Example::
+
+        with LayerCapture(model, ["features.conv1", "fc"]) as cap:
+            model(x)
+        cap.outputs["fc"]  # tensor (B, K)
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self.model = model
+        self.names = list(names)
+        self.outputs: dict[str, Tensor] = {}
+        self.order: list[str] = []
+        self.repeated: set[str] = set()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> LayerCapture:
+        modules = dict(self.model.named_modules())
+        for name in self.names:
+            if name not in modules:
+                raise MeasureError(f"{type(self.model).__name__} has no layer named {name!r}")
+            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if name in self.outputs:
+                self.repeated.add(name)
+                return
+            t = first_tensor(output)
+            if t is None:
+                raise MeasureError(
+                    f"layer {name!r} ({type(module).__name__}) returned no tensor "
+                    f"({type(output).__name__}); leave it out with --layers"
+                )
+            self.outputs[name] = t.detach()
+            self.order.append(name)
+
+        return hook
+
+    def clear(self) -> None:
+        self.outputs = {}
+        self.order = []
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def run(self, x: Tensor) -> dict[str, Tensor]:
+        """Run the model on ``x`` and return the captured outputs (no gradients)."""
+        self.clear()
+        with torch.no_grad():
+            self.model(x)
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise MeasureError(
+                f"layer(s) {missing[:5]} were never called in the forward pass; leave them out"
+            )
+        return self.outputs
+
+
+def is_global_pool(module: nn.Module, value: Captured) -> bool:
+    """Whether a captured layer is the network's global pooling."""
+    if isinstance(module, GLOBAL_POOLS):
+        v = value.value
+        return v.dim() == 2 or (v.dim() >= 4 and v.shape[-1] == 1 and v.shape[-2] == 1)
+    return False
