@@ -43,14 +43,16 @@ def _check_finite(name: str, t: Tensor, what: str) -> None:
 
 
 def erode(mask: Tensor, margin: int, stride: tuple[float, float]) -> Tensor:
-    """Drop positions of ``mask`` (h, w) within ``margin`` input pixels of an invalid one."""
+    """Drop positions of ``mask`` (h, w) within ``margin`` input pixels of an invalid
+    position or of the map's edge. Masks with no invalid position are returned as
+    they are: transformations that keep every position (rot90, flips) map the edge
+    onto itself, so padding there is not a border effect."""
     if margin <= 0 or bool(mask.all()):
         return mask
     ry = max(1, math.ceil(margin / stride[0]))
     rx = max(1, math.ceil(margin / stride[1]))
-    bad = (~mask).float()[None, None]
-    grown = torch.nn.functional.max_pool2d(bad, (2 * ry + 1, 2 * rx + 1), stride=1,
-                                           padding=(ry, rx))
+    bad = torch.nn.functional.pad((~mask).float()[None, None], (rx, rx, ry, ry), value=1.0)
+    grown = torch.nn.functional.max_pool2d(bad, (2 * ry + 1, 2 * rx + 1), stride=1)
     return grown[0, 0] == 0
 
 
@@ -96,10 +98,12 @@ def measure(
         strides: stride of a layer's output relative to the input, when the size
             ratio does not give it.
         pool_layer: name of the global pooling layer (found automatically otherwise).
-        margin: also drop map positions within ``margin`` input pixels of an invalid
-            region (the new border of a shifted or rotated image), so that padding
-            effects at that border are not counted as broken equivariance. 0 (the
-            default) keeps every position whose value comes from inside the map.
+        margin: for transformations that leave invalid positions (shifts, rotations
+            by any angle, zooming out), also drop map positions within ``margin``
+            input pixels of an invalid position or of the map's edge, so that the
+            effects of padding at the borders are not counted as broken
+            equivariance. 0 (the default) keeps every position whose value comes
+            from inside the map, as the paper does.
         distributed: under ``torchrun`` each process measures its shard of a dataset
             and the sums are all-reduced (default: when a process group exists).
 
@@ -162,7 +166,11 @@ def measure(
                     base[name] = to_measurable(name, base_raw[name], hw, grid, strides)
                     _check_finite(name, base[name].value, "the original images")
                 for ti, t in enumerate(ts):
-                    out_raw = cap.run(t.apply_image(x))
+                    try:
+                        gx = t.apply_image(x)
+                    except ShapeError as err:
+                        raise MeasureError(f"input images {tuple(x.shape)}: {err}") from None
+                    out_raw = cap.run(gx)
                     for name in order:
                         b = base[name]
                         key = (name, ti)

@@ -7,7 +7,7 @@ the number of images) and partial results of several processes add up:
 
 * ``n``: number of (image, position) samples; ``sa, sb``: per-channel sums;
 * ``saa, sbb``: per-channel sums of squares; ``sab``: the ``C x C`` cross-products;
-* ``sl1``: per-channel sums of ``|a - b|``;
+* ``sl1, sse``: per-channel sums of ``|a - b|`` and ``(a - b)^2``;
 * ``cos_sum, images``: per-image global cosine (defense paper Eq. 2) summed, and
   the number of images.
 
@@ -63,12 +63,13 @@ class PairStats:
     sbb: Tensor = field(default=None)  # type: ignore[assignment]
     sab: Tensor = field(default=None)  # type: ignore[assignment]
     sl1: Tensor = field(default=None)  # type: ignore[assignment]
+    sse: Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         c = self.channels
         z = torch.zeros
-        self.sa, self.sb, self.saa, self.sbb, self.sl1 = (
-            z(c, dtype=torch.float64) for _ in range(5))
+        self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse = (
+            z(c, dtype=torch.float64) for _ in range(6))
         self.sab = z(c, c, dtype=torch.float64)
 
     def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> None:
@@ -86,7 +87,9 @@ class PairStats:
         self.sbb += (cb * cb).sum(0).double().cpu() + m * mb64 * mb64
         self.sa += m * ma64
         self.sb += m * mb64
-        self.sl1 += (ra - rb).abs().sum(0).double().cpu()
+        diff = ra - rb
+        self.sl1 += diff.abs().sum(0).double().cpu()
+        self.sse += (diff * diff).sum(0).double().cpu()
         self.n += m
         # per-image global cosine over all valid C x h x w entries
         bsz = a.shape[0]
@@ -102,7 +105,8 @@ class PairStats:
     def flat(self) -> Tensor:
         """All sums as one float64 vector (for ``all_reduce``)."""
         head = torch.tensor([self.n, self.images, self.cos_sum], dtype=torch.float64)
-        parts = [head, self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sab.reshape(-1)]
+        parts = [head, self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse,
+                 self.sab.reshape(-1)]
         return torch.cat(parts)
 
     def load_flat(self, v: Tensor) -> None:
@@ -111,7 +115,7 @@ class PairStats:
         v = v.double().cpu()
         self.n, self.images, self.cos_sum = (float(t) for t in v[:3])
         o = 3
-        for attr in ("sa", "sb", "saa", "sbb", "sl1"):
+        for attr in ("sa", "sb", "saa", "sbb", "sl1", "sse"):
             setattr(self, attr, v[o : o + c].clone())
             o += c
         self.sab = v[o : o + c * c].reshape(c, c).clone()
@@ -155,8 +159,7 @@ class PairStats:
         nz_a, nz_b = self.saa > 0, self.sbb > 0
         cos_diag = torch.diagonal(cosm)
         cos_eq = torch.where(nz_b[None, :], cosm, torch.full_like(cosm, -float("inf"))).amax(1)
-        sq_err = (self.saa + self.sbb - 2 * torch.diagonal(self.sab)).clamp_min(0)
-        mse = float(sq_err.sum() / (n * c))
+        mse = float(self.sse.sum() / (n * c))
         ms_b = float(self.sbb.sum() / (n * c))
 
         def avg(v: Tensor, ok: Tensor) -> float | None:
