@@ -1,0 +1,20 @@
+"""Model zoo: a registry of named model builders, one module per model family.
+
+Use :func:`create_model` to build a model by name and :func:`list_models` to see the names.
+To add a family, write ``models/<family>.py`` with ``@register_model("name")`` builders and
+import it below.
+"""
+
+from . import cnn  # noqa: F401  (registers cnn7, cnn-small)
+from .cnn import CNN7, GlobalAvgPool, SmallCNN
+from .registry import create_model, list_models, model_defaults, register_model
+
+__all__ = [
+    "CNN7",
+    "GlobalAvgPool",
+    "SmallCNN",
+    "create_model",
+    "list_models",
+    "model_defaults",
+    "register_model",
+]

@@ -1,0 +1,373 @@
+"""Training loop, exact resumption, checkpoints and device/seed helpers."""
+
+import csv
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from equivision.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from equivision.models import create_model
+from equivision.models.cnn import SmallCNN
+from equivision.train import HISTORY_KEYS, TrainConfig, TrainError, evaluate, train
+from equivision.utils import (
+    DeviceError,
+    get_rng_state,
+    preserve_rng_state,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
+
+
+class Pairs(Dataset):
+    """(image (1, size, size), int label) pairs; the label shifts the image mean."""
+
+    def __init__(self, n=48, size=8, classes=2, seed=0, label_offset=0):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.x = torch.randn(n, 1, size, size, generator=g) * 0.5 + self.y.view(-1, 1, 1, 1)
+        self.label_offset = label_offset
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]) + self.label_offset
+
+
+class Foreign:
+    """An arbitrary class that weights_only loading must refuse."""
+
+
+def small(**kw):
+    return create_model("cnn-small", num_classes=2, **kw)
+
+
+def quiet(**kw):
+    base = dict(epochs=2, batch_size=8, lr=0.05, device="cpu", seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def noisy_augment(x):
+    """Randomness from torch, Python and NumPy, so that all RNG states matter on resume."""
+    if random.random() < 0.5:
+        x = x.flip(-1)
+    return x + 0.05 * torch.randn_like(x) + float(np.random.rand()) * 0.01
+
+
+class Crash:
+    def __init__(self, after):
+        self.after = after
+
+    def on_epoch_end(self, epoch, model, history):
+        if epoch == self.after:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+class RandomConsumer:
+    """A callback that draws random numbers; it must not change the training stream."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, epoch, model, history):
+        self.epochs.append((epoch, len(history["epoch"])))
+        torch.rand(100)
+        random.random()
+        np.random.rand()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_loss_decreases_and_log(tmp_path):
+    torch.manual_seed(0)
+    model = small()
+    data, val = Pairs(48, seed=0), Pairs(32, seed=1)
+    before = evaluate(model, val, batch_size=16)
+    cb = RandomConsumer()
+    cfg = quiet(epochs=6, optimizer="adam", lr=0.02, weight_decay=0.0, warmup_epochs=1)
+    hist = train(model, data, val, cfg, out_dir=tmp_path, callbacks=[cb], progress=False)
+    after = evaluate(model, val, batch_size=16)
+    assert list(hist) == list(HISTORY_KEYS)
+    assert hist["epoch"] == [1, 2, 3, 4, 5, 6]
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    assert after["loss"] < before["loss"] and after["accuracy"] >= 0.8
+    assert hist["val_acc"][-1] == pytest.approx(after["accuracy"])
+    assert hist["lr"][0] == pytest.approx(0.02 / 6)  # warmup: 6 steps per epoch
+    assert cb.epochs == [(e, e) for e in range(1, 7)]
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and list(rows[0]) == list(HISTORY_KEYS)
+    assert float(rows[-1]["train_loss"]) == pytest.approx(hist["train_loss"][-1])
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)  # everything is weights-only
+    assert raw["format"] == FORMAT and raw["epoch"] == 6 and raw["model_name"] == "cnn-small"
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "log.csv"]
+
+
+def test_train_without_val_or_out_dir():
+    torch.manual_seed(0)
+    hist = train(small(), Pairs(16), config=quiet(epochs=1, schedule="constant"), progress=False)
+    assert hist["val_loss"] == [None] and hist["val_acc"] == [None]
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = quiet(epochs=3, warmup_epochs=1, weight_decay=1e-3, momentum=0.9)
+    data, val = Pairs(40, seed=0), Pairs(16, seed=1)
+
+    seed_everything(0)
+    straight = small(dropout=0.3)
+    hist_a = train(straight, data, val, cfg, out_dir=tmp_path / "a", augment=noisy_augment,
+                   callbacks=[RandomConsumer()], progress=False)
+
+    seed_everything(0)
+    interrupted = small(dropout=0.3)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, data, val, cfg, out_dir=tmp_path / "b", augment=noisy_augment,
+              callbacks=[Crash(after=1)], progress=False)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+
+    # everything fresh, global RNGs in another state: the checkpoint must restore it all
+    seed_everything(1234)
+    torch.rand(7)
+    resumed = small(dropout=0.3)
+    hist_b = train(resumed, Pairs(40, seed=0), Pairs(16, seed=1), quiet(**{**cfg.to_dict()}),
+                   out_dir=tmp_path / "b", resume=True, augment=noisy_augment, progress=False)
+
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for key in HISTORY_KEYS:
+        if key != "time":
+            assert hist_a[key] == hist_b[key], key
+    last_a = load_checkpoint(tmp_path / "a" / "last.pt")
+    last_b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
+    with open(tmp_path / "b" / "log.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_refuses_to_overwrite_existing_run(tmp_path):
+    torch.manual_seed(0)
+    train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_resume_finished_run_and_missing_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    hist = train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="nothing to do"):
+        again = train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path,
+                      resume=True, progress=False)
+    assert again["train_loss"] == hist["train_loss"]
+    with pytest.warns(UserWarning, match="starting a fresh run"):
+        train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path / "new",
+              resume=True, progress=False)
+    with pytest.raises(ValueError, match="out_dir"):
+        train(small(), Pairs(16), config=quiet(epochs=1), resume=True, progress=False)
+
+
+def test_resume_with_other_architecture(tmp_path):
+    torch.manual_seed(0)
+    train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="width"):
+        train(small(width=4), Pairs(16), config=quiet(epochs=2), out_dir=tmp_path,
+              resume=True, progress=False)
+    # a model not built by create_model: caught by the key/shape check
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        train(SmallCNN(num_classes=2, width=4), Pairs(16), config=quiet(epochs=2),
+              out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="Sequential"):
+        train(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), Pairs(16), config=quiet(epochs=2),
+              out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="optimizer"):
+        train(small(), Pairs(16), config=quiet(epochs=2, optimizer="adam"), out_dir=tmp_path,
+              resume=True, progress=False)
+
+
+def test_resume_from_corrupt_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    path = tmp_path / "last.pt"
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(small(), Pairs(16), config=quiet(epochs=2), out_dir=tmp_path, resume=True,
+              progress=False)
+
+
+def test_bad_data_and_config():
+    with pytest.raises(TrainError, match="labels range"):
+        train(small(), Pairs(16, label_offset=5), config=quiet(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        train(small(), Pairs(0), config=quiet(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=-1.0)
+    cfg = TrainConfig(optimizer="adamw", grad_clip=1.0, label_smoothing=0.1)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(TrainError, match="loss became"):
+        train(small(), Pairs(16), config=quiet(epochs=1, lr=1e30, momentum=0.0),
+              augment=lambda x: x * float("inf"), progress=False)
+
+
+def test_evaluate_restores_mode_and_rng():
+    torch.manual_seed(0)
+    model = small(dropout=0.5).train()
+    state = torch.get_rng_state()
+    res = evaluate(model, Pairs(20), batch_size=6, device="cpu")
+    assert torch.equal(state, torch.get_rng_state())
+    assert model.training
+    assert set(res) == {"loss", "accuracy"} and 0 <= res["accuracy"] <= 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_save_refuses_unsafe_values(tmp_path):
+    with pytest.raises(TypeError, match="numpy"):
+        save_checkpoint(tmp_path / "x.pt", {"model": {}, "extra": np.zeros(2)})
+    with pytest.raises(TypeError, match="Foreign"):
+        save_checkpoint(tmp_path / "x.pt", {"model": {}, "extra": [Foreign()]})
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_checkpoints_give_clear_errors(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"model": {"w": torch.randn(50, 50)}})
+    cases = {}
+    cases["trunc.pt"] = (good.read_bytes()[:1000], "corrupt or truncated")
+    cases["random.pt"] = (np.random.default_rng(0).bytes(2000), "not a PyTorch checkpoint")
+    cases["empty.pt"] = (b"", "empty")
+    cases["pickle.pt"] = (pickle.dumps(Foreign()), "cannot be loaded with weights_only")
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"x": Foreign()}, tmp_path / "foreign.pt")
+    cases["foreign.pt"] = (None, "Foreign")
+    torch.save(torch.ones(2), tmp_path / "tensor.pt")
+    cases["tensor.pt"] = (None, "holds a Tensor, not a checkpoint dict")
+    torch.save({"w": torch.ones(2)}, tmp_path / "bare.pt")
+    cases["bare.pt"] = (None, "not an equivision checkpoint")
+    save_checkpoint(tmp_path / "nomodel.pt", {"epoch": 3})
+    cases["nomodel.pt"] = (None, "lacks the key.*'model'")
+    cases["missing.pt"] = (None, "does not exist")
+    for name, (_, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_checkpoint(tmp_path / name)
+        assert name in str(info.value)
+        assert isinstance(info.value, ValueError)
+
+
+def test_load_model_weights(tmp_path):
+    torch.manual_seed(0)
+    src, dst = small(), small()
+    torch.save(src.state_dict(), tmp_path / "bare.pt")
+    load_model_weights(dst, tmp_path / "bare.pt")
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(),
+                                                 dst.state_dict().values()))
+    save_checkpoint(tmp_path / "ck.pt", {"model": small().state_dict()})
+    load_model_weights(dst, tmp_path / "ck.pt")
+    ddp = {"module." + k: v for k, v in src.state_dict().items()}
+    load_model_weights(dst, ddp)
+    with pytest.raises(CheckpointError, match=r"shape mismatches 'features.conv1.weight'") as info:
+        load_model_weights(small(width=4), tmp_path / "bare.pt")
+    assert "'cnn-small' (SmallCNN)" in str(info.value)
+    partial = dict(src.state_dict())
+    partial.pop("fc.bias")
+    partial["extra.weight"] = torch.ones(1)
+    with pytest.raises(CheckpointError, match="missing keys 'fc.bias'.*unexpected keys 'extra"):
+        load_model_weights(dst, partial)
+    with pytest.raises(CheckpointError, match="neither a model state dict"):
+        load_model_weights(dst, {"epoch": 1})
+
+
+def test_model_from_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("cnn-small", num_classes=2, width=6)
+    train(model, Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    rebuilt = model_from_checkpoint(tmp_path / "last.pt")
+    assert rebuilt.equivision_kwargs == model.equivision_kwargs and not rebuilt.training
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(rebuilt(x), model.eval()(x))
+    save_checkpoint(tmp_path / "anon.pt", {"model": model.state_dict()})
+    with pytest.raises(CheckpointError, match="does not record which model"):
+        model_from_checkpoint(tmp_path / "anon.pt")
+
+
+# ----------------------------------------------------------------------------- utils
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(DeviceError, match="visible"):
+            resolve_device(f"cuda:{n}")
+
+
+def test_seed_and_rng_state():
+    seed_everything(3)
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    seed_everything(3)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[:2] == b[:2] and torch.equal(a[2], b[2])
+    state = get_rng_state()
+    with preserve_rng_state():
+        random.random()
+        torch.rand(5)
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+    with pytest.raises(ValueError, match="seed"):
+        seed_everything(-1)
