@@ -249,3 +249,33 @@ def test_report_files(tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ValueError, match="not an equivision report"):
         Report.load_json(tmp_path / "junk.json")
+
+
+def test_strides_follow_the_layers_not_the_size_ratio():
+    from equivision.models import create_model
+
+    model = create_model("cnn7", dropout=0.0)
+    rep = measure(model, noise(4, size=28), "shift:2", progress=False)
+    strides = {r.layer: r.stride[0] for r in rep.results}
+    # valid convs after the 2x2 pool keep stride 2 although 12 -> 10 -> 8 -> 6 -> 4
+    assert strides["features.conv2"] == 1 and strides["features.maxpool2"] == 2
+    assert all(strides[f"features.conv{i}"] == 2 for i in range(3, 8))
+    assert all(r.exact for r in rep.results if r.shape[-1] > 1 and len(r.shape) == 3)
+
+
+class Shortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(4, 4, 1, stride=2)
+        self.after = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.after(self.down(y) + self.skip(y))
+
+
+def test_strides_on_odd_sizes_with_shortcuts():
+    rep = measure(Shortcut(), noise(4, size=33), "shift:2", progress=False)
+    assert [rep.get("shift(2,2)", n).stride[0] for n in rep.layers] == [1, 2, 2, 2]

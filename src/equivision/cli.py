@@ -102,8 +102,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                          seed=args.seed, device=args.device)
     history = train(model, train_set, val_set, config, out_dir=args.out, resume=args.resume,
                     progress=not args.quiet)
-    last = history[-1] if isinstance(history, list) and history else history
-    print(f"done: {last}")
+    last = {k: v[-1] for k, v in history.items() if v}
+    acc = last.get("val_acc")
+    print(f"done: {len(history['epoch'])} epochs, train loss {last.get('train_loss', 0):.4f}, "
+          f"val accuracy {acc if acc is None else round(acc, 4)}; checkpoint {args.out}/last.pt")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -176,7 +178,7 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train (or reuse) a small CNN on digits and report on it",
                        description="The main job: writes OUT/report.md with plots.")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--device", default="auto")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)

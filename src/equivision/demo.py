@@ -23,7 +23,7 @@ class DemoContext:
 
     out: Path
     device: str = "auto"
-    epochs: int = 6
+    epochs: int = 15
     progress: bool = True
     artifacts: dict[str, object] = field(default_factory=dict)
 
@@ -47,7 +47,7 @@ def _digits_model(ctx: DemoContext):
     cached = False
     if last.exists():
         state = load_checkpoint(last)
-        if int(state.get("epoch", -1)) + 1 >= ctx.epochs:
+        if int(state.get("epoch", 0)) >= ctx.epochs:
             model.load_state_dict(state["model"])
             cached = True
     t0 = time.time()
@@ -117,7 +117,7 @@ def _f(v: float | None) -> str:
 SECTIONS: list[Callable[[DemoContext], str]] = [section_measurement]
 
 
-def run_demo(out: Path, epochs: int = 6, device: str = "auto", progress: bool = True) -> Path:
+def run_demo(out: Path, epochs: int = 15, device: str = "auto", progress: bool = True) -> Path:
     """Run every section and write ``out/report.md``; returns its path."""
     torch.manual_seed(0)
     ctx = DemoContext(out=Path(out), device=device, epochs=epochs, progress=progress)

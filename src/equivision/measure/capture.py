@@ -147,12 +147,63 @@ def to_measurable(
 def _stride(
     name: str, input_hw: tuple[int, int], hw: tuple[int, int], strides: Mapping[str, float] | None
 ) -> tuple[float, float]:
-    """Input pixels per map position: the rounded size ratio (28 -> 26 valid conv has
-    stride 1, 24 -> 12 pooling stride 2, 33 -> 17 stride 2), unless given."""
+    """Input pixels per map position: a given or inferred stride (see
+    :func:`infer_strides`), else the rounded size ratio."""
     if strides and name in strides:
         s = strides[name]
-        return (float(s), float(s))
+        return (float(s), float(s)) if isinstance(s, (int, float)) else (float(s[0]), float(s[1]))
     return tuple(float(max(1, round(i / m))) if m else math.inf for i, m in zip(input_hw, hw))
+
+
+def _local_stride(
+    module: nn.Module, hw_in: tuple[int, int], hw_out: tuple[int, int]
+) -> list[float]:
+    """Stride of one layer: its ``stride`` attribute for convolutions and pooling,
+    otherwise 1 for small shrinks (valid convolutions), the rounded ratio for large
+    ones and the exact ratio for upsampling."""
+    own = getattr(module, "stride", None)
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+                           nn.modules.pooling._AvgPoolNd)) and own is not None:
+        pair = own if isinstance(own, (tuple, list)) else (own, own)
+        return [float(pair[0]), float(pair[-1])]
+    out = []
+    for i, o in zip(hw_in, hw_out):
+        r = i / o if o else math.inf
+        out.append(1.0 if 1.0 <= r < 1.5 else float(round(r)) if r >= 1.5 else r)
+    return out
+
+
+def infer_strides(
+    order: Sequence[str],
+    modules: Mapping[str, nn.Module],
+    in_hw: Mapping[str, tuple[int, int] | None],
+    out_hw: Mapping[str, tuple[int, int] | None],
+    image_hw: tuple[int, int],
+) -> dict[str, tuple[float, float]]:
+    """Cumulative stride of each spatial layer output relative to the input image.
+
+    Layers are visited in forward order; a layer's input stride is looked up by the
+    input's spatial size among the sizes seen so far (the image has stride 1), and
+    multiplied by the layer's own stride (:func:`_local_stride`). This gives 2, not
+    3, for a valid 3x3 conv that maps 12 -> 10 after a 2x2 pool, and 2 for the
+    1x1 stride-2 shortcut of a ResNet.
+    """
+    by_size: dict[tuple[int, int], tuple[float, float]] = {tuple(image_hw): (1.0, 1.0)}
+    out: dict[str, tuple[float, float]] = {}
+    for name in order:
+        hi, ho = in_hw.get(name), out_hw.get(name)
+        if ho is None:
+            continue
+        if hi is None or tuple(hi) not in by_size:
+            s = tuple(float(max(1, round(i / o))) if o else math.inf
+                      for i, o in zip(image_hw, ho))
+        else:
+            base = by_size[tuple(hi)]
+            local = _local_stride(modules[name], hi, ho)
+            s = (base[0] * local[0], base[1] * local[1])
+        out[name] = s  # type: ignore[assignment]
+        by_size.setdefault(tuple(ho), s)  # type: ignore[arg-type]
+    return out
 
 
 class LayerCapture:
@@ -169,6 +220,7 @@ class LayerCapture:
         self.model = model
         self.names = list(names)
         self.outputs: dict[str, Tensor] = {}
+        self.input_hw: dict[str, tuple[int, int] | None] = {}
         self.order: list[str] = []
         self.repeated: set[str] = set()
         self._handles: list[Any] = []
@@ -194,11 +246,16 @@ class LayerCapture:
                 )
             self.outputs[name] = t.detach()
             self.order.append(name)
+            first = first_tensor(inputs)
+            self.input_hw[name] = (
+                (first.shape[-2], first.shape[-1]) if first is not None and first.dim() >= 4
+                else None)
 
         return hook
 
     def clear(self) -> None:
         self.outputs = {}
+        self.input_hw = {}
         self.order = []
 
     def __exit__(self, *exc: object) -> None:

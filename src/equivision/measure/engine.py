@@ -18,6 +18,7 @@ from .capture import (
     LayerCapture,
     MeasureError,
     TokenGrid,
+    infer_strides,
     is_global_pool,
     select_layers,
     to_measurable,
@@ -140,6 +141,7 @@ def measure(
     inexact: dict[tuple[str, int], str] = {}
     order: list[str] = []
     masks: dict[tuple[str, int], Tensor] = {}
+    layer_strides: dict = {}
     seen = 0
     total = None
     if hasattr(loader, "__len__"):
@@ -160,10 +162,14 @@ def measure(
                 base_raw = cap.run(x)
                 if not order:
                     order = list(cap.order)
+                    out_hw = {n: (t.shape[-2], t.shape[-1]) if t.dim() >= 4 else None
+                              for n, t in base_raw.items()}
+                    layer_strides = {**infer_strides(order, modules, cap.input_hw, out_hw, hw),
+                                     **(strides or {})}
                 base = {}
                 for name in order:
                     grid = token_grid.get(name) if isinstance(token_grid, Mapping) else token_grid
-                    base[name] = to_measurable(name, base_raw[name], hw, grid, strides)
+                    base[name] = to_measurable(name, base_raw[name], hw, grid, layer_strides)
                     _check_finite(name, base[name].value, "the original images")
                 for ti, t in enumerate(ts):
                     try:
@@ -178,7 +184,7 @@ def measure(
                             continue
                         grid = (token_grid.get(name) if isinstance(token_grid, Mapping)
                                 else token_grid)
-                        a = to_measurable(name, out_raw[name], hw, grid, strides).value
+                        a = to_measurable(name, out_raw[name], hw, grid, layer_strides).value
                         _check_finite(name, a, f"images under {t.name}")
                         try:
                             gb = t.act(b.value, b.layout)

@@ -197,6 +197,8 @@ class Report:
         parts = [self.get(ts[0], layer).part for layer in self.layers]
         shades = {"Early": "#f2f2f2", "Middle": "#e2e2e2", "Late": "#d2d2d2", "Pool": "#c4d7ec",
                   "Final": "#f4dcc4"}
+        low = min([v for t in ts for m in metrics for v in self.values(m, t) if v is not None],
+                  default=0.0)
         for ax, t in zip(axes.flat, ts):
             for i, p in enumerate(parts):
                 ax.axvspan(i - 0.5, i + 0.5, color=shades.get(p, "white"), lw=0)
@@ -205,8 +207,11 @@ class Report:
                 ax.plot(depth, vals, marker="o", ms=3, label=m)
             ax.set_title(t, fontsize=9)
             ax.set_xlabel("layer depth")
-            ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.05)
+            ax.set_ylim(min(-0.05, low - 0.05), 1.05)
             ax.grid(alpha=0.3)
+        for p in dict.fromkeys(parts):
+            first = parts.index(p)
+            axes.flat[0].text(first - 0.4, 1.0, p[0], fontsize=7, va="top", color="0.35")
         for ax in list(axes.flat)[len(ts):]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7, loc="lower left")

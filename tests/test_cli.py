@@ -1,0 +1,91 @@
+"""The `equivision` command end to end, on tiny sizes."""
+
+import json
+
+import pytest
+import torch
+
+from equivision.cli import main, make_parser
+
+SUBCOMMANDS = ["measure", "train", "demo", "list"]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help_for_each_subcommand(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    assert "usage: equivision " + sub in capsys.readouterr().out
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "cnn7" in out and "digits" in out and "rot90" in out
+
+
+def test_train_then_measure_with_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "cnn-small", "--data", "digits", "--size", "12",
+                 "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    assert (run / "last.pt").exists() and (run / "log.csv").exists()
+    out = tmp_path / "m"
+    assert main(["measure", "--model", "cnn-small", "--checkpoint", str(run / "last.pt"),
+                 "--data", "digits", "--size", "12", "--transforms", "rot90:1,shift:1-2",
+                 "--max-images", "40", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "== rot90" in text and "mean per part" in text
+    d = json.loads((out / "report.json").read_text())
+    assert d["n_images"] == 40 and d["meta"]["checkpoint"].endswith("last.pt")
+    assert {"invariance", "equivariance", "mse", "l1", "cosine"} <= set(d["results"][0]["metrics"])
+    assert (out / "report.png").exists() and (out / "report.csv").exists()
+
+
+def test_module_attr_model(tmp_path):
+    out = tmp_path / "m"
+    assert main(["measure", "--model", "equivision.measure.validation:gaussian_cnn",
+                 "--data", "digits", "--size", "12", "--transforms", "rot90",
+                 "--max-images", "16", "--out", str(out), "--quiet"]) == 0
+    d = json.loads((out / "report.json").read_text())
+    assert all(abs(r["metrics"]["invariance"] - 1) < 1e-4 for r in d["results"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet9000"], "unknown model"),
+    (["--data", "imagenet"], "digits"),
+    (["--transforms", "twirl"], "valid entries"),
+    (["--model", "no_such_module:thing"], "cannot load model"),
+])
+def test_bad_names_give_clear_errors(tmp_path, capsys, args, message):
+    base = {"--model": "cnn-small", "--data": "digits", "--transforms": "rot90"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    argv = ["measure", "--size", "12", "--out", str(tmp_path / "o"), "--quiet"]
+    for k, v in base.items():
+        argv += [k, v]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err.lower()
+
+
+def test_corrupt_or_foreign_checkpoint_keeps_existing_report(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text('{"earlier": true}')
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00not a checkpoint at all")
+    argv = ["measure", "--model", "cnn-small", "--data", "digits", "--size", "12",
+            "--checkpoint", str(bad), "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "bad.pt" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}}, wrong)
+    argv[argv.index(str(bad))] = str(wrong)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "wrong.pt" in err and ("fc.weight" in err or "missing" in err)
+    assert (out / "report.json").read_text() == '{"earlier": true}'
+
+
+def test_parser_defaults():
+    args = make_parser().parse_args(["measure", "--model", "m", "--data", "d", "--out", "o"])
+    assert args.device == "auto" and args.split == "test"
