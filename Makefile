@@ -16,14 +16,14 @@ demo: $(STAMP)
 	$(VENV)/bin/equivision demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks experiments
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks experiments
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

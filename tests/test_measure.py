@@ -255,7 +255,7 @@ def test_strides_follow_the_layers_not_the_size_ratio():
     from equivision.models import create_model
 
     model = create_model("cnn7", dropout=0.0)
-    rep = measure(model, noise(4, size=28), "shift:2", progress=False)
+    rep = measure(model, noise(4, size=28), "shift:2", layers="all", progress=False)
     strides = {r.layer: r.stride[0] for r in rep.results}
     # valid convs after the 2x2 pool keep stride 2 although 12 -> 10 -> 8 -> 6 -> 4
     assert strides["features.conv2"] == 1 and strides["features.maxpool2"] == 2
@@ -279,3 +279,14 @@ class Shortcut(nn.Module):
 def test_strides_on_odd_sizes_with_shortcuts():
     rep = measure(Shortcut(), noise(4, size=33), "shift:2", progress=False)
     assert [rep.get("shift(2,2)", n).stride[0] for n in rep.layers] == [1, 2, 2, 2]
+
+
+def test_default_layers_are_the_models_measurement_points():
+    from equivision.models import create_model
+
+    model = create_model("cnn7", dropout=0.0)
+    rep = measure(model, noise(4, size=28), "hflip", progress=False)
+    assert rep.layers == [f"features.relu{i}" for i in range(1, 8)] + ["pool", "fc"]
+    assert [rep.get("hflip", n).part for n in rep.layers][-2:] == ["Pool", "Final"]
+    every = measure(model, noise(4, size=28), "hflip", layers="all", progress=False)
+    assert "features.bn3" in every.layers and "features.drop3" not in every.layers

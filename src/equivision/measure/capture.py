@@ -34,12 +34,17 @@ def select_layers(
 
     Args:
         model: any ``nn.Module``.
-        layers: ``None`` for every leaf module (except dropout / identity / flatten
-            unless ``include_pass_through``); otherwise module names (shell patterns
-            such as ``"features.conv*"`` allowed) and/or module types.
+        layers: ``None`` for the model's own measurement points when it lists them in
+            an ``equivision_layers`` attribute (built-in models list the output of each
+            conv block, the global pooling and the classifier), else every leaf module;
+            ``"all"`` for every leaf module (except dropout / identity / flatten unless
+            ``include_pass_through``); otherwise module names (shell patterns such as
+            ``"features.conv*"`` allowed) and/or module types.
     """
     named = dict(model.named_modules())
-    if layers is None:
+    if layers is None and getattr(model, "equivision_layers", None):
+        layers = list(model.equivision_layers)  # type: ignore[arg-type]
+    if layers is None or (isinstance(layers, str) and layers == "all") or list(layers) == ["all"]:
         out = [
             n for n, m in named.items()
             if n and not any(True for _ in m.children())

@@ -35,14 +35,6 @@ def _images(batch: Any) -> Tensor:
     return x
 
 
-def _check_finite(name: str, t: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise MeasureError(
-            f"layer {name!r} produced NaN or Inf on {what}; check the checkpoint and the input "
-            "range, or leave the layer out with --layers"
-        )
-
-
 def erode(mask: Tensor, margin: int, stride: tuple[float, float]) -> Tensor:
     """Drop positions of ``mask`` (h, w) within ``margin`` input pixels of an invalid
     position or of the map's edge. Masks with no invalid position are returned as
@@ -170,7 +162,6 @@ def measure(
                 for name in order:
                     grid = token_grid.get(name) if isinstance(token_grid, Mapping) else token_grid
                     base[name] = to_measurable(name, base_raw[name], hw, grid, layer_strides)
-                    _check_finite(name, base[name].value, "the original images")
                 for ti, t in enumerate(ts):
                     try:
                         gx = t.apply_image(x)
@@ -185,7 +176,6 @@ def measure(
                         grid = (token_grid.get(name) if isinstance(token_grid, Mapping)
                                 else token_grid)
                         a = to_measurable(name, out_raw[name], hw, grid, layer_strides).value
-                        _check_finite(name, a, f"images under {t.name}")
                         try:
                             gb = t.act(b.value, b.layout)
                         except ShapeError as err:
@@ -210,7 +200,11 @@ def measure(
                         if key not in stats:
                             ch = a.shape[1] * (a.shape[2] if a.dim() == 5 else 1)
                             stats[key] = PairStats(ch)
-                        stats[key].update(a, gb, mask)
+                        if not stats[key].update(a, gb, mask):
+                            raise MeasureError(
+                                f"layer {name!r} produced NaN or Inf on the original images or "
+                                f"under {t.name}; check the checkpoint and the input range, or "
+                                "leave the layer out with --layers")
                 info = base
                 seen += len(x)
     finally:

@@ -24,10 +24,12 @@ from torch import Tensor
 
 #: Relative variance under which a channel counts as constant (excluded, counted).
 CONSTANT_TOL = 1e-10
+#: Elements per chunk of images in :meth:`PairStats.update` (about 2 MB of float32).
+CHUNK_ELEMENTS = 1 << 19
 
 
-def rows(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Flatten a captured tensor to samples x channels, keeping valid positions.
+def per_image(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Lay a captured tensor out as images x channels x valid positions.
 
     Args:
         x: ``(B, C)``, ``(B, C, h, w)`` or ``(B, C, G, h, w)`` (group axis folded into
@@ -35,18 +37,18 @@ def rows(x: Tensor, mask: Tensor | None) -> Tensor:
         mask: ``(h, w)`` boolean mask of valid positions, or ``None``.
 
     Returns:
-        ``(B * n_valid, C')``.
+        ``(B, C', n_valid)`` float32 (a view when nothing is dropped).
     """
     if x.dim() == 2:
-        return x
+        return x.float()[..., None]
     if x.dim() == 5:
         b, c, g, h, w = x.shape
         x = x.reshape(b, c * g, h, w)
     b, c, h, w = x.shape
-    flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    flat = x.reshape(b, c, h * w).float()
     if mask is not None and not bool(mask.all()):
-        flat = flat[:, mask.reshape(-1)]
-    return flat.reshape(-1, c)
+        flat = flat[:, :, mask.reshape(-1)]
+    return flat
 
 
 @dataclass
@@ -72,34 +74,61 @@ class PairStats:
             z(c, dtype=torch.float64) for _ in range(6))
         self.sab = z(c, c, dtype=torch.float64)
 
-    def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> None:
-        """Add a batch. ``a = f(gX)`` and ``b = g·f(X)`` have the same shape (see :func:`rows`)."""
-        ra, rb = rows(a, mask).float(), rows(b, mask).float()
-        m = ra.shape[0]
+    def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> bool:
+        """Add a batch. ``a = f(gX)`` and ``b = g·f(X)`` have the same shape: ``(B, C)``,
+        ``(B, C, h, w)`` or ``(B, C, G, h, w)``; ``mask`` ``(h, w)`` marks valid positions.
+
+        Statistics are first taken per image on data centred per image and channel
+        (float32, on the input's device), then turned into raw sums in float64: this
+        keeps the correlation accurate when means are large compared to deviations.
+
+        Returns:
+            False if the batch contained NaN or Inf (nothing is added then).
+        """
+        ra, rb = per_image(a, mask), per_image(b, mask)
+        bsz, c, m = ra.shape
         if m == 0:
-            return
-        ma, mb = ra.mean(0), rb.mean(0)
-        ca, cb = ra - ma, rb - mb
-        cross = (ca.T @ cb).double().cpu()
-        ma64, mb64 = ma.double().cpu(), mb.double().cpu()
-        self.sab += cross + m * torch.outer(ma64, mb64)
-        self.saa += (ca * ca).sum(0).double().cpu() + m * ma64 * ma64
-        self.sbb += (cb * cb).sum(0).double().cpu() + m * mb64 * mb64
-        self.sa += m * ma64
-        self.sb += m * mb64
+            return True
+        # chunks of images small enough to stay in cache through the passes below
+        step = max(1, CHUNK_ELEMENTS // max(1, c * m))
+        return all(self._update(ra[i : i + step], rb[i : i + step]) for i in range(0, bsz, step))
+
+    def _update(self, ra: Tensor, rb: Tensor) -> bool:
+        """:meth:`update` on ``(B, C, N)`` float32 tensors."""
+        bsz, _, m = ra.shape
+        sa_i, sb_i = ra.sum(-1), rb.sum(-1)  # (B, C)
+        if not bool(torch.isfinite(sa_i).all() and torch.isfinite(sb_i).all()):
+            return False
+        ma, mb = sa_i / m, sb_i / m
+        ca, cb = ra - ma[..., None], rb - mb[..., None]
+        gram = torch.bmm(ca, cb.transpose(1, 2))  # (B, C, C) centred cross-products
+        caa = torch.linalg.vector_norm(ca, dim=-1).square()  # (B, C)
+        cbb = torch.linalg.vector_norm(cb, dim=-1).square()
         diff = ra - rb
-        self.sl1 += diff.abs().sum(0).double().cpu()
-        self.sse += (diff * diff).sum(0).double().cpu()
-        self.n += m
-        # per-image global cosine over all valid C x h x w entries
-        bsz = a.shape[0]
-        fa, fb = a.reshape(bsz, -1).float(), b.reshape(bsz, -1).float()
-        if mask is not None and a.dim() >= 4:
-            keep = mask.reshape(-1).repeat(fa.shape[1] // mask.numel())
-            fa, fb = fa[:, keep], fb[:, keep]
-        cos = torch.nn.functional.cosine_similarity(fa, fb, dim=1, eps=1e-12)
+        sse_i = torch.linalg.vector_norm(diff, dim=-1).square()
+        l1_i = torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        # per-image global cosine over the valid C x h x w entries
+        dot = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) + m * (ma * mb).sum(-1)
+        na = caa.sum(-1) + m * (ma * ma).sum(-1)
+        nb = cbb.sum(-1) + m * (mb * mb).sum(-1)
+        cos = dot / torch.sqrt(na * nb).clamp_min(1e-24)
+        # raw sums from centred ones: sum(ab) = sum(ca cb) + ma sum(cb) + mb sum(ca) + m ma mb,
+        # keeping sum(ca) (not exactly 0, since ma is rounded) for full accuracy
+        ma64, mb64 = ma.double(), mb.double()
+        sca, scb = ca.sum(-1).double(), cb.sum(-1).double()
+        sab = (gram.double() + ma64[:, :, None] * scb[:, None, :]
+               + sca[:, :, None] * mb64[:, None, :] + m * ma64[:, :, None] * mb64[:, None, :])
+        self.sab += sab.sum(0).cpu()
+        self.saa += (caa.double() + 2 * ma64 * sca + m * ma64 * ma64).sum(0).cpu()
+        self.sbb += (cbb.double() + 2 * mb64 * scb + m * mb64 * mb64).sum(0).cpu()
+        self.sa += (sca + m * ma64).sum(0).cpu()
+        self.sb += (scb + m * mb64).sum(0).cpu()
+        self.sse += sse_i.double().sum(0).cpu()
+        self.sl1 += l1_i.double().sum(0).cpu()
+        self.n += bsz * m
         self.cos_sum += float(cos.double().sum())
         self.images += bsz
+        return True
 
     # ---- reduction across processes ------------------------------------------
     def flat(self) -> Tensor:

@@ -101,6 +101,8 @@ class CNN7(nn.Module):
         self.features = nn.Sequential(layers)
         self.pool = GlobalAvgPool()
         self.fc = nn.Linear(width, num_classes)
+        #: measurement points: each conv block's output, the pooling, the logits
+        self.equivision_layers = [f"features.relu{i}" for i in range(1, 8)] + ["pool", "fc"]
         self.min_size = self._min_size()
 
     def _spatial(self, size: int) -> int | None:
@@ -160,6 +162,8 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(layers)
         self.pool = GlobalAvgPool()
         self.fc = nn.Linear(width, num_classes)
+        #: measurement points: each conv block's output, the pooling, the logits
+        self.equivision_layers = [f"features.relu{i}" for i in range(1, 4)] + ["pool", "fc"]
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) -> logits (N, num_classes)."""
