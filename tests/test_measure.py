@@ -290,3 +290,13 @@ def test_default_layers_are_the_models_measurement_points():
     assert [rep.get("hflip", n).part for n in rep.layers][-2:] == ["Pool", "Final"]
     every = measure(model, noise(4, size=28), "hflip", layers="all", progress=False)
     assert "features.bn3" in every.layers and "features.drop3" not in every.layers
+
+
+def test_strides_of_sparse_measurement_points_see_the_layers_between():
+    from equivision.models import create_model
+
+    rep = measure(create_model("cnn7", dropout=0.0), noise(4, size=28), "shift:2",
+                  progress=False)
+    assert [rep.get("shift(2,2)", f"features.relu{i}").stride[0] for i in range(1, 8)] == [
+        1, 1, 2, 2, 2, 2, 2]
+    assert rep.get("shift(2,2)", "features.relu6").exact

@@ -61,12 +61,14 @@ def cmd_measure(args: argparse.Namespace) -> None:
     from .data import get_dataset
     from .measure import measure
     from .transforms import parse_transforms
-    from .utils import resolve_device
+    from .utils import resolve_device, seed_everything
 
     device = resolve_device(args.device)
+    rank = _init_distributed(device)
     transforms = parse_transforms(args.transforms)
     kwargs = parse_kwargs(args.model_args)
     dataset = get_dataset(args.data, split=args.split, size=args.size)
+    seed_everything(args.seed)  # same initial weights in every process without a checkpoint
     model, name = build_model(args.model, kwargs, args.checkpoint)
     model.to(device)
     grid = None
@@ -81,9 +83,28 @@ def cmd_measure(args: argparse.Namespace) -> None:
         model_name=name, progress=not args.quiet,
     )
     report.meta.update({"data": args.data, "split": args.split, "checkpoint": args.checkpoint})
-    print(report.table(args.metric))
-    files = report.save(out)
-    print("wrote " + ", ".join(str(p) for p in files.values()))
+    if rank == 0:  # every process holds the all-reduced numbers; one writes them
+        print(report.table(args.metric))
+        files = report.save(out)
+        print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _init_distributed(device) -> int:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); returns
+    this process's rank (0 when not distributed)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.get_rank() if dist.is_initialized() else 0
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return dist.get_rank()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -153,6 +174,7 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=128)
     m.add_argument("--max-images", type=int, default=None)
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    m.add_argument("--seed", type=int, default=0, help="seed for weights not in a checkpoint")
     m.add_argument("--out", required=True, help="output directory for report.json/csv/png")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_measure)

@@ -268,17 +268,31 @@ class LayerCapture:
             h.remove()
         self._handles = []
 
-    def run(self, x: Tensor) -> dict[str, Tensor]:
-        """Run the model on ``x`` and return the captured outputs (no gradients)."""
+    def run(self, x: Tensor, strict: bool = True) -> dict[str, Tensor]:
+        """Run the model on ``x`` and return the captured outputs (no gradients).
+        With ``strict``, a layer that was never called is an error."""
         self.clear()
         with torch.no_grad():
             self.model(x)
         missing = [n for n in self.names if n not in self.outputs]
-        if missing:
+        if missing and strict:
             raise MeasureError(
                 f"layer(s) {missing[:5]} were never called in the forward pass; leave them out"
             )
         return self.outputs
+
+
+def trace_strides(model: nn.Module, x: Tensor) -> dict[str, tuple[float, float]]:
+    """Stride of every leaf module's output, from one forward pass on ``x[:1]`` with
+    every leaf hooked (so that layers between the measured ones are seen too)."""
+    names = select_layers(model, "all", include_pass_through=True)
+    with LayerCapture(model, names) as tracer:
+        outs = tracer.run(x[:1], strict=False)
+        in_hw = dict(tracer.input_hw)
+        order = list(tracer.order)
+    out_hw = {n: (t.shape[-2], t.shape[-1]) if t.dim() >= 4 else None for n, t in outs.items()}
+    modules = dict(model.named_modules())
+    return infer_strides(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
 
 
 def is_global_pool(module: nn.Module, value: Captured) -> bool:

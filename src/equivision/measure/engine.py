@@ -18,10 +18,10 @@ from .capture import (
     LayerCapture,
     MeasureError,
     TokenGrid,
-    infer_strides,
     is_global_pool,
     select_layers,
     to_measurable,
+    trace_strides,
 )
 from .parts import assign_parts
 from .report import LayerResult, Report
@@ -151,13 +151,11 @@ def measure(
                     if len(x) == 0:
                         break
                 hw = (x.shape[-2], x.shape[-1])
+                if not order:
+                    layer_strides = {**trace_strides(model, x), **(strides or {})}
                 base_raw = cap.run(x)
                 if not order:
                     order = list(cap.order)
-                    out_hw = {n: (t.shape[-2], t.shape[-1]) if t.dim() >= 4 else None
-                              for n, t in base_raw.items()}
-                    layer_strides = {**infer_strides(order, modules, cap.input_hw, out_hw, hw),
-                                     **(strides or {})}
                 base = {}
                 for name in order:
                     grid = token_grid.get(name) if isinstance(token_grid, Mapping) else token_grid
