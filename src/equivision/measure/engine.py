@@ -87,10 +87,12 @@ def measure(
             leaf modules except dropout, identity and flatten.
         batch_size / max_images: batching of a dataset and an optional image cap.
         token_grid: ``(h, w[, prefix])`` for layers returning tokens ``(B, N, C)``,
-            one for all or a mapping from layer name.
+            one for all or a mapping from layer name (default: the model's
+            ``token_grid`` attribute, which built-in ViTs and Mixers set).
         strides: stride of a layer's output relative to the input, when the size
             ratio does not give it.
-        pool_layer: name of the global pooling layer (found automatically otherwise).
+        pool_layer: name of the global pooling layer (default: the model's
+            ``equivision_pool_layer`` attribute, else found automatically).
         margin: for transformations that leave invalid positions (shifts, rotations
             by any angle, zooming out), also drop map positions within ``margin``
             input pixels of an invalid position or of the map's edge, so that the
@@ -104,6 +106,11 @@ def measure(
         A :class:`~equivision.measure.report.Report`.
     """
     ts = parse_transforms(transforms) if isinstance(transforms, str) else list(transforms)
+    # models may describe themselves: token grid of their blocks, their pooling layer
+    if token_grid is None:
+        token_grid = getattr(model, "token_grid", None)
+    if pool_layer is None:
+        pool_layer = getattr(model, "equivision_pool_layer", None)
     if not ts:
         raise MeasureError("no transformation to measure")
     dev = torch.device(device) if device is not None else next(
