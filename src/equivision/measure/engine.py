@@ -109,8 +109,7 @@ def measure(
     # models may describe themselves: token grid of their blocks, their pooling layer
     if token_grid is None:
         token_grid = getattr(model, "token_grid", None)
-    if pool_layer is None:
-        pool_layer = getattr(model, "equivision_pool_layer", None)
+    declared_pool = getattr(model, "equivision_pool_layer", None) if pool_layer is None else None
     if not ts:
         raise MeasureError("no transformation to measure")
     dev = torch.device(device) if device is not None else next(
@@ -224,11 +223,13 @@ def measure(
         seen = int(counts.item())
 
     pool_index = None
-    if pool_layer is not None:
+    if declared_pool in order:
+        pool_index = order.index(declared_pool)
+    elif pool_layer is not None:
         if pool_layer not in order:
             raise MeasureError(f"pool_layer {pool_layer!r} is not among the measured layers")
         pool_index = order.index(pool_layer)
-    else:
+    if pool_index is None:
         for i, name in enumerate(order):
             if is_global_pool(modules[name], info[name]):
                 pool_index = i
