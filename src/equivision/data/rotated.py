@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..transforms.affine import rotate_batch
 from .base import ImageDataset
 
 RIGHT_ANGLES = (0.0, 90.0, 180.0, 270.0)
@@ -27,29 +28,6 @@ def circle_mask(h: int, w: int, device: torch.device | None = None) -> Tensor:
 def circle_crop(x: Tensor) -> Tensor:
     """Zero the pixels of ``x (..., H, W)`` outside the inscribed circle; same shape out."""
     return x * circle_mask(x.shape[-2], x.shape[-1], x.device).to(x.dtype)
-
-
-def rotate_batch(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate each image of ``x (B, C, H, W)`` by ``angles (B,)`` degrees counter-clockwise.
-
-    Multiples of 90° use ``torch.rot90(x, k, dims=(-2, -1))`` (exact, square images
-    only for odd ``k``); other angles are bilinear about the centre with zero fill (the
-    same action as :class:`equivision.transforms.Rotation`).
-    """
-    out = torch.empty_like(x)
-    quarter = torch.remainder(angles, 90.0) == 0
-    ks = torch.remainder(torch.round(angles / 90.0), 4).long()
-    for k in range(4):
-        sel = quarter & (ks == k)
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
-    if (~quarter).any():
-        import kornia.geometry.transform as KT
-
-        sel = ~quarter
-        out[sel] = KT.rotate(x[sel], angles[sel].to(x.dtype), mode="bilinear",
-                             padding_mode="zeros", align_corners=True)
-    return out
 
 
 class RotatedDataset(Dataset):

@@ -1,6 +1,6 @@
 """Transformations and their actions on images, feature maps, group maps and tokens."""
 
-from .affine import Rotation, Scale
+from .affine import Rotation, Scale, rotate_batch
 from .base import InexactActionError, Layout, ShapeError, Transform, check_image
 from .composite import Compose
 from .dihedral import Dihedral, group_elements, hflip, identity, rot90, vflip
@@ -12,5 +12,5 @@ __all__ = [
     "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "Rotation", "Scale",
     "ShapeError",
     "Transform", "Translation", "check_image", "group_elements", "hflip", "identity",
-    "parse_transforms", "rot90", "shift_zero_fill", "vflip",
+    "parse_transforms", "rot90", "rotate_batch", "shift_zero_fill", "vflip",
 ]

@@ -15,6 +15,26 @@ from torch import Tensor
 from .base import Stride, Transform
 
 
+def rotate_batch(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate each image of ``x (B, C, H, W)`` by its own angle, ``angles (B,)`` degrees
+    counter-clockwise: multiples of 90° exactly (:class:`~.dihedral.Dihedral`), others
+    bilinearly about the centre with zero fill (:class:`Rotation`'s action)."""
+    from .dihedral import Dihedral
+
+    out = torch.empty_like(x)
+    quarter = torch.remainder(angles, 90.0) == 0
+    ks = torch.remainder(torch.round(angles / 90.0), 4).long()
+    for k in range(4):
+        sel = quarter & (ks == k)
+        if sel.any():
+            out[sel] = Dihedral(k).apply_map(x[sel])
+    if (~quarter).any():
+        sel = ~quarter
+        out[sel] = KT.rotate(x[sel], angles[sel].to(x.dtype), mode="bilinear",
+                             padding_mode="zeros", align_corners=True)
+    return out
+
+
 class Rotation(Transform):
     """Rotation by ``angle`` degrees counter-clockwise about the centre (bilinear).
 
