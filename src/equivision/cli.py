@@ -108,20 +108,26 @@ def _init_distributed(device) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .augment import build_augment
     from .data import get_dataset
-    from .models import create_model
+    from .models import create_model, model_defaults
     from .train import TrainConfig, train
 
     kwargs = parse_kwargs(args.model_args)
+    build_augment(args.augment)  # a bad spec fails before the data are built
     train_set = get_dataset(args.data, split="train", size=args.size)
     val_set = get_dataset(args.data, split="test", size=args.size)
     kwargs.setdefault("num_classes", train_set.num_classes)
     kwargs.setdefault("in_channels", train_set.image_shape[0])
+    if "image_size" in model_defaults(args.model):  # ViT / Mixer: fixed input size
+        kwargs.setdefault("image_size", train_set.image_shape[-1])
     model = create_model(args.model, **kwargs)
+    augment = build_augment(args.augment, num_classes=train_set.num_classes)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          optimizer=args.optimizer, weight_decay=args.weight_decay,
                          seed=args.seed, device=args.device)
     history = train(model, train_set, val_set, config, out_dir=args.out, resume=args.resume,
+                    augment=augment if augment.augmentations else None,
                     progress=not args.quiet)
     last = {k: v[-1] for k, v in history.items() if v}
     acc = last.get("val_acc")
@@ -194,6 +200,10 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--out", required=True, help="directory for last.pt and log.csv")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--augment", default="none", metavar="SPEC",
+                   help="training augmentations in order, e.g. crop,flip or crop:4,cutmix:1.0:0.5 "
+                        "or randaugment:2:9 (crop[:PAD], flip[:P], cutmix[:ALPHA[:P]], "
+                        "randaugment[:N[:M]], none; default none); pass the same one on --resume")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 

@@ -202,6 +202,44 @@ def _check_outputs(out: Any, y: Tensor) -> None:
         )
 
 
+def _apply_augment(augment: Callable[..., Any], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Run ``augment`` on a training batch; returns images and targets: labels (N,) int or
+    soft targets (N, K') float from a label-aware augmentation (``takes_labels = True``)."""
+    if not getattr(augment, "takes_labels", False):
+        return augment(x), y
+    result = augment(x, y)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise TrainError(
+            "an augmentation with takes_labels = True must return (images, labels); got "
+            f"{type(result).__name__}"
+        )
+    x, t = result
+    if not isinstance(t, Tensor) or t.shape[:1] != y.shape or t.dim() not in (1, 2):
+        raise TrainError(
+            f"the augmentation returned labels of shape {tuple(getattr(t, 'shape', ()))} for "
+            f"{y.shape[0]} images; expected ({y.shape[0]},) class indices or "
+            f"({y.shape[0]}, K) soft targets"
+        )
+    if t.dim() == 1 and t.is_floating_point():
+        raise TrainError("the augmentation returned float labels of shape (N,); expected "
+                         "integer class indices or (N, K) soft targets")
+    return x, t
+
+
+def _soft_targets(t: Tensor, num_classes: int) -> Tensor:
+    """Soft targets (N, K') -> (N, num_classes) float, padded with zero columns when
+    K' < num_classes (class probabilities beyond K' are 0)."""
+    if t.shape[1] > num_classes:
+        raise TrainError(
+            f"the augmentation returned soft targets over {t.shape[1]} classes but the model "
+            f"has {num_classes} outputs"
+        )
+    t = t.float()
+    if t.shape[1] < num_classes:
+        t = F.pad(t, (0, num_classes - t.shape[1]))
+    return t
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -381,7 +419,7 @@ def train(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     callbacks: Iterable[Any] = (),
-    augment: Callable[[Tensor], Tensor] | None = None,
+    augment: Callable[..., Any] | None = None,
     progress: bool = True,
 ) -> dict[str, list[Any]]:
     """Train ``model`` (in place) as a classifier with cross-entropy.
@@ -404,7 +442,14 @@ def train(
             change the training's random stream.
         augment: optional function applied to every training batch (N, C, H, W) on the device,
             e.g. random flips; it must keep its randomness on torch's (or Python's / NumPy's
-            global) RNGs so that resuming is exact. Not applied to validation.
+            global) RNGs so that resuming is exact. Not applied to validation. If it has an
+            attribute ``takes_labels = True`` (as :func:`equivision.augment.build_augment`'s
+            augmentations do) it is called as ``augment(x, y)`` with the labels (N,) and
+            returns ``(x, targets)``, where targets are labels (N,) or soft targets (N, K')
+            float (CutMix): the loss is then cross-entropy with probability targets (padded
+            with zero columns when K' < num_classes, label smoothing applied to them), and
+            ``train_acc`` counts predictions equal to the targets' argmax (the class with the
+            largest share of the mixed image).
         progress: show tqdm progress bars.
 
     Returns:
@@ -534,11 +579,19 @@ def train(
         for step, batch in enumerate(bar):
             x, y = _unpack(batch)
             x, y_dev = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            target = y_dev
             if augment is not None:
-                x = augment(x)
+                x, target = _apply_augment(augment, x, y_dev)
             out = model(x)
             _check_outputs(out, y)
-            loss = F.cross_entropy(out.float(), y_dev, label_smoothing=config.label_smoothing)
+            if target.dim() == 2:  # soft targets from a label-mixing augmentation
+                target = _soft_targets(target, out.shape[1])
+                hard = target.argmax(1)
+            else:
+                if target is not y_dev:
+                    _check_outputs(out, target)
+                target = hard = target.long()
+            loss = F.cross_entropy(out.float(), target, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -546,7 +599,7 @@ def train(
             optimizer.step()
             scheduler.step()
             total += loss.detach().double() * y.shape[0]
-            correct += (out.detach().argmax(1) == y_dev).sum()
+            correct += (out.detach().argmax(1) == hard).sum()
             seen += y.shape[0]
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{float(total) / seen:.4f}")

@@ -7,7 +7,10 @@ import it below.
 
 from . import cnn  # noqa: F401  (registers cnn7, cnn-small)
 from .cnn import CNN7, GlobalAvgPool, SmallCNN
+from .mixer import Mixer  # noqa: F401  (registers mixer-small)
 from .registry import create_model, list_models, model_defaults, register_model
+from .vit import ViT  # noqa: F401  (registers vit-small)
+from .wideresnet import WideResNet  # noqa: F401  (registers wrn40)
 
 __all__ = [
     "CNN7",
