@@ -41,6 +41,18 @@ def test_train_then_measure_with_checkpoint(tmp_path, capsys):
     assert (out / "report.png").exists() and (out / "report.csv").exists()
 
 
+def test_measure_rebuilds_the_model_from_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "cnn-small", "--model-args", "width=5", "--data", "digits",
+                 "--size", "12", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    # no --model-args: width=5 comes from the checkpoint
+    assert main(["measure", "--model", "cnn-small", "--checkpoint", str(run / "last.pt"),
+                 "--data", "digits", "--size", "12", "--transforms", "hflip",
+                 "--max-images", "8", "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    d = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert d["results"][0]["n_channels"] == 5
+
+
 def test_module_attr_model(tmp_path):
     out = tmp_path / "m"
     assert main(["measure", "--model", "equivision.measure.validation:gaussian_cnn",

@@ -50,11 +50,27 @@ def build_model(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> tu
             raise CLIError(f"{spec!r} gave a {type(model).__name__}, not an nn.Module")
         name = attr
     else:
+        if checkpoint:  # an equivision checkpoint of this model knows its arguments
+            kwargs = {**_stored_kwargs(spec, checkpoint), **kwargs}
         model = create_model(spec, **kwargs)
         name = spec
     if checkpoint:
         load_model_weights(model, checkpoint)
     return model, name
+
+
+def _stored_kwargs(spec: str, checkpoint: str) -> dict[str, Any]:
+    """Constructor arguments stored in an equivision checkpoint of model ``spec``; none
+    for a bare state dict or another model (loading then reports any mismatch)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError:
+        return {}  # a bare state dict, or broken: load_model_weights says which
+    if state.get("model_name") != spec or not isinstance(state.get("model_kwargs"), dict):
+        return {}
+    return dict(state["model_kwargs"])
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
