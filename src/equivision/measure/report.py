@@ -18,7 +18,7 @@ from .parts import PARTS
 #: Metrics in the order tables and CSV files show them.
 METRICS = (
     "invariance", "equivariance", "invariance_cosine", "equivariance_cosine", "mse", "l1",
-    "nmse", "cosine",
+    "nmse", "cosine", "activation",
 )
 
 

@@ -161,7 +161,9 @@ class PairStats:
         the learned-equivariance paper, averaged over non-constant channels),
         ``invariance_cosine`` / ``equivariance_cosine`` (the same with cosine
         similarity), ``mse`` and ``l1`` (mean over valid positions, images and
-        channels), ``nmse`` (mse divided by the mean square of ``g·f(X)``), ``cosine``
+        channels), ``nmse`` (mse divided by the mean square of ``g·f(X)``),
+        ``activation`` (mean over channels of the absolute channel mean of ``g·f(X)``,
+        the magnitude the learned-equivariance paper's figure 2 compares), ``cosine``
         (mean per-image global cosine), ``n_constant`` (channels excluded as constant)
         and ``per_channel`` lists.
         """
@@ -206,6 +208,7 @@ class PairStats:
             "l1": float(self.sl1.sum() / (n * c)),
             "nmse": mse / ms_b if ms_b > 0 else None,
             "cosine": self.cos_sum / self.images if self.images else None,
+            "activation": float(mean_b.abs().mean()),
             "n_constant": int((~inv_ok).sum()),
             "per_channel": {"invariance": lst(diag, inv_ok), "equivariance": lst(eq, eq_ok)},
         }

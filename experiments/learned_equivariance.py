@@ -1,0 +1,216 @@
+"""The studies of the learned-equivariance paper (section 4), at CPU scale.
+
+One sub-command per study; each trains (or reuses) its models under --root, measures
+them and writes JSON, a Markdown table and a plot under --out:
+
+    task     section 4.3 / figure 5: rotation in/equivariance for digits6, its rotation-
+             invariant and its rotation-equivariant variant (cnn7, 3 seeds)
+    augment  section 4.4 / figure 6a: translation in/equivariance per augmentation
+             (CIFAR-style ResNet, 3 seeds, diagonal shifts, valid region only)
+    width    section 4.5 / figure 6b: translation in/equivariance against WRN width
+    arch     section 4.6 / figure 7: CNNs against ViT and MLP-Mixer, shifts and rot90
+    accuracy section 4.2: Spearman correlation of each part's equivariance with
+             accuracy across every model trained by arch and width
+    cosine   section 3.3 / figure 2: cosine and correlation invariance against the
+             mean activation per layer
+
+``--quick`` shrinks epochs, depths and seeds so each study takes a few minutes.
+Example: ``.venv/bin/python experiments/learned_equivariance.py task --quick``
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from equivision.measure import Report
+from equivision.stats_tools import pearson, spearman, spearman_by_part
+from equivision.studies import (
+    RunSpec,
+    markdown_table,
+    plot_parts,
+    summarise,
+    train_and_measure,
+    write_results,
+)
+
+
+def seeds(args) -> list[int]:
+    return list(range(args.seeds if args.seeds else (2 if args.quick else 3)))
+
+
+def study(args, name: str, groups: dict[str, list[RunSpec]], transforms: str, title: str,
+          margin: int = 0) -> dict:
+    runs = {label: [train_and_measure(s, args.root, transforms, args.images, args.device,
+                                      margin=margin) for s in specs]
+            for label, specs in groups.items()}
+    summ = {label: summarise(rs) for label, rs in runs.items()}
+    table = markdown_table(summ)
+    plot_parts(summ, args.out / f"{name}.png", title=title)
+    write_results(args.out, name, {"transforms": transforms, "runs": runs, "summary": summ},
+                  table)
+    print(table)
+    return runs
+
+
+def cmd_task(args) -> None:
+    ep = 6 if args.quick else 15
+    groups = {label: [RunSpec("cnn7", data, seed=s, size=28, epochs=ep) for s in seeds(args)]
+              for label, data in (("digits6 (upright)", "digits6"),
+                                  ("rotation-invariant task", "digits6-rotinv"),
+                                  ("rotation-equivariant task", "digits6-roteq"))}
+    study(args, "task", groups, "rot90", "rotation in/equivariance per part (cnn7, digits6)")
+
+
+def resnet_kwargs(args) -> dict:
+    return {"depth": 14 if args.quick else 44}
+
+
+def cmd_augment(args) -> None:
+    ep = 6 if args.quick else 15
+    augs = {"none": "none", "random crops": "crop", "horizontal flips": "flip",
+            "CutMix": "cutmix:1:1", "RandAugment": "randaugment"}
+    groups = {label: [RunSpec("resnet44", "digits", seed=s, size=32, epochs=ep, augment=a,
+                              model_kwargs=resnet_kwargs(args)) for s in seeds(args)]
+              for label, a in augs.items()}
+    study(args, "augment", groups, "shift:1-8",
+          "translation in/equivariance per augmentation (CIFAR-style ResNet, digits 32 px)")
+
+
+def width_specs(args) -> dict[str, list[RunSpec]]:
+    ep = 6 if args.quick else 12
+    depth = 10 if args.quick else 16
+    widths = (1, 2, 4) if args.quick else (1, 2, 4, 8)
+    return {f"WRN-{depth}-{w}": [RunSpec("wrn40", "digits", seed=s, size=32, epochs=ep,
+                                         model_kwargs={"depth": depth, "width": w})
+                                 for s in seeds(args)[:1 if args.quick else 3]]
+            for w in widths}
+
+
+def cmd_width(args) -> None:
+    study(args, "width", width_specs(args), "shift:1-8",
+          "translation in/equivariance against width (WRN, digits 32 px)")
+
+
+def arch_specs(args) -> dict[str, list[RunSpec]]:
+    ep = 6 if args.quick else 15
+    sd = seeds(args)[:1 if args.quick else 3]
+    small = {"dim": 64, "depth": 4} if args.quick else {}
+    return {
+        "cnn7": [RunSpec("cnn7", "digits", seed=s, size=28, epochs=ep) for s in sd],
+        "ResNet": [RunSpec("resnet44", "digits", seed=s, size=28, epochs=ep,
+                           model_kwargs=resnet_kwargs(args)) for s in sd],
+        "ViT": [RunSpec("vit-small", "digits", seed=s, size=28, epochs=ep, optimizer="adamw",
+                        lr=1e-3, weight_decay=0.05, model_kwargs=small) for s in sd],
+        "MLP-Mixer": [RunSpec("mixer-small", "digits", seed=s, size=28, epochs=ep,
+                              optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                              model_kwargs=small) for s in sd],
+    }
+
+
+def cmd_arch(args) -> None:
+    groups = arch_specs(args)
+    # shifts by 4 and 8 px: whole token positions for the patch-4 ViT and Mixer
+    study(args, "arch-translation", groups, "shift:4,shift:8",
+          "translation in/equivariance per architecture (digits 28 px)")
+    study(args, "arch-rotation", groups, "rot90",
+          "rotation in/equivariance per architecture (digits 28 px)")
+
+
+def cmd_accuracy(args) -> None:
+    specs = [s for g in (arch_specs(args), width_specs(args)) for ss in g.values() for s in ss]
+    rows = ["| transformation | metric | " + " | ".join(("Early", "Middle", "Late", "Pool",
+                                                         "Final")) + " |", "|---" * 7 + "|"]
+    payload = {}
+    for label, transforms in (("translation", "shift:4,shift:8"), ("rotation", "rot90")):
+        runs = [train_and_measure(s, args.root, transforms, args.images, args.device)
+                for s in specs]
+        reports = [Report.load_json(r["report"]) for r in runs]
+        accs = [r["accuracy"] for r in runs]
+        for metric in ("invariance", "equivariance"):
+            rho = spearman_by_part(reports, accs, metric=metric)
+            payload[f"{label}/{metric}"] = {"rho": rho, "accuracies": accs,
+                                            "models": [r["spec"] for r in runs]}
+            cells = " | ".join(f"{rho.get(p, float('nan')):.2f}" for p in
+                               ("Early", "Middle", "Late", "Pool", "Final"))
+            rows.append(f"| {label} | {metric} | {cells} |")
+    table = "\n".join(rows) + f"\n\n{len(specs)} models; accuracies " + ", ".join(
+        f"{a:.3f}" for a in payload["translation/invariance"]["accuracies"])
+    write_results(args.out, "accuracy", payload, table)
+    print(table)
+
+
+def cmd_cosine(args) -> None:
+    spec = RunSpec("resnet44", "digits", seed=0, size=32, epochs=6 if args.quick else 15,
+                   model_kwargs=resnet_kwargs(args))
+    run = train_and_measure(spec, args.root, "rot90:1", args.images, args.device)
+    rep = Report.load_json(run["report"])
+    t = rep.transforms[0]
+    rows = [rep.get(t, layer) for layer in rep.layers if rep.get(t, layer).part not in
+            ("Pool", "Final")]
+    act = [r.metrics["activation"] for r in rows]
+    corr = [r.metrics["invariance"] for r in rows]
+    cos = [r.metrics["invariance_cosine"] for r in rows]
+    res = {"layers": [r.layer for r in rows], "activation": act, "correlation": corr,
+           "cosine": cos,
+           "pearson(activation, correlation)": pearson(act, corr),
+           "pearson(activation, cosine)": pearson(act, cos),
+           "spearman(activation, correlation)": spearman(act, corr),
+           "spearman(activation, cosine)": spearman(act, cos)}
+    table = "\n".join([
+        "| score | Pearson r with mean activation | Spearman rho |", "|---|---|---|",
+        f"| correlation invariance | {res['pearson(activation, correlation)']:.2f} | "
+        f"{res['spearman(activation, correlation)']:.2f} |",
+        f"| cosine invariance | {res['pearson(activation, cosine)']:.2f} | "
+        f"{res['spearman(activation, cosine)']:.2f} |",
+        "", f"{len(rows)} layers before global pooling of {spec.name}, rot90, "
+        f"{rep.n_images} test images; accuracy {run['accuracy']:.3f}"])
+    _plot_cosine(res, args.out / "cosine.png")
+    write_results(args.out, "cosine", res, table)
+    print(table)
+
+
+def _plot_cosine(res: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from equivision.measure import write_atomic
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    xs = range(len(res["layers"]))
+    ax.plot(xs, res["correlation"], "o-", ms=3, label="invariance (correlation)")
+    ax.plot(xs, res["cosine"], "o-", ms=3, label="invariance (cosine)")
+    top = max(res["activation"]) or 1.0
+    ax.plot(xs, [a / top for a in res["activation"]], "o-", ms=3,
+            label="mean |activation| (scaled)")
+    ax.set_xlabel("layer depth")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=["task", "augment", "width", "arch", "accuracy", "cosine"])
+    p.add_argument("--quick", action="store_true", help="a few minutes instead of tens")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting")
+    p.add_argument("--images", type=int, default=2000, help="test images measured")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--root", type=Path, default=Path("runs/le-models"), help="model runs")
+    p.add_argument("--out", type=Path, default=None, help="results (default runs/le[-quick])")
+    args = p.parse_args()
+    args.out = args.out or Path("runs/le-quick" if args.quick else "runs/le")
+    globals()[f"cmd_{args.study}"](args)
+
+
+if __name__ == "__main__":
+    main()
