@@ -7,6 +7,7 @@ import it below.
 
 from . import cnn  # noqa: F401  (registers cnn7, cnn-small)
 from .cnn import CNN7, GlobalAvgPool, SmallCNN
+from .gcnn import P4CNN, ResNet  # noqa: F401  (registers z2cnn, p4cnn, [p4]resnet44/18)
 from .mixer import Mixer  # noqa: F401  (registers mixer-small)
 from .registry import create_model, list_models, model_defaults, register_model
 from .vit import ViT  # noqa: F401  (registers vit-small)

@@ -1,0 +1,30 @@
+"""p4 / p4m group-equivariant layers: group convolutions, batch norm and pooling.
+
+Group feature maps are ``(B, C, G, H, W)`` with the group axis ordered as
+:func:`equivision.transforms.group_elements`; the models built from these layers are in
+:mod:`equivision.models.gcnn`.
+"""
+
+from .layers import (
+    GroupConv2d,
+    P4ConvP4,
+    P4ConvZ2,
+    P4MConvP4M,
+    P4MConvZ2,
+    bank_index,
+    group_order,
+    output_size,
+)
+from .norm_pool import (
+    GroupAvgPool2d,
+    GroupBatchNorm2d,
+    GroupGlobalPool,
+    GroupMaxPool2d,
+    GroupPool,
+)
+
+__all__ = [
+    "GroupAvgPool2d", "GroupBatchNorm2d", "GroupConv2d", "GroupGlobalPool", "GroupMaxPool2d",
+    "GroupPool", "P4ConvP4", "P4ConvZ2", "P4MConvP4M", "P4MConvZ2", "bank_index", "group_order",
+    "output_size",
+]

@@ -1,0 +1,266 @@
+"""Group convolutions for p4 (rotations by 90°) and p4m (rotations and flips).
+
+A *group feature map* is a tensor ``(B, C, G, H, W)``: ``G = 4`` for p4, ``G = 8`` for p4m,
+the group axis ordered as :func:`equivision.transforms.group_elements` lists the elements
+(p4: index ``i`` is ``R^i``; p4m: index ``4j + i`` is ``R^i F^j``).
+
+:class:`GroupConv2d` is both the lifting convolution (``in_group=None``: image
+``(B, C_in, H, W)`` -> ``(B, C_out, G, H', W')``) and the group-to-group convolution
+(``(B, C_in, G, H, W)`` -> ``(B, C_out, G, H', W')``). Its filter for output element ``g``
+is ``g`` acting on the weight as a function on the group, ``g.apply_group_map(weight)``
+(``g.apply_map`` for a lifting weight). The layer does not rotate or roll anything itself:
+:func:`bank_index` applies each element's action to an ``arange`` tensor once, and every
+forward builds the whole filter bank with one ``index_select`` (over the flattened
+``(C_in, G_in, k, k)`` axis) and runs one ``conv2d``.
+Then ``f(g x) == g·f(x)`` holds exactly whenever every layer's input size fits the
+subsampling rule ``(i + 2p - d(k-1) - 1) mod s == 0`` (always at stride 1), for odd and
+even kernels alike.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..transforms import group_elements
+
+__all__ = [
+    "GroupConv2d", "P4ConvP4", "P4ConvZ2", "P4MConvP4M", "P4MConvZ2", "bank_index",
+    "check_output_size", "group_order", "output_size",
+]
+
+IntPair = int | tuple[int, int]
+
+
+def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum
+                             for v in pair):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def group_order(group: str) -> int:
+    """Number of elements G of ``"p4"`` (4) or ``"p4m"`` (8)."""
+    return len(group_elements(group))
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Output side length of a convolution or pooling along one axis (as ``nn.Conv2d``)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_output_size(
+    who: str, hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int], dilation: tuple[int, int] = (1, 1),
+) -> tuple[int, int]:
+    """Output ``(h, w)`` of a layer on an ``hw`` input; ``ValueError`` naming the layer's
+    sizes when either side would be < 1."""
+    out = tuple(output_size(*a) for a in zip(hw, kernel, stride, padding, dilation))
+    if min(out) < 1:
+        raise ValueError(
+            f"{who}: input of {hw[0]}x{hw[1]} pixels is too small for kernel_size={kernel}, "
+            f"stride={stride}, padding={padding}, dilation={dilation} (output would be "
+            f"{out[0]}x{out[1]}); use a larger input or more padding"
+        )
+    return out  # type: ignore[return-value]
+
+
+@cache
+def bank_index(group: str, in_group: str | None, kernel_size: int) -> Tensor:
+    """Where each filter-bank entry comes from, derived from the transforms module.
+
+    Row ``g`` lists, for each entry of the flattened ``(G_in, k, k)`` weight of one
+    (output, input) channel pair, which entry of the untransformed weight it holds after
+    element ``g`` acts: ``g.apply_group_map(arange(G_in * k * k), in_group)``, or
+    ``g.apply_map`` when lifting (``in_group=None``, ``G_in = 1``).
+
+    Returns:
+        int64 ``(G, G_in * k * k)``, each row a permutation; cached, do not modify.
+    """
+    k = kernel_size
+    rows = []
+    for g in group_elements(group):
+        if in_group is None:
+            rows.append(g.apply_map(torch.arange(k * k).view(1, 1, k, k)).reshape(-1))
+        else:
+            n = group_order(in_group)
+            base = torch.arange(n * k * k).view(1, 1, n, k, k)
+            rows.append(g.apply_group_map(base, in_group).reshape(-1))
+    return torch.stack(rows)
+
+
+class GroupConv2d(nn.Module):
+    """p4 / p4m convolution: lifting (``in_group=None``) or group-to-group.
+
+    Args:
+        in_channels / out_channels: channels ``C_in`` / ``C_out`` (each carries a group axis).
+        kernel_size: square kernel side ``k`` (int or equal pair); odd or even, p4 or p4m.
+        stride, padding, dilation: as ``nn.Conv2d`` (int or pair; zero padding).
+        bias: one learnable bias per output channel, shared over the group axis.
+        group: output group, ``"p4"`` (G = 4) or ``"p4m"`` (G = 8).
+        in_group: ``None`` for a lifting convolution on images, ``"same"`` (default) for an
+            input group equal to ``group``.
+
+    Parameters:
+        weight: ``(C_out, C_in, G_in, k, k)`` with ``G_in = 1`` when lifting, ``G_in = G``
+            otherwise; He (Kaiming) normal init, ``std = sqrt(2 / (C_in * G_in * k * k))``.
+        bias: ``(C_out,)``, zero-initialised.
+
+    Shapes:
+        lifting: ``(B, C_in, H, W)`` -> ``(B, C_out, G, H', W')``;
+        group: ``(B, C_in, G, H, W)`` -> ``(B, C_out, G, H', W')``;
+        ``H' = (H + 2p - d(k-1) - 1) // s + 1``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        *,
+        bias: bool = True,
+        group: str = "p4",
+        in_group: str | None = "same",
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GroupConv2d: {name} must be an integer >= 1, got {v!r}")
+        ks = _pair(kernel_size, "kernel_size", 1)
+        if ks[0] != ks[1]:
+            raise ValueError(f"GroupConv2d: 90° rotations need a square kernel, got {ks}")
+        self.group_size = group_order(group)
+        if in_group == "same":
+            in_group = group
+        if in_group is not None and in_group != group:
+            raise ValueError(
+                f"GroupConv2d: in_group must be None (lifting) or equal to group={group!r}, "
+                f"got {in_group!r}")
+        self.group, self.in_group = group, in_group
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = ks
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
+        self.in_group_size = 1 if in_group is None else self.group_size
+        k = ks[0]
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, self.in_group_size, k, k))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.register_buffer("flat_index", self._flat_index(bank_index(group, in_group, k)),
+                             persistent=False)
+        self.register_buffer("bias_index", torch.arange(out_channels).repeat_interleave(
+            self.group_size), persistent=False)
+        self.reset_parameters()
+
+    def _flat_index(self, index: Tensor) -> Tensor:
+        """Index over the flattened ``(C_in, G_in, k, k)`` axis of the weight.
+
+        Returns:
+            int64 ``(G * C_in * n,)`` with ``n = G_in * k * k``: bank entry ``(g, i, m)``
+            reads weight entry ``(i, index[g, m])``.
+        """
+        offsets = torch.arange(self.in_channels)[None, :, None] * index.shape[1]
+        return (offsets + index[:, None, :]).reshape(-1)
+
+    @property
+    def fan_in(self) -> int:
+        """``C_in * G_in * k * k``."""
+        return self.in_channels * self.in_group_size * self.kernel_size[0] ** 2
+
+    def reset_parameters(self) -> None:
+        """He normal init of the weight (``std = sqrt(2 / fan_in)``), zero bias."""
+        with torch.no_grad():
+            self.weight.normal_(0.0, math.sqrt(2.0 / self.fan_in))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def filter_bank(self) -> Tensor:
+        """The transformed filters of all output elements, ready for ``conv2d``.
+
+        Returns:
+            ``(C_out * G, C_in * G_in, k, k)``; row ``o * G + g`` is element ``g`` acting on
+            the weight of output channel ``o``.
+        """
+        co, ci, gi, k, _ = self.weight.shape
+        bank = self.weight.reshape(co, -1).index_select(1, self.flat_index)
+        return bank.view(co * self.group_size, ci * gi, k, k)
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}({self.group}{', lifting' if self.in_group is None else ''})"
+
+    def _check(self, x: Tensor) -> None:
+        """Clear errors for a wrong layout, channel count, group size or too small an input."""
+        if self.in_group is None:
+            if x.dim() != 4 or x.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"{self._name()} expects images (B, {self.in_channels}, H, W), got shape "
+                    f"{tuple(x.shape)}")
+        elif x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != self.group_size:
+            raise ValueError(
+                f"{self._name()} expects a group feature map (B, {self.in_channels}, "
+                f"G={self.group_size}, H, W) for group {self.group!r}, got shape "
+                f"{tuple(x.shape)}")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
+                                                  self.dilation)
+        if (output_size(x.shape[-2], kh, sh, ph, dh) < 1
+                or output_size(x.shape[-1], kw, sw, pw, dw) < 1):
+            check_output_size(self._name(), (x.shape[-2], x.shape[-1]), self.kernel_size,
+                              self.stride, self.padding, self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C_in, H, W)`` (lifting) or ``(B, C_in, G, H, W)`` -> ``(B, C_out, G, H', W')``."""
+        self._check(x)
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        bias = None if self.bias is None else self.bias.index_select(0, self.bias_index)
+        out = F.conv2d(x.reshape(b, -1, h, w), self.filter_bank(), bias, self.stride,
+                       self.padding, self.dilation)
+        return out.view(b, self.out_channels, self.group_size, out.shape[-2], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, group={self.group!r}, "
+                f"in_group={self.in_group!r}")
+
+
+class _Fixed(GroupConv2d):
+    _group = "p4"
+    _in_group: str | None = None
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+        padding: IntPair = 0, dilation: IntPair = 1, *, bias: bool = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         bias=bias, group=self._group, in_group=self._in_group)
+
+
+class P4ConvZ2(_Fixed):
+    """Lifting p4 convolution: ``(B, C_in, H, W)`` -> ``(B, C_out, 4, H', W')``."""
+
+
+class P4ConvP4(_Fixed):
+    """p4 group convolution: ``(B, C_in, 4, H, W)`` -> ``(B, C_out, 4, H', W')``."""
+
+    _in_group = "p4"
+
+
+class P4MConvZ2(_Fixed):
+    """Lifting p4m convolution: ``(B, C_in, H, W)`` -> ``(B, C_out, 8, H', W')``."""
+
+    _group = "p4m"
+
+
+class P4MConvP4M(_Fixed):
+    """p4m group convolution: ``(B, C_in, 8, H, W)`` -> ``(B, C_out, 8, H', W')``."""
+
+    _group = "p4m"
+    _in_group = "p4m"
