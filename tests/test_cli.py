@@ -101,3 +101,18 @@ def test_corrupt_or_foreign_checkpoint_keeps_existing_report(tmp_path, capsys):
 def test_parser_defaults():
     args = make_parser().parse_args(["measure", "--model", "m", "--data", "d", "--out", "o"])
     assert args.device == "auto" and args.split == "test"
+
+
+def test_exactness_command(tmp_path, capsys):
+    out = tmp_path / "ex.json"
+    assert main(["exactness", "--model", "p4cnn", "--input-size", "29", "--range", "28:31",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out.strip().splitlines()
+    assert text[-1] == "verdict: not exact"
+    assert any("features.maxpool2" in line and "NO" in line for line in text)
+    assert "exact sizes in 28..31: 28, 30" in text
+    assert json.loads(out.read_text())["verdict"] == "not exact"
+    assert main(["exactness", "--model", "p4cnn", "--input-size", "28"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "verdict: exact"
+    assert main(["exactness", "--model", "p4cnn", "--input-size", "big"]) == 2
+    assert "HxW" in capsys.readouterr().err

@@ -151,6 +151,49 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"val accuracy {acc if acc is None else round(acc, 4)}; checkpoint {args.out}/last.pt")
 
 
+def cmd_exactness(args: argparse.Namespace) -> None:
+    from .gcnn import analyze_exactness, exact_sizes, nearest_exact_size
+    from .measure import write_atomic
+
+    size = _parse_size(args.input_size)
+    model, name = build_model(args.model, parse_kwargs(args.model_args), args.checkpoint)
+    report = analyze_exactness(model, size, group=args.group)
+    print(report.table())
+    lines = []
+    if size[0] == size[1]:
+        below, above = nearest_exact_size(model, size[0], group=args.group)
+        lines.append(f"nearest exact sizes to {size[0]}: below {below}, above {above}")
+    if args.range:
+        lo, _, hi = args.range.partition(":")
+        try:
+            lo_i, hi_i = int(lo), int(hi)
+        except ValueError:
+            raise CLIError(f"--range takes A:B, e.g. 20:40, got {args.range!r}") from None
+        sizes = exact_sizes(model, lo_i, hi_i, group=args.group)
+        lines.append(f"exact sizes in {lo_i}..{hi_i}: {', '.join(map(str, sizes)) or 'none'}")
+    for line in lines:
+        print(line)
+    if args.json:
+        import json
+
+        write_atomic(args.json, json.dumps({"model": name, **report.to_dict(), "notes_cli": lines},
+                                           indent=1, default=str))
+    print(f"verdict: {report.verdict}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise CLIError(f"--input-size takes N or HxW, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) <= 0:
+        raise CLIError(f"--input-size takes a positive N or HxW, got {text!r}")
+    return vals[0], vals[1]
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -230,6 +273,18 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("exactness", help="does subsampling keep a model exactly equivariant?",
+                       description="Trace every conv and pooling layer at an input size and "
+                       "check (i + 2p - k_eff) mod s == 0; last line: the verdict.")
+    e.add_argument("--model", required=True, help="registry name or module:attr")
+    e.add_argument("--model-args", help="constructor arguments, e.g. width=0.5")
+    e.add_argument("--checkpoint", help="weights (not needed for the analysis)")
+    e.add_argument("--input-size", required=True, help="N or HxW")
+    e.add_argument("--group", default="p4", choices=["p4", "p4m", "flip"])
+    e.add_argument("--range", help="A:B, list the exact square sizes in this range")
+    e.add_argument("--json", help="write the report as JSON to this path")
+    e.set_defaults(func=cmd_exactness)
 
     s = sub.add_parser("list", help="list models, datasets and transformations")
     s.add_argument("what", nargs="?", default="all",

@@ -5,6 +5,14 @@ Group feature maps are ``(B, C, G, H, W)`` with the group axis ordered as
 :mod:`equivision.models.gcnn`.
 """
 
+from .exactness import (
+    ExactnessReport,
+    LayerExactness,
+    analyze_exactness,
+    empirical_equivariance_error,
+    exact_sizes,
+    nearest_exact_size,
+)
 from .layers import (
     GroupConv2d,
     P4ConvP4,
@@ -24,6 +32,8 @@ from .norm_pool import (
 )
 
 __all__ = [
+    "ExactnessReport", "LayerExactness", "analyze_exactness", "empirical_equivariance_error",
+    "exact_sizes", "nearest_exact_size",
     "GroupAvgPool2d", "GroupBatchNorm2d", "GroupConv2d", "GroupGlobalPool", "GroupMaxPool2d",
     "GroupPool", "P4ConvP4", "P4ConvZ2", "P4MConvP4M", "P4MConvZ2", "bank_index", "group_order",
     "output_size",
