@@ -160,8 +160,28 @@ def section_exactness(ctx: DemoContext) -> str:
     return "\n".join(lines)
 
 
+def section_studies(ctx: DemoContext) -> str:
+    """One plot of the learned-equivariance studies, from cached results: the full
+    study trains tens of models, too long for the demo."""
+    import shutil
+
+    cached = Path(__file__).resolve().parents[2] / "docs" / "figures" / "le-task-quick.png"
+    lines = ["## Does a symmetric task make early layers equivariant? (cached study)", ""]
+    how = ("`experiments/learned_equivariance.py task --quick` (cnn7 on digits6 and its "
+           "rotation-invariant and rotation-equivariant variants, 2 seeds, 6 epochs), run on "
+           "2026-11-25; numbers and caveats in `docs/results.md`.")
+    if not cached.exists():
+        return "\n".join(lines + [f"No cached result found; run {how}"])
+    shutil.copyfile(cached, ctx.out / cached.name)
+    return "\n".join(lines + [
+        f"From cached results made by {how} Rotation equivariance falls with depth for "
+        "every task; the task's symmetry shows only from the Late part on.", "",
+        f"![task study]({cached.name})"])
+
+
 #: Report sections, in order. Later parts of the project append theirs.
-SECTIONS: list[Callable[[DemoContext], str]] = [section_measurement, section_exactness]
+SECTIONS: list[Callable[[DemoContext], str]] = [section_measurement, section_studies,
+                                                 section_exactness]
 
 
 def run_demo(out: Path, epochs: int = 15, device: str = "auto", progress: bool = True) -> Path:
