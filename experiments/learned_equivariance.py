@@ -171,14 +171,13 @@ def cmd_cosine(args) -> None:
 
 
 def _plot_cosine(res: dict, path: Path) -> None:
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from equivision.measure import write_atomic
+    from equivision.measure.report import save_png
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     xs = range(len(res["layers"]))
@@ -191,10 +190,7 @@ def _plot_cosine(res: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def main() -> None:

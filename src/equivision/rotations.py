@@ -74,14 +74,13 @@ def accuracy_vs_rotation(
 def plot_accuracy_vs_rotation(curves: dict[str, dict[float, float]], path: str | Path,
                               title: str = "accuracy against rotation angle") -> Path:
     """Draw ``{label: {angle: accuracy}}`` curves to a PNG (written atomically)."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .measure import write_atomic
+    from .measure.report import save_png
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, curve in curves.items():
@@ -95,8 +94,4 @@ def plot_accuracy_vs_rotation(curves: dict[str, dict[float, float]], path: str |
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)

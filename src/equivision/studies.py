@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .measure import PARTS, Report, measure, write_atomic
+from .measure.report import save_png
 
 
 @dataclass
@@ -151,7 +152,6 @@ def plot_parts(groups: dict[str, dict], path: Path, metrics: Sequence[str] = ("i
                "equivariance"), title: str = "") -> Path:
     """Per-part bars (mean ± std) per group, one panel per metric, like the paper's
     figures 5-7. Writes a PNG atomically."""
-    import io
 
     import matplotlib
 
@@ -176,11 +176,7 @@ def plot_parts(groups: dict[str, dict], path: Path, metrics: Sequence[str] = ("i
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 def write_results(out: Path, name: str, payload: dict[str, Any], table: str) -> None:

@@ -40,6 +40,17 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         raise
 
 
+def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Render a matplotlib figure to PNG, write it atomically and close the figure."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return Path(path)
+
+
 @dataclass
 class LayerResult:
     """Metrics of one layer under one transformation.
@@ -218,11 +229,7 @@ class Report:
         fig.suptitle(title or f"{self.model}: measures per layer ({self.n_images} images)",
                      fontsize=10)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        write_atomic(path, buf.getvalue())
-        return Path(path)
+        return save_png(fig, path)
 
     def save(self, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
         """Write ``report.json``, ``report.csv`` and ``report.png`` into ``out_dir``."""
