@@ -298,7 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        print(f"equivision {args.command}: error: {err}", file=sys.stderr)
+        import os
+
+        if os.environ.get("EQUIVISION_DEBUG"):
+            raise
+        print(f"equivision {args.command}: error: {err} (set EQUIVISION_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
         return 2
     return 0
 
