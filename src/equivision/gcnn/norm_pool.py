@@ -75,38 +75,34 @@ def _spatial(pool: GroupMaxPool2d | GroupAvgPool2d, fn: Callable[[Tensor], Tenso
     return out.view(b, c, g, out.shape[-2], out.shape[-1])
 
 
-class GroupMaxPool2d(nn.MaxPool2d):
+class _GroupSpatialPool:
+    """Mixin for an ``nn`` pooling class: pool each group slice of ``(B, C, G, H, W)``;
+    arguments as the ``nn`` class (``stride`` defaults to ``kernel_size``)."""
+
+    def __init__(self, kernel_size: IntPair, stride: IntPair | None = None,
+                 padding: IntPair = 0) -> None:
+        super().__init__(kernel_size, stride, padding)  # type: ignore[call-arg]
+        self.sizes = _sizes(self)  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, G, H, W)`` -> ``(B, C, G, H', W')``."""
+        return _spatial(self, super().forward, x)  # type: ignore[misc, arg-type]
+
+
+class GroupMaxPool2d(_GroupSpatialPool, nn.MaxPool2d):
     """Spatial max pooling of each group slice; arguments as ``nn.MaxPool2d``
     (``stride`` defaults to ``kernel_size``).
 
     Shapes: ``(B, C, G, H, W)`` -> ``(B, C, G, H', W')``.
     """
 
-    def __init__(self, kernel_size: IntPair, stride: IntPair | None = None,
-                 padding: IntPair = 0) -> None:
-        super().__init__(kernel_size, stride, padding)
-        self.sizes = _sizes(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, G, H, W)`` -> ``(B, C, G, H', W')``."""
-        return _spatial(self, super().forward, x)
-
-
-class GroupAvgPool2d(nn.AvgPool2d):
+class GroupAvgPool2d(_GroupSpatialPool, nn.AvgPool2d):
     """Spatial average pooling of each group slice (zero padding counted, as
     ``nn.AvgPool2d``); ``stride`` defaults to ``kernel_size``.
 
     Shapes: ``(B, C, G, H, W)`` -> ``(B, C, G, H', W')``.
     """
-
-    def __init__(self, kernel_size: IntPair, stride: IntPair | None = None,
-                 padding: IntPair = 0) -> None:
-        super().__init__(kernel_size, stride, padding)
-        self.sizes = _sizes(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, G, H, W)`` -> ``(B, C, G, H', W')``."""
-        return _spatial(self, super().forward, x)
 
 
 def _coset(x: Tensor, mode: PoolMode) -> Tensor:
