@@ -210,6 +210,13 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Query/key/value weights with std dim**-0.5 instead of 0.02: with 0.02 the attention
+        # logits start ~1e-3, every token attends uniformly, the blocks cannot tell positions
+        # apart and training on the small digits set sits at chance for 100-300 steps
+        # (measured: depth 6, AdamW 1e-3, 10% accuracy after 90 steps; 72% with this init).
+        for block in self.blocks:
+            if isinstance(block, ViTBlock):
+                nn.init.normal_(block.attn.qkv.weight, std=self.dim ** -0.5)
 
     def tokens(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> tokens after the last block (B, 1 + h*w, dim)."""
