@@ -7,9 +7,13 @@ Targets (issue 2):
   "layers" are the model's measurement points (each conv block's output, the global
   pooling, the logits), which is what `measure` captures by default; the ratio for
   every leaf module (conv, batch norm and ReLU separately) is printed too;
-* peak memory measuring 4,000 images is at most 1.2x that of 500 images.
+* peak memory measuring 4,000 images is at most 1.2x that of 500 images;
+* (issue 3) measuring a CIFAR-style ResNet-44 on 2,000 images (the learned-equivariance
+  paper's count) under 3 rotations and 8 diagonal shifts finishes on two cores: the time
+  and the ratio to the bare forward passes ((1 + 11) x images) are printed
+  (``--resnet44``; ``--only-resnet44`` skips the rest).
 
-Run: ``.venv/bin/python benchmarks/bench_measure.py [--repeats 5] [--images 1000]``.
+Run: ``.venv/bin/python benchmarks/bench_measure.py [--repeats 5] [--images 1000] [--resnet44]``.
 Times are medians of interleaved repeats; each memory figure comes from a fresh
 subprocess (peak RSS, and peak RSS growth during the measure call).
 """
@@ -41,12 +45,14 @@ def _rss_kib() -> int:
     return 0
 
 
-def time_ratio(images: int, repeats: int, batch: int, layers: str | None = None) -> dict:
+def time_ratio(images: int, repeats: int, batch: int, layers: str | None = None,
+               model_name: str = "cnn7", shape: tuple[int, int, int] = (1, 28, 28),
+               spec: str = "rot90") -> dict:
     torch.manual_seed(0)
-    model = create_model("cnn7").eval()
-    data = SyntheticImages(images, shape=(1, 28, 28), seed=1)
+    model = create_model(model_name, in_channels=shape[0]).eval()
+    data = SyntheticImages(images, shape=shape, seed=1)
     batches = [x for x, _ in DataLoader(data, batch_size=batch)]
-    ts = parse_transforms("rot90")
+    ts = parse_transforms(spec)
 
     def bare() -> None:
         with torch.no_grad():
@@ -97,11 +103,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--resnet44", action="store_true",
+                   help="also time ResNet-44 on 2,000 images under rot90 + 8 shifts")
+    p.add_argument("--only-resnet44", action="store_true", help="only the ResNet-44 timing")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child)
         return
+    if args.resnet44 or args.only_resnet44:
+        reps = min(args.repeats, 3)
+        r = time_ratio(2000, reps, args.batch, None, "resnet44", (3, 32, 32), "rot90,shift:1-8")
+        print(f"time: resnet44 (depth 44, 3x32x32), default measurement points, 3 rotations + 8 "
+              f"diagonal shifts, 2000 images, batch {args.batch}, {torch.get_num_threads()} "
+              "threads")
+        print(f"  bare forward passes  {r['bare_s']:.1f} s (12 x 2000 images; median of {reps})")
+        print(f"  measure              {r['measure_s']:.1f} s")
+        print(f"  ratio measure/bare   {r['ratio_median']:.2f}x; "
+              f"runs: {', '.join(f'{x:.2f}' for x in r['ratios'])}")
+        if args.only_resnet44:
+            return
     for layers, label in ((None, "its 9 measurement points (7 conv blocks, pool, fc)"),
                           ("all", "all 24 leaf modules (conv, bn, relu, pools, fc)")):
         r = time_ratio(args.images, args.repeats, args.batch, layers)
