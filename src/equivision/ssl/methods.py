@@ -1,0 +1,268 @@
+"""Base SSL methods (MoCo-v3, DINO, Barlow Twins), each usable with or without SER.
+
+``Method(encoder, ser=SERConfig(...), **method_kwargs)``; ``forward(batch)`` returns
+``{"loss", "loss_ssl", "loss_equiv"}``.  The base loss uses both views of the whole
+batch (T and T_eq images together); the equivariance term uses only the T_eq part
+(``batch.eq_index``) and is weighted by ``SERConfig.weight`` (lambda).  With
+``weight = 0`` (the control) the term is still computed and reported, but adds
+nothing.  Call :meth:`SSLMethod.on_step_end` after every optimiser step: it moves the
+momentum / EMA teachers and DINO's teacher temperature.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import (
+    AugSelfHead,
+    DINOLoss,
+    EquiModHead,
+    PatchNTXent,
+    barlow_twins_loss,
+    infonce,
+    mlp,
+)
+from .views import ViewBatch
+from .vit import SSLViT, ViTOutput
+
+__all__ = ["DINO", "BarlowTwins", "MoCoV3", "SERConfig", "SSLMethod", "build_method",
+           "cosine_momentum"]
+
+
+@dataclass
+class SERConfig:
+    """Soft equivariance regularization settings.
+
+    Attributes:
+        weight: lambda (0 = control: computed and reported, not trained on).
+        layer: ``None`` = the encoder's ``cls_layer`` (token map after ``norm_l``); an
+            int ``1..depth`` = the raw patch-token map after that block; ``"all"`` = the
+            mean of the loss over every block's patch-token map (one projector each).
+        tau: NT-Xent temperature (paper: 0.3 MoCo-v3 / Barlow Twins, 0.5 DINO).
+        proj_dim, hidden: projector output and hidden width.
+        variant: ``"ser"`` (patch-wise NT-Xent), ``"augself"`` or ``"equimod"`` (those
+            objectives on the mean-pooled map at the chosen layer).
+    """
+
+    weight: float = 0.5
+    layer: int | Literal["all"] | None = None
+    tau: float = 0.3
+    proj_dim: int = 512
+    hidden: int = 1024
+    variant: Literal["ser", "augself", "equimod"] = "ser"
+
+    @classmethod
+    def paper(cls, method: str, **overrides: object) -> SERConfig:
+        """The paper's settings: lambda 0.5; tau 0.5 for DINO, 0.3 for MoCo-v3 and
+        Barlow Twins (the released code's defaults differ)."""
+        tau = 0.5 if method.lower() == "dino" else 0.3
+        return cls(**{"weight": 0.5, "tau": tau, **overrides})  # type: ignore[arg-type]
+
+
+def cosine_momentum(base: float, step: int, total_steps: int) -> float:
+    """``1 - (1 - base)(cos(pi·step/total) + 1)/2``: from ``base`` to 1 over training."""
+    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1) / 2
+
+
+@torch.no_grad()
+def _ema(teacher: nn.Module, student: nn.Module, m: float) -> None:
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+class SSLMethod(nn.Module):
+    """Base class: owns the student ``backbone`` and the SER head(s)."""
+
+    def __init__(self, encoder: SSLViT, ser: SERConfig | None = None) -> None:
+        super().__init__()
+        if not isinstance(encoder, SSLViT):
+            raise TypeError(f"encoder must be an SSLViT, got {type(encoder).__name__}")
+        self.backbone = encoder
+        self.ser = ser
+        self.ser_heads = nn.ModuleList()
+        if ser is None:
+            return
+        layer = ser.layer
+        if layer is not None and layer != "all" and not (
+                isinstance(layer, int) and 1 <= layer <= encoder.depth):
+            raise ValueError(f"SERConfig.layer must be None, 'all' or 1..{encoder.depth}, "
+                             f"got {layer!r}")
+        n_heads = encoder.depth if layer == "all" else 1
+        for _ in range(n_heads):
+            if ser.variant == "ser":
+                head: nn.Module = PatchNTXent(encoder.dim, ser.proj_dim, ser.hidden, ser.tau)
+            elif ser.variant == "augself":
+                head = AugSelfHead(encoder.dim, ser.hidden)
+            elif ser.variant == "equimod":
+                head = EquiModHead(encoder.dim, ser.proj_dim, ser.hidden, ser.tau)
+            else:
+                raise ValueError(f"unknown SER variant {ser.variant!r}; choose 'ser', "
+                                 "'augself' or 'equimod'")
+            self.ser_heads.append(head)
+
+    @property
+    def _all_tokens(self) -> bool:
+        return self.ser is not None and self.ser.layer is not None
+
+    def encode(self, batch: ViewBatch) -> list[ViTOutput]:
+        """Student outputs for both views (one forward pass over the concatenation)."""
+        if len(batch.views) != 2:
+            raise ValueError(f"expected 2 views, got {len(batch.views)}")
+        b = batch.views[0].shape[0]
+        out = self.backbone(torch.cat(batch.views), all_tokens=self._all_tokens)
+        maps = out.token_maps
+        return [ViTOutput(out.cls[i * b:(i + 1) * b], out.tokens[i * b:(i + 1) * b], [],
+                          None if maps is None else [t[i * b:(i + 1) * b] for t in maps])
+                for i in range(2)]
+
+    def equivariance_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
+        """The SER (or AugSelf / EquiMod) term on the T_eq part; 0 without one."""
+        zero = outs[0].cls.new_zeros(())
+        if self.ser is None or batch.eq_index.numel() == 0:
+            return zero
+        idx = batch.eq_index
+        layer = self.ser.layer
+        if layer is None:
+            pairs = [(outs[0].tokens[idx], outs[1].tokens[idx])]
+        elif layer == "all":
+            pairs = [(a[idx], b[idx]) for a, b in zip(outs[0].token_maps, outs[1].token_maps)]
+        else:
+            pairs = [(outs[0].token_maps[layer - 1][idx], outs[1].token_maps[layer - 1][idx])]
+        losses = []
+        for head, (t1, t2) in zip(self.ser_heads, pairs):
+            if isinstance(head, AugSelfHead):
+                losses.append(head(t1, t2, batch.g1, batch.g2))
+            else:
+                losses.append(head(t1, t2, batch.relative))
+        return torch.stack(losses).mean()
+
+    def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
+        """The base (invariance) loss; implemented by subclasses."""
+        raise NotImplementedError
+
+    def forward(self, batch: ViewBatch) -> dict[str, Tensor]:
+        """``{"loss": total, "loss_ssl": base, "loss_equiv": equivariance term}``."""
+        outs = self.encode(batch)
+        loss_ssl = self.ssl_loss(outs, batch)
+        loss_equiv = self.equivariance_loss(outs, batch)
+        weight = self.ser.weight if self.ser is not None else 0.0
+        return {"loss": loss_ssl + weight * loss_equiv, "loss_ssl": loss_ssl,
+                "loss_equiv": loss_equiv}
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Update teachers / schedules after optimiser step ``step`` (0-based)."""
+
+
+class MoCoV3(SSLMethod):
+    """MoCo-v3: projector + predictor on the student, momentum encoder + projector as
+    the key encoder (momentum ``momentum`` raised to 1 by a cosine schedule),
+    symmetric InfoNCE with temperature ``tau`` (0.2)."""
+
+    def __init__(self, encoder: SSLViT, ser: SERConfig | None = None, proj_dim: int = 256,
+                 hidden: int = 1024, tau: float = 0.2, momentum: float = 0.99) -> None:
+        super().__init__(encoder, ser)
+        self.tau, self.base_momentum, self.momentum = tau, momentum, momentum
+        self.projector = mlp(encoder.dim, hidden, proj_dim, layers=3, bn=True, last_bn=True,
+                             act=nn.ReLU)
+        self.predictor = mlp(proj_dim, hidden, proj_dim, layers=2, bn=True, last_bn=True,
+                             act=nn.ReLU)
+        self.momentum_backbone = _frozen_copy(encoder)
+        self.momentum_projector = _frozen_copy(self.projector)
+
+    def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
+        q = [self.predictor(self.projector(o.cls)) for o in outs]
+        with torch.no_grad():
+            k = [self.momentum_projector(self.momentum_backbone(v).cls) for v in batch.views]
+        return infonce(q[0], k[1], self.tau) + infonce(q[1], k[0], self.tau)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.momentum = cosine_momentum(self.base_momentum, step, total_steps)
+        _ema(self.momentum_backbone, self.backbone, self.momentum)
+        _ema(self.momentum_projector, self.projector, self.momentum)
+
+
+class _DINOHead(nn.Module):
+    """3-layer GELU MLP -> bottleneck -> L2 norm -> weight-normalised linear (norm 1)."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int, bottleneck: int) -> None:
+        super().__init__()
+        self.mlp = mlp(dim, hidden, bottleneck, layers=3)
+        self.last = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, D)`` -> logits ``(B, out_dim)``."""
+        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.last, dim=-1))
+
+
+class DINO(SSLMethod):
+    """DINO: student and EMA teacher (backbone + head), centring and sharpening of the
+    teacher, teacher temperature warm-up 0.04 -> 0.07, student temperature 0.1, EMA
+    momentum raised from ``momentum`` to 1 by a cosine schedule."""
+
+    def __init__(self, encoder: SSLViT, ser: SERConfig | None = None, out_dim: int = 1024,
+                 hidden: int = 512, bottleneck: int = 128, momentum: float = 0.996,
+                 student_temp: float = 0.1, teacher_temp: float = 0.07,
+                 warmup_teacher_temp: float = 0.04, warmup_frac: float = 0.3,
+                 center_momentum: float = 0.9) -> None:
+        super().__init__(encoder, ser)
+        self.base_momentum, self.momentum = momentum, momentum
+        self.head = _DINOHead(encoder.dim, out_dim, hidden, bottleneck)
+        self.teacher_backbone = _frozen_copy(encoder)
+        self.teacher_head = _frozen_copy(self.head)
+        self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, warmup_teacher_temp,
+                                  warmup_frac, center_momentum)
+
+    def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
+        student = [self.head(o.cls) for o in outs]
+        with torch.no_grad():
+            teacher = [self.teacher_head(self.teacher_backbone(v).cls) for v in batch.views]
+        return self.criterion(student, teacher)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        self.momentum = cosine_momentum(self.base_momentum, step, total_steps)
+        _ema(self.teacher_backbone, self.backbone, self.momentum)
+        _ema(self.teacher_head, self.head, self.momentum)
+        self.criterion.set_progress(step + 1, total_steps)
+
+
+class BarlowTwins(SSLMethod):
+    """Barlow Twins: 3-layer BN-ReLU projector, loss with off-diagonal weight ``lambd``."""
+
+    def __init__(self, encoder: SSLViT, ser: SERConfig | None = None, proj_dim: int = 512,
+                 hidden: int = 512, lambd: float = 0.0051) -> None:
+        super().__init__(encoder, ser)
+        self.lambd = lambd
+        self.projector = mlp(encoder.dim, hidden, proj_dim, layers=3, bn=True, act=nn.ReLU)
+
+    def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
+        return barlow_twins_loss(self.projector(outs[0].cls), self.projector(outs[1].cls),
+                                 self.lambd)
+
+
+_METHODS: dict[str, type[SSLMethod]] = {"mocov3": MoCoV3, "dino": DINO, "barlow": BarlowTwins}
+
+
+def build_method(name: str, encoder: SSLViT, ser: SERConfig | None = None,
+                 **kwargs: object) -> SSLMethod:
+    """``"mocov3" | "dino" | "barlow"`` -> the method around ``encoder``."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in _METHODS:
+        raise ValueError(f"unknown SSL method {name!r}; choose one of {sorted(_METHODS)}")
+    return _METHODS[key](encoder, ser, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,363 @@
+"""View policies for SSL with soft equivariance regularization.
+
+* :class:`BasePolicy` (T): random resized crop, horizontal flip, colour jitter,
+  grayscale, Gaussian blur, solarization — the usual invariance pipeline, with
+  parameters suited to small images.
+* :class:`EquivariantPolicy` (T_eq): no crop; anisotropic scaling (factors snapped
+  so that the scaled image stays on the patch grid), horizontal flip, 90° rotations,
+  then the same photometric jitter as T.  Every view records its geometric element
+  ``g`` (an :class:`equivision.transforms.Transform`: ``Dihedral ∘ Scale``).
+* :class:`ViewSampler` partitions a batch: the first ``M = round(r·B)`` images use
+  T_eq (both views), the rest T; it returns a :class:`ViewBatch` with
+  ``relative = g2 ∘ g1⁻¹`` per equivariant image, so that ``g(view1) ≈ view2``.
+
+All randomness comes from the ``torch.Generator`` passed to ``__call__`` (CPU
+generator; the images may live on any device), so views are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import kornia.color as KC
+import kornia.enhance as KE
+import kornia.filters as KF
+import kornia.geometry.transform as KT
+import torch
+from torch import Tensor
+
+from ..transforms import Compose, Dihedral, Scale, Transform, check_image
+
+__all__ = [
+    "BasePolicy", "EquivariantPolicy", "Photometric", "ViewBatch", "ViewSampler",
+    "act_on_maps", "check_patch_aligned", "geometric_params", "patch_aligned_scales",
+    "valid_masks",
+]
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def _coin(n: int, p: float, gen: torch.Generator | None) -> Tensor:
+    return torch.rand(n, generator=gen) < p
+
+
+# ---------------------------------------------------------------------------------
+# photometric part (shared by T and T_eq)
+# ---------------------------------------------------------------------------------
+@dataclass
+class Photometric:
+    """Random photometric jitter, applied per image.
+
+    Attributes:
+        jitter_p: probability of colour jitter; ``brightness`` (additive, ±),
+            ``contrast`` and ``saturation`` (multiplicative, 1 ± value) and ``hue``
+            (± fraction of a full turn) give the ranges.  Saturation and hue apply to
+            RGB images only.
+        grayscale_p: probability of converting to grayscale (RGB only).
+        blur_p, blur_sigma: probability and sigma range of a Gaussian blur (kernel
+            3x3 for small images).
+        solarize_p: probability of solarization (``x -> 1 - x`` above 0.5).
+    """
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    solarize_p: float = 0.1
+
+    @classmethod
+    def off(cls) -> Photometric:
+        """No photometric change at all."""
+        return cls(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+    def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Jitter ``x (B, C, H, W)`` in [0, 1]; returns the same shape, in [0, 1]."""
+        b, c = x.shape[:2]
+        dev = x.device
+
+        def col(v: Tensor) -> Tensor:
+            return v.to(dev, x.dtype)
+
+        jit = col(_coin(b, self.jitter_p, gen).float())
+        bright = col(_uniform(b, -self.brightness, self.brightness, gen)) * jit
+        contrast = 1 + col(_uniform(b, -self.contrast, self.contrast, gen)) * jit
+        sat = 1 + col(_uniform(b, -self.saturation, self.saturation, gen)) * jit
+        hue = col(_uniform(b, -self.hue, self.hue, gen)) * jit * 2 * math.pi
+        gray = _coin(b, self.grayscale_p, gen).to(dev)
+        blur = _coin(b, self.blur_p, gen).to(dev)
+        sigma = col(_uniform(b, *self.blur_sigma, gen))
+        sol = _coin(b, self.solarize_p, gen).to(dev)
+        if self.jitter_p > 0:
+            x = KE.adjust_brightness(x, bright)
+            x = KE.adjust_contrast(x, contrast)
+            if c == 3:
+                x = KE.adjust_saturation(x, sat)
+                x = KE.adjust_hue(x, hue)
+            x = x.clamp(0, 1)
+        if c == 3 and self.grayscale_p > 0 and gray.any():
+            g = KC.rgb_to_grayscale(x).expand_as(x)
+            x = torch.where(gray[:, None, None, None], g, x)
+        if self.blur_p > 0 and blur.any():
+            s = sigma[:, None].expand(b, 2).contiguous()
+            blurred = KF.gaussian_blur2d(x, (3, 3), s)
+            x = torch.where(blur[:, None, None, None], blurred, x)
+        if self.solarize_p > 0 and sol.any():
+            x = torch.where(sol[:, None, None, None] & (x >= 0.5), 1 - x, x)
+        return x
+
+
+# ---------------------------------------------------------------------------------
+# policies
+# ---------------------------------------------------------------------------------
+class BasePolicy:
+    """T: random resized crop (area ``crop_scale``, aspect ``ratio``) back to the
+    input size, horizontal flip with ``flip_p``, then :class:`Photometric`."""
+
+    def __init__(
+        self, crop_scale: tuple[float, float] = (0.25, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
+        photometric: Photometric | None = None,
+    ) -> None:
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+        self.crop_scale, self.ratio, self.flip_p = crop_scale, ratio, flip_p
+        self.photometric = Photometric() if photometric is None else photometric
+
+    def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """One view of every image of ``x (B, C, H, W)``; same shape."""
+        check_image(x)
+        b, _, h, w = x.shape
+        area = _uniform(b, *self.crop_scale, gen)
+        logr = _uniform(b, math.log(self.ratio[0]), math.log(self.ratio[1]), gen)
+        cw = (torch.sqrt(area * torch.exp(logr)) * w).clamp(1, w)
+        ch = (torch.sqrt(area / torch.exp(logr)) * h).clamp(1, h)
+        x0 = torch.rand(b, generator=gen) * (w - cw)
+        y0 = torch.rand(b, generator=gen) * (h - ch)
+        x1, y1 = x0 + cw - 1, y0 + ch - 1
+        boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                             torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
+        out = KT.crop_and_resize(x, boxes.to(x.device, x.dtype), (h, w))
+        flip = _coin(b, self.flip_p, gen).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+        return self.photometric(out, gen)
+
+
+def patch_aligned_scales(
+    image_size: int, patch_size: int, scale_range: tuple[float, float] = (0.7, 1.3)
+) -> list[float]:
+    """Scale factors in ``scale_range`` that keep a centred scaled image on the patch
+    grid: the content spans ``h + 2k`` patches of an ``h``-patch side, so its edges
+    fall on patch boundaries.  E.g. 224 px / 16 → ``[10/14, 12/14, 1, 16/14, 18/14]``;
+    32 px / 4 → ``[0.75, 1, 1.25]``; 16 px / 4 → ``[1]``."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    side = image_size // patch_size
+    lo, hi = scale_range
+    if not 0 < lo <= 1 <= hi:
+        raise ValueError(f"scale_range must contain 1 and be positive, got {scale_range}")
+    ks = range(-(side // 2), side + 1)
+    return [(side + 2 * k) / side for k in ks if lo - 1e-9 <= (side + 2 * k) / side <= hi + 1e-9]
+
+
+def check_patch_aligned(scale: float, image_size: int, patch_size: int) -> None:
+    """Raise ``ValueError`` unless ``scale`` keeps the scaled image on the patch grid."""
+    side = image_size // patch_size
+    span = scale * side
+    if abs(span - round(span)) > 1e-6 or (round(span) - side) % 2:
+        ok = patch_aligned_scales(image_size, patch_size, (0.5, 1.5))
+        raise ValueError(
+            f"scale {scale:g} leaves the patch grid: a {image_size} px image with "
+            f"{patch_size} px patches would span {span:g} patches (needs {side} ± an even "
+            f"number); use factors (h + 2k)/h such as {[round(s, 4) for s in ok]}"
+        )
+
+
+class EquivariantPolicy:
+    """T_eq: no crop; anisotropic scale, horizontal flip, 90° rotation, photometric.
+
+    Args:
+        image_size, patch_size: the encoder's input and patch size (for snapping).
+        scale_range: range of the per-axis scale factors; they are drawn from the
+            patch-aligned factors in it (:func:`patch_aligned_scales`).
+        scales: explicit per-axis factors instead (each must be patch aligned).
+        flip_p: probability of a horizontal flip.
+        rotations: allow 90° rotations (k uniform in 0..3).
+        photometric: the photometric jitter (default as in T; ``Photometric.off()``).
+    """
+
+    def __init__(
+        self, image_size: int, patch_size: int,
+        scale_range: tuple[float, float] = (0.7, 1.3), scales: Sequence[float] | None = None,
+        flip_p: float = 0.5, rotations: bool = True, photometric: Photometric | None = None,
+    ) -> None:
+        self.image_size, self.patch_size = image_size, patch_size
+        if scales is None:
+            self.scales = patch_aligned_scales(image_size, patch_size, scale_range)
+            if len(self.scales) == 1 and scale_range[0] < scale_range[1]:
+                warnings.warn(
+                    f"no patch-aligned scale factor other than 1 lies in {scale_range} for "
+                    f"{image_size} px images with {patch_size} px patches; T_eq will not "
+                    "scale (use larger images or a wider range)", stacklevel=2,
+                )
+        else:
+            for s in scales:
+                check_patch_aligned(float(s), image_size, patch_size)
+            self.scales = [float(s) for s in scales]
+        self.flip_p, self.rotations = flip_p, rotations
+        self.photometric = Photometric() if photometric is None else photometric
+
+    def sample(self, n: int, gen: torch.Generator | None = None) -> list[Transform]:
+        """``n`` geometric elements ``Dihedral(k, flip) ∘ Scale(sx, sy)``."""
+        nsc = len(self.scales)
+        ix = torch.randint(nsc, (n,), generator=gen)
+        iy = torch.randint(nsc, (n,), generator=gen)
+        flip = _coin(n, self.flip_p, gen)
+        ks = torch.randint(4 if self.rotations else 1, (n,), generator=gen)
+        out = []
+        for i in range(n):
+            d = Dihedral(int(ks[i]), bool(flip[i]))
+            out.append(_clean(d @ Scale(self.scales[ix[i]], self.scales[iy[i]])))
+        return out
+
+    def __call__(
+        self, x: Tensor, gen: torch.Generator | None = None
+    ) -> tuple[Tensor, list[Transform]]:
+        """One view of every image of ``x (B, C, H, W)`` and its geometric elements."""
+        check_image(x)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"T_eq was built for {self.image_size} px images, got "
+                             f"{tuple(x.shape[-2:])}")
+        gs = self.sample(x.shape[0], gen)
+        out = torch.cat([g.apply_image(x[i: i + 1]) for i, g in enumerate(gs)]) if gs else x
+        return self.photometric(out, gen), gs
+
+
+def _clean(t: Transform) -> Transform:
+    """Simplify a composition and round scale factors (so that S·S⁻¹ is the identity)."""
+    for _ in range(4):  # simplify() is one pass: dropping S·S⁻¹ can make D, D neighbours
+        parts = t.transforms if isinstance(t, Compose) else [t]
+        fixed = [Scale(round(p.sx, 9), round(p.sy, 9), p.mode) if isinstance(p, Scale) else p
+                 for p in parts]
+        t = Compose(fixed).simplify()
+    return t
+
+
+def geometric_params(t: Transform) -> tuple[int, bool, float, float]:
+    """``(k, flip, sx, sy)`` of an element ``Dihedral(k, flip) ∘ Scale(sx, sy)`` as made
+    by :class:`EquivariantPolicy` (either part may be missing)."""
+    parts = t.transforms if isinstance(t, Compose) else [t]
+    k, flip, sx, sy = 0, False, 1.0, 1.0
+    for p in parts:
+        if isinstance(p, Dihedral):
+            k, flip = p.k, p.flip
+        elif isinstance(p, Scale):
+            sx, sy = p.sx, p.sy
+        else:
+            raise TypeError(f"not an element of T_eq's geometric group: {p!r}")
+    return k, flip, sx, sy
+
+
+# ---------------------------------------------------------------------------------
+# actions on batches of maps
+# ---------------------------------------------------------------------------------
+def act_on_maps(elements: Sequence[Transform], maps: Tensor) -> Tensor:
+    """Apply ``elements[i]`` to ``maps[i]``: ``(M, D, h, w)`` -> ``(M, D, h, w)``.
+
+    Flips and 90° rotations permute tokens; scaling resamples the grid with the same
+    operator (:class:`~equivision.transforms.Scale`, bilinear about the centre) as the
+    images.  Differentiable."""
+    if len(elements) != maps.shape[0]:
+        raise ValueError(f"{len(elements)} elements for {maps.shape[0]} maps")
+    if maps.shape[0] == 0:
+        return maps
+    return torch.cat([g.apply_map(maps[i: i + 1]) for i, g in enumerate(elements)])
+
+
+def valid_masks(elements: Sequence[Transform], shape: tuple[int, int],
+                device: torch.device | str | None = None) -> Tensor:
+    """``(M, h, w)`` bool: positions of ``g·map`` that come from inside the map."""
+    if not elements:
+        return torch.zeros(0, *shape, dtype=torch.bool, device=device)
+    return torch.stack([g.valid_mask(shape, device=device) for g in elements])
+
+
+# ---------------------------------------------------------------------------------
+# the batch partition
+# ---------------------------------------------------------------------------------
+@dataclass
+class ViewBatch:
+    """Two views of a batch and the geometric elements of its equivariant part.
+
+    Attributes:
+        views: two tensors ``(B, C, H, W)``.
+        eq_index: ``(M,)`` long, the images that used T_eq (the first M).
+        g1, g2: ``M`` geometric elements of view 1 / view 2 of those images.
+        relative: ``M`` elements ``g = g2 ∘ g1⁻¹`` (``g(view1) ≈ view2``).
+    """
+
+    views: list[Tensor]
+    eq_index: Tensor
+    g1: list[Transform] = field(default_factory=list)
+    g2: list[Transform] = field(default_factory=list)
+    relative: list[Transform] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> ViewBatch:
+        """The same batch with its tensors on ``device``."""
+        return ViewBatch([v.to(device) for v in self.views], self.eq_index.to(device),
+                         self.g1, self.g2, self.relative)
+
+
+class ViewSampler:
+    """Partition a batch between T (first) and T_eq and sample two views of each image.
+
+    ``M = round(ratio · B)`` images (the first M) use T_eq.  When ``ratio > 0`` but
+    ``M == 0`` a warning is given once and the batch has no equivariant part (training
+    then runs without the SER term).
+    """
+
+    def __init__(self, base: BasePolicy, equivariant: EquivariantPolicy | None,
+                 ratio: float) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio r must be in [0, 1], got {ratio}")
+        if ratio > 0 and equivariant is None:
+            raise ValueError("ratio > 0 needs an EquivariantPolicy")
+        self.base, self.equivariant, self.ratio = base, equivariant, float(ratio)
+        self._warned = False
+
+    def n_equivariant(self, batch_size: int) -> int:
+        """``M = round(ratio · batch_size)``."""
+        return int(round(self.ratio * batch_size))
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> ViewBatch:
+        """Views of ``images (B, C, H, W)`` in [0, 1]; see :class:`ViewBatch`."""
+        check_image(images, "batch of images")
+        b = images.shape[0]
+        m = self.n_equivariant(b)
+        if self.ratio > 0 and m == 0 and not self._warned:
+            warnings.warn(
+                f"ratio r={self.ratio} gives no equivariant image in a batch of {b} "
+                f"(round(r*B) = 0); training runs without the SER term. Use r >= {0.5 / b:.3g} "
+                "or a larger batch", stacklevel=2,
+            )
+            self._warned = True
+        views, g1, g2 = [], [], []
+        for v in range(2):
+            parts = []
+            if m:
+                eq, gs = self.equivariant(images[:m], generator)  # type: ignore[misc]
+                parts.append(eq)
+                (g1 if v == 0 else g2).extend(gs)
+            if m < b:
+                parts.append(self.base(images[m:], generator))
+            views.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        relative = [_clean(b2 @ b1.inverse()) for b1, b2 in zip(g1, g2)]
+        return ViewBatch(views, torch.arange(m, device=images.device), g1, g2, relative)

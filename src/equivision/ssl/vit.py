@@ -1,0 +1,189 @@
+"""A small Vision Transformer whose [CLS] token enters only after block L.
+
+SER (soft equivariance regularization) splits the encoder as ``f = f2 ∘ f1``: the
+first ``cls_layer`` blocks (``f1``) see only patch tokens, so the token map leaving
+block L is a clean spatial map ``(B, D, h, w)`` on which a geometric action can be
+defined; the [CLS] token is inserted afterwards and blocks L+1..depth (``f2``)
+produce the invariant embedding.  Positional embeddings are added to the patches
+only; the token map at L gets its own LayerNorm (``norm_l``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Attention", "Block", "SSLViT", "ViTOutput"]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on ``(B, N, D)`` tokens."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, N, D)`` -> ``(B, N, D)``."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, N, D)`` -> ``(B, N, D)``."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class ViTOutput:
+    """What :meth:`SSLViT.forward` returns.
+
+    Attributes:
+        cls: ``(B, D)`` final [CLS] after the final LayerNorm.
+        tokens: ``(B, D, h, w)`` patch-token map leaving block ``cls_layer``, after
+            ``norm_l`` (for ``cls_layer=0``: the normed patch embedding).
+        last_cls: ``n_last`` tensors ``(B, D)``: [CLS] after each of the last
+            ``n_last`` blocks (oldest first), each normed with the final LayerNorm.
+        token_maps: with ``all_tokens=True``, ``depth`` raw (un-normed) patch-token
+            maps ``(B, D, h, w)``, one after every block; else ``None``.
+    """
+
+    cls: Tensor
+    tokens: Tensor
+    last_cls: list[Tensor] = field(default_factory=list)
+    token_maps: list[Tensor] | None = None
+
+
+class SSLViT(nn.Module):
+    """ViT with [CLS] inserted after block ``cls_layer`` (1-based; 0 = standard ViT).
+
+    Args:
+        image_size: side of the square input images; a multiple of ``patch_size``.
+        patch_size: side of the square patches (strided-conv patch embedding).
+        in_channels: input channels.
+        dim, depth, heads, mlp_ratio: transformer width, number of blocks, heads, MLP ratio.
+        cls_layer: L; blocks 1..L see patch tokens only, [CLS] joins before block L+1.
+            Needs ``0 <= L < depth`` (with L = depth the [CLS] would never be processed).
+    """
+
+    def __init__(
+        self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192,
+        depth: int = 6, heads: int = 3, mlp_ratio: float = 4.0, cls_layer: int = 4,
+    ) -> None:
+        super().__init__()
+        if patch_size <= 0 or image_size <= 0:
+            raise ValueError(f"image_size and patch_size must be positive, got "
+                             f"{image_size} and {patch_size}")
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of patch_size={patch_size}; "
+                f"resize the images to {image_size // patch_size * patch_size} or "
+                f"{(image_size // patch_size + 1) * patch_size} px or choose another patch size"
+            )
+        if not 0 <= cls_layer < depth:
+            raise ValueError(
+                f"cls_layer={cls_layer} must satisfy 0 <= cls_layer < depth={depth} "
+                "(0 = [CLS] from the start, L = [CLS] inserted after block L)"
+            )
+        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.dim, self.depth, self.heads = dim, depth, heads
+        self.mlp_ratio, self.cls_layer = float(mlp_ratio), cls_layer
+        side = image_size // patch_size
+        self.grid = (side, side)
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, side * side, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm_l = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def config(self) -> dict:
+        """Constructor keyword arguments (stored in checkpoints to rebuild the model)."""
+        return {
+            "image_size": self.image_size, "patch_size": self.patch_size,
+            "in_channels": self.in_channels, "dim": self.dim, "depth": self.depth,
+            "heads": self.heads, "mlp_ratio": self.mlp_ratio, "cls_layer": self.cls_layer,
+        }
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected images (B, C, H, W), got {shape}")
+        b, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"the model expects {self.in_channels} channel(s), got {c}")
+        if (h, w) != (self.image_size, self.image_size):
+            hint = (f"{h}x{w} is not a multiple of the patch size {self.patch_size}; "
+                    if h % self.patch_size or w % self.patch_size else "")
+            raise ValueError(
+                f"expected {self.image_size}x{self.image_size} images, got {h}x{w}; {hint}"
+                f"resize the images or build SSLViT(image_size=...) for this size"
+            )
+
+    def embed(self, x: Tensor, positions: bool = True) -> Tensor:
+        """Patch embedding ``(B, C, H, W)`` -> tokens ``(B, N, D)`` (+ positions)."""
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return t + self.pos_embed if positions else t
+
+    def _to_map(self, patches: Tensor) -> Tensor:
+        b, _, d = patches.shape
+        return patches.transpose(1, 2).reshape(b, d, *self.grid)
+
+    def forward(self, x: Tensor, n_last: int = 0, all_tokens: bool = False) -> ViTOutput:
+        """Encode ``x (B, C, H, W)``; see :class:`ViTOutput` for what comes back.
+
+        Raises:
+            ValueError: wrong image size/channels, or ``n_last`` above the number of
+                blocks that process the [CLS] token (``depth - cls_layer``).
+        """
+        self._check_input(x)
+        if not 0 <= n_last <= self.depth - self.cls_layer:
+            raise ValueError(
+                f"n_last={n_last}: only the last {self.depth - self.cls_layer} blocks carry a "
+                f"[CLS] token (cls_layer={self.cls_layer}, depth={self.depth})"
+            )
+        t = self.embed(x)
+        b = t.shape[0]
+        prefix = 0
+        tokens: Tensor | None = None
+        maps: list[Tensor] = []
+        last: list[Tensor] = []
+        for i in range(self.depth + 1):
+            if i == self.cls_layer:  # tokens leaving block i (0 = the embedding)
+                tokens = self._to_map(self.norm_l(t[:, prefix:]))
+                t = torch.cat([self.cls_token.expand(b, -1, -1), t], dim=1)
+                prefix = 1
+            if i == self.depth:
+                break
+            t = self.blocks[i](t)
+            if all_tokens:
+                maps.append(self._to_map(t[:, prefix:]))
+            if prefix and i >= self.depth - n_last:
+                last.append(self.norm(t[:, 0]))
+        assert tokens is not None
+        cls = last[-1] if n_last else self.norm(t[:, 0])
+        return ViTOutput(cls=cls, tokens=tokens, last_cls=last,
+                         token_maps=maps if all_tokens else None)
