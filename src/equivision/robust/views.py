@@ -1,0 +1,250 @@
+"""Features of transformed views of an image batch, and their agreement (cosines).
+
+This is the code path shared by the purification loss of the equivariance and
+invariance defenses and by :func:`~equivision.robust.defenses.equivariance_score`:
+
+1. :class:`FeatureExtractor` runs the model and returns one named layer's output
+   (``"logits"`` is the model output; any other name is a submodule captured with a
+   forward hook, and the rest of the forward pass is skipped).
+2. :func:`view_features` transforms the batch by each ``g`` in a list (view 0 is the
+   untransformed batch) and extracts ``F(g x)``; views that have the same spatial size
+   go through the model in one concatenated forward pass (``batched=True``) or one
+   at a time (``batched=False``, the reference loop).
+3. :func:`align_view` brings ``F(g x)`` back to the frame of ``F(x)``: classification
+   logits and other vectors are left as they are (they are invariant), spatial maps
+   get ``g^-1``'s action (resized back to the reference size for a
+   :class:`~equivision.transforms.Resize`), and with ``pooled=True`` maps are
+   global-average-pooled instead (the invariance objective).
+4. :func:`view_cosines` gives one global cosine per image and compared pair
+   (flattened ``C x h x w``, the paper's Eq. 2; norms clamped at 1e-8).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..measure.capture import first_tensor
+from ..transforms import Layout, Resize, Transform
+
+__all__ = [
+    "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view", "resolve_max_batch",
+    "view_cosines", "view_features",
+]
+
+#: How views are compared: each against the untransformed view, or all pairs.
+PAIRINGS = ("identity", "pairs")
+#: Images per forward pass on the CPU with ``max_batch="auto"``: beyond about this many
+#: a concatenated pass is no faster than separate ones (cache effects; measured with
+#: benchmarks/bench_defense.py), while tiny batches gain from concatenation.
+CPU_MAX_BATCH = 16
+
+
+def resolve_max_batch(max_batch: int | str | None, device: torch.device) -> int | None:
+    """``"auto"`` -> :data:`CPU_MAX_BATCH` on the CPU, no cap (None) elsewhere; an int
+    >= 1 or None is returned as it is."""
+    if max_batch == "auto":
+        return CPU_MAX_BATCH if device.type == "cpu" else None
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+    ):
+        raise ValueError(f"max_batch must be 'auto', None or an integer >= 1, got {max_batch!r}")
+    return max_batch  # type: ignore[return-value]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to skip the layers after the captured one."""
+
+
+class FeatureExtractor:
+    """Run ``model`` and return the output of one layer.
+
+    Args:
+        model: any ``nn.Module`` taking ``(B, C, H, W)``.
+        layer: ``"output"`` for the model output; ``"logits"`` for the submodule of that
+            name when the model has one (the segmenter's class scores before
+            upsampling, as the released code uses) and the model output otherwise
+            (classifier logits); else the name of a submodule as in
+            ``model.named_modules()`` (e.g. ``"features.relu3"``).
+
+    Raises:
+        ValueError: unknown layer name; the message lists the available names.
+    """
+
+    def __init__(self, model: nn.Module, layer: str = "logits") -> None:
+        if not isinstance(layer, str) or not layer:
+            raise TypeError(f"feature layer must be a non-empty string, got {layer!r}")
+        self.model = model
+        self.layer = layer
+        self.module: nn.Module | None = None
+        named = dict(model.named_modules())
+        if layer == "logits" and "logits" in named:
+            self.module = named["logits"]
+        elif layer not in ("logits", "output"):
+            if layer not in named or not layer:
+                names = ", ".join(["output", "logits"] + [n for n in named if n and n != "logits"])
+                raise ValueError(
+                    f"unknown feature layer {layer!r} for {type(model).__name__}; "
+                    f"available: {names}"
+                )
+            self.module = named[layer]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x (B, C, H, W)`` -> the layer's output, ``(B, ...)``."""
+        if self.module is None:
+            out = first_tensor(self.model(x))
+            if out is None:
+                raise ValueError(f"{type(self.model).__name__} returned no tensor")
+            return out
+        box: list[Tensor] = []
+
+        def hook(_m: nn.Module, _inp: object, out: object) -> None:
+            t = first_tensor(out)
+            if t is None:
+                raise ValueError(f"layer {self.layer!r} returned no tensor")
+            box.append(t)
+            raise _Stop
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not box:
+            raise ValueError(
+                f"layer {self.layer!r} was not called during the forward pass; "
+                "choose a layer that the model uses"
+            )
+        return box[0]
+
+
+def view_features(
+    extractor: FeatureExtractor,
+    x: Tensor,
+    transforms: Sequence[Transform],
+    batched: bool = True,
+    max_batch: int | str | None = None,
+) -> list[Tensor]:
+    """Features of the views ``[x, g_1 x, ..., g_K x]``.
+
+    Args:
+        extractor: the feature layer.
+        x: images ``(B, C, H, W)``.
+        transforms: the ``K`` transformations ``g_k`` (view 0 is ``x`` itself).
+        batched: concatenate all views of the same spatial size into one forward pass
+            (``False``: one forward pass per view, the reference loop).
+        max_batch: at most this many images per forward pass when batching (at least
+            one view per pass); None: no cap; ``"auto"``: see :func:`resolve_max_batch`.
+
+    Returns:
+        ``K + 1`` tensors ``F(g_k x)``, each ``(B, ...)``.
+    """
+    views = [x] + [g.apply_image(x) for g in transforms]
+    if not batched:
+        return [extractor(v) for v in views]
+    b = x.shape[0]
+    cap = resolve_max_batch(max_batch, x.device)
+    per_pass = len(views) if cap is None else max(1, cap // b)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.shape[1:]), []).append(i)
+    chunks = [idx[k:k + per_pass] for idx in groups.values() for k in range(0, len(idx), per_pass)]
+    feats: list[Tensor | None] = [None] * len(views)
+    for idx in chunks:
+        if len(idx) == 1:
+            feats[idx[0]] = extractor(views[idx[0]])
+            continue
+        out = extractor(torch.cat([views[i] for i in idx]))
+        for i, f in zip(idx, out.unflatten(0, (len(idx), b)).unbind(0)):
+            feats[i] = f
+    return feats  # type: ignore[return-value]
+
+
+def align_view(
+    g: Transform | None,
+    feat: Tensor,
+    ref_hw: tuple[int, int] | None,
+    input_hw: tuple[int, int],
+    pooled: bool = False,
+) -> Tensor:
+    """Bring ``F(g x)`` into the frame of ``F(x)``: ``g^-1 · F(g x)``.
+
+    Args:
+        g: the view's transformation (``None`` for the untransformed view).
+        feat: ``F(g x)``: ``(B, C)`` vector (left as it is: logits and pooled features
+            are invariant) or ``(B, C, h', w')`` map.
+        ref_hw: spatial size ``(h, w)`` of ``F(x)`` (None for vectors).
+        input_hw: ``(H, W)`` of ``x``, to infer the map's stride.
+        pooled: global-average-pool maps to ``(B, C)`` instead of undoing ``g``.
+
+    Returns:
+        ``(B, C)`` or ``(B, C, h, w)`` with ``(h, w) = ref_hw``.
+    """
+    if feat.dim() == 2:
+        return feat
+    if feat.dim() != 4:
+        raise ValueError(
+            f"feature layer output must be (B, C) or (B, C, h, w), got {tuple(feat.shape)}; "
+            "choose another feature_layer"
+        )
+    if pooled:
+        return feat.mean(dim=(-2, -1))
+    if g is None:
+        return feat
+    assert ref_hw is not None
+    stride = (max(1.0, round(input_hw[0] / ref_hw[0])), max(1.0, round(input_hw[1] / ref_hw[1])))
+    inv = g.inverse()
+    if isinstance(inv, Resize):
+        return inv.apply_map(feat, stride, size=ref_hw)
+    out = inv.act(feat, Layout("map", (float(stride[0]), float(stride[1]))))
+    if tuple(out.shape[-2:]) != tuple(ref_hw):
+        raise ValueError(
+            f"undoing {g.name} gives a {tuple(out.shape[-2:])} map but the reference map is "
+            f"{tuple(ref_hw)}; use transforms that keep the size or a Resize"
+        )
+    return out
+
+
+def view_cosines(
+    extractor: FeatureExtractor,
+    x: Tensor,
+    transforms: Sequence[Transform],
+    pairing: str = "identity",
+    pooled: bool = False,
+    batched: bool = True,
+    max_batch: int | str | None = None,
+) -> Tensor:
+    """Cosine similarities between aligned view features, one per image and pair.
+
+    ``pairing="identity"``: ``cos(g_k^-1 F(g_k x), F(x))`` for k = 1..K (paper Eq. 2);
+    ``"pairs"``: ``cos(g_i^-1 F(g_i x), g_j^-1 F(g_j x))`` for all ``i < j`` over the
+    ``K + 1`` views including the identity (the released code).
+
+    ``batched`` and ``max_batch`` are passed to :func:`view_features`.
+
+    Returns:
+        ``(B, P)`` with ``P = K`` or ``(K + 1) K / 2``; differentiable w.r.t. ``x``.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if not transforms:
+        raise ValueError("at least one transformation is needed to compare views")
+    feats = view_features(extractor, x, transforms, batched=batched, max_batch=max_batch)
+    ref = feats[0]
+    ref_hw = (ref.shape[-2], ref.shape[-1]) if ref.dim() == 4 else None
+    input_hw = (x.shape[-2], x.shape[-1])
+    gs: list[Transform | None] = [None, *transforms]
+    aligned = [align_view(g, f, ref_hw, input_hw, pooled) for g, f in zip(gs, feats)]
+    # all aligned views have the reference shape: one (V, B, D) tensor of unit vectors
+    unit = torch.stack([a.flatten(1) for a in aligned])
+    unit = unit / unit.norm(dim=2, keepdim=True).clamp_min(1e-8)
+    if pairing == "identity":
+        return (unit[1:] * unit[:1]).sum(dim=2).T
+    gram = torch.einsum("vbd,wbd->bvw", unit, unit)
+    i, j = zip(*itertools.combinations(range(len(aligned)), 2))
+    return gram[:, list(i), list(j)]
