@@ -206,3 +206,21 @@ def test_bad_image_input():
         rot90(1)(torch.zeros(4, 4))
     with pytest.raises(TypeError, match="floating"):
         rot90(1)(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("h,w", [(28, 28), (16, 23), (7, 5)])
+def test_rotation_and_scale_match_kornia_on_any_map(h, w):
+    """The cached-grid warps give kornia's rotate / scale (align_corners=True)."""
+    import kornia.geometry.transform as KT
+
+    from equivision.transforms import Rotation, Scale
+
+    x = torch.randn(3, 2, h, w, generator=torch.Generator().manual_seed(h * w))
+    for angle in (15.0, -15.0, 37.5, 200.0):
+        ref = KT.rotate(x, torch.full((3,), angle), mode="bilinear", padding_mode="zeros",
+                        align_corners=True)
+        assert torch.allclose(Rotation(angle).apply_map(x), ref, atol=1e-4)
+    for sx, sy in ((1.3, 0.7), (0.5, 0.5)):
+        ref = KT.scale(x, torch.tensor([[sx, sy]]).expand(3, 2), mode="bilinear",
+                       padding_mode="zeros", align_corners=True)
+        assert torch.allclose(Scale(sx, sy).apply_map(x), ref, atol=1e-4)

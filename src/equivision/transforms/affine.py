@@ -8,11 +8,37 @@ matter.
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import kornia.geometry.transform as KT
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Stride, Transform
+
+
+@lru_cache(maxsize=64)
+def _grid(theta: tuple[float, float, float, float], h: int, w: int, dtype: torch.dtype,
+          device: torch.device) -> Tensor:
+    """Sampling grid ``(1, h, w, 2)`` of ``F.grid_sample`` (``align_corners=True``) for the
+    linear map ``theta = (a, b, c, d)`` (output -> input, normalized coordinates, no
+    translation). Cached: the defense and SER apply the same few maps every step."""
+    t = torch.tensor([[theta[0], theta[1], 0.0], [theta[2], theta[3], 0.0]],
+                     dtype=torch.float64)
+    grid = F.affine_grid(t[None], [1, 1, h, w], align_corners=True)
+    return grid.to(device=device, dtype=dtype)
+
+
+def _warp(x: Tensor, theta: tuple[float, float, float, float], mode: str) -> Tensor:
+    """Warp ``x (N, C, h, w)`` about its centre by ``theta`` (output -> input, normalized
+    coordinates), zero fill; the same result as kornia's ``rotate`` / ``scale`` with
+    ``align_corners=True`` without rebuilding the matrices and the grid on every call."""
+    h, w = x.shape[-2:]
+    grid = _grid(theta, h, w, x.dtype, x.device)
+    return F.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), mode=mode,
+                         padding_mode="zeros", align_corners=True)
 
 
 def rotate_batch(x: Tensor, angles: Tensor) -> Tensor:
@@ -61,8 +87,19 @@ class Rotation(Transform):
             return x
         shape = x.shape
         flat = x.reshape(-1, 1, *shape[-2:]) if x.dim() != 4 else x
-        angle = torch.full((flat.shape[0],), self.angle, dtype=flat.dtype, device=flat.device)
-        out = KT.rotate(flat, angle, mode=self.mode, padding_mode="zeros", align_corners=True)
+        h, w = shape[-2:]
+        if h < 2 or w < 2 or not flat.is_floating_point():
+            angle = torch.full((flat.shape[0],), self.angle, dtype=flat.dtype,
+                               device=flat.device)
+            out = KT.rotate(flat, angle, mode=self.mode, padding_mode="zeros",
+                            align_corners=True)
+            return out.reshape(shape)
+        # kornia's rotation maps a source pixel (centred) to R src with R = [[c, s], [-s, c]]
+        # (counter-clockwise on screen); sampling needs R^-1 in coordinates normalized by
+        # (w - 1) / 2 and (h - 1) / 2: theta = S R^-1 S^-1 with S = diag(2/(w-1), 2/(h-1)).
+        c, s = math.cos(math.radians(self.angle)), math.sin(math.radians(self.angle))
+        r = (w - 1) / (h - 1)
+        out = _warp(flat, (c, -s / r, s * r, c), self.mode)
         return out.reshape(shape)
 
     def inverse(self) -> Rotation:
@@ -105,11 +142,12 @@ class Scale(Transform):
             return x
         shape = x.shape
         flat = x.reshape(-1, 1, *shape[-2:]) if x.dim() != 4 else x
-        factor = torch.tensor([[self.sx, self.sy]], dtype=flat.dtype, device=flat.device)
-        out = KT.scale(
-            flat, factor.expand(flat.shape[0], 2), mode=self.mode, padding_mode="zeros",
-            align_corners=True,
-        )
+        if shape[-2] < 2 or shape[-1] < 2 or not flat.is_floating_point():
+            factor = torch.tensor([[self.sx, self.sy]], dtype=flat.dtype, device=flat.device)
+            out = KT.scale(flat, factor.expand(flat.shape[0], 2), mode=self.mode,
+                           padding_mode="zeros", align_corners=True)
+            return out.reshape(shape)
+        out = _warp(flat, (1.0 / self.sx, 0.0, 0.0, 1.0 / self.sy), self.mode)
         return out.reshape(shape)
 
     def inverse(self) -> Scale:
