@@ -371,3 +371,78 @@ def test_seed_and_rng_state():
     assert first[:2] == second[:2] and torch.equal(first[2], second[2])
     with pytest.raises(ValueError, match="seed"):
         seed_everything(-1)
+
+
+# ---------------------------------------------------------------- dense labels (segmentation)
+
+
+class Maps(Dataset):
+    """(image (1, 8, 8), label map (8, 8)): class 1 where the pixel is bright, 255 on row 0."""
+
+    def __init__(self, n=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, 1, 8, 8, generator=g)
+        self.y = (self.x[:, 0] > 0.5).long()
+        self.y[:, 0] = 255
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def pixel_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def test_dense_training_and_evaluate():
+    data = Maps()
+    model = pixel_net()
+    history = train(model, data, data, quiet(epochs=4, lr=0.5), progress=False)
+    assert history["val_loss"][-1] < history["val_loss"][0]
+    assert history["val_acc"][-1] > 0.9 and history["train_acc"][-1] > 0.8
+    res = evaluate(model, data, batch_size=5)
+    with torch.no_grad():
+        out = model(data.x)
+    ref = nn.functional.cross_entropy(out, data.y, ignore_index=255)
+    assert res["loss"] == pytest.approx(float(ref), rel=1e-5)
+    valid = data.y != 255
+    acc = float(((out.argmax(1) == data.y) & valid).sum()) / int(valid.sum())
+    assert res["accuracy"] == pytest.approx(acc)
+    assert 0 < res["miou"] <= 1 and "miou" not in evaluate(small(), Pairs(n=8), 4)
+
+
+def test_dense_ignored_pixels_do_not_train():
+    data, other = Maps(n=8), Maps(n=8)
+    other.x[:, :, 0] = torch.rand(8, 1, 8)  # other pixel values under the ignored row 0
+    a, b = pixel_net(), pixel_net()
+    train(a, data, config=quiet(epochs=1), progress=False)
+    train(b, other, config=quiet(epochs=1), progress=False)
+    # 1x1 convolutions: row 0 only reaches its own (ignored) outputs, so it has no say
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+    c = pixel_net()
+    train(c, Maps(n=8, seed=1), config=quiet(epochs=1), progress=False)
+    assert not all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(),
+                                                                     c.parameters()))
+
+
+def test_dense_labels_reject_mask_blind_augment_and_bad_outputs():
+    data = Maps(n=8)
+    with pytest.raises(TrainError, match="takes_masks"):
+        train(pixel_net(), data, config=quiet(epochs=1), augment=noisy_augment, progress=False)
+
+    def flip_both(x, y):
+        return x.flip(-1), y.flip(-1)
+
+    flip_both.takes_masks = True
+    train(pixel_net(), data, config=quiet(epochs=1), augment=flip_both, progress=False)
+    with pytest.raises(TrainError, match=r"\(N, num_classes, H, W\)"):
+        train(small(), data, config=quiet(epochs=1), progress=False)
+    bad = Maps(n=8)
+    bad.y[0, 3, 3] = 7
+    with pytest.raises(TrainError, match="besides the ignored 255"):
+        train(pixel_net(), bad, config=quiet(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="ignore_index"):
+        TrainConfig(ignore_index=1.5)

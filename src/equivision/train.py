@@ -1,6 +1,8 @@
 """The supervised training loop used across equivision.
 
-:func:`train` trains a classifier with cross-entropy, logs every epoch to ``out_dir/log.csv``
+:func:`train` trains a classifier (logits ``(N, K)``, labels ``(N,)``) or a segmenter (dense
+logits ``(N, K, H, W)``, label maps ``(N, H, W)`` with ``TrainConfig.ignore_index`` pixels left
+out) with cross-entropy, logs every epoch to ``out_dir/log.csv``
 and writes an atomic checkpoint ``out_dir/last.pt`` after every epoch. The checkpoint holds
 the model, optimizer and scheduler state, the history, the config and every RNG state (torch
 CPU/CUDA, Python ``random``, NumPy and the data loader's shuffling generator), so that
@@ -82,6 +84,8 @@ class TrainConfig:
         grad_clip: clip the gradient norm to this value (None: no clipping).
         label_smoothing: label smoothing of the training loss, in [0, 1).
         eval_batch_size: batch size of validation (None: ``batch_size``).
+        ignore_index: label of pixels left out of the loss and the metrics when the labels
+            are maps ``(N, H, W)`` (segmentation); unused for classification.
     """
 
     epochs: int = 10
@@ -98,6 +102,7 @@ class TrainConfig:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     eval_batch_size: int | None = None
+    ignore_index: int = 255
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -131,6 +136,8 @@ class TrainConfig:
             not is_int(self.eval_batch_size) or self.eval_batch_size < 1
         ):
             raise bad("eval_batch_size", "None or an integer >= 1")
+        if not is_int(self.ignore_index):
+            raise bad("ignore_index", "an integer")
         if self.optimizer not in _OPTIMIZERS:
             raise bad("optimizer", f"one of {', '.join(map(repr, _OPTIMIZERS))}")
         if self.schedule not in _SCHEDULES:
@@ -181,30 +188,65 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor]:
             "images must be float tensors (C, H, W); the data loader produced "
             f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}"
         )
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.is_complex():
+    if (not isinstance(y, Tensor) or y.dim() not in (1, 3) or y.dtype.is_floating_point
+            or y.is_complex() or y.dtype == torch.bool):
         raise TrainError(
-            "labels must be integer class indices (one int per image); the data loader produced "
+            "labels must be integer class indices: one int per image (N,) or one per pixel "
+            "(N, H, W) for segmentation; the data loader produced "
             f"{type(y).__name__} {getattr(y, 'dtype', '')} {tuple(getattr(y, 'shape', ()))}"
         )
     return x, y.long()
 
 
-def _check_outputs(out: Any, y: Tensor) -> None:
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != y.shape[0]:
+def _check_outputs(out: Any, y: Tensor, ignore_index: int = 255) -> None:
+    """Logits ``(N, K)`` for labels ``(N,)``, or ``(N, K, H, W)`` for label maps
+    ``(N, H, W)`` whose values lie in ``[0, K)`` or equal ``ignore_index``."""
+    dense = y.dim() == 3
+    if dense:
+        ok = isinstance(out, Tensor) and out.dim() == 4 and (
+            out.shape[0], *out.shape[2:]) == tuple(y.shape)
+        want = f"(N, num_classes, H, W) = ({y.shape[0]}, K, {y.shape[1]}, {y.shape[2]})"
+    else:
+        ok = isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == y.shape[0]
+        want = f"(N, num_classes) = ({y.shape[0]}, K)"
+    if not ok:
         raise TrainError(
-            f"the model must return logits of shape (N, num_classes) = ({y.shape[0]}, K); got "
-            f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+            f"the model must return logits of shape {want} for labels of shape "
+            f"{tuple(y.shape)}; got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
         )
-    lo, hi = int(y.min()), int(y.max())
+    valid = y[y != ignore_index] if dense else y
+    if valid.numel() == 0:
+        return
+    lo, hi = int(valid.min()), int(valid.max())
     if lo < 0 or hi >= out.shape[1]:
+        extra = f" (besides the ignored {ignore_index})" if dense else ""
         raise TrainError(
-            f"labels range over [{lo}, {hi}] but the model has {out.shape[1]} outputs (classes)"
+            f"labels range over [{lo}, {hi}]{extra} but the model has {out.shape[1]} outputs "
+            "(classes)"
         )
 
 
 def _apply_augment(augment: Callable[..., Any], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Run ``augment`` on a training batch; returns images and targets: labels (N,) int or
-    soft targets (N, K') float from a label-aware augmentation (``takes_labels = True``)."""
+    soft targets (N, K') float from a label-aware augmentation (``takes_labels = True``), or
+    label maps (N, H, W) from a mask-aware one (``takes_masks = True``)."""
+    if y.dim() == 3:
+        if not getattr(augment, "takes_masks", False):
+            raise TrainError(
+                f"the augmentation {getattr(augment, '__name__', type(augment).__name__)} would "
+                "change the images but not their label maps (N, H, W): give it an attribute "
+                "takes_masks = True and have augment(x, masks) return (x, masks) transformed "
+                "alike, or train segmentation without augment"
+            )
+        result = augment(x, y)
+        if (not isinstance(result, (tuple, list)) or len(result) != 2
+                or not isinstance(result[1], Tensor) or result[1].shape != y.shape
+                or result[1].is_floating_point()):
+            raise TrainError(
+                "an augmentation with takes_masks = True must return (images, masks) with "
+                f"integer masks of shape {tuple(y.shape)}"
+            )
+        return result[0], result[1]
     if not getattr(augment, "takes_labels", False):
         return augment(x), y
     result = augment(x, y)
@@ -224,6 +266,22 @@ def _apply_augment(augment: Callable[..., Any], x: Tensor, y: Tensor) -> tuple[T
         raise TrainError("the augmentation returned float labels of shape (N,); expected "
                          "integer class indices or (N, K) soft targets")
     return x, t
+
+
+def _loss(out: Tensor, target: Tensor, config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of a batch and the mask of the items (pixels) it counts.
+
+    Classification: ``(N, K)`` with labels ``(N,)`` or soft targets ``(N, K)``. Segmentation:
+    ``(N, K, H, W)`` with maps ``(N, H, W)``, the mean taken over the pixels not equal to
+    ``config.ignore_index`` (a batch without such pixels has loss 0).
+    """
+    if out.dim() == 4:
+        valid = target != config.ignore_index
+        loss = F.cross_entropy(out.float(), target, ignore_index=config.ignore_index,
+                               label_smoothing=config.label_smoothing, reduction="sum")
+        return loss / valid.sum().clamp_min(1), valid
+    loss = F.cross_entropy(out.float(), target, label_smoothing=config.label_smoothing)
+    return loss, torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
 
 
 def _soft_targets(t: Tensor, num_classes: int) -> Tensor:
@@ -369,17 +427,25 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    ignore_index: int = 255,
 ) -> dict[str, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``dataset``.
 
     ``dataset`` yields (image (C, H, W) float tensor, int label); the model maps
-    (N, C, H, W) -> logits (N, num_classes). The model runs in eval mode (its previous mode
+    (N, C, H, W) -> logits (N, num_classes). For segmentation the dataset yields (image,
+    label map (H, W) int) and the model returns logits (N, num_classes, H, W); pixels equal
+    to ``ignore_index`` are left out. The model runs in eval mode (its previous mode
     is restored afterwards) on ``device`` (None: where its parameters are; otherwise it is
     moved there). Global RNG states are not consumed.
 
     Returns:
-        ``{"loss": float, "accuracy": float}`` (accuracy in [0, 1]).
+        ``{"loss": float, "accuracy": float}`` (accuracy in [0, 1]); for segmentation the
+        loss is the mean over valid pixels, ``accuracy`` the pixel accuracy, and the dict
+        also holds ``"miou"`` (dataset confusion-matrix mIoU; classes absent from both
+        prediction and target are left out).
     """
+    from .robust.metrics import ConfusionMeter  # shared with the attacks' evaluation
+
     _num_items(dataset, "evaluation")
     dev = _model_device(model) if device is None else resolve_device(device)
     model.to(dev)
@@ -396,19 +462,33 @@ def evaluate(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
-    seen = 0
+    seen = torch.zeros((), dtype=torch.int64, device=dev)  # images or valid pixels
+    meter: ConfusionMeter | None = None
     try:
-        for batch in loader:
-            x, y = _unpack(batch)
-            x, y_dev = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            out = model(x)
-            _check_outputs(out, y)
-            total += F.cross_entropy(out.float(), y_dev, reduction="sum").double()
-            correct += (out.argmax(1) == y_dev).sum()
-            seen += y.shape[0]
+        with torch.no_grad():
+            for batch in loader:
+                x, y = _unpack(batch)
+                x, y_dev = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                out = model(x)
+                _check_outputs(out, y, ignore_index)
+                valid = y_dev != ignore_index if y.dim() == 3 else torch.ones_like(
+                    y_dev, dtype=torch.bool)
+                total += F.cross_entropy(out.float(), y_dev, reduction="sum",
+                                         ignore_index=ignore_index if y.dim() == 3 else -100
+                                         ).double()
+                correct += ((out.argmax(1) == y_dev) & valid).sum()
+                seen += valid.sum()
+                if y.dim() == 3:
+                    if meter is None:
+                        meter = ConfusionMeter(out.shape[1], ignore_index, device=dev)
+                    meter.update(out, y_dev)
     finally:
         model.train(was_training)
-    return {"loss": float(total) / seen, "accuracy": float(correct) / seen}
+    n = max(1, int(seen))
+    result = {"loss": float(total) / n, "accuracy": float(correct) / n}
+    if meter is not None:
+        result["miou"] = meter.miou()
+    return result
 
 
 def train(
@@ -422,11 +502,18 @@ def train(
     augment: Callable[..., Any] | None = None,
     progress: bool = True,
 ) -> dict[str, list[Any]]:
-    """Train ``model`` (in place) as a classifier with cross-entropy.
+    """Train ``model`` (in place) as a classifier or segmenter with cross-entropy.
 
     Args:
-        model: maps images (N, C, H, W) to logits (N, num_classes); moved to the device.
-        train_set: map-style dataset of (image (C, H, W) float tensor, int label) pairs.
+        model: maps images (N, C, H, W) to logits (N, num_classes), or for segmentation to
+            dense logits (N, num_classes, H, W); moved to the device.
+        train_set: map-style dataset of (image (C, H, W) float tensor, int label) pairs, or
+            (image, label map (H, W) int tensor) pairs for segmentation: the loss is then
+            the mean per-pixel cross-entropy over the pixels not equal to
+            ``config.ignore_index``, ``train_acc``/``val_acc`` are pixel accuracies and
+            :func:`evaluate` also reports the mIoU. An ``augment`` must then be mask-aware
+            (``takes_masks = True``, called as ``augment(x, masks) -> (x, masks)``);
+            any other augmentation raises :class:`TrainError`.
         val_set: optional dataset of the same kind, evaluated after every epoch.
         config: the settings (default ``TrainConfig()``).
         out_dir: where to write ``log.csv`` and the checkpoint ``last.pt`` after every epoch
@@ -572,6 +659,7 @@ def train(
         model.train()
         total = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        counted = torch.zeros((), dtype=torch.int64, device=device)  # images or valid pixels
         seen = 0
         bar = tqdm(
             loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress
@@ -583,15 +671,15 @@ def train(
             if augment is not None:
                 x, target = _apply_augment(augment, x, y_dev)
             out = model(x)
-            _check_outputs(out, y)
+            _check_outputs(out, y, config.ignore_index)
             if target.dim() == 2:  # soft targets from a label-mixing augmentation
                 target = _soft_targets(target, out.shape[1])
                 hard = target.argmax(1)
             else:
                 if target is not y_dev:
-                    _check_outputs(out, target)
+                    _check_outputs(out, target, config.ignore_index)
                 target = hard = target.long()
-            loss = F.cross_entropy(out.float(), target, label_smoothing=config.label_smoothing)
+            loss, valid = _loss(out, target, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -599,7 +687,8 @@ def train(
             optimizer.step()
             scheduler.step()
             total += loss.detach().double() * y.shape[0]
-            correct += (out.detach().argmax(1) == hard).sum()
+            correct += ((out.detach().argmax(1) == hard) & valid).sum()
+            counted += valid.sum()
             seen += y.shape[0]
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{float(total) / seen:.4f}")
@@ -611,12 +700,13 @@ def train(
             )
         val: dict[str, float | None] = {"loss": None, "accuracy": None}
         if val_set is not None:
-            val = dict(evaluate(model, val_set, eval_batch, device, config.num_workers))
+            val = dict(evaluate(model, val_set, eval_batch, device, config.num_workers,
+                                config.ignore_index))
         row = {
             "epoch": epoch,
             "lr": lr,
             "train_loss": train_loss,
-            "train_acc": float(correct) / seen,
+            "train_acc": float(correct) / max(1, int(counted)),
             "val_loss": val["loss"],
             "val_acc": val["accuracy"],
             "time": time.perf_counter() - t0,

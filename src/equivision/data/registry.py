@@ -83,3 +83,14 @@ register_dataset("digits6-roteq",
 register_dataset("digits-rot", _rotated(_digits, angles="uniform", circle_crop=True),
                  "digits rotated by uniform angles in [0, 360), circle-cropped, label kept")
 register_dataset("photos", _photos, "3x32x32 patches of 8 scikit-image photographs")
+
+
+def _scenes(split: str, size: int | None, seed: int, **kw):  # -> scenes.SceneDataset
+    from .scenes import scenes  # masks (N, H, W) instead of labels (N,): not an ImageDataset
+
+    return scenes(split, size=size or 32, seed=seed, **kw)
+
+
+register_dataset("scenes", _scenes,
+                 "generated segmentation scenes 3x32x32, shapes on photo textures, 5 classes "
+                 "(items are (image, mask (H, W) int64))")

@@ -1,0 +1,109 @@
+"""Our PGD against torchattacks' PGD: same model, same inputs, same (no) random start.
+
+Targets:
+* the adversarial images agree to max |difference| <= 1e-6;
+* our time / torchattacks' time <= 1.1 (median of interleaved repeats).
+
+The model is ``cnn-small`` (width 16) trained for a few epochs on the 1x28x28 digits (torchattacks
+does not need 3 channels). Both attacks run with ``random_start=False`` (torchattacks draws
+its start from the global RNG, so a random start cannot be matched); the L-inf step
+``alpha``, ``eps`` and ``steps`` are equal.
+
+torchattacks is not a dependency of equivision; install it into the venv with
+``/tmp/tv/bin/pip install --no-deps torchattacks``. Without it the script prints a message
+and exits 0.
+
+Run: ``python benchmarks/bench_attacks.py [--batch 256] [--steps 10] [--repeats 7]
+[--threads 1] [--device cpu]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from equivision.data import get_dataset
+from equivision.models import create_model
+from equivision.robust.attacks import PGD
+from equivision.train import TrainConfig, evaluate, train
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=0.02)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of the model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        import torchattacks
+    except ImportError:
+        print("torchattacks is not installed; skipping (install it with "
+              "/tmp/tv/bin/pip install --no-deps torchattacks)")
+        return 0
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    train_set = get_dataset("digits", split="train")
+    test_set = get_dataset("digits", split="test")
+    model = create_model("cnn-small", in_channels=1, num_classes=10, width=16)
+    config = TrainConfig(epochs=args.epochs, batch_size=32, lr=0.003, optimizer="adam",
+                         weight_decay=0.0, device=args.device)
+    train(model, train_set, None, config, progress=False)
+    model.eval()
+    clean = evaluate(model, test_set, 256)
+    x = test_set.images[: args.batch].to(device)
+    y = test_set.labels[: args.batch].to(device)
+
+    ours = PGD(model, args.eps, alpha=args.alpha, steps=args.steps, random_start=False)
+    theirs = torchattacks.PGD(model, eps=args.eps, alpha=args.alpha, steps=args.steps,
+                              random_start=False)
+
+    def timed(attack) -> tuple[float, torch.Tensor]:
+        _sync(device)
+        t0 = time.perf_counter()
+        adv = attack(x, y)
+        _sync(device)
+        return time.perf_counter() - t0, adv
+
+    timed(ours), timed(theirs)  # warm-up
+    t_ours, t_theirs = [], []
+    diff = 0.0
+    for _ in range(args.repeats):  # interleaved so that machine load hits both alike
+        a, adv_a = timed(ours)
+        b, adv_b = timed(theirs)
+        t_ours.append(a)
+        t_theirs.append(b)
+        diff = max(diff, float((adv_a - adv_b).abs().max()))
+    with torch.no_grad():
+        acc = float((model(adv_a).argmax(1) == y).float().mean())
+    m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+    ratio = m_ours / m_theirs
+    print(f"model cnn-small (width 16) on digits, clean test accuracy {clean['accuracy']:.3f}; "
+          f"PGD eps={args.eps} alpha={args.alpha} steps={args.steps}, batch {args.batch}, "
+          f"{args.threads} thread(s), {device}")
+    print(f"accuracy under PGD: {acc:.3f}")
+    print(f"max |ours - torchattacks|: {diff:.3g}  (target <= 1e-6: "
+          f"{'ok' if diff <= 1e-6 else 'MISSED'})")
+    print(f"median time ours {m_ours * 1e3:.1f} ms, torchattacks {m_theirs * 1e3:.1f} ms, "
+          f"ratio ours/theirs {ratio:.3f}  (target <= 1.1: "
+          f"{'ok' if ratio <= 1.1 else 'MISSED'})")
+    return 0 if diff <= 1e-6 and ratio <= 1.1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
