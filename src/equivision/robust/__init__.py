@@ -1,5 +1,19 @@
 """Adversarial attacks, inference-time defenses (purifiers) and robustness evaluation."""
 
+from .attacks import (
+    BPDA,
+    CW,
+    FGSM,
+    IFGSM,
+    MIM,
+    PGD,
+    Adaptive,
+    FullGradient,
+    Houdini,
+    IterativeAttack,
+    SweepResult,
+    sweep_lambda,
+)
 from .defenses import (
     Defense,
     EquivarianceDefense,
@@ -17,8 +31,13 @@ from .heads import (
     train_contrastive_head,
     train_rotation_head,
 )
+from .metrics import ConfusionMeter, accuracy, is_segmentation, miou, task_loss
+from .wrappers import Normalize
 
 __all__ = [
+    "BPDA", "CW", "FGSM", "IFGSM", "MIM", "PGD", "Adaptive", "ConfusionMeter", "FullGradient",
+    "Houdini", "IterativeAttack", "Normalize", "SweepResult", "accuracy", "is_segmentation",
+    "miou", "sweep_lambda", "task_loss",
     "ContrastiveDefense", "ContrastiveHead", "Defense", "EquivarianceDefense",
     "InvarianceDefense", "PurifierDefense", "RandomNoiseDefense", "RotationDefense",
     "RotationHead", "default_transforms", "equivariance_score", "train_contrastive_head",
