@@ -1,0 +1,210 @@
+"""Soft Equivariance Regularization (SER) experiments at CPU scale.
+
+Pretraining: patches of the built-in photographs (``equivision.data.photos``); probing:
+the built-in digits fitted to the encoder's input (``--probe-data digits``, 10 classes,
+out-of-domain like the paper's 3DIEBench) or photograph identity (``photos``, 8 classes).
+
+    table2       MoCo-v3 / DINO / Barlow Twins, each without and with SER (Tables 2, 3):
+                 linear (concatenated [CLS] of the last blocks), k-NN, MLP probes and
+                 accuracy under generated corruptions (Tables 12, 13 in spirit)
+    lambda0      the control of Table 5: MoCo-v3, SER with lambda = 0, SER with lambda 0.5
+    layers       the SER layer from first to last block (Table 4 / figure 3): linear
+                 accuracy, per-block equivariance scores, transformation prediction (Table 7)
+    sensitivity  partition ratio r and loss weight lambda (Table 8)
+    elements     removing group elements from T_eq: rot90, hflip, scale (Table 9)
+    everylayer   SER on the [CLS]-insertion layer vs on every block (Table 10)
+
+``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
+numbers mean little). Results: ``runs/ser[-quick]/<study>.json`` and ``.md``; checkpoints
+under ``runs/ser[-quick]/<study>/<run>/`` (an existing finished run is reused).
+Example: ``python experiments/ser.py lambda0 --quick``; on several processes:
+``torchrun --nproc_per_node 4 experiments/ser.py table2`` (the batch is sharded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from equivision.data import get_dataset, photos
+from equivision.measure import write_atomic
+from equivision.ssl import (
+    BasePolicy,
+    EquivariantPolicy,
+    SERConfig,
+    SSLViT,
+    ViewSampler,
+    build_method,
+    rank_and_world,
+)
+from equivision.ssl.pretrain import PretrainConfig, pretrain
+from equivision.ssl.probe import fit_dataset, run_probes
+from equivision.studies import mean_std
+from equivision.utils import seed_everything
+
+# --- scales ------------------------------------------------------------------------------
+FULL = {
+    "encoder": dict(image_size=32, patch_size=4, dim=192, depth=6, heads=3, cls_layer=3),
+    "patches_per_image": 400, "seeds": (0, 1, 2),
+    "pretrain": dict(epochs=100, batch_size=256, lr=5e-4, warmup_epochs=10, ratio=0.01),
+    "ratios": (0.0, 0.005, 0.01, 0.02), "severities": (1, 2, 3, 4, 5),
+    "probe_steps": 500,
+}
+QUICK = {
+    "encoder": dict(image_size=16, patch_size=4, dim=32, depth=3, heads=2, cls_layer=1),
+    "patches_per_image": 24, "seeds": (0,),
+    "pretrain": dict(epochs=2, batch_size=64, lr=1e-3, warmup_epochs=1, ratio=0.05),
+    "ratios": (0.0, 0.03, 0.06), "severities": (3,),
+    "probe_steps": 100,
+}
+SMALL_HEADS = {"mocov3": dict(proj_dim=64, hidden=256), "barlow": dict(proj_dim=128, hidden=256),
+               "dino": dict(out_dim=256, hidden=256, bottleneck=64)}
+TAU = {"mocov3": 0.3, "barlow": 0.3, "dino": 0.5}  # the paper's SER temperatures
+LAMBDAS = (0.0, 0.5, 1.0, 5.0, 10.0)
+
+
+def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
+        ser: dict | None = None, ratio: float | None = None, views: dict | None = None,
+        which=("linear", "knn")) -> dict[str, Any]:
+    """Pretrain one configuration for every seed and probe it; returns per-seed results."""
+    enc_cfg = scale["encoder"]
+    data = photos("train", size=enc_cfg["image_size"],
+                  patches_per_image=scale["patches_per_image"], seed=0)
+    if args.probe_data == "digits":
+        tr = fit_dataset(get_dataset("digits", split="train"), enc_cfg["image_size"])
+        te = fit_dataset(get_dataset("digits", split="test"), enc_cfg["image_size"])
+    else:
+        tr = photos("train", size=enc_cfg["image_size"], patches_per_image=40, seed=1)
+        te = photos("test", size=enc_cfg["image_size"], patches_per_image=20, seed=1)
+    if ser is None and ratio is None:
+        ratio = 0.0  # the plain baseline: every image gets the base policy T
+    p_cfg = {**scale["pretrain"], **({} if ratio is None else {"ratio": ratio})}
+    per_seed = []
+    for seed in scale["seeds"]:
+        seed_everything(seed)
+        encoder = SSLViT(**enc_cfg)
+        ser_cfg = None if ser is None else SERConfig(**{"tau": TAU[method], **ser})
+        kw = SMALL_HEADS[method] if args.quick else {}
+        m = build_method(method, encoder, ser_cfg, **kw)
+        sampler = None
+        if views is not None:
+            eq = EquivariantPolicy(enc_cfg["image_size"], enc_cfg["patch_size"], **views)
+            sampler = ViewSampler(BasePolicy(), eq, p_cfg["ratio"])
+        out = args.out / study / f"{label}-seed{seed}".replace(" ", "_")
+        history = pretrain(m, data, PretrainConfig(**p_cfg, seed=seed), out_dir=out,
+                           resume=(out / "last.pt").exists(), views=sampler,
+                           progress=not args.quiet, method_kwargs=kw)
+        if rank_and_world()[0] != 0:  # under torchrun only rank 0 probes and writes
+            continue
+        options = {"linear": {"steps": scale["probe_steps"]},
+                   "mlp": {"steps": scale["probe_steps"]},
+                   "transform_prediction": {"steps": scale["probe_steps"]},
+                   "corruptions": {"steps": scale["probe_steps"],
+                                   "severities": list(scale["severities"])}}
+        probes = run_probes(m.backbone, tr, te, which=which, device=args.device,
+                            options={k: v for k, v in options.items() if k in which})
+        per_seed.append({"seed": seed, "final_loss": history["loss"][-1], **probes})
+    return {"label": label, "method": method, "ser": ser, "ratio": p_cfg["ratio"],
+            "views": views, "runs": per_seed}
+
+
+def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
+    """Mean and std over seeds of the headline numbers of one configuration."""
+    def get(path: str) -> list[float | None]:
+        vals = []
+        for r in entry["runs"]:
+            v: Any = r
+            for key in path.split("/"):
+                v = v.get(key) if isinstance(v, dict) else None
+            vals.append(v)
+        return vals
+
+    keys = {"linear top1": "linear/top1", "linear top5": "linear/top5", "20-NN top1": "knn/top1",
+            "MLP top1": "mlp/top1", "corrupt appearance": "corruptions/mean_appearance",
+            "corrupt geometric": "corruptions/mean_geometric"}
+    out = {name: mean_std(get(path)) for name, path in keys.items()}
+    for g in ("rot90", "hflip", "scale"):
+        vals = [(r.get("equivariance") or {}).get("scores", {}).get(g, [None])[-1]
+                for r in entry["runs"]]
+        out[f"equiv {g} (last block)"] = mean_std(vals)
+    for task in ("rotation", "flip"):
+        vals = [(r.get("transform_prediction") or {}).get(task, {}).get("cls")
+                for r in entry["runs"]]
+        out[f"predict {task} ([CLS])"] = mean_std(vals)
+    return {k: v for k, v in out.items() if v[0] is not None}
+
+
+def write(args, study: str, entries: list[dict[str, Any]]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / f"{study}.json", json.dumps(
+        {"study": study, "quick": args.quick, "probe_data": args.probe_data,
+         "entries": entries}, indent=1))
+    rows = [(e["label"], summary(e)) for e in entries]
+    cols = list(dict.fromkeys(c for _, s in rows for c in s))
+    lines = [f"# SER {study}{' (quick)' if args.quick else ''}", "",
+             "| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, s in rows:
+        cells = [f"{s[c][0]:.4f} ± {s[c][1]:.4f}" if c in s else "" for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    write_atomic(args.out / f"{study}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
+    """(label, keyword arguments of :func:`run`) of every configuration of the study."""
+    ser = {"weight": 0.5}
+    depth = scale["encoder"]["depth"]
+    s = args.study
+    if s == "table2":
+        which = ("linear", "knn", "mlp", "corruptions")
+        return [(f"{m}{' + SER' if on else ''}", dict(method=m, ser=ser if on else None,
+                                                       which=which))
+                for m in ("mocov3", "dino", "barlow") for on in (False, True)]
+    if s == "lambda0":
+        return [("MoCo-v3", dict(ser=None)), ("SER lambda=0", dict(ser={"weight": 0.0})),
+                ("SER lambda=0.5", dict(ser=ser))]
+    if s == "layers":
+        which = ("linear", "knn", "equivariance", "transform_prediction")
+        return [("MoCo-v3", dict(ser=None, which=which))] + [
+            (f"SER layer {layer}", dict(ser={**ser, "layer": layer}, which=which))
+            for layer in range(1, depth + 1)]
+    if s == "sensitivity":
+        return [(f"r={r}", dict(ser=ser if r else None, ratio=r)) for r in scale["ratios"]] + [
+            (f"lambda={lam}", dict(ser={"weight": lam})) for lam in LAMBDAS]
+    if s == "elements":
+        return [("SER (full)", dict(ser=ser, views={})),
+                ("- rot90", dict(ser=ser, views={"rotations": False})),
+                ("- rot90 - hflip", dict(ser=ser, views={"rotations": False, "flip_p": 0.0})),
+                ("- rot90 - scale", dict(ser=ser, views={"rotations": False, "scales": [1.0]}))]
+    return [("MoCo-v3", dict(ser=None)), ("SER ([CLS] layer)", dict(ser=ser)),
+            ("SER (all layers)", dict(ser={**ser, "layer": "all"}))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=["table2", "lambda0", "layers", "sensitivity", "elements",
+                                     "everylayer"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--probe-data", choices=["digits", "photos"], default="digits")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args()
+    args.out = args.out or Path("runs") / ("ser-quick" if args.quick else "ser")
+    scale = QUICK if args.quick else FULL
+    entries = []
+    with warnings.catch_warnings():
+        if args.quick:  # tiny images have no patch-aligned scale; tiny batches few T_eq images
+            warnings.filterwarnings("ignore", message="no patch-aligned scale")
+        for label, kw in study_runs(args, scale):
+            entries.append(run(args, scale, args.study, label, **kw))
+    if rank_and_world()[0] == 0:
+        write(args, args.study, entries)
+
+
+if __name__ == "__main__":
+    main()
