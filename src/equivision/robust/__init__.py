@@ -43,3 +43,21 @@ __all__ = [
     "RotationHead", "default_transforms", "equivariance_score", "train_contrastive_head",
     "train_rotation_head",
 ]
+
+# robustness evaluation and the name registries of the CLI (appended)
+from .evaluate import RobustnessResult, RowResult, evaluate_robustness  # noqa: E402
+from .registry import (  # noqa: E402
+    ATTACKS,
+    DEFENSES,
+    AttackSpec,
+    build_attack,
+    build_defense,
+    load_head,
+    parse_attack,
+    save_head,
+)
+
+__all__ += [
+    "ATTACKS", "DEFENSES", "AttackSpec", "RobustnessResult", "RowResult", "build_attack",
+    "build_defense", "evaluate_robustness", "load_head", "parse_attack", "save_head",
+]

@@ -1,0 +1,199 @@
+"""The ``equivision attack`` and ``equivision defend`` commands.
+
+``attack`` reports clean and adversarial metrics of a model; ``defend`` adds an
+inference-time defense and reports undefended / defended metrics and equivariance scores
+per attack (:func:`equivision.robust.evaluate.evaluate_robustness`). Both shard the images
+across processes under ``torchrun`` (rank 0 prints and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+import torch.distributed as dist
+
+from .cli import CLIError, _init_distributed, build_model, parse_kwargs
+
+__all__ = ["add_parsers", "cmd_attack", "cmd_defend"]
+
+
+def _number(text: str) -> float:
+    """A float, also written as a fraction: ``0.03``, ``8/255``."""
+    num, sep, den = str(text).partition("/")
+    try:
+        value = float(num) / float(den) if sep else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (write e.g. 0.03 or 8/255)"
+                                         ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="an equivision checkpoint (the model is rebuilt from "
+                   "it) or a state dict with --model")
+    p.add_argument("--model", help="registry name or module:attr (default: the checkpoint's)")
+    p.add_argument("--model-args", "--model-kwargs", dest="model_args",
+                   help="constructor arguments, e.g. width=8,num_classes=10")
+    p.add_argument("--dataset", "--data", dest="dataset", required=True,
+                   help="built-in dataset name (see `equivision list datasets`)")
+    p.add_argument("--split", default="test", help="train, test or all (default test)")
+    p.add_argument("--size", type=int, default=None, help="image size of the dataset")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per batch; also the unit of the random draws (default 32)")
+    p.add_argument("--eps", type=_number, default=8 / 255, help="attack radius (default 8/255)")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--steps", type=int, default=10, help="attack steps (default 10)")
+    p.add_argument("--alpha", type=_number, default=None,
+                   help="attack step size (default 2.5 eps / steps)")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--targeted", action="store_true",
+                   help="targeted attacks towards (label + 1) mod K")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", help="write the result as JSON to this path (atomic)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the ``attack`` and ``defend`` subcommands to ``equivision``'s subparsers."""
+    a = sub.add_parser("attack", help="clean vs adversarial metrics of a model",
+                       description="Attack a classifier or segmenter and report the clean and "
+                       "adversarial accuracy (mIoU and pixel accuracy for segmenters).")
+    _add_common(a)
+    a.add_argument("--attack", default="pgd",
+                   help="comma-separated: fgsm, ifgsm, pgd, mim, cw, houdini (default pgd)")
+    a.set_defaults(func=cmd_attack)
+
+    d = sub.add_parser("defend", help="evaluate an inference-time defense under attacks",
+                       description="Rows: clean + attacks; columns: undefended and defended "
+                       "metric, equivariance score of clean / attacked / restored images.")
+    _add_common(d)
+    d.add_argument("--defense", default="equivariance",
+                   help="none, random, equivariance, invariance, rotation, contrastive, "
+                   "equivariance-reference (default equivariance)")
+    d.add_argument("--attack", default="pgd,bpda-eot,adaptive",
+                   help="comma-separated attacks (default pgd,bpda-eot,adaptive)")
+    d.add_argument("--eps-v", type=_number, default=8 / 255,
+                   help="purification bound (default 8/255)")
+    d.add_argument("--defense-steps", type=int, default=20, help="purification steps T")
+    d.add_argument("--eta", type=_number, default=None,
+                   help="purification step size (default 2.5 eps_v / T)")
+    d.add_argument("--noise", type=_number, default=1.0, help="purification noise (default 1)")
+    d.add_argument("--feature-layer", default="logits",
+                   help="layer whose equivariance is restored (default logits)")
+    d.add_argument("--pairing", default="identity", choices=["identity", "pairs"])
+    d.add_argument("--head", help="rotation/contrastive: a head file (robust.registry.save_head)"
+                   "; without it a head is trained on the train split")
+    d.add_argument("--head-epochs", type=int, default=3)
+    d.add_argument("--eot-samples", type=int, default=4, help="EOT draws (bpda-eot, full)")
+    d.add_argument("--lambda-e", default="0,1,10",
+                   help="adaptive attack's lambda_e sweep, comma-separated (default 0,1,10)")
+    d.add_argument("--repeats", type=int, default=1,
+                   help="defended predictions per image; the worst is reported")
+    d.set_defaults(func=cmd_defend)
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
+    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+
+    kwargs = parse_kwargs(args.model_args)
+    if not args.model and not args.checkpoint:
+        raise CLIError("give --checkpoint PATH (an equivision checkpoint) or --model NAME")
+    if not args.model:
+        if kwargs:
+            raise CLIError("--model-args needs --model")
+        return model_from_checkpoint(args.checkpoint), str(args.checkpoint)
+    if args.checkpoint and ":" not in args.model:
+        try:
+            stored = load_checkpoint(args.checkpoint).get("model_name")
+        except CheckpointError:
+            stored = None  # a bare state dict: load_model_weights reports mismatches
+        if stored and stored != args.model:
+            raise CLIError(f"checkpoint {args.checkpoint!r} holds a {stored!r} model, not "
+                           f"{args.model!r}; drop --model or pass --model {stored}")
+    return build_model(args.model, kwargs, args.checkpoint)
+
+
+def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
+         extra: dict[str, Any]) -> None:
+    from .utils import resolve_device
+
+    device = resolve_device(args.device)
+    joined = dist.is_available() and not dist.is_initialized()
+    rank = _init_distributed(device)
+    joined = joined and dist.is_initialized()  # this call started the process group
+    try:
+        _evaluate(args, defense, attacks, extra, device, rank)
+        if joined:
+            dist.barrier()  # rank 0 has written its files
+    finally:
+        if joined:
+            dist.destroy_process_group()  # a gloo group left to exit aborts the process
+
+
+def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
+              extra: dict[str, Any], device: Any, rank: int) -> None:
+    from .data import get_dataset
+    from .measure import write_atomic
+    from .robust.evaluate import evaluate_robustness
+    from .utils import seed_everything
+
+    if not attacks:
+        raise CLIError("--attack needs at least one attack name")
+    dataset = get_dataset(args.dataset, split=args.split, size=args.size)
+    seed_everything(args.seed)  # same weights in every process without a checkpoint
+    model, name = _load_model(args)
+    result = evaluate_robustness(
+        model, dataset, attacks, defense, eps=args.eps, steps=args.steps, alpha=args.alpha,
+        norm=args.norm, restarts=args.restarts, targeted=args.targeted,
+        max_images=args.max_images, batch_size=args.batch_size, seed=args.seed, device=device,
+        progress=not args.no_progress and rank == 0, **extra)
+    result.meta.update({"model": name, "dataset": args.dataset, "split": args.split,
+                        "checkpoint": args.checkpoint})
+    if rank != 0:
+        return
+    print(f"{name} on {args.dataset}/{args.split}: {result.n_images} images, eps {args.eps:g} "
+          f"({args.norm}), {args.steps} steps, {result.seconds:.1f} s")
+    print(result.table())
+    if args.json:
+        write_atomic(args.json, json.dumps(result.to_dict(), indent=1))
+        print(f"wrote {args.json}")
+
+
+def cmd_attack(args: argparse.Namespace) -> None:
+    """``equivision attack``: clean and adversarial metrics, no defense."""
+    _run(args, None, _names(args.attack), {})
+
+
+def cmd_defend(args: argparse.Namespace) -> None:
+    """``equivision defend``: undefended vs defended metrics and equivariance scores."""
+    from .data import get_dataset
+
+    try:
+        lambdas = [float(v) for v in _names(args.lambda_e)]
+    except ValueError:
+        raise CLIError(f"--lambda-e takes comma-separated numbers, got {args.lambda_e!r}"
+                       ) from None
+    defense_kwargs: dict[str, Any] = dict(
+        eps_v=args.eps_v, eta=args.eta, steps=args.defense_steps, noise=args.noise,
+        feature_layer=args.feature_layer, pairing=args.pairing, seed=args.seed,
+        head_epochs=args.head_epochs)
+    if args.defense in ("rotation", "contrastive"):
+        if args.head:
+            defense_kwargs["head"] = args.head
+        else:
+            defense_kwargs["head_dataset"] = get_dataset(args.dataset, split="train",
+                                                         size=args.size)
+    _run(args, args.defense, _names(args.attack),
+         dict(eot_samples=args.eot_samples, lambdas=lambdas, repeats=args.repeats,
+              defense_kwargs=defense_kwargs))

@@ -1,0 +1,552 @@
+"""Robustness evaluation of a model, with or without an inference-time defense.
+
+API
+---
+``evaluate_robustness(model, dataset, attacks=("pgd",), defense=None, *, eps=8/255,
+steps=10, alpha=None, norm="linf", restarts=1, targeted=False, eot_samples=4,
+lambdas=(0.0, 1.0, 10.0), repeats=1, max_images=None, batch_size=32, seed=0, device=None,
+progress=False, ignore_index=255, equivariance=True, score_layer="logits",
+score_transforms=None, defense_kwargs=None) -> RobustnessResult``
+
+* ``model``: the undefended classifier ``(B, C, H, W) -> (B, K)`` or segmenter
+  ``-> (B, K, H, W)``, images in [0, 1] (normalize inside the model).
+* ``dataset``: items ``(image (C, H, W), label)`` (int, or a mask ``(H, W)`` int64 for
+  segmentation); the first ``max_images`` are used.
+* ``attacks``: names or specs of :mod:`equivision.robust.registry` (``"pgd"``,
+  ``"bpda-eot"``, ``"adaptive:0/1/10"``, ``{"name": "pgd", "steps": 50, "label": ...}``).
+* ``defense``: None, a registry name (built with ``defense_kwargs``, see
+  :func:`~equivision.robust.registry.build_defense`) or a
+  :class:`~equivision.robust.defenses.Defense` wrapping ``model``.
+
+The result has one row for the clean images and one per attack. Each row holds
+
+* ``undefended``: the task metric of the bare model on the row's images
+  (``{"accuracy"}`` for classifiers, ``{"miou", "pixel_accuracy"}`` for segmenters,
+  ``ConfusionMeter`` over all images, ``ignore_index`` pixels left out; segmenters also
+  get ``mean_image_miou``, the mean of the per-image mIoU);
+* ``defended``: the metric of the defended prediction ``model(purify(x))``, worst case over
+  ``repeats`` draws of a randomized defense (per image the draw with the lowest
+  :func:`~equivision.robust.metrics.per_image_score`: an image counts as correct only if
+  every draw is correct; for segmentation the confusion of each image's worst draw is
+  accumulated), and ``defended_single`` (the first draw only);
+* ``attack_target``: ``"model"`` when the adversarial images were generated on the bare
+  model and transferred (the paper's "standard" attacks: fgsm, ifgsm, pgd, mim, cw,
+  houdini) or ``"defense"`` when the defense was in the loop (bpda, bpda-eot, full,
+  adaptive); without a defense it is always ``"model"``;
+* ``equivariance``: the mean :func:`~equivision.robust.defenses.equivariance_score` of the
+  clean, attacked and restored (purified attacked) images (paper Table 4), with the
+  defense's transforms, feature layer and pairing when it has them, else the default
+  transforms on ``score_layer``;
+* ``seconds``: time spent on the row (attack + defended predictions + scores; the
+  slowest process under ``torch.distributed``).
+
+Sharding and seeding
+--------------------
+The images are cut into consecutive *blocks* of ``batch_size`` (block ``b`` holds global
+images ``b * batch_size ...``). Under an initialised ``torch.distributed`` process group,
+process ``rank`` evaluates the blocks ``rank, rank + world, ...``; every accumulator is a
+tensor (confusion matrices, score sums) summed with ``all_reduce``, so every process
+returns the numbers of one process on all images. All random draws (attack starts, EOT
+draws, the defense's noise per repeat) come from generators seeded with
+``(seed, row, first global image index of the block, repeat)``: they depend on which
+images are in a block, never on the process or the batch's local position. (The attacks
+and purifiers draw noise for a whole batch from one generator, so the draws are per block,
+not per image: results depend on ``batch_size``; ``batch_size=1`` gives per-image draws.)
+
+Example::
+
+    result = evaluate_robustness(model, test_set, ["pgd", "bpda-eot", "adaptive"],
+                                 defense="equivariance", eps=4 / 255, steps=20,
+                                 defense_kwargs={"eps_v": 8 / 255, "steps": 20})
+    print(result.table()); json.dump(result.to_dict(), fh)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from ..transforms import Transform
+from ..utils import resolve_device
+from .attacks import _derived_seed, sweep_lambda
+from .defenses import Defense, default_transforms, equivariance_score
+from .metrics import IGNORE_INDEX, ConfusionMeter, check_output_labels, per_image_score
+from .registry import AttackSpec, build_attack, build_defense, parse_attack
+from .views import FeatureExtractor
+
+__all__ = ["RobustnessResult", "RowResult", "evaluate_robustness"]
+
+
+@dataclass
+class RowResult:
+    """One row (clean or one attack) of a :class:`RobustnessResult`; see the module
+    docstring for the fields. Metrics are None where they do not apply (no defense)."""
+
+    name: str
+    attack_target: str | None
+    undefended: dict[str, float]
+    defended: dict[str, float] | None
+    defended_single: dict[str, float] | None
+    equivariance: dict[str, float | None]
+    seconds: float
+    attack: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return {"name": self.name, "attack_target": self.attack_target, "attack": self.attack,
+                "undefended": self.undefended, "defended": self.defended,
+                "defended_single": self.defended_single, "equivariance": self.equivariance,
+                "seconds": self.seconds}
+
+
+@dataclass
+class RobustnessResult:
+    """Output of :func:`evaluate_robustness`.
+
+    Attributes:
+        task: ``"classification"`` or ``"segmentation"``.
+        n_images: images evaluated (all processes together).
+        rows: the clean row then one per attack.
+        meta: settings (eps, steps, defense, repeats, world size, ...).
+        seconds: wall time of the whole evaluation.
+    """
+
+    task: str
+    n_images: int
+    rows: list[RowResult]
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def metric(self) -> str:
+        """The headline metric: ``"accuracy"`` or ``"miou"``."""
+        return "accuracy" if self.task == "classification" else "miou"
+
+    def row(self, name: str) -> RowResult:
+        """The row called ``name`` (``"clean"`` or an attack label)."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (NaN written as None)."""
+        out = {"task": self.task, "metric": self.metric, "n_images": self.n_images,
+               "meta": self.meta, "seconds": self.seconds,
+               "rows": [r.to_dict() for r in self.rows]}
+        return _json_safe(out)
+
+    def table(self) -> str:
+        """Markdown table: rows clean + attacks; columns target, undefended and defended
+        metric, equivariance score of clean / attacked / restored images."""
+        seg = self.task == "segmentation"
+        metric = "mIoU / pixel acc." if seg else "accuracy"
+        head = (f"| row | attack target | undefended {metric} | defended {metric} | "
+                "equiv. clean | equiv. attacked | equiv. restored |")
+        lines = [head, "|---|---|---|---|---|---|---|"]
+
+        def cell(m: dict[str, float] | None) -> str:
+            if m is None:
+                return "-"
+            if seg:
+                return f"{_fmt(m['miou'])} / {_fmt(m['pixel_accuracy'])}"
+            return _fmt(m["accuracy"])
+
+        for r in self.rows:
+            eq = r.equivariance
+            lines.append(f"| {r.name} | {r.attack_target or '-'} | {cell(r.undefended)} | "
+                         f"{cell(r.defended)} | {_fmt(eq.get('clean'))} | "
+                         f"{_fmt(eq.get('attacked'))} | {_fmt(eq.get('restored'))} |")
+        return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, bool, float)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_number(name: str, value: Any, positive: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _batch(dataset: Dataset, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    items = [dataset[i] for i in range(start, stop)]
+    if not isinstance(items[0], (tuple, list)) or len(items[0]) < 2:
+        raise TypeError("the dataset must yield (image, label) pairs")
+    x, y = default_collate([(it[0], it[1]) for it in items])
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"images must be float tensors (C, H, W), got a batch of "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    lo, hi = float(x.min()), float(x.max())
+    if not (0.0 <= lo and hi <= 1.0) or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"images must lie in [0, 1], got values in [{lo:g}, {hi:g}] (images "
+                         f"{start}..{stop - 1}); evaluate unnormalized images and put the "
+                         "normalization inside the model (equivision.robust.Normalize)")
+    return x, y
+
+
+def _check_output(out: Any, labels: Tensor, ignore_index: int, what: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise ValueError(f"the model must return a tensor of logits, got {type(out).__name__}")
+    check_output_labels(out, labels, ignore_index)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"the model returned NaN or infinite logits on {what}; check the "
+                         "model and its input range (images in [0, 1])")
+    return out
+
+
+def _generator(device: torch.device, *parts: Any) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_derived_seed(*parts))
+
+
+class _Row:
+    """Accumulators of one row; every state is a tensor summed across processes."""
+
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device) -> None:
+        self.meters = {k: ConfusionMeter(num_classes, ignore_index, device)
+                       for k in ("undefended", "defended", "defended_single")}
+        # sums of the equivariance score of clean / attacked / restored images, and counts
+        self.scores = torch.zeros(3, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)
+        # sums of the per-image score (accuracy or mIoU) of undefended / defended / single
+        self.image_scores = torch.zeros(3, dtype=torch.float64, device=device)
+        self.images = torch.zeros((), dtype=torch.float64, device=device)
+        self.seconds = 0.0
+
+    def tensors(self) -> list[Tensor]:
+        return [m.confusion for m in self.meters.values()] + [
+            self.scores, self.counts, self.image_scores, self.images]
+
+    def add_scores(self, i: int, values: Tensor) -> None:
+        self.scores[i] += values.double().sum()
+        self.counts[i] += values.numel()
+
+
+def _metrics(acc: _Row, key: str, seg: bool) -> dict[str, float]:
+    meter = acc.meters[key]
+    if not seg:
+        return {"accuracy": meter.accuracy()}
+    i = ("undefended", "defended", "defended_single").index(key)
+    n = float(acc.images)
+    return {"miou": meter.miou(), "pixel_accuracy": meter.accuracy(),
+            "mean_image_miou": float(acc.image_scores[i]) / n if n > 0 else float("nan")}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def evaluate_robustness(
+    model: nn.Module,
+    dataset: Dataset,
+    attacks: Sequence[str | Mapping[str, Any] | AttackSpec] = ("pgd",),
+    defense: str | Defense | None = None,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 10,
+    alpha: float | None = None,
+    norm: str = "linf",
+    restarts: int = 1,
+    targeted: bool = False,
+    eot_samples: int = 4,
+    lambdas: Sequence[float] = (0.0, 1.0, 10.0),
+    repeats: int = 1,
+    max_images: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    equivariance: bool = True,
+    score_layer: str = "logits",
+    score_transforms: Sequence[Transform] | None = None,
+    defense_kwargs: Mapping[str, Any] | None = None,
+) -> RobustnessResult:
+    """Clean and adversarial task metrics of ``model``, undefended and defended; see the
+    module docstring.
+
+    Args:
+        model: classifier or segmenter, images in [0, 1]; put in eval mode (and moved to
+            ``device``).
+        dataset: ``(image (C, H, W), label)`` items, images in [0, 1].
+        attacks: attack specs (registry names); an empty list gives the clean row only.
+        defense: None, a registry name or a :class:`Defense` around ``model``.
+        eps, steps, alpha, norm, restarts, targeted: attack settings
+            (:class:`~equivision.robust.attacks.IterativeAttack`). ``targeted`` aims at
+            ``(label + 1) mod K`` (ignored pixels stay ignored); metrics stay those of the
+            true labels.
+        eot_samples: EOT draws of ``bpda-eot`` and ``full`` (1 for a deterministic defense).
+        lambdas: the ``lambda_e`` sweep of ``adaptive`` (worst case per image).
+        repeats: defended predictions per image for a randomized defense (worst case
+            reported; a deterministic defense is run once).
+        max_images: evaluate the first ``max_images`` images (None: all).
+        batch_size: images per block (see "Sharding and seeding").
+        seed: base seed of every random draw.
+        device: None (where the model is), ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        progress: tqdm bar over this process's blocks (rank 0 only).
+        ignore_index: ignored label of segmentation masks.
+        equivariance: compute the equivariance scores.
+        score_layer: feature layer of the scores when the defense has none.
+        score_transforms: views of the scores when the defense has none (default
+            :func:`default_transforms`).
+        defense_kwargs: keyword arguments of :func:`build_defense` for a named defense.
+
+    Returns:
+        :class:`RobustnessResult`, identical on every process.
+
+    Raises:
+        ValueError: bad settings, unknown attack/defense/layer names (listed), images
+            outside [0, 1], labels that do not fit the output, non-finite model output.
+    """
+    t_start = time.perf_counter()
+    eps = _check_number("eps", eps)
+    steps = _check_int("steps", steps)
+    repeats = _check_int("repeats", repeats)
+    batch_size = _check_int("batch_size", batch_size)
+    eot_samples = _check_int("eot_samples", eot_samples)
+    if max_images is not None:
+        max_images = _check_int("max_images", max_images)
+    lambdas = [_check_number("lambda_e", lam, positive=False) for lam in lambdas]
+    if not lambdas:
+        raise ValueError("lambdas must hold at least one value")
+    specs = [parse_attack(a) for a in attacks]
+    labels_seen = [s.label for s in specs]
+    if "clean" in labels_seen or len(set(labels_seen)) != len(labels_seen):
+        raise ValueError(f"attack labels must be unique and not 'clean', got {labels_seen}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if device is None:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    else:
+        dev = resolve_device(device)
+    model.to(dev).eval()
+    defense_obj = build_defense(defense, model, **dict(defense_kwargs or {}))
+    if defense_obj is not None:
+        if defense_obj.model is not model:
+            raise ValueError("the defense must wrap the evaluated model (defense.model is "
+                             "model)")
+        defense_obj.to(dev).eval()
+    n_total = len(dataset)  # type: ignore[arg-type]
+    if n_total == 0:
+        raise ValueError("the dataset is empty")
+    n = n_total if max_images is None else min(max_images, n_total)
+
+    # probe: task, number of classes, label checks (every process, so accumulators match)
+    x0, y0 = _batch(dataset, 0, 1)
+    with torch.no_grad():
+        out0 = _check_output(model(x0.to(dev)), y0.to(dev), ignore_index, "image 0")
+    seg = out0.dim() == 4
+    k = int(out0.shape[1])
+    layer = str(getattr(defense_obj, "feature_layer", score_layer))
+    FeatureExtractor(model, layer)  # unknown layer names fail here, with the list
+    pairing = str(getattr(defense_obj, "pairing", "identity"))
+    views = getattr(defense_obj, "transforms", None) or score_transforms
+    if views is None:
+        views = default_transforms(x0.shape[1])
+    views = list(views)
+    randomized = bool(getattr(defense_obj, "randomized", False))
+    draws = repeats if randomized else 1
+
+    use_dist = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
+    names = ["clean"] + [s.label for s in specs]
+    rows = {name: _Row(k, ignore_index, dev) for name in names}
+    targets: dict[str, str] = {"clean": "-"}
+    attack_repr: dict[str, str] = {}
+    settings = dict(alpha=alpha, steps=steps, norm=norm, restarts=restarts,
+                    targeted=targeted, ignore_index=ignore_index, eot_samples=eot_samples)
+
+    blocks = list(range(rank, math.ceil(n / batch_size), world))
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(blocks), desc="robustness", unit="batch")
+    was_training = model.training
+    try:
+        for b in blocks:
+            start, stop = b * batch_size, min(n, (b + 1) * batch_size)
+            x, y = _batch(dataset, start, stop)
+            x, y = x.to(dev), y.to(dev)
+            clean_score = None
+            for row_i, name in enumerate(names):
+                t0 = time.perf_counter()
+                acc = rows[name]
+                if name == "clean":
+                    adv, target = x, None
+                else:
+                    spec = specs[row_i - 1]
+                    adv, target, text = _attack(spec, model, defense_obj, x, y, k, seg, eps,
+                                                settings, lambdas, seed, start, ignore_index)
+                    targets[name], attack_repr[name] = target, text
+                with torch.no_grad():
+                    out = _check_output(model(adv), y, ignore_index,
+                                        f"images {start}..{stop - 1} ({name})")
+                acc.meters["undefended"].update(out, y)
+                acc.image_scores[0] += per_image_score(out, y, ignore_index).sum()
+                acc.images += y.shape[0]
+                restored = None
+                if defense_obj is not None:
+                    restored = _defended(defense_obj, model, adv, y, acc, draws, seed, name,
+                                         start, ignore_index)
+                if equivariance:
+                    if clean_score is None:
+                        clean_score = equivariance_score(model, x, views, layer, pairing)
+                    acc.add_scores(0, clean_score)
+                    acc.add_scores(1, clean_score if adv is x else
+                                   equivariance_score(model, adv, views, layer, pairing))
+                    if restored is not None:
+                        acc.add_scores(2, equivariance_score(model, restored, views, layer,
+                                                             pairing))
+                acc.seconds += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    if use_dist and world > 1:
+        for acc in rows.values():
+            for t in acc.tensors():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        secs = torch.tensor([rows[nm].seconds for nm in names], dtype=torch.float64, device=dev)
+        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+        for nm, s in zip(names, secs.tolist()):
+            rows[nm].seconds = s
+    # every attack row has the same target whichever process ran it
+    for s in specs:
+        targets.setdefault(s.label, "defense" if s.in_loop and defense_obj is not None
+                           else "model")
+
+    results = []
+    for name in names:
+        acc = rows[name]
+        eq: dict[str, float | None] = {}
+        for i, key in enumerate(("clean", "attacked", "restored")):
+            c = float(acc.counts[i])
+            eq[key] = float(acc.scores[i]) / c if c > 0 else None
+        results.append(RowResult(
+            name=name,
+            attack_target=None if name == "clean" else targets[name],
+            undefended=_metrics(acc, "undefended", seg),
+            defended=_metrics(acc, "defended", seg) if defense_obj is not None else None,
+            defended_single=_metrics(acc, "defended_single", seg)
+            if defense_obj is not None else None,
+            equivariance=eq,
+            seconds=acc.seconds,
+            attack=attack_repr.get(name),
+        ))
+    meta = {
+        "eps": eps, "steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts,
+        "targeted": targeted, "target_rule": "(label + 1) mod K" if targeted else None,
+        "eot_samples": eot_samples, "lambdas": lambdas, "repeats": repeats,
+        "repeats_used": draws, "batch_size": batch_size, "seed": seed,
+        "defense": None if defense_obj is None else type(defense_obj).__name__,
+        "defense_settings": _defense_settings(defense_obj),
+        "defense_randomized": randomized, "score_layer": layer, "score_pairing": pairing,
+        "score_views": [repr(g) for g in views], "world_size": world, "num_classes": k,
+        "ignore_index": ignore_index if seg else None, "device": str(dev),
+    }
+    return RobustnessResult("segmentation" if seg else "classification", n, results, meta,
+                            time.perf_counter() - t_start)
+
+
+def _defense_settings(defense: Defense | None) -> dict[str, Any]:
+    if defense is None:
+        return {}
+    keys = ("eps_v", "eta", "steps", "noise", "feature_layer", "pairing", "grad_norm", "update",
+            "kind", "layer")
+    return {k: getattr(defense, k) for k in keys if hasattr(defense, k)}
+
+
+def _attack(spec: AttackSpec, model: nn.Module, defense: Defense | None, x: Tensor, y: Tensor,
+            k: int, seg: bool, eps: float, settings: dict[str, Any], lambdas: list[float],
+            seed: int, start: int, ignore_index: int) -> tuple[Tensor, str, str]:
+    """Adversarial images ``(B, C, H, W)`` of one block, the target and the attack's repr."""
+    block_seed = _derived_seed(seed, "attack", spec.label, start)
+    kw = {**settings, "eps": eps, "seed": block_seed}
+    labels = y
+    if kw.get("targeted") or spec.options.get("targeted"):
+        shifted = (y + 1) % k
+        labels = torch.where(y == ignore_index, y, shifted) if seg else shifted
+    sweep = None
+    if spec.name == "adaptive":  # an explicit lambda_e beats the sweep
+        sweep = [spec.options["lambda_e"]] if "lambda_e" in spec.options else \
+            spec.options.get("lambdas", lambdas)
+    if sweep is not None and defense is not None and len(sweep) > 1:
+        atk, target = build_attack(spec, model, defense, **kw, lambda_e=float(sweep[0]))
+        opts = {**kw, **{o: v for o, v in spec.options.items() if o != "lambdas"}}
+        opts.pop("eot_samples", None)
+        eps_run = opts.pop("eps")
+        result = sweep_lambda(defense, x, labels, lambdas=[float(v) for v in sweep],
+                              eps=eps_run, **opts)
+        return result.images, target, f"sweep_lambda({list(sweep)}) of {atk!r}"
+    if sweep is not None:
+        kw["lambda_e"] = float(sweep[0])
+        spec = AttackSpec(spec.name, spec.label, {o: v for o, v in spec.options.items()
+                                                  if o not in ("lambdas", "lambda_e")})
+    atk, target = build_attack(spec, model, defense, **kw)
+    return atk(x, labels), target, repr(atk)
+
+
+def _defended(defense: Defense, model: nn.Module, adv: Tensor, y: Tensor, acc: _Row,
+              draws: int, seed: int, name: str, start: int, ignore_index: int) -> Tensor:
+    """Purify ``adv`` ``draws`` times, update the defended meters with the worst draw per
+    image (and the first draw); returns the first draw's purified images."""
+    first: Tensor | None = None
+    worst_pred: Tensor | None = None
+    worst_score: Tensor | None = None
+    for r in range(draws):
+        gen = _generator(adv.device, seed, "defense", name, start, r)
+        purified = defense.purify(adv, generator=gen)
+        with torch.no_grad():
+            out = _check_output(model(purified), y, ignore_index, f"purified images ({name})")
+        pred = out.argmax(1)
+        score = per_image_score(out, y, ignore_index)
+        if first is None:
+            first = purified
+            acc.meters["defended_single"].update(pred, y)
+            acc.image_scores[2] += score.sum()
+            worst_pred, worst_score = pred, score
+            continue
+        assert worst_pred is not None and worst_score is not None
+        worse = score < worst_score
+        worst_pred = torch.where(worse.view((-1,) + (1,) * (pred.dim() - 1)), pred, worst_pred)
+        worst_score = torch.where(worse, score, worst_score)
+    assert first is not None and worst_pred is not None
+    acc.meters["defended"].update(worst_pred, y)
+    acc.image_scores[1] += worst_score.sum()
+    return first

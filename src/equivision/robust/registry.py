@@ -1,0 +1,311 @@
+"""Name -> builder registries of the attacks and defenses used by the evaluation and CLI.
+
+Attacks (:data:`ATTACKS`, :func:`parse_attack`, :func:`build_attack`):
+
+=================  ==========================================  ==================
+name               what                                        attack target
+=================  ==========================================  ==================
+``fgsm``           one sign step of size eps                   the bare model
+``ifgsm``          iterative FGSM (no random start)            the bare model
+``pgd``            PGD with a random start                     the bare model
+``mim``            momentum iterative method                   the bare model
+``cw``             Carlini-Wagner margin, PGD steps            the bare model
+``houdini``        Houdini's probit surrogate, PGD steps       the bare model
+``bpda``           PGD through the defense, identity backward  the defense
+``bpda-eot``       BPDA averaged over ``eot_samples`` draws    the defense
+``full``           PGD through the unrolled purifier (+ EOT)   the defense
+``adaptive``       ``L_task - lambda_e L_equi(x + delta)``;    the defense
+                   a sweep over ``lambdas`` keeps the worst
+                   case per image
+=================  ==========================================  ==================
+
+"Bare model" attacks are the paper's standard attacks: generated on the undefended model
+and transferred to the defended one. With no defense every attack targets the model
+(``bpda``/``full``/``adaptive`` then reduce to PGD).
+
+A spec is a name, ``"adaptive:10"`` (one ``lambda_e``), ``"adaptive:0/1/10"`` (a sweep),
+or a mapping ``{"name": "pgd", "steps": 20, "label": "pgd-20"}`` whose other keys override
+the attack's keyword arguments.
+
+Defenses (:data:`DEFENSES`, :func:`build_defense`): ``none``, ``random``,
+``equivariance``, ``invariance``, ``rotation``, ``contrastive`` (these two need a trained
+head: a head object, a file written by :func:`save_head`, or a dataset to train one on)
+and ``equivariance-reference`` (the released code's flawed settings, for comparison).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..transforms import Transform
+from .attacks import (
+    BPDA,
+    CW,
+    FGSM,
+    IFGSM,
+    MIM,
+    PGD,
+    Adaptive,
+    FullGradient,
+    Houdini,
+    IterativeAttack,
+)
+from .defenses import Defense, EquivarianceDefense, InvarianceDefense, RandomNoiseDefense
+from .heads import (
+    ContrastiveDefense,
+    ContrastiveHead,
+    RotationDefense,
+    RotationHead,
+    train_contrastive_head,
+    train_rotation_head,
+)
+
+__all__ = [
+    "ATTACKS", "DEFENSES", "AttackSpec", "build_attack", "build_defense", "load_head",
+    "parse_attack", "save_head",
+]
+
+#: attack name -> (class, whether it is generated with the defense in the loop)
+ATTACKS: dict[str, tuple[type[IterativeAttack], bool]] = {
+    "fgsm": (FGSM, False),
+    "ifgsm": (IFGSM, False),
+    "pgd": (PGD, False),
+    "mim": (MIM, False),
+    "cw": (CW, False),
+    "houdini": (Houdini, False),
+    "bpda": (BPDA, True),
+    "bpda-eot": (BPDA, True),
+    "full": (FullGradient, True),
+    "adaptive": (Adaptive, True),
+}
+
+#: defense names accepted by :func:`build_defense`
+DEFENSES = ("none", "random", "equivariance", "invariance", "rotation", "contrastive",
+            "equivariance-reference")
+
+#: keyword arguments an attack spec may override
+_ATTACK_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "seed",
+                "loss", "kappa", "decay", "through", "eot_samples", "lambda_e", "lambdas",
+                "ignore_index"}
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack row of an evaluation.
+
+    Attributes:
+        name: a key of :data:`ATTACKS`.
+        label: the row's name in tables (default: the spec text).
+        options: keyword overrides for the attack (e.g. ``steps``, ``lambdas``).
+    """
+
+    name: str
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_loop(self) -> bool:
+        """Whether the attack is generated with the defense in the loop."""
+        return ATTACKS[self.name][1]
+
+
+def _unknown(kind: str, name: object, names: Sequence[str]) -> ValueError:
+    return ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(names)}")
+
+
+def parse_attack(spec: str | Mapping[str, Any] | AttackSpec) -> AttackSpec:
+    """``"pgd"``, ``"adaptive:10"``, ``"adaptive:0/1/10"`` or a mapping -> :class:`AttackSpec`.
+
+    Raises:
+        ValueError: unknown name (the message lists the names), a bad value, or an unknown
+            override key.
+    """
+    if isinstance(spec, AttackSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        label = str(options.pop("label", name))
+        if name not in ATTACKS:
+            raise _unknown("attack", name, list(ATTACKS))
+        bad = sorted(set(options) - _ATTACK_KEYS)
+        if bad:
+            raise ValueError(f"attack {name!r}: unknown option(s) {bad}; valid: "
+                             f"{', '.join(sorted(_ATTACK_KEYS))}")
+        return AttackSpec(str(name), label, options)
+    if not isinstance(spec, str):
+        raise TypeError(f"an attack spec must be a name or a mapping, got {type(spec).__name__}")
+    text = spec.strip().lower()
+    name, sep, value = text.partition(":")
+    if name not in ATTACKS:
+        raise _unknown("attack", name, list(ATTACKS))
+    if not sep:
+        return AttackSpec(name, name)
+    if name != "adaptive":
+        raise ValueError(f"attack {spec!r}: only 'adaptive' takes a value (adaptive:LAMBDA or "
+                         "adaptive:L1/L2/...)")
+    try:
+        lambdas = [float(v) for v in value.split("/")]
+    except ValueError:
+        raise ValueError(f"attack {spec!r}: lambda_e must be numbers, e.g. adaptive:0/1/10"
+                         ) from None
+    if not lambdas or any(not (lam >= 0) for lam in lambdas):
+        raise ValueError(f"attack {spec!r}: lambda_e values must be >= 0")
+    return AttackSpec(name, text, {"lambdas": lambdas})
+
+
+def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
+                 **settings: Any) -> tuple[IterativeAttack, str]:
+    """The attack object of ``spec`` and its target (``"model"`` or ``"defense"``).
+
+    Args:
+        spec: the attack.
+        model: the undefended network (target of the standard attacks).
+        defense: the defense or None; ``in_loop`` attacks are built on it.
+        **settings: keyword arguments of :class:`IterativeAttack` (``eps``, ``steps``, ...;
+            ``eot_samples`` applies to ``bpda-eot`` and ``full`` only, ``lambda_e`` to
+            ``adaptive``); ``spec.options`` override them.
+
+    Returns:
+        ``(attack, target)``. Without a defense, ``bpda``/``bpda-eot``/``full``/``adaptive``
+        are plain PGD on ``model`` (there is nothing else to differentiate).
+    """
+    kw = {**settings, **spec.options}
+    kw.pop("lambdas", None)
+    eps = kw.pop("eps")
+    cls, in_loop = ATTACKS[spec.name]
+    randomized = bool(getattr(defense, "randomized", False))
+    if spec.name != "bpda-eot" and spec.name != "full":
+        kw.pop("eot_samples", None)
+    elif not randomized:
+        kw["eot_samples"] = 1  # a deterministic defense: one draw is exact
+    if spec.name != "adaptive":
+        kw.pop("lambda_e", None)
+    if spec.name == "bpda":
+        kw["eot_samples"] = 1
+    if in_loop and defense is None:
+        kw.pop("eot_samples", None)
+        kw.pop("lambda_e", None)
+        kw.pop("through", None)
+        return PGD(model, eps, **kw), "model"
+    if in_loop:
+        return cls(defense, eps, **kw), "defense"
+    return cls(model, eps, **kw), "model"
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def save_head(path: str | Path, head: RotationHead | ContrastiveHead, layer: str) -> Path:
+    """Write a trained head (kind, constructor config, weights, feature layer) atomically
+    with :func:`equivision.checkpoint.save_checkpoint`; reload with :func:`load_head`."""
+    from ..checkpoint import save_checkpoint
+
+    kind = "rotation" if isinstance(head, RotationHead) else "contrastive"
+    if not isinstance(head, (RotationHead, ContrastiveHead)):
+        raise TypeError(f"head must be a RotationHead or ContrastiveHead, got "
+                        f"{type(head).__name__}")
+    return save_checkpoint(path, {"kind": kind, "config": dict(head.config), "layer": layer,
+                                  "model": head.state_dict()})
+
+
+def load_head(path: str | Path) -> tuple[RotationHead | ContrastiveHead, str]:
+    """``(head, layer)`` from a file written by :func:`save_head`.
+
+    Raises:
+        equivision.checkpoint.CheckpointError: missing, corrupt or foreign file.
+        ValueError: the file is not a head file.
+    """
+    from ..checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    kind = state.get("kind")
+    if kind not in ("rotation", "contrastive") or not isinstance(state.get("config"), dict):
+        raise ValueError(f"{str(path)!r} is not a head file written by save_head (kind "
+                         f"{kind!r})")
+    cls = RotationHead if kind == "rotation" else ContrastiveHead
+    head = cls(**state["config"])
+    head.load_state_dict(state["model"])
+    return head.eval(), str(state.get("layer", "logits"))
+
+
+def _head(name: str, model: nn.Module, head: Any, head_dataset: Dataset | None, layer: str,
+          head_epochs: int, seed: int) -> tuple[nn.Module, str]:
+    want = RotationHead if name == "rotation" else ContrastiveHead
+    if isinstance(head, (str, Path)):
+        head, layer = load_head(head)
+    elif head is None:
+        if head_dataset is None:
+            raise ValueError(f"defense {name!r} needs a trained head: pass head= (a head or a "
+                             "file written by save_head) or head_dataset= to train one")
+        trainer = train_rotation_head if name == "rotation" else train_contrastive_head
+        head = trainer(model, layer, head_dataset, epochs=head_epochs, seed=seed)
+    if not isinstance(head, want):
+        raise ValueError(f"defense {name!r} needs a {want.__name__}, got {type(head).__name__}")
+    return head, layer
+
+
+def build_defense(
+    name: str | Defense | None,
+    model: nn.Module,
+    *,
+    eps_v: float = 8 / 255,
+    eta: float | None = None,
+    steps: int = 20,
+    noise: float = 1.0,
+    feature_layer: str = "logits",
+    pairing: str = "identity",
+    transforms: Sequence[Transform] | None = None,
+    head: Any = None,
+    head_dataset: Dataset | None = None,
+    head_epochs: int = 3,
+    seed: int = 0,
+) -> Defense | None:
+    """Build the defense ``name`` around ``model`` (None for ``"none"``; a
+    :class:`Defense` is returned as is).
+
+    Args:
+        name: a name of :data:`DEFENSES`.
+        model: the frozen classifier or segmenter.
+        eps_v, eta, steps, noise: purifier settings (:class:`PurifierDefense`); ``random``
+            uses ``eps_v`` only.
+        feature_layer: the layer read by ``equivariance``/``invariance`` and, for new
+            heads, the layer a head is trained on (a head file stores its own layer).
+        pairing: ``"identity"`` or ``"pairs"``.
+        transforms: the views (default: :func:`default_transforms`).
+        head: for ``rotation``/``contrastive``: a trained head or a :func:`save_head` file.
+        head_dataset: images to train a head on when ``head`` is None.
+        head_epochs: epochs of that training.
+        seed: seed of head training.
+
+    Raises:
+        ValueError: unknown name (the names are listed), an unknown feature layer (the
+            layers are listed), bad settings, or a missing head.
+    """
+    if name is None or isinstance(name, Defense):
+        return name
+    if name not in DEFENSES:
+        raise _unknown("defense", name, DEFENSES)
+    if name == "none":
+        return None
+    if name == "random":
+        return RandomNoiseDefense(model, eps_v=eps_v)
+    common: dict[str, Any] = dict(eps_v=eps_v, eta=eta, steps=steps, noise=noise)
+    if name in ("equivariance", "invariance"):
+        cls = EquivarianceDefense if name == "equivariance" else InvarianceDefense
+        return cls(model, transforms=transforms, feature_layer=feature_layer, pairing=pairing,
+                   **common)
+    if name == "equivariance-reference":
+        return EquivarianceDefense.reference_code(model, eps_v=eps_v, steps=steps,
+                                                  transforms=transforms)
+    trained, layer = _head(name, model, head, head_dataset, feature_layer, head_epochs, seed)
+    if name == "rotation":
+        return RotationDefense(model, trained, layer, **common)  # type: ignore[arg-type]
+    return ContrastiveDefense(model, trained, layer, transforms=transforms,  # type: ignore[arg-type]
+                              **common)
