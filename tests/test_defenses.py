@@ -412,3 +412,21 @@ def test_resize_is_differentiable_and_validates():
         Resize("2")
     with pytest.raises(ValueError, match="mode"):
         Resize(2.0, mode="area")
+
+
+def test_equivariance_defense_warns_on_vector_features():
+    """On classifier logits every transformation acts trivially: the loss would be the
+    invariance defense's, which the user is told."""
+    import warnings
+
+    from equivision.models import create_model
+    from equivision.robust import EquivarianceDefense
+
+    torch.manual_seed(0)
+    model = create_model("cnn-small", in_channels=1, num_classes=3, width=4).eval()
+    x = torch.rand(2, 1, 12, 12)
+    with pytest.warns(UserWarning, match="vectors"):
+        EquivarianceDefense(model, steps=1, feature_layer="logits").purify(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EquivarianceDefense(model, steps=1, feature_layer="features.relu3").purify(x)

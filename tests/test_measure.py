@@ -300,3 +300,19 @@ def test_strides_of_sparse_measurement_points_see_the_layers_between():
     assert [rep.get("shift(2,2)", f"features.relu{i}").stride[0] for i in range(1, 8)] == [
         1, 1, 2, 2, 2, 2, 2]
     assert rep.get("shift(2,2)", "features.relu6").exact
+
+
+def test_write_atomic_keeps_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from equivision.measure import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -13,9 +13,7 @@ import json
 import math
 from typing import Any
 
-import torch.distributed as dist
-
-from .cli import CLIError, _init_distributed, build_model, parse_kwargs
+from .cli import CLIError, build_model, distributed_session, parse_kwargs
 
 __all__ = ["add_parsers", "cmd_attack", "cmd_defend"]
 
@@ -129,16 +127,8 @@ def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
     from .utils import resolve_device
 
     device = resolve_device(args.device)
-    joined = dist.is_available() and not dist.is_initialized()
-    rank = _init_distributed(device)
-    joined = joined and dist.is_initialized()  # this call started the process group
-    try:
+    with distributed_session(device) as rank:
         _evaluate(args, defense, attacks, extra, device, rank)
-        if joined:
-            dist.barrier()  # rank 0 has written its files
-    finally:
-        if joined:
-            dist.destroy_process_group()  # a gloo group left to exit aborts the process
 
 
 def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],

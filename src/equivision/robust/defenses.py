@@ -266,7 +266,8 @@ class EquivarianceDefense(PurifierDefense):
         if self.transforms is None:
             self.transforms = default_transforms(x.shape[1])
         cos = view_cosines(self.extractor, x, self.transforms, self.pairing,
-                           pooled=self.pooled, batched=self.batched, max_batch=self.max_batch)
+                           pooled=self.pooled, batched=self.batched, max_batch=self.max_batch,
+                           warn_vector=type(self) is EquivarianceDefense)
         return -cos.mean(dim=1)
 
 

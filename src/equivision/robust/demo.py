@@ -23,6 +23,7 @@ __all__ = ["DEMO_SETTINGS", "section_defense"]
 DEMO_SETTINGS: dict[str, Any] = {
     "size": 16, "width": 12, "epochs": 6, "lr": 0.03, "images": 128, "eps": 0.05, "steps": 5,
     "eps_v": 0.0625, "defense_steps": 5, "eot_samples": 2, "batch_size": 64,
+    "feature_layer": "features.relu3",
 }
 
 
@@ -67,11 +68,13 @@ def section_defense(ctx: Any) -> str:
     s = DEMO_SETTINGS
     model, test_set, cached, train_s = _model(ctx, s)
     data = Subset(test_set, range(min(s["images"], len(test_set))))
-    defense = EquivarianceDefense(model, eps_v=s["eps_v"], steps=s["defense_steps"])
+    defense = EquivarianceDefense(model, eps_v=s["eps_v"], steps=s["defense_steps"],
+                                  feature_layer=s["feature_layer"])
     t0 = time.time()
     res = evaluate_robustness(
         model, data, ["pgd", "bpda-eot"], defense, eps=s["eps"], steps=s["steps"],
         eot_samples=s["eot_samples"], batch_size=s["batch_size"], seed=0,
+        score_layer=s["feature_layer"],
         device=next(model.parameters()).device, progress=ctx.progress)
     eval_s = time.time() - t0
     ctx.artifacts["defense_result"] = res
@@ -89,7 +92,9 @@ def section_defense(ctx: Any) -> str:
         f"The first {res.n_images} test images are attacked with L-inf eps = {s['eps']:g} "
         f"(pixel range [0, 1]), {s['steps']} PGD steps; the equivariance defense "
         f"(Algorithm 1) purifies with eps_v = {s['eps_v']:g}, T = {s['defense_steps']} "
-        f"steps, K = {len(res.meta['score_views'])} views on the logits. `pgd` is generated "
+        f"steps, K = {len(res.meta['score_views'])} views on the last conv map "
+        f"`{s['feature_layer']}` (on the logits, which are vectors, the equivariance loss "
+        "would be the invariance loss). `pgd` is generated "
         "on the undefended model and transferred (attack target `model`); `bpda-eot` "
         f"attacks the defended model (BPDA with {s['eot_samples']} EOT draws per step). "
         f"Evaluation took {eval_s:.0f} s.",

@@ -302,8 +302,11 @@ def build_defense(
         return cls(model, transforms=transforms, feature_layer=feature_layer, pairing=pairing,
                    **common)
     if name == "equivariance-reference":
+        # the released settings (eta = 1, batch-wide norm, all pairs); the feature layer
+        # stays the caller's so that a comparison with ours changes only the optimizer
         return EquivarianceDefense.reference_code(model, eps_v=eps_v, steps=steps,
-                                                  transforms=transforms)
+                                                  transforms=transforms,
+                                                  feature_layer=feature_layer)
     trained, layer = _head(name, model, head, head_dataset, feature_layer, head_epochs, seed)
     if name == "rotation":
         return RotationDefense(model, trained, layer, **common)  # type: ignore[arg-type]

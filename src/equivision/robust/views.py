@@ -22,6 +22,7 @@ invariance defenses and by :func:`~equivision.robust.defenses.equivariance_score
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -218,6 +219,7 @@ def view_cosines(
     pooled: bool = False,
     batched: bool = True,
     max_batch: int | str | None = None,
+    warn_vector: bool = False,
 ) -> Tensor:
     """Cosine similarities between aligned view features, one per image and pair.
 
@@ -225,7 +227,9 @@ def view_cosines(
     ``"pairs"``: ``cos(g_i^-1 F(g_i x), g_j^-1 F(g_j x))`` for all ``i < j`` over the
     ``K + 1`` views including the identity (the released code).
 
-    ``batched`` and ``max_batch`` are passed to :func:`view_features`.
+    ``batched`` and ``max_batch`` are passed to :func:`view_features`. ``warn_vector``:
+    warn when the features are vectors ``(B, C)``, on which every transformation acts
+    trivially (the equivariance loss is then the invariance loss).
 
     Returns:
         ``(B, P)`` with ``P = K`` or ``(K + 1) K / 2``; differentiable w.r.t. ``x``.
@@ -236,6 +240,12 @@ def view_cosines(
         raise ValueError("at least one transformation is needed to compare views")
     feats = view_features(extractor, x, transforms, batched=batched, max_batch=max_batch)
     ref = feats[0]
+    if warn_vector and not pooled and ref.dim() == 2:
+        warnings.warn(
+            f"the feature layer {extractor.layer!r} gives vectors {tuple(ref.shape)}: the "
+            "transformations act trivially on them, so the equivariance defense computes "
+            "the invariance defense's loss; choose a spatial layer (e.g. the last conv "
+            "block) as feature_layer for a classifier", UserWarning, stacklevel=4)
     ref_hw = (ref.shape[-2], ref.shape[-1]) if ref.dim() == 4 else None
     input_hw = (x.shape[-2], x.shape[-1])
     gs: list[Transform | None] = [None, *transforms]
