@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,19 @@ def _stored_kwargs(spec: str, checkpoint: str) -> dict[str, Any]:
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
+    from .utils import resolve_device
+
+    device = resolve_device(args.device)
+    with distributed_session(device) as rank:
+        _measure(args, device, rank)
+
+
+def _measure(args: argparse.Namespace, device, rank: int) -> None:
     from .data import get_dataset
     from .measure import measure
     from .transforms import parse_transforms
-    from .utils import resolve_device, seed_everything
+    from .utils import seed_everything
 
-    device = resolve_device(args.device)
-    rank = _init_distributed(device)
     transforms = parse_transforms(args.transforms)
     kwargs = parse_kwargs(args.model_args)
     dataset = get_dataset(args.data, split=args.split, size=args.size)
@@ -121,6 +128,25 @@ def _init_distributed(device) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return dist.get_rank()
+
+
+@contextlib.contextmanager
+def distributed_session(device) -> Iterator[int]:
+    """``with distributed_session(device) as rank:`` joins the process group under
+    ``torchrun`` and, if it started it, waits for every rank and tears it down at the
+    end (a gloo group left open when the process exits aborts it)."""
+    import torch.distributed as dist
+
+    started = dist.is_available() and not dist.is_initialized()
+    rank = _init_distributed(device)
+    started = started and dist.is_initialized()
+    try:
+        yield rank
+        if started:
+            dist.barrier()  # rank 0 has written its files
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -290,6 +316,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("what", nargs="?", default="all",
                    choices=["all", "models", "datasets", "transforms"])
     s.set_defaults(func=cmd_list)
+
+    from .cli_robust import add_parsers as add_robust_parsers
+
+    add_robust_parsers(sub)  # attack, defend
+
+    from .cli_ssl import add_parsers as add_ssl_parsers
+
+    add_ssl_parsers(sub)  # pretrain, probe
     return p
 
 

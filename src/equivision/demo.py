@@ -179,9 +179,26 @@ def section_studies(ctx: DemoContext) -> str:
         f"![task study]({cached.name})"])
 
 
+def section_defense(ctx: DemoContext) -> str:
+    """Clean, PGD and BPDA+EOT accuracy of a small classifier with and without the
+    equivariance defense (:func:`equivision.robust.demo.section_defense`)."""
+    from .robust.demo import section_defense as run
+
+    return run(ctx)
+
+
+def section_ser(ctx: DemoContext) -> str:
+    """A few epochs of MoCo-v3 with and without SER on a tiny ViT
+    (:func:`equivision.ssl.demo.section_ser`)."""
+    from .ssl.demo import section_ser as run
+
+    return run(ctx)
+
+
 #: Report sections, in order. Later parts of the project append theirs.
 SECTIONS: list[Callable[[DemoContext], str]] = [section_measurement, section_studies,
-                                                 section_exactness]
+                                                 section_exactness, section_defense,
+                                                 section_ser]
 
 
 def run_demo(out: Path, epochs: int = 15, device: str = "auto", progress: bool = True) -> Path:

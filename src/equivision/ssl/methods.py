@@ -5,7 +5,10 @@
 batch (T and T_eq images together); the equivariance term uses only the T_eq part
 (``batch.eq_index``) and is weighted by ``SERConfig.weight`` (lambda).  With
 ``weight = 0`` (the control) the term is still computed and reported, but adds
-nothing.  Call :meth:`SSLMethod.on_step_end` after every optimiser step: it moves the
+nothing.  Every method records its constructor keyword arguments (SER excluded) in
+``method.method_kwargs``, which :func:`~equivision.ssl.pretrain.pretrain` stores so that
+:func:`~equivision.ssl.pretrain.load_method` rebuilds the same method.  Call
+:meth:`SSLMethod.on_step_end` after every optimiser step: it moves the
 momentum / EMA teachers and DINO's teacher temperature.
 """
 
@@ -88,10 +91,17 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 
 class SSLMethod(nn.Module):
-    """Base class: owns the student ``backbone`` and the SER head(s)."""
+    """Base class: owns the student ``backbone`` and the SER head(s).
+
+    Attributes:
+        method_kwargs: the subclass's constructor keyword arguments (all of them, defaults
+            included; plain values), so ``build_method(name, encoder, ser, **method_kwargs)``
+            rebuilds the same method.
+    """
 
     def __init__(self, encoder: SSLViT, ser: SERConfig | None = None) -> None:
         super().__init__()
+        self.method_kwargs: dict[str, object] = {}
         if not isinstance(encoder, SSLViT):
             raise TypeError(f"encoder must be an SSLViT, got {type(encoder).__name__}")
         self.backbone = encoder
@@ -178,6 +188,8 @@ class MoCoV3(SSLMethod):
     def __init__(self, encoder: SSLViT, ser: SERConfig | None = None, proj_dim: int = 256,
                  hidden: int = 1024, tau: float = 0.2, momentum: float = 0.99) -> None:
         super().__init__(encoder, ser)
+        self.method_kwargs = {"proj_dim": proj_dim, "hidden": hidden, "tau": tau,
+                              "momentum": momentum}
         self.tau, self.base_momentum, self.momentum = tau, momentum, momentum
         self.projector = mlp(encoder.dim, hidden, proj_dim, layers=3, bn=True, last_bn=True,
                              act=nn.ReLU)
@@ -222,6 +234,11 @@ class DINO(SSLMethod):
                  warmup_teacher_temp: float = 0.04, warmup_frac: float = 0.3,
                  center_momentum: float = 0.9) -> None:
         super().__init__(encoder, ser)
+        self.method_kwargs = {"out_dim": out_dim, "hidden": hidden, "bottleneck": bottleneck,
+                              "momentum": momentum, "student_temp": student_temp,
+                              "teacher_temp": teacher_temp,
+                              "warmup_teacher_temp": warmup_teacher_temp,
+                              "warmup_frac": warmup_frac, "center_momentum": center_momentum}
         self.base_momentum, self.momentum = momentum, momentum
         self.head = _DINOHead(encoder.dim, out_dim, hidden, bottleneck)
         self.teacher_backbone = _frozen_copy(encoder)
@@ -248,6 +265,7 @@ class BarlowTwins(SSLMethod):
     def __init__(self, encoder: SSLViT, ser: SERConfig | None = None, proj_dim: int = 512,
                  hidden: int = 512, lambd: float = 0.0051) -> None:
         super().__init__(encoder, ser)
+        self.method_kwargs = {"proj_dim": proj_dim, "hidden": hidden, "lambd": lambd}
         self.lambd = lambd
         self.projector = mlp(encoder.dim, hidden, proj_dim, layers=3, bn=True, act=nn.ReLU)
 

@@ -258,8 +258,8 @@ def _method_identity(method: nn.Module, method_kwargs: dict[str, Any] | None
                      ) -> dict[str, Any]:
     """Name, keyword arguments and SER configuration of ``method`` (plain values)."""
     name = _method_name(method)
-    kwargs = method_kwargs if method_kwargs is not None else getattr(method, "method_kwargs",
-                                                                     None)
+    recorded = getattr(method, "method_kwargs", None)
+    kwargs = {**(recorded if isinstance(recorded, dict) else {}), **(method_kwargs or {})}
     ser = getattr(method, "ser", None)
     out = {"method_name": name, "method_class": f"{type(method).__module__}."
            f"{type(method).__qualname__}", "method_kwargs": _plain(kwargs or {}),
@@ -415,8 +415,9 @@ def pretrain(
             ``config.epochs``); used to test resuming and to train in slices.
         progress: show tqdm progress bars (rank 0).
         method_kwargs: the keyword arguments the method was built with (beyond encoder and
-            SER config), recorded so that :func:`load_method` can rebuild it (default: the
-            method's ``method_kwargs`` attribute if any, else none: the defaults).
+            SER config), recorded so that :func:`load_method` can rebuild it; they update
+            the method's own ``method_kwargs`` attribute (which the built-in methods fill
+            with all their constructor arguments), so they are rarely needed.
 
     Returns:
         The history: a dict of equal-length lists keyed by :data:`EPOCH_KEYS` (epoch means of

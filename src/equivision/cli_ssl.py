@@ -1,0 +1,319 @@
+"""The ``equivision pretrain`` and ``equivision probe`` commands (self-supervised ViTs + SER).
+
+``pretrain`` builds an :class:`~equivision.ssl.vit.SSLViT`, wraps it in MoCo-v3, DINO or
+Barlow Twins (optionally with Soft Equivariance Regularization) and runs
+:func:`equivision.ssl.pretrain.pretrain` (atomic ``OUT/last.pt``, exact ``--resume``, sharded
+batches under ``torchrun``). ``probe`` loads the encoder of such a checkpoint and runs
+:func:`equivision.ssl.probe.run_probes` on digits or photographs, printing a summary table and
+optionally writing every number as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .cli import CLIError, parse_kwargs
+
+__all__ = ["add_parsers", "cmd_pretrain", "cmd_probe", "load_images", "probe_table"]
+
+METHODS = ("mocov3", "dino", "barlow")
+PROBE_DATA = ("digits", "photos")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _ser_layer(text: str) -> int | str | None:
+    """``--ser-layer``: ``cls`` (the [CLS]-insertion layer), ``all`` or a block 1..depth."""
+    if text in ("cls", "default", ""):
+        return None
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--ser-layer takes a block number, 'all' or 'cls', got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_images(name: str, split: str, size: int, images: int | None = None, seed: int = 0,
+                channels: int = 3) -> Any:
+    """A built-in dataset as an :class:`~equivision.data.ImageDataset` of
+    ``(N, channels, size, size)`` images in ``[0, 1]`` (at most ``images`` of them).
+
+    ``photos`` cuts ``size`` px patches of the bundled photographs (``images`` spread evenly
+    over them; default 80 per photograph for train, 20 for test); any other registered
+    dataset (e.g. ``digits``) is built at its own size and fitted with
+    :func:`equivision.ssl.probe.fit_dataset` (zero-padded or resized, channels repeated).
+
+    Raises:
+        ValueError: unknown dataset name or ``images < 1``.
+    """
+    from .data import ImageDataset, get_dataset, photos
+    from .data.builtin import DEFAULT_PHOTOS
+    from .ssl.probe import fit_dataset
+
+    if images is not None and images < 1:
+        raise ValueError(f"the number of images must be >= 1, got {images}")
+    if name == "photos":
+        per = None if images is None else max(1, math.ceil(images / len(DEFAULT_PHOTOS)))
+        ds = photos(split, size=size, patches_per_image=per, seed=seed,
+                    grayscale=channels == 1)
+    else:
+        ds = fit_dataset(get_dataset(name, split=split, seed=seed), size, channels)
+    if images is not None and len(ds) > images:
+        # a deterministic, class-balanced-ish subset: a seeded permutation
+        import torch
+
+        from .data.seeding import derived_generator
+
+        idx = torch.randperm(len(ds), generator=derived_generator("cli-subset", seed, split))
+        idx = idx[:images].sort().values
+        ds = ImageDataset(ds.images[idx], ds.labels[idx], ds.classes, name=ds.name)
+    return ds
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Run ``equivision pretrain`` (see :func:`add_parsers` for the options)."""
+    from .checkpoint import CheckpointError
+    from .ssl import SERConfig, SSLViT, build_method
+    from .ssl.pretrain import PretrainConfig, default_views, pretrain
+    from .ssl.views import patch_aligned_scales
+    from .utils import seed_everything
+
+    if args.image_size % args.patch_size:
+        raise CLIError(
+            f"--image-size {args.image_size} is not a multiple of --patch-size "
+            f"{args.patch_size}; use e.g. --image-size "
+            f"{max(1, args.image_size // args.patch_size) * args.patch_size}")
+    ratio = args.ratio if args.ratio is not None else (0.25 if args.ser else 0.0)
+    if not args.ser and any(v is not None for v in (args.ser_weight, args.ser_layer,
+                                                      args.ser_variant, args.ser_tau)):
+        raise CLIError("--ser-weight/--ser-layer/--ser-variant/--ser-tau need --ser")
+    cls_layer = args.cls_layer if args.cls_layer is not None else max(0, args.depth // 2)
+    seed_everything(args.seed)  # the same initial weights in every process
+    encoder = SSLViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim,
+                     depth=args.depth, heads=args.heads, cls_layer=cls_layer)
+    ser = None
+    if args.ser:
+        overrides: dict[str, Any] = {"weight": 0.5 if args.ser_weight is None
+                                     else args.ser_weight,
+                                     "layer": args.ser_layer,
+                                     "variant": args.ser_variant or "ser"}
+        if args.ser_tau is not None:
+            overrides["tau"] = args.ser_tau
+        ser = SERConfig.paper(args.method, **overrides)
+        if ratio == 0:
+            raise CLIError("--ser with --ratio 0 gives SER no images; use --ratio > 0")
+    method = build_method(args.method, encoder, ser, **parse_kwargs(args.method_args))
+    config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            warmup_epochs=min(args.warmup_epochs, args.epochs),
+                            weight_decay=args.weight_decay, ratio=ratio, seed=args.seed,
+                            device=args.device, amp=args.amp)
+    data = load_images(args.data, "train", args.image_size, args.images, seed=args.data_seed)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # before torchrun's group exists
+    if rank0 and ratio > 0 and patch_aligned_scales(args.image_size, args.patch_size) == [1.0]:
+        print(f"note: {args.image_size} px images with {args.patch_size} px patches have no "
+              "patch-aligned scale; T_eq uses rot90 and flips only")
+    out = Path(args.out)
+    try:
+        with warnings.catch_warnings():  # the note above says it once
+            warnings.filterwarnings("ignore", message="no patch-aligned scale")
+            views = default_views(encoder, ratio) if ratio > 0 else None
+            history = pretrain(method, data, config, out_dir=out, resume=args.resume,
+                               views=views, progress=not args.no_progress)
+    except FileExistsError as err:
+        raise CLIError(f"{err} (add --resume)") from None
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
+    from .ssl.gather import rank_and_world
+
+    if rank_and_world()[0] != 0:
+        return
+    n = len(history["epoch"])
+    loss = history["loss"][-1] if n else float("nan")
+    equiv = history["loss_equiv"][-1] if n else float("nan")
+    print(f"done: {args.method}{' + SER' if ser else ''}, {n} epochs "
+          f"({len(data)} images), loss {loss:.4f}, equivariance loss {equiv:.4f}; "
+          f"checkpoint {out / 'last.pt'}")
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def probe_table(results: dict[str, Any]) -> str:
+    """A plain-text summary of :func:`~equivision.ssl.probe.run_probes`'s result: one line
+    per headline number (classification top-1/top-5, per-block equivariance scores,
+    transformation-prediction accuracy per block, corruption accuracies)."""
+    rows: list[tuple[str, str]] = []
+    for name in ("linear", "knn", "mlp"):
+        r = results.get(name)
+        if r:
+            rows.append((f"{name} top1 / top5", f"{_fmt(r.get('top1'))} / {_fmt(r.get('top5'))}"))
+    eq = results.get("equivariance")
+    if eq:
+        for g, scores in eq["scores"].items():
+            cells = " ".join(f"{s:.3f}" for s in scores)
+            rows.append((f"equivariance {g} (blocks 1..{len(scores)})", cells))
+            rows.append((f"[CLS] invariance {g}", _fmt(eq["cls"].get(g))))
+    tp = results.get("transform_prediction")
+    if tp:
+        for task in ("rotation", "flip"):
+            if task in tp:
+                cells = " ".join(f"{a:.3f}" for a in tp[task]["per_layer"])
+                rows.append((f"predict {task} (blocks; [CLS])",
+                             f"{cells}; {tp[task]['cls']:.3f} (chance {tp[task]['chance']:.2f})"))
+    cr = results.get("corruptions")
+    if cr:
+        rows.append(("corruptions clean", _fmt(cr.get("clean"))))
+        for key in ("mean_appearance", "mean_geometric", "mean_all"):
+            rows.append((f"corruptions {key.replace('_', ' ')}", _fmt(cr.get(key))))
+    width = max((len(k) for k, _ in rows), default=10)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Run ``equivision probe`` (see :func:`add_parsers` for the options)."""
+    from .measure import write_atomic
+    from .ssl.pretrain import load_pretrained
+    from .ssl.probe import PROBES, run_probes
+
+    which = [w.strip() for w in args.probes.split(",") if w.strip()]
+    bad = [w for w in which if w not in PROBES]
+    if bad or not which:
+        raise CLIError(f"unknown probe(s) {bad or which}; choose from {','.join(PROBES)}")
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.exists():
+        raise CLIError(f"no checkpoint {str(path)!r}; pass the last.pt written by "
+                       "`equivision pretrain`")
+    encoder, info = load_pretrained(path)
+    size = encoder.image_size
+    tr = load_images(args.data, "train", size, args.images, seed=1)
+    te = load_images(args.data, "test", size, args.test_images, seed=1)
+    steps = {"steps": args.steps}
+    options: dict[str, dict[str, Any]] = {
+        "linear": steps, "mlp": steps, "transform_prediction": steps,
+        "corruptions": {**steps, **({"severities": args.severities} if args.severities
+                                    else {})}}
+    results = run_probes(encoder, tr, te, which=which, device=args.device,
+                         options={k: v for k, v in options.items() if k in which})
+    ser = info.get("ser_config")
+    head = (f"{info.get('method_name')}{' + SER' if ser else ''}, epoch {info.get('epoch')}, "
+            f"encoder {info.get('encoder_config')}; probed on {args.data} "
+            f"({len(tr)} train / {len(te)} test images)")
+    print(head)
+    print(probe_table(results))
+    if args.json:
+        payload = {"checkpoint": str(path), "data": args.data, "n_train": len(tr),
+                   "n_test": len(te), "method": info.get("method_name"),
+                   "method_kwargs": info.get("method_kwargs"), "ser": ser,
+                   "encoder": info.get("encoder_config"), "epoch": info.get("epoch"),
+                   "probes": results}
+        write_atomic(args.json, json.dumps(payload, indent=1, default=str))
+        print(f"wrote {args.json}")
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``pretrain`` and ``probe`` to the ``equivision`` sub-command parser ``sub``."""
+    p = sub.add_parser(
+        "pretrain", help="self-supervised pretraining of a small ViT (MoCo-v3/DINO/Barlow "
+        "Twins, +/- SER)",
+        description="Pretrain an SSLViT with a self-supervised method, optionally with Soft "
+        "Equivariance Regularization; writes OUT/last.pt, log.csv, steps.csv. Runs under "
+        "torchrun (the batch is sharded).")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method-args", help="method constructor arguments, e.g. "
+                   "proj_dim=64,hidden=256")
+    p.add_argument("--ser", action="store_true", help="add the SER term")
+    p.add_argument("--ser-weight", type=_finite, default=None, help="lambda (default 0.5)")
+    p.add_argument("--ser-layer", type=_ser_layer, default=None,
+                   help="block 1..depth, 'all', or 'cls' (default: the [CLS] layer)")
+    p.add_argument("--ser-variant", choices=["ser", "augself", "equimod"], default=None)
+    p.add_argument("--ser-tau", type=_finite, default=None,
+                   help="SER temperature (default 0.5 for dino, else 0.3)")
+    p.add_argument("--ratio", type=_finite, default=None,
+                   help="fraction r of each batch with equivariant views (default 0.25 with "
+                   "--ser, else 0)")
+    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_finite, default=5e-4)
+    p.add_argument("--warmup-epochs", type=_finite, default=2.0)
+    p.add_argument("--weight-decay", type=_finite, default=0.1)
+    p.add_argument("--image-size", type=_positive_int, default=32)
+    p.add_argument("--patch-size", type=_positive_int, default=4)
+    p.add_argument("--dim", type=_positive_int, default=192)
+    p.add_argument("--depth", type=_positive_int, default=6)
+    p.add_argument("--heads", type=_positive_int, default=3)
+    p.add_argument("--cls-layer", type=int, default=None,
+                   help="insert [CLS] after this block (default depth // 2)")
+    p.add_argument("--data", default="photos", help="photos (default) or a built-in dataset")
+    p.add_argument("--images", "--max-images", dest="images", type=_positive_int,
+                   default=None, help="use at most N pretraining images")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the photo patches")
+    p.add_argument("--out", required=True, help="directory for last.pt, log.csv, steps.csv")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    q = sub.add_parser(
+        "probe", help="probe a pretrained SSL encoder (k-NN, linear, equivariance, ...)",
+        description="Load the encoder of an `equivision pretrain` checkpoint and run probes; "
+        "prints a summary and optionally writes all numbers as JSON.")
+    q.add_argument("--checkpoint", required=True, help="OUT/last.pt of `equivision pretrain`")
+    q.add_argument("--data", default="digits", choices=PROBE_DATA,
+                   help="digits (10 classes, fitted to the encoder) or photos (8 classes)")
+    q.add_argument("--probes", default="linear,knn",
+                   help="comma list of linear,knn,mlp,equivariance,transform_prediction,"
+                   "corruptions (default linear,knn)")
+    q.add_argument("--images", "--max-images", dest="images", type=_positive_int,
+                   default=None, help="at most N training images for the probes")
+    q.add_argument("--test-images", type=_positive_int, default=None,
+                   help="at most N test images")
+    q.add_argument("--steps", type=_positive_int, default=300,
+                   help="optimizer steps of the trained probes (default 300)")
+    q.add_argument("--severities", type=lambda s: [int(v) for v in s.split(",")],
+                   default=None, help="corruption severities, e.g. 1,3,5 (default 1..5)")
+    q.add_argument("--json", help="write all results to this JSON file (atomically)")
+    q.add_argument("--device", default="auto")
+    q.set_defaults(func=cmd_probe)

@@ -1,0 +1,152 @@
+"""`equivision pretrain` / `equivision probe` end to end on tiny sizes, the methods'
+recorded constructor arguments, and the SER demo section at a tiny size."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from equivision.checkpoint import load_checkpoint
+from equivision.cli import main
+from equivision.ssl import SSLViT, build_method
+from equivision.ssl.pretrain import load_method
+
+TINY = ["--image-size", "16", "--patch-size", "4", "--dim", "32", "--depth", "3", "--heads",
+        "2", "--cls-layer", "1", "--images", "32", "--batch-size", "16", "--epochs", "1",
+        "--method-args", "proj_dim=16,hidden=32", "--no-progress"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli-ssl") / "run"
+    rc = main(["pretrain", "--method", "mocov3", "--ser", "--ser-weight", "0.7", "--ratio",
+               "0.5", "--out", str(run), *TINY])
+    assert rc == 0
+    return run
+
+
+@pytest.mark.parametrize("sub", ["pretrain", "probe"])
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    assert "usage: equivision " + sub in capsys.readouterr().out
+
+
+def test_pretrain_writes_a_checkpoint_that_round_trips(pretrained):
+    for name in ("last.pt", "log.csv", "steps.csv"):
+        assert (pretrained / name).exists()
+    ckpt = load_checkpoint(pretrained / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["method_name"] == "mocov3"
+    assert ckpt["ser_config"]["weight"] == pytest.approx(0.7)
+    assert ckpt["config"]["ratio"] == pytest.approx(0.5)
+    assert ckpt["encoder_config"]["dim"] == 32 and ckpt["encoder_config"]["cls_layer"] == 1
+    # every constructor argument is recorded, so no method_kwargs= is needed to rebuild it
+    assert ckpt["method_kwargs"] == {"proj_dim": 16, "hidden": 32, "tau": 0.2,
+                                     "momentum": 0.99}
+    method, info = load_method(pretrained / "last.pt")
+    state = method.state_dict()
+    assert state.keys() == ckpt["model"].keys()
+    assert all(torch.equal(state[k], ckpt["model"][k]) for k in state)
+    assert method.projector[0].out_features == 32
+
+
+def test_probe_prints_a_table_and_writes_json(pretrained, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    rc = main(["probe", "--checkpoint", str(pretrained / "last.pt"), "--data", "digits",
+               "--probes", "linear,knn,equivariance", "--images", "48", "--test-images",
+               "24", "--steps", "10", "--json", str(out), "--device", "cpu"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "mocov3 + SER, epoch 1" in text
+    assert "knn top1 / top5" in text and "equivariance rot90 (blocks 1..3)" in text
+    d = json.loads(out.read_text())
+    assert d["n_train"] == 48 and d["n_test"] == 24 and d["method"] == "mocov3"
+    for name in ("linear", "knn"):
+        assert 0.0 <= d["probes"][name]["top1"] <= d["probes"][name]["top5"] <= 1.0
+    scores = d["probes"]["equivariance"]["scores"]
+    assert set(scores) == {"rot90", "hflip", "scale"}
+    assert all(len(v) == 3 and all(-1.0 <= s <= 1.0 for s in v) for v in scores.values())
+    assert not list(tmp_path.glob(".probe.json.*"))  # no temporary file left behind
+
+
+def test_resume_refuses_a_changed_config(pretrained, capsys):
+    rc = main(["pretrain", "--method", "mocov3", "--ser", "--ser-weight", "0.7", "--ratio",
+               "0.5", "--out", str(pretrained), "--resume", *TINY, "--lr", "0.01"])
+    assert rc == 2
+    err = _one_error_line(capsys)
+    assert err.startswith("equivision pretrain: error:") and "config.lr" in err
+
+
+def test_existing_run_without_resume_is_refused(pretrained, capsys):
+    before = (pretrained / "last.pt").stat().st_mtime_ns
+    assert main(["pretrain", "--method", "mocov3", "--out", str(pretrained), *TINY]) == 2
+    assert "--resume" in _one_error_line(capsys)
+    assert (pretrained / "last.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--image-size", "18"], "not a multiple of --patch-size 4"),
+    (["--ser-weight", "2"], "need --ser"),
+    (["--ser", "--ratio", "0"], "--ratio > 0"),
+])
+def test_bad_pretrain_options_give_one_line(tmp_path, capsys, argv, needle):
+    rc = main(["pretrain", "--method", "dino", "--out", str(tmp_path / "x"), *TINY, *argv])
+    assert rc == 2
+    assert needle in _one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_probe_errors(tmp_path, capsys):
+    assert main(["probe", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint" in _one_error_line(capsys)
+    assert main(["probe", "--checkpoint", str(tmp_path), "--probes", "linear,magic"]) == 2
+    assert "magic" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("mocov3", {"proj_dim": 8, "hidden": 16}),
+    ("dino", {"out_dim": 12, "hidden": 16, "bottleneck": 8}),
+    ("barlow", {"proj_dim": 8, "hidden": 16, "lambd": 0.01}),
+])
+def test_methods_record_their_kwargs(name, kwargs):
+    enc = SSLViT(image_size=8, patch_size=4, dim=8, depth=2, heads=1, cls_layer=1)
+    method = build_method(name, enc, **kwargs)
+    assert kwargs.items() <= method.method_kwargs.items()
+    twin = build_method(name, SSLViT(image_size=8, patch_size=4, dim=8, depth=2, heads=1,
+                                     cls_layer=1), **method.method_kwargs)
+    assert twin.method_kwargs == method.method_kwargs
+    assert [p.shape for p in twin.parameters()] == [p.shape for p in method.parameters()]
+
+
+def test_section_ser_tiny(tmp_path):
+    from equivision.demo import DemoContext
+    from equivision.ssl.demo import SERDemoSizes, section_ser
+
+    sizes = SERDemoSizes(image_size=8, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1,
+                         images=32, epochs=1, batch_size=16, probe_train=40, probe_test=20,
+                         eq_images=8)
+    ctx = DemoContext(out=tmp_path, device="cpu", progress=False)
+    text = section_ser(ctx, sizes)
+    assert "| MoCo-v3 |" in text and "| MoCo-v3 + SER |" in text
+    assert "| random init (no pretraining) |" in text
+    assert "Pretrained under" in text
+    runs = sorted(p.name for p in (tmp_path / "ser-demo").iterdir())
+    assert len(runs) == 2 and runs[0].endswith("-base") and runs[1].endswith("-ser")
+    res = ctx.artifacts["ser"]["results"]
+    assert res["MoCo-v3"]["loss_equiv"] == 0.0  # no SER term without SER
+    assert math.isfinite(res["MoCo-v3 + SER"]["loss_equiv"])
+    assert res["MoCo-v3 + SER"]["loss_equiv"] > 0
+    # a second run reuses both checkpoints and gives the same numbers
+    again = section_ser(ctx, sizes)
+    assert "Reused the cached checkpoints" in again
+    res2 = ctx.artifacts["ser"]["results"]
+    for name in res:
+        assert res2[name]["knn"] == res[name]["knn"]
