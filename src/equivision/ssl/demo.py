@@ -62,8 +62,8 @@ _HEADS = {"proj_dim": 64, "hidden": 256}  # small MoCo-v3 projector / predictor
 def _pretrained(out: Path, sizes: SERDemoSizes, ser: bool, device: str, progress: bool
                 ) -> tuple[Any, dict[str, Any], bool]:
     """Pretrain (or reuse) one run; returns ``(encoder, history, cached)``."""
-    from ..cli_ssl import load_images
     from ..utils import seed_everything
+    from .data import load_images
     from .methods import SERConfig, build_method
     from .pretrain import PretrainConfig, default_views, load_pretrained, pretrain
     from .vit import SSLViT
@@ -102,8 +102,8 @@ def ser_demo_runs(out: Path, sizes: SERDemoSizes | None = None, device: str = "a
         the random init), "cached": bool,
         "seconds": float}``; the random init is the encoder both runs start from.
     """
-    from ..cli_ssl import load_images
     from ..utils import seed_everything
+    from .data import load_images
     from .probe import equivariance_scores, extract_features, knn_probe
     from .vit import SSLViT
 

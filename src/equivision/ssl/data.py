@@ -1,0 +1,46 @@
+"""Datasets for pretraining and probing: photograph patches or a built-in dataset fitted
+to the encoder's input size."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["load_images"]
+
+
+def load_images(name: str, split: str, size: int, images: int | None = None, seed: int = 0,
+                channels: int = 3) -> Any:
+    """A built-in dataset as an :class:`~equivision.data.ImageDataset` of
+    ``(N, channels, size, size)`` images in ``[0, 1]`` (at most ``images`` of them).
+
+    ``photos`` cuts ``size`` px patches of the bundled photographs (``images`` spread evenly
+    over them; default 80 per photograph for train, 20 for test); any other registered
+    dataset (e.g. ``digits``) is built at its own size and fitted with
+    :func:`equivision.ssl.probe.fit_dataset` (zero-padded or resized, channels repeated).
+
+    Raises:
+        ValueError: unknown dataset name or ``images < 1``.
+    """
+    from ..data import ImageDataset, get_dataset, photos
+    from ..data.builtin import DEFAULT_PHOTOS
+    from .probe import fit_dataset
+
+    if images is not None and images < 1:
+        raise ValueError(f"the number of images must be >= 1, got {images}")
+    if name == "photos":
+        per = None if images is None else max(1, math.ceil(images / len(DEFAULT_PHOTOS)))
+        ds = photos(split, size=size, patches_per_image=per, seed=seed,
+                    grayscale=channels == 1)
+    else:
+        ds = fit_dataset(get_dataset(name, split=split, seed=seed), size, channels)
+    if images is not None and len(ds) > images:
+        # a deterministic, class-balanced-ish subset: a seeded permutation
+        import torch
+
+        from ..data.seeding import derived_generator
+
+        idx = torch.randperm(len(ds), generator=derived_generator("cli-subset", seed, split))
+        idx = idx[:images].sort().values
+        ds = ImageDataset(ds.images[idx], ds.labels[idx], ds.classes, name=ds.name)
+    return ds
