@@ -165,17 +165,18 @@ def section_studies(ctx: DemoContext) -> str:
     study trains tens of models, too long for the demo."""
     import shutil
 
-    cached = Path(__file__).resolve().parents[2] / "docs" / "figures" / "le-task-quick.png"
+    cached = Path(__file__).resolve().parents[2] / "docs" / "figures" / "le-task.png"
     lines = ["## Does a symmetric task make early layers equivariant? (cached study)", ""]
-    how = ("`experiments/learned_equivariance.py task --quick` (cnn7 on digits6 and its "
-           "rotation-invariant and rotation-equivariant variants, 2 seeds, 6 epochs), run on "
-           "2026-11-25; numbers and caveats in `docs/results.md`.")
+    how = ("`experiments/learned_equivariance.py task` (cnn7 on digits6 and its "
+           "rotation-invariant and rotation-equivariant variants, 3 seeds, 15 epochs), run on "
+           "2026-11-26; numbers and caveats in `docs/results.md`.")
     if not cached.exists():
         return "\n".join(lines + [f"No cached result found; run {how}"])
     shutil.copyfile(cached, ctx.out / cached.name)
     return "\n".join(lines + [
         f"From cached results made by {how} Rotation equivariance falls with depth for "
-        "every task; the task's symmetry shows only from the Late part on.", "",
+        "every task and rises after the pooling where the task imposes the symmetry; the "
+        "tasks differ little before the Late part.", "",
         f"![task study]({cached.name})"])
 
 
