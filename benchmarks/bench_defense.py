@@ -1,7 +1,8 @@
 """Cost of the equivariance defense (Algorithm 1) against its floor, and batched views
 against the reference loop.
 
-Printed for the digits classifier (``cnn-small``, 1x28x28, random weights) and the
+Printed for the digits classifier (``cnn-small``, 1x28x28, random weights, features: its
+last conv map ``features.relu3``) and the
 ``segmenter`` (3x32x32, random weights; features: its ``logits`` layer before
 upsampling), at batch 1 and 32, with the paper's K = 8 transformations
 (:func:`~equivision.robust.defenses.default_transforms`; resizes rounded to multiples
@@ -110,7 +111,7 @@ def main() -> None:
     print(f"T = {args.steps} steps, K = 8 transformations, {args.threads} thread(s), "
           f"max_batch={max_batch!r}, median of {args.repeats}")
     for batch in (int(b) for b in args.batches.split(",")):
-        bench("cnn-small", cnn, "logits", (1, 28, 28), default_transforms(1), batch,
+        bench("cnn-small", cnn, "features.relu3", (1, 28, 28), default_transforms(1), batch,
               args.steps, args.repeats, max_batch)
         bench("segmenter", seg, "logits", (3, 32, 32), default_transforms(3, multiple=4),
               batch, args.steps, args.repeats, max_batch)
