@@ -51,7 +51,7 @@ def test_token_map_at_L_ignores_cls_and_later_blocks():
     before = vit(x)
     with torch.no_grad():
         vit.cls_token.add_(1.0)
-        vit.blocks[2].mlp[0].weight.mul_(3.0)
+        vit.blocks[2].mlp.fc1.weight.mul_(3.0)
         vit.norm.weight.mul_(2.0)
     after = vit(x)
     assert torch.equal(before.tokens, after.tokens)

@@ -154,6 +154,9 @@ class GroupConv2d(nn.Module):
         k = ks[0]
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, self.in_group_size, k, k))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        #: smallest input (h, w) with an output of at least 1 x 1: d(k-1)+1 - 2p per axis
+        self._min_input = tuple(d * (kk - 1) + 1 - 2 * p for kk, p, d in
+                                zip(self.kernel_size, self.padding, self.dilation))
         self.register_buffer("flat_index", self._flat_index(bank_index(group, in_group, k)),
                              persistent=False)
         self.register_buffer("bias_index", torch.arange(out_channels).repeat_interleave(
@@ -208,10 +211,7 @@ class GroupConv2d(nn.Module):
                 f"{self._name()} expects a group feature map (B, {self.in_channels}, "
                 f"G={self.group_size}, H, W) for group {self.group!r}, got shape "
                 f"{tuple(x.shape)}")
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
-                                                  self.dilation)
-        if (output_size(x.shape[-2], kh, sh, ph, dh) < 1
-                or output_size(x.shape[-1], kw, sw, pw, dw) < 1):
+        if x.shape[-2] < self._min_input[0] or x.shape[-1] < self._min_input[1]:
             check_output_size(self._name(), (x.shape[-2], x.shape[-1]), self.kernel_size,
                               self.stride, self.padding, self.dilation)
 

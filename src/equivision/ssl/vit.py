@@ -13,46 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Attention", "Block", "SSLViT", "ViTOutput"]
+from ..models.vit import ViTBlock
 
-
-class Attention(nn.Module):
-    """Multi-head self-attention on ``(B, N, D)`` tokens."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, N, D)`` -> ``(B, N, D)``."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, N, D)`` -> ``(B, N, D)``."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+__all__ = ["SSLViT", "ViTOutput"]
 
 
 @dataclass
@@ -114,7 +79,8 @@ class SSLViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, side * side, dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        # the same pre-norm block as the supervised ViT (models/vit.py)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm_l = nn.LayerNorm(dim)
         self.norm = nn.LayerNorm(dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
