@@ -39,6 +39,11 @@ def seeds(args) -> list[int]:
     return list(range(args.seeds if args.seeds else (2 if args.quick else 3)))
 
 
+def study_seeds(args) -> list[int]:
+    """Seeds of the width and arch studies: one at --quick, three in full, or --seeds N."""
+    return seeds(args) if args.seeds else seeds(args)[:1 if args.quick else 3]
+
+
 def study(args, name: str, groups: dict[str, list[RunSpec]], transforms: str, title: str,
           margin: int = 0) -> dict:
     runs = {label: [train_and_measure(s, args.root, transforms, args.images, args.device,
@@ -83,7 +88,7 @@ def width_specs(args) -> dict[str, list[RunSpec]]:
     widths = (1, 2, 4) if args.quick else (1, 2, 4, 8)
     return {f"WRN-{depth}-{w}": [RunSpec("wrn40", "digits", seed=s, size=32, epochs=ep,
                                          model_kwargs={"depth": depth, "width": w})
-                                 for s in seeds(args)[:1 if args.quick else 3]]
+                                 for s in study_seeds(args)]
             for w in widths}
 
 
@@ -94,7 +99,7 @@ def cmd_width(args) -> None:
 
 def arch_specs(args) -> dict[str, list[RunSpec]]:
     ep = 6 if args.quick else 15
-    sd = seeds(args)[:1 if args.quick else 3]
+    sd = study_seeds(args)
     small = {"dim": 64, "depth": 4} if args.quick else {}
     return {
         "cnn7": [RunSpec("cnn7", "digits", seed=s, size=28, epochs=ep) for s in sd],
