@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .cnn import _check_int, _check_prob
 from .registry import register_model
-from .vit import MLP, PatchEmbed, _check_patching, _check_ratio, _check_tokens_input
+from .vit import MLP, PatchEmbed, _check_ratio, _check_tokens_input, _init_token_model
 
 __all__ = ["MixerBlock", "TokenAvgPool", "Mixer", "mixer_small"]
 
@@ -87,16 +86,10 @@ class Mixer(nn.Module):
         name: str = "mixer-small",
     ) -> None:
         super().__init__()
-        side = _check_patching(name, image_size, patch_size)
-        self.image_size, self.patch_size = image_size, patch_size
-        self.in_channels = _check_int(name, "in_channels", in_channels, 1)
-        self.num_classes = _check_int(name, "num_classes", num_classes, 1)
-        self.dim = _check_int(name, "dim", dim, 1)
-        self.depth = _check_int(name, "depth", depth, 1)
+        side = _init_token_model(self, name, image_size, patch_size, in_channels, num_classes,
+                                 dim, depth, dropout)
         self.token_mlp_ratio = _check_ratio(name, "token_mlp_ratio", token_mlp_ratio)
         self.mlp_ratio = _check_ratio(name, "mlp_ratio", mlp_ratio)
-        self.dropout = _check_prob(name, dropout)
-        self.model_name = name
         n = side * side
         token_hidden = max(1, round(dim * self.token_mlp_ratio))
         channel_hidden = max(1, round(dim * self.mlp_ratio))

@@ -57,6 +57,22 @@ def _check_ratio(model: str, name: str, value: object) -> float:
     return float(value)
 
 
+def _init_token_model(model: nn.Module, name: str, image_size: int, patch_size: int,
+                      in_channels: int, num_classes: int, dim: int, depth: int,
+                      dropout: float) -> int:
+    """Check and store the arguments every patch-token classifier (ViT, Mixer) shares;
+    returns the side of the patch grid (``image_size / patch_size``)."""
+    side = _check_patching(name, image_size, patch_size)
+    model.image_size, model.patch_size = image_size, patch_size
+    model.in_channels = _check_int(name, "in_channels", in_channels, 1)
+    model.num_classes = _check_int(name, "num_classes", num_classes, 1)
+    model.dim = _check_int(name, "dim", dim, 1)
+    model.depth = _check_int(name, "depth", depth, 1)
+    model.dropout = _check_prob(name, dropout)
+    model.model_name = name
+    return side
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens: a ``patch_size``-strided convolution, flattened.
 
@@ -172,18 +188,12 @@ class ViT(nn.Module):
         name: str = "vit-small",
     ) -> None:
         super().__init__()
-        side = _check_patching(name, image_size, patch_size)
-        self.image_size, self.patch_size = image_size, patch_size
-        self.in_channels = _check_int(name, "in_channels", in_channels, 1)
-        self.num_classes = _check_int(name, "num_classes", num_classes, 1)
-        self.dim = _check_int(name, "dim", dim, 1)
-        self.depth = _check_int(name, "depth", depth, 1)
+        side = _init_token_model(self, name, image_size, patch_size, in_channels, num_classes,
+                                 dim, depth, dropout)
         self.heads = _check_int(name, "heads", heads, 1)
         if dim % heads:
             raise ValueError(f"{name}: dim ({dim}) must be divisible by heads ({heads})")
         self.mlp_ratio = _check_ratio(name, "mlp_ratio", mlp_ratio)
-        self.dropout = _check_prob(name, dropout)
-        self.model_name = name
         self.patch_embed = PatchEmbed(in_channels, dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + side * side, dim))

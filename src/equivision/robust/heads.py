@@ -19,7 +19,7 @@ Heads are plain ``nn.Module``: cache them with ``head.state_dict()`` and rebuild
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -209,6 +209,23 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _prepare_head(
+    model: nn.Module, layer: str, dataset: Dataset, head: nn.Module | None,
+    build: Callable[[int, int], nn.Module], grid: int,
+) -> tuple[FeatureExtractor, torch.device, nn.Module]:
+    """Shared set-up of the head trainers: the frozen ``model`` in eval mode, an extractor
+    of ``layer``, its device, and ``head`` (or ``build(channels, pool grid)`` sized from one
+    image of ``dataset``; vector layers get pool grid 1) on that device."""
+    model.eval()
+    extractor = FeatureExtractor(model, layer)
+    device = _device_of(model)
+    if head is None:
+        sample = _image_of(dataset[0]).unsqueeze(0).to(device)
+        channels, spatial = feature_channels(model, layer, sample)
+        head = build(channels, grid if spatial else 1)
+    return extractor, device, head.to(device)
+
+
 def train_rotation_head(
     model: nn.Module,
     layer: str,
@@ -232,14 +249,8 @@ def train_rotation_head(
     Returns:
         The trained head (``head.history``: the training history).
     """
-    model.eval()
-    extractor = FeatureExtractor(model, layer)
-    device = _device_of(model)
-    if head is None:
-        sample = _image_of(dataset[0]).unsqueeze(0).to(device)
-        channels, spatial = feature_channels(model, layer, sample)
-        head = RotationHead(channels, hidden, grid if spatial else 1)
-    head.to(device)
+    extractor, device, head = _prepare_head(
+        model, layer, dataset, head, lambda c, pool: RotationHead(c, hidden, pool), grid)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adam",
                          weight_decay=0.0, seed=seed, device=str(device))
     history = train(_FrozenBackboneHead(extractor, head), _RotatedSet(dataset), config=config,
@@ -275,14 +286,9 @@ def train_contrastive_head(
     Returns:
         The trained head (``head.history``: mean loss per epoch).
     """
-    model.eval()
-    extractor = FeatureExtractor(model, layer)
-    device = _device_of(model)
-    if head is None:
-        sample = _image_of(dataset[0]).unsqueeze(0).to(device)
-        channels, spatial = feature_channels(model, layer, sample)
-        head = ContrastiveHead(channels, dim, hidden, grid if spatial else 1)
-    head.to(device).train()
+    extractor, device, head = _prepare_head(
+        model, layer, dataset, head, lambda c, pool: ContrastiveHead(c, dim, hidden, pool), grid)
+    head.train()
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     shift, flip = RandomCrop(crop), HorizontalFlip()
 
