@@ -17,6 +17,7 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "preserve_rng_state",
+    "model_device",
 ]
 
 try:  # numpy is a dependency, but keep the helpers usable without it
@@ -169,3 +170,12 @@ def preserve_rng_state() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+def model_device(module: torch.nn.Module, default: str | torch.device = "cpu") -> torch.device:
+    """The device of a module's first parameter (or buffer); ``default`` when it has none."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device(default)

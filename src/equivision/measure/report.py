@@ -6,13 +6,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io import save_png, write_atomic
 from .parts import PARTS
 
 #: Metrics in the order tables and CSV files show them.
@@ -20,39 +19,6 @@ METRICS = (
     "invariance", "equivariance", "invariance_cosine", "equivariance_cosine", "mse", "l1",
     "nmse", "cosine", "activation",
 )
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``; the file
-    gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    """Render a matplotlib figure to PNG, write it atomically and close the figure."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return Path(path)
 
 
 @dataclass
