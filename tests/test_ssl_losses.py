@@ -17,12 +17,12 @@ from equivision.ssl import (
     SERConfig,
     SSLViT,
     ViewSampler,
-    act_on_maps,
     barlow_twins_loss,
     build_method,
     infonce,
 )
 from equivision.transforms import Dihedral, Scale
+from equivision.transforms.elements import act_on_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,6 +5,7 @@ Model (:mod:`.vit`), view policies and the batch partition (:mod:`.views`), loss
 optional SER (:mod:`.methods`).
 """
 
+from ..transforms.elements import act_on_maps, valid_masks
 from .gather import all_reduce_sum, gather_no_grad, gather_with_grad, rank_and_world
 from .losses import (
     AugSelfHead,
@@ -21,11 +22,9 @@ from .views import (
     Photometric,
     ViewBatch,
     ViewSampler,
-    act_on_maps,
     check_patch_aligned,
     geometric_params,
     patch_aligned_scales,
-    valid_masks,
 )
 from .vit import SSLViT, ViTOutput
 

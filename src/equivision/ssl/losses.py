@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..transforms import Transform
+from ..transforms.elements import ElementBatch
 from .gather import all_reduce_sum, gather_no_grad, gather_with_grad, rank_and_world
-from .views import act_on_maps, geometric_params, valid_masks
+from .views import geometric_params
 
 __all__ = [
     "AugSelfHead", "DINOLoss", "EquiModHead", "PatchNTXent", "barlow_twins_loss",
@@ -87,8 +88,9 @@ class PatchNTXent(nn.Module):
                              f"{tuple(tokens1.shape)} and {tuple(tokens2.shape)}")
         m, d, h, w = tokens1.shape
         n = h * w
-        z = act_on_maps(relative, tokens1)
-        valid = valid_masks(relative, (h, w), tokens1.device).reshape(m, n)
+        elements = ElementBatch(relative)
+        z = elements.apply_map(tokens1)
+        valid = elements.valid_masks((h, w), device=tokens1.device).reshape(m, n)
         p1 = F.normalize(self.projector(z.flatten(2).transpose(1, 2)), dim=-1)  # (M, N, E)
         p2 = F.normalize(self.projector(tokens2.flatten(2).transpose(1, 2)), dim=-1)
         all1, all2 = gather_with_grad(p1), gather_with_grad(p2)  # (G, N, E)

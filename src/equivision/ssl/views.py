@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from ..transforms import Compose, Dihedral, Scale, Transform, check_image
+from ..transforms.elements import ElementBatch
 
 __all__ = [
     "BasePolicy", "EquivariantPolicy", "Photometric", "ViewBatch", "ViewSampler",
-    "act_on_maps", "check_patch_aligned", "geometric_params", "patch_aligned_scales",
-    "valid_masks",
+    "check_patch_aligned", "geometric_params", "patch_aligned_scales",
 ]
 
 
@@ -237,8 +237,7 @@ class EquivariantPolicy:
             raise ValueError(f"T_eq was built for {self.image_size} px images, got "
                              f"{tuple(x.shape[-2:])}")
         gs = self.sample(x.shape[0], gen)
-        out = torch.cat([g.apply_image(x[i: i + 1]) for i, g in enumerate(gs)]) if gs else x
-        return self.photometric(out, gen), gs
+        return self.photometric(ElementBatch(gs).apply_image(x), gen), gs
 
 
 def _clean(t: Transform) -> Transform:
@@ -264,30 +263,6 @@ def geometric_params(t: Transform) -> tuple[int, bool, float, float]:
         else:
             raise TypeError(f"not an element of T_eq's geometric group: {p!r}")
     return k, flip, sx, sy
-
-
-# ---------------------------------------------------------------------------------
-# actions on batches of maps
-# ---------------------------------------------------------------------------------
-def act_on_maps(elements: Sequence[Transform], maps: Tensor) -> Tensor:
-    """Apply ``elements[i]`` to ``maps[i]``: ``(M, D, h, w)`` -> ``(M, D, h, w)``.
-
-    Flips and 90° rotations permute tokens; scaling resamples the grid with the same
-    operator (:class:`~equivision.transforms.Scale`, bilinear about the centre) as the
-    images.  Differentiable."""
-    if len(elements) != maps.shape[0]:
-        raise ValueError(f"{len(elements)} elements for {maps.shape[0]} maps")
-    if maps.shape[0] == 0:
-        return maps
-    return torch.cat([g.apply_map(maps[i: i + 1]) for i, g in enumerate(elements)])
-
-
-def valid_masks(elements: Sequence[Transform], shape: tuple[int, int],
-                device: torch.device | str | None = None) -> Tensor:
-    """``(M, h, w)`` bool: positions of ``g·map`` that come from inside the map."""
-    if not elements:
-        return torch.zeros(0, *shape, dtype=torch.bool, device=device)
-    return torch.stack([g.valid_mask(shape, device=device) for g in elements])
 
 
 # ---------------------------------------------------------------------------------
