@@ -9,22 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from equivision import augment
 from equivision.augment import (
     AUGMENTATIONS,
-    Compose,
+    AugmentPipeline,
     CutMix,
     HorizontalFlip,
     RandAugment,
     RandomCrop,
     build_augment,
     cutmix,
-    hflip,
     none,
     randaugment,
     random_crop,
+    random_hflip,
 )
 from equivision.models import create_model
+from equivision.registry import Registry, UnknownNameError
 from equivision.train import TrainConfig, TrainError, train
+from equivision.transforms import Dihedral, Translation
 
 
 def batch(n=8, c=1, size=12, seed=0):
@@ -80,10 +83,10 @@ def test_crop_zero_padding_is_identity_and_range_kept():
     assert out.min() >= 0 and out.max() <= 1
 
 
-def test_hflip_flips_some_images_and_is_seeded():
+def test_random_hflip_flips_some_images_and_is_seeded():
     x = batch(32)
     torch.manual_seed(0)
-    out = hflip(x)
+    out = random_hflip(x)
     flipped = [torch.equal(out[b], x[b].flip(-1)) for b in range(32)]
     kept = [torch.equal(out[b], x[b]) for b in range(32)]
     assert all(f or k for f, k in zip(flipped, kept))
@@ -182,7 +185,7 @@ def test_randaugment_grayscale_runs_every_operation():
 
 def test_build_augment_parses_and_composes():
     aug = build_augment("crop,flip")
-    assert isinstance(aug, Compose) and aug.takes_labels
+    assert isinstance(aug, AugmentPipeline) and aug.takes_labels
     assert [type(a) for a in aug.augmentations] == [RandomCrop, HorizontalFlip]
     aug = build_augment("random_crop:2, hflip:0.25, cutmix:0.5:1, randaugment:1:5", 10)
     crop, flip, mix, ra = aug.augmentations
@@ -296,3 +299,34 @@ def test_cli_train_with_augment(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown augmentation 'mixup'" in err and "randaugment" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_random_geometry_is_per_image_elements():
+    x = batch(12)
+    crop, flip = RandomCrop(3), HorizontalFlip(0.5)
+    torch.manual_seed(5)
+    shifts = crop.elements(12)
+    torch.manual_seed(5)
+    out = crop(x)
+    assert all(isinstance(g, Translation) for g in shifts)
+    assert all(-3 <= g.dx <= 3 and -3 <= g.dy <= 3 for g in shifts)
+    for b, g in enumerate(shifts):  # each image moved by its own translation
+        assert torch.equal(out[b: b + 1], g.apply_image(x[b: b + 1]))
+    torch.manual_seed(6)
+    mirrors = flip.elements(12)
+    torch.manual_seed(6)
+    out = flip(x)
+    assert set(mirrors) <= {Dihedral(0), Dihedral(0, True)}
+    for b, g in enumerate(mirrors):
+        assert torch.equal(out[b: b + 1], g.apply_image(x[b: b + 1]))
+
+
+def test_augmentation_names_use_the_registry():
+    assert isinstance(AUGMENTATIONS, Registry)
+    assert AUGMENTATIONS.get("CROP").usage == "crop[:PAD]"
+    assert AUGMENTATIONS.describe()["cutmix"] == "cutmix[:ALPHA[:P]]"
+    with pytest.raises(UnknownNameError, match="Did you mean 'flip'") as err:
+        build_augment("crop,flpi")
+    assert isinstance(err.value, KeyError) and "valid: crop[:PAD]" in str(err.value)
+    # one name, one meaning: the fixed transformations keep hflip / Compose
+    assert not hasattr(augment, "hflip") and not hasattr(augment, "Compose")

@@ -22,19 +22,33 @@ spec             augmentation
 ===============  ===================================================================
 
 ``random_crop`` and ``hflip`` are accepted for ``crop`` and ``flip``. :func:`build_augment`
-parses a comma-separated spec such as ``"crop,flip"`` or ``"crop,flip,cutmix"`` and composes
-the augmentations in the order given.
+parses a comma-separated spec such as ``"crop,flip"`` or ``"crop,flip,cutmix"`` and chains
+the augmentations in the order given (an :class:`AugmentPipeline`); the names are looked up
+in :data:`AUGMENTATIONS`, a :class:`~equivision.registry.Registry`.
+
+The geometric randomness is per image: :class:`RandomCrop` and :class:`HorizontalFlip`
+draw one :class:`~equivision.transforms.Translation` / :class:`~equivision.transforms.Dihedral`
+element per image (their ``elements`` method) and act through an
+:class:`~equivision.transforms.elements.ElementBatch`, which keeps the work batched.
+
+The augmentation functions are named ``random_*`` so that they do not clash with the
+fixed transformations of :mod:`equivision.transforms` (``transforms.hflip()`` is the
+mirror element; ``augment.random_hflip(x)`` mirrors each image with probability ``p``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .registry import Registry, UnknownNameError, suggest
+from .transforms import Dihedral, Translation
+from .transforms.elements import ElementBatch
 
 __all__ = [
     "RandomCrop",
@@ -42,13 +56,14 @@ __all__ = [
     "CutMix",
     "RandAugment",
     "Identity",
-    "Compose",
+    "AugmentPipeline",
     "random_crop",
-    "hflip",
+    "random_hflip",
     "cutmix",
     "randaugment",
     "none",
     "build_augment",
+    "AugmentEntry",
     "AUGMENTATIONS",
 ]
 
@@ -92,19 +107,19 @@ class RandomCrop:
         left = torch.randint(0, 2 * self.padding + 1, (batch,))
         return top, left
 
+    def elements(self, batch: int) -> ElementBatch:
+        """``batch`` random crops as translations: the crop at offset ``(top, left)`` of
+        the padded image is ``Translation(padding - left, padding - top)`` with zero fill."""
+        top, left = self.offsets(batch)
+        p = self.padding
+        return ElementBatch(Translation(p - c, p - r) for r, c in zip(top.tolist(), left.tolist()))
+
     def __call__(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         _check_images(x, "crop")
         if self.padding == 0:
             return x
-        b, _, h, w = x.shape
-        p = self.padding
-        top, left = (t.to(x.device) for t in self.offsets(b))
-        padded = F.pad(x, (p, p, p, p))
-        rows = (top[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-        cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
-        idx = torch.arange(b, device=x.device)[:, None, None]
-        return padded.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2).contiguous()
+        return self.elements(x.shape[0]).apply_image(x).contiguous()
 
     def __repr__(self) -> str:
         return f"RandomCrop(padding={self.padding})"
@@ -121,11 +136,16 @@ class HorizontalFlip:
     def __init__(self, p: float = 0.5) -> None:
         self.p = _check_prob("flip", p)
 
+    def elements(self, batch: int) -> ElementBatch:
+        """``batch`` random elements: ``Dihedral(0, flip=True)`` (the mirror) with
+        probability ``p``, else the identity."""
+        flips = (torch.rand(batch) < self.p).tolist()
+        return ElementBatch(Dihedral(0, f) for f in flips)
+
     def __call__(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         _check_images(x, "flip")
-        flip = (torch.rand(x.shape[0]) < self.p).to(x.device)
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self.elements(x.shape[0]).apply_image(x)
 
     def __repr__(self) -> str:
         return f"HorizontalFlip(p={self.p})"
@@ -292,7 +312,7 @@ class CutMix:
         return f"CutMix(alpha={self.alpha}, p={self.p}, num_classes={self.num_classes})"
 
 
-class Compose:
+class AugmentPipeline:
     """Apply augmentations in order. Takes and returns ``(images, labels)``
     (``takes_labels = True``); image-only augmentations pass the labels through.
 
@@ -315,7 +335,7 @@ class Compose:
         return x, y
 
     def __repr__(self) -> str:
-        return f"Compose({self.augmentations!r})"
+        return f"AugmentPipeline({self.augmentations!r})"
 
 
 # ----------------------------------------------------------------------------- functions
@@ -326,7 +346,7 @@ def random_crop(x: Tensor, padding: int = 4) -> Tensor:
     return RandomCrop(padding)(x)
 
 
-def hflip(x: Tensor, p: float = 0.5) -> Tensor:
+def random_hflip(x: Tensor, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability ``p``: (B, C, H, W) -> same."""
     return HorizontalFlip(p)(x)
 
@@ -393,19 +413,52 @@ def _make_none(args: list[str], num_classes: int | None) -> Identity:
     return Identity()
 
 
-#: spec name -> (builder, maximum number of ``:``-separated arguments, usage)
-AUGMENTATIONS: dict[str, tuple[Callable[[list[str], int | None], Any], int, str]] = {
-    "crop": (_make_crop, 1, "crop[:PAD]"),
-    "flip": (_make_flip, 1, "flip[:P]"),
-    "cutmix": (_make_cutmix, 2, "cutmix[:ALPHA[:P]]"),
-    "randaugment": (_make_randaugment, 2, "randaugment[:N[:M]]"),
-    "none": (_make_none, 0, "none"),
-}
+class AugmentEntry(NamedTuple):
+    """A registered augmentation: ``build(args, num_classes)`` makes it from the
+    ``:``-separated arguments of its spec item (at most ``max_args``); ``usage`` is the
+    item's grammar, e.g. ``"crop[:PAD]"``."""
+
+    build: Callable[[list[str], int | None], Any]
+    max_args: int
+    usage: str
+
+
+#: the augmentations of :func:`build_augment`, by spec name
+AUGMENTATIONS: Registry[AugmentEntry] = Registry("augmentation", normalize=str.lower)
+for _name, _entry in (
+    ("crop", AugmentEntry(_make_crop, 1, "crop[:PAD]")),
+    ("flip", AugmentEntry(_make_flip, 1, "flip[:P]")),
+    ("cutmix", AugmentEntry(_make_cutmix, 2, "cutmix[:ALPHA[:P]]")),
+    ("randaugment", AugmentEntry(_make_randaugment, 2, "randaugment[:N[:M]]")),
+    ("none", AugmentEntry(_make_none, 0, "none")),
+):
+    AUGMENTATIONS.add(_name, _entry, description=_entry.usage)
 _ALIASES = {"random_crop": "crop", "hflip": "flip", "rand_augment": "randaugment"}
 
 
-def build_augment(spec: str | None, num_classes: int | None = None) -> Compose:
-    """Parse an augmentation spec and compose the augmentations in the order given.
+def _lookup(item: str, spec: str) -> tuple[str, AugmentEntry, list[str]]:
+    """``(name, entry, args)`` of one spec item such as ``"crop:4"``.
+
+    Raises:
+        UnknownNameError: an unknown name, with did-you-mean suggestions and the grammar.
+        ValueError: too many arguments.
+    """
+    name, *args = (part.strip() for part in item.split(":"))
+    name = _ALIASES.get(name.lower(), name.lower())
+    if name not in AUGMENTATIONS:
+        valid = ", ".join(e.usage for e in map(AUGMENTATIONS.get, AUGMENTATIONS))
+        raise UnknownNameError(
+            f"unknown augmentation {item!r} in {spec!r}."
+            f"{suggest(name, AUGMENTATIONS.list() + list(_ALIASES))} valid: {valid}")
+    entry = AUGMENTATIONS.get(name)
+    if len(args) > entry.max_args:
+        raise ValueError(
+            f"augmentation {item!r} takes at most {entry.max_args} argument(s): {entry.usage}")
+    return name, entry, args
+
+
+def build_augment(spec: str | None, num_classes: int | None = None) -> AugmentPipeline:
+    """Parse an augmentation spec and chain the augmentations in the order given.
 
     Args:
         spec: comma-separated names with optional ``:``-separated arguments, e.g.
@@ -415,37 +468,30 @@ def build_augment(spec: str | None, num_classes: int | None = None) -> Compose:
         num_classes: width of CutMix's soft targets (None: inferred per batch).
 
     Returns:
-        A :class:`Compose` taking and returning ``(images, labels)``, ready for
+        An :class:`AugmentPipeline` taking and returning ``(images, labels)``, ready for
         ``train(..., augment=...)``.
 
     Raises:
-        ValueError: an unknown name (the message lists the valid ones), a repeated name, bad
+        ValueError: an unknown name (:class:`~equivision.registry.UnknownNameError`: the
+            message suggests close names and lists the valid ones), a repeated name, bad
             arguments, or ``none`` combined with others.
     """
     if spec is None:
-        return Compose([])
+        return AugmentPipeline([])
     if not isinstance(spec, str):
         raise ValueError(f"augmentation spec must be a string, got {type(spec).__name__}")
     if not spec.strip():
-        return Compose([])
-    items = [s.strip() for s in spec.split(",")]
+        return AugmentPipeline([])
     names: list[str] = []
     augs = []
-    valid = ", ".join(usage for _, _, usage in AUGMENTATIONS.values())
-    for item in items:
+    for item in (s.strip() for s in spec.split(",")):
         if not item:
             raise ValueError(f"empty item in augmentation spec {spec!r}")
-        name, *args = item.split(":")
-        name = _ALIASES.get(name.strip().lower(), name.strip().lower())
-        if name not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {item!r} in {spec!r}; valid: {valid}")
-        builder, max_args, usage = AUGMENTATIONS[name]
-        if len(args) > max_args:
-            raise ValueError(f"augmentation {item!r} takes at most {max_args} argument(s): {usage}")
+        name, entry, args = _lookup(item, spec)
         if name in names:
             raise ValueError(f"augmentation {name!r} appears twice in {spec!r}")
         names.append(name)
-        augs.append(builder([a.strip() for a in args], num_classes))
+        augs.append(entry.build(args, num_classes))
     if "none" in names and len(names) > 1:
         raise ValueError(f"'none' cannot be combined with other augmentations: {spec!r}")
-    return Compose([a for a in augs if not isinstance(a, Identity)])
+    return AugmentPipeline([a for a in augs if not isinstance(a, Identity)])
