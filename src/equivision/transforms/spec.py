@@ -1,4 +1,10 @@
-"""Parse transformation lists written on the command line.
+"""Transformations in one form: parse spec strings, accept ``Transform`` objects.
+
+:func:`as_transforms` is what every part calls: it takes a spec string such as
+``"rot90,flip,shift:1-8"``, a single :class:`~equivision.transforms.Transform`, or a
+sequence mixing both, and returns a list of transformations. Entry names are kept in
+:data:`TRANSFORMATIONS`, a :class:`~equivision.registry.Registry` (unknown names get
+did-you-mean suggestions).
 
 Grammar (entries separated by commas or spaces)::
 
@@ -19,17 +25,15 @@ Grammar (entries separated by commas or spaces)::
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+from ..registry import Registry, UnknownNameError, suggest
 from .affine import Rotation, Scale
 from .base import Transform
 from .dihedral import Dihedral, hflip, identity, vflip
 from .photometric import ColorJitter
 from .translation import Translation
-
-NAMES = (
-    "identity", "rot90[:k,...]", "hflip", "vflip", "flip", "d4", "shift:A-B", "shiftx:A-B",
-    "shifty:A-B", "rotate:DEG", "scale:S[xS]", "jitter:B/C/S/H",
-)
 
 
 def _range(text: str, entry: str) -> list[int]:
@@ -55,51 +59,90 @@ def _split(spec: str) -> list[str]:
     return out
 
 
+def _rot90(arg: str, entry: str) -> list[Transform]:
+    ks = [int(k) for k in arg.split(",")] if arg else [1, 2, 3]
+    return [Dihedral(k) for k in ks]
+
+
+def _d4(arg: str, entry: str) -> list[Transform]:
+    return [Dihedral(k, f) for f in (False, True) for k in range(4) if (k, f) != (0, False)]
+
+
+def _shifts(direction: tuple[int, int]) -> Callable[[str, str], list[Transform]]:
+    """Builder of ``shift*:A-B``: ``Translation(d * ux, d * uy)`` for ``d`` in the range."""
+
+    def build(arg: str, entry: str) -> list[Transform]:
+        if not arg:
+            raise ValueError(f"{entry!r} needs a range, e.g. shift:1-8")
+        return [Translation(d * direction[0], d * direction[1]) for d in _range(arg, entry)]
+
+    return build
+
+
+def _scale(arg: str, entry: str) -> list[Transform]:
+    sx, _, sy = arg.lower().partition("x")
+    return [Scale(float(sx), float(sy) if sy else None)]
+
+
+def _jitter(arg: str, entry: str) -> list[Transform]:
+    vals = [float(v) for v in arg.split("/")] if arg else []
+    defaults = [0.0, 1.0, 1.0, 0.0]
+    if len(vals) > 4:
+        raise ValueError("jitter takes at most 4 values B/C/S/H")
+    return [ColorJitter(*(vals + defaults[len(vals):]))]
+
+
+class SpecEntry(NamedTuple):
+    """A transformation name of the spec grammar: ``build(arg, entry)`` expands the entry
+    (``arg`` is the text after the colon); ``usage`` is its grammar, e.g. ``"shift:A-B"``."""
+
+    build: Callable[[str, str], list[Transform]]
+    usage: str
+
+
+#: the entry names of the spec grammar
+TRANSFORMATIONS: Registry[SpecEntry] = Registry("transformation", normalize=str.lower)
+for _name, _entry in (
+    ("identity", SpecEntry(lambda a, e: [identity()], "identity")),
+    ("rot90", SpecEntry(_rot90, "rot90[:k,...]")),
+    ("hflip", SpecEntry(lambda a, e: [hflip()], "hflip")),
+    ("vflip", SpecEntry(lambda a, e: [vflip()], "vflip")),
+    ("flip", SpecEntry(lambda a, e: [hflip(), vflip()], "flip")),
+    ("d4", SpecEntry(_d4, "d4")),
+    ("shift", SpecEntry(_shifts((1, 1)), "shift:A-B")),
+    ("shiftx", SpecEntry(_shifts((1, 0)), "shiftx:A-B")),
+    ("shifty", SpecEntry(_shifts((0, 1)), "shifty:A-B")),
+    ("rotate", SpecEntry(lambda a, e: [Rotation(float(a))], "rotate:DEG")),
+    ("scale", SpecEntry(_scale, "scale:S[xS]")),
+    ("jitter", SpecEntry(_jitter, "jitter:B/C/S/H")),
+):
+    TRANSFORMATIONS.add(_name, _entry, description=_entry.usage)
+
+#: the grammar of each entry, in the order of the module docstring
+NAMES: tuple[str, ...] = tuple(
+    TRANSFORMATIONS.get(n).usage for n in (
+        "identity", "rot90", "hflip", "vflip", "flip", "d4", "shift", "shiftx", "shifty",
+        "rotate", "scale", "jitter"))
+
+
 def parse_transform_entry(entry: str) -> list[Transform]:
-    """Expand one entry of the grammar above into transformations."""
+    """Expand one entry of the grammar above into transformations.
+
+    Raises:
+        UnknownNameError: an unknown name (a ``ValueError``; did-you-mean suggestions).
+        ValueError: a bad argument.
+    """
     name, _, arg = entry.partition(":")
-    name = name.lower()
+    if name not in TRANSFORMATIONS:
+        raise UnknownNameError(
+            f"unknown transformation {entry!r}.{suggest(name.lower(), TRANSFORMATIONS.list())} "
+            f"valid entries: {', '.join(NAMES)}")
     try:
-        if name == "identity":
-            return [identity()]
-        if name == "rot90":
-            ks = [int(k) for k in arg.split(",")] if arg else [1, 2, 3]
-            return [Dihedral(k) for k in ks]
-        if name == "hflip":
-            return [hflip()]
-        if name == "vflip":
-            return [vflip()]
-        if name == "flip":
-            return [hflip(), vflip()]
-        if name == "d4":
-            return [Dihedral(k, f) for f in (False, True) for k in range(4) if (k, f) != (0, False)]
-        if name in ("shift", "shiftx", "shifty"):
-            if not arg:
-                raise ValueError("needs a range, e.g. shift:1-8")
-            ds = _range(arg, entry)
-            if name == "shift":
-                return [Translation(d, d) for d in ds]
-            if name == "shiftx":
-                return [Translation(d, 0) for d in ds]
-            return [Translation(0, d) for d in ds]
-        if name == "rotate":
-            return [Rotation(float(arg))]
-        if name == "scale":
-            sx, _, sy = arg.lower().partition("x")
-            return [Scale(float(sx), float(sy) if sy else None)]
-        if name == "jitter":
-            vals = [float(v) for v in arg.split("/")] if arg else []
-            defaults = [0.0, 1.0, 1.0, 0.0]
-            if len(vals) > 4:
-                raise ValueError("jitter takes at most 4 values B/C/S/H")
-            return [ColorJitter(*(vals + defaults[len(vals):]))]
+        return TRANSFORMATIONS.get(name).build(arg, entry)
     except ValueError as err:
         if "could not convert" in str(err) or "invalid literal" in str(err):
             raise ValueError(f"bad argument in transformation {entry!r}: {err}") from None
         raise
-    raise ValueError(
-        f"unknown transformation {entry!r}; valid entries: {', '.join(NAMES)}"
-    )
 
 
 def parse_transforms(spec: str | list[str]) -> list[Transform]:
@@ -113,3 +156,51 @@ def parse_transforms(spec: str | list[str]) -> list[Transform]:
             if t not in out:
                 out.append(t)
     return out
+
+
+TransformSpec = str | Transform | Sequence[str | Transform]
+
+
+def as_transforms(spec: TransformSpec) -> list[Transform]:
+    """Transformations in one form: a list of :class:`Transform`.
+
+    Args:
+        spec: a spec string (``"rot90,flip,shift:1-8"``, grammar above), one
+            :class:`Transform`, or a sequence of Transforms and/or spec strings. Strings
+            expand as in :func:`parse_transforms` (repeated entries dropped); Transforms
+            are kept as given, in order.
+
+    Returns:
+        A new, non-empty list of transformations.
+
+    Raises:
+        TypeError: something that is neither a string nor a Transform (a Transform class
+            rather than an instance, a tensor, a number, ``None``...).
+        ValueError: an empty spec or sequence, an unknown name (with did-you-mean
+            suggestions) or a bad argument.
+    """
+    if isinstance(spec, str):
+        return parse_transforms(spec)
+    if isinstance(spec, Transform):
+        return [spec]
+    if not isinstance(spec, Sequence):
+        raise TypeError(_not_a_transform(spec, "transformations"))
+    out: list[Transform] = []
+    for i, item in enumerate(spec):
+        if isinstance(item, str):
+            out.extend(parse_transforms(item))
+        elif isinstance(item, Transform):
+            out.append(item)
+        else:
+            raise TypeError(_not_a_transform(item, f"item {i} of the transformations"))
+    if not out:
+        raise ValueError(f"no transformation given; valid entries: {', '.join(NAMES)}")
+    return out
+
+
+def _not_a_transform(item: object, what: str) -> str:
+    hint = ""
+    if isinstance(item, type) and issubclass(item, Transform):
+        hint = f"; pass an instance such as {item.__name__}(...), not the class"
+    return (f"{what} must be a spec string such as 'rot90,flip,shift:1-8', a Transform or "
+            f"a sequence of them, got {type(item).__name__}{hint}")
