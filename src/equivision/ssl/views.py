@@ -146,9 +146,8 @@ class BasePolicy:
         boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
                              torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
         out = KT.crop_and_resize(x, boxes.to(x.device, x.dtype), (h, w))
-        flip = _coin(b, self.flip_p, gen).to(x.device)
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-        return self.photometric(out, gen)
+        flips = ElementBatch(Dihedral(0, f) for f in _coin(b, self.flip_p, gen).tolist())
+        return self.photometric(flips.apply_image(out), gen)
 
 
 def patch_aligned_scales(
