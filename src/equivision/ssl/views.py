@@ -11,6 +11,9 @@
   T_eq (both views), the rest T; it returns a :class:`ViewBatch` with
   ``relative = g2 ∘ g1⁻¹`` per equivariant image, so that ``g(view1) ≈ view2``.
 
+Per-image elements (the views' flips, rotations and scalings) act through
+:class:`equivision.transforms.elements.ElementBatch`, batched by equal elements.
+
 All randomness comes from the ``torch.Generator`` passed to ``__call__`` (CPU
 generator; the images may live on any device), so views are reproducible.
 """
