@@ -11,9 +11,9 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..io import write_atomic
 from ..transforms import Transform
 from .engine import measure
-from .report import write_atomic
 
 
 class EquivarianceErrorCallback:
