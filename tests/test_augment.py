@@ -24,7 +24,7 @@ from equivision.augment import (
     random_crop,
 )
 from equivision.models import create_model
-from equivision.train import TrainConfig, TrainError, train
+from equivision.training import TrainConfig, TrainError, train
 
 
 def batch(n=8, c=1, size=12, seed=0):

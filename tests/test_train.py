@@ -21,7 +21,7 @@ from equivision.checkpoint import (
 )
 from equivision.models import create_model
 from equivision.models.cnn import SmallCNN
-from equivision.train import HISTORY_KEYS, TrainConfig, TrainError, evaluate, train
+from equivision.training import HISTORY_KEYS, TrainConfig, TrainError, evaluate, train
 from equivision.utils import (
     DeviceError,
     get_rng_state,
