@@ -207,6 +207,21 @@ def test_resume_with_other_architecture(tmp_path):
               resume=True, progress=False)
 
 
+def test_resume_with_other_settings_warns_naming_them(tmp_path):
+    torch.manual_seed(0)
+    train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"differing keys: optimizer: 'sgd' -> 'adam'"):
+        train(small(), Pairs(16), config=quiet(epochs=2, optimizer="adam"), out_dir=tmp_path,
+              resume=True, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before  # a refused resume writes nothing
+    with pytest.warns(UserWarning, match=r"lr \(0\.05 -> 0\.1\).*steps per epoch \(2 -> 3"):
+        train(small(), Pairs(24), config=quiet(epochs=2, lr=0.1), out_dir=tmp_path,
+              resume=True, progress=False)
+    with open(tmp_path / "log.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
 def test_resume_from_corrupt_checkpoint(tmp_path):
     torch.manual_seed(0)
     train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)

@@ -292,7 +292,7 @@ def model_from_checkpoint(path: PathLike, map_location: Any = "cpu") -> nn.Modul
     """Rebuild the model stored in a checkpoint and load its weights; returned in eval mode.
 
     Needs a checkpoint that records ``model_name`` and ``model_kwargs`` (written by
-    :func:`equivision.train.train` for models made with ``create_model``).
+    :func:`equivision.training.train` for models made with ``create_model``).
 
     Raises:
         CheckpointError: unreadable checkpoint, no model name recorded, unknown model name or

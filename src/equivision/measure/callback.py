@@ -23,7 +23,7 @@ class EquivarianceErrorCallback:
     {part: {...}}}``. With ``path`` the history is also written (JSON, atomically)
     after every epoch.
 
-    Use with :func:`equivision.train.train` (``callbacks=[cb]``).
+    Use with :func:`equivision.training.train` (``callbacks=[cb]``).
     """
 
     def __init__(self, data: Dataset, transforms: Sequence[Transform] | str = "rot90",
