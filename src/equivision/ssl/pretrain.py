@@ -1,10 +1,12 @@
 """Self-supervised pretraining of an SSL method (MoCo-v3, DINO, Barlow Twins, +/- SER).
 
-:func:`pretrain` runs the loop: every step takes a batch of images, draws two views per image
-with a :class:`~equivision.ssl.views.ViewSampler` (the first ``round(r * B)`` images use the
-equivariant policy that feeds SER), calls ``method(view_batch)`` for the losses, and updates
-with AdamW (linear warm-up then cosine learning rate; optional cosine weight-decay schedule;
-gradient clipping; bf16 autocast on CUDA). After every epoch it writes, on rank 0 only:
+:func:`pretrain` drives the shared training runner (:func:`equivision.training.run`) with
+a :class:`PretrainTask`, which holds only what is SSL's own: every step takes a batch of
+images, draws two views per image with a :class:`~equivision.ssl.views.ViewSampler` (the
+first ``round(r * B)`` images use the equivariant policy that feeds SER), calls
+``method(view_batch)`` for the losses, and updates with AdamW (linear warm-up then cosine
+learning rate; optional cosine weight-decay schedule; gradient clipping; bf16 autocast on
+CUDA). After every epoch the runner writes, on rank 0 only:
 
 * ``out_dir/last.pt`` -- an atomic checkpoint (:func:`equivision.checkpoint.save_checkpoint`)
   with the method's full state (student, teachers / EMA, projectors, DINO centre), the
@@ -15,7 +17,9 @@ gradient clipping; bf16 autocast on CUDA). After every epoch it writes, on rank 
 
 Resuming (``resume=True``) continues bit-identically: the data order and the views of a step
 are drawn from generators seeded by ``(seed, epoch)`` and ``(seed, step, rank)``, the
-schedules are functions of the step, and the remaining state is in the checkpoint.
+schedules are functions of the step (DINO's teacher temperature included: it is set from the
+step before every step, so the first resumed step uses the scheduled value), and the
+remaining state is in the checkpoint.
 
 Under ``torchrun`` (or any initialised ``torch.distributed`` process group) every process
 takes its share ``batch[rank::world]`` of each global batch, gradients are averaged with
@@ -566,8 +570,6 @@ def pretrain(
     if not isinstance(encoder, nn.Module):
         raise TypeError("method must have a 'backbone' encoder module (an SSLMethod from "
                         "equivision.ssl.methods)")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs the out_dir of the run to resume")
     maybe_init_distributed(config.device)
     world = dist_info()[1]
     images = _images_of(dataset)

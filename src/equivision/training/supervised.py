@@ -389,8 +389,6 @@ def train(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs the out_dir of the run to resume")
     task = SupervisedTask(model, train_set, val_set, config, augment, progress)
     return run(task, RunOptions(epochs=config.epochs, out_dir=out_dir, resume=resume,
                                 callbacks=list(callbacks), progress=progress))
