@@ -29,7 +29,7 @@ import torch
 from equivision.data import get_dataset
 from equivision.models import create_model
 from equivision.robust.attacks import PGD
-from equivision.train import TrainConfig, evaluate, train
+from equivision.training import TrainConfig, evaluate, train
 
 
 def _sync(device: torch.device) -> None:

@@ -47,7 +47,7 @@ from equivision.models import create_model
 from equivision.robust import PGD, default_transforms, train_contrastive_head, train_rotation_head
 from equivision.robust.evaluate import RobustnessResult, evaluate_robustness
 from equivision.robust.registry import save_head
-from equivision.train import TrainConfig, evaluate, train
+from equivision.training import TrainConfig, evaluate, train
 
 # --- scales ------------------------------------------------------------------------------
 # n: test images of tables 1-2; attack_steps: PGD/MIM/CW/Houdini and adaptive; bpda_steps

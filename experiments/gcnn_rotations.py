@@ -29,7 +29,7 @@ from equivision.measure.callback import EquivarianceErrorCallback
 from equivision.models import create_model
 from equivision.rotations import RandomRotation, accuracy_vs_rotation, plot_accuracy_vs_rotation
 from equivision.studies import mean_std
-from equivision.train import TrainConfig, train
+from equivision.training import TrainConfig, train
 from equivision.utils import seed_everything
 
 ANGLES = tuple(range(0, 361, 15))

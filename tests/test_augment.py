@@ -26,7 +26,7 @@ from equivision.augment import (
 )
 from equivision.models import create_model
 from equivision.registry import Registry, UnknownNameError
-from equivision.train import TrainConfig, TrainError, train
+from equivision.training import TrainConfig, TrainError, train
 from equivision.transforms import Dihedral, Translation
 
 

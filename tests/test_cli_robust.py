@@ -11,7 +11,7 @@ from equivision.data import get_dataset
 from equivision.models import create_model
 from equivision.robust.heads import RotationHead
 from equivision.robust.registry import save_head
-from equivision.train import TrainConfig, train
+from equivision.training import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

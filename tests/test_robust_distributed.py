@@ -11,7 +11,7 @@ from torch.utils.data import Subset
 from equivision.data import get_dataset
 from equivision.models import create_model
 from equivision.robust import EquivarianceDefense, evaluate_robustness
-from equivision.train import TrainConfig, train
+from equivision.training import TrainConfig, train
 
 ATTACKS = ["pgd", "bpda-eot"]
 SETTINGS = dict(eps=0.1, steps=2, batch_size=3, repeats=2, eot_samples=2)

@@ -25,7 +25,7 @@ from equivision.robust import (
     save_head,
 )
 from equivision.robust.heads import RotationHead
-from equivision.train import TrainConfig, evaluate, train
+from equivision.training import TrainConfig, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

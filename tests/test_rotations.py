@@ -10,7 +10,7 @@ from equivision.data import circle_crop
 from equivision.measure.callback import EquivarianceErrorCallback
 from equivision.models import create_model
 from equivision.rotations import RandomRotation, accuracy_vs_rotation, plot_accuracy_vs_rotation
-from equivision.train import TrainConfig, train
+from equivision.training import TrainConfig, train
 
 
 def test_random_rotation_distribution_and_crop():

@@ -11,7 +11,6 @@ and files holding anything else are refused.
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .io import write_with
 
 __all__ = [
     "FORMAT",
@@ -70,27 +71,14 @@ def check_weights_only_safe(obj: Any, where: str = "state") -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
     """Atomically write the checkpoint dict ``state`` to ``path``; returns the path.
 
-    The dict is written to a temporary file in the same directory, flushed and fsynced, then
-    moved over ``path`` with ``os.replace``: readers see either the old file or the complete
-    new one, and a failure never leaves a partial file (the temporary file is removed and the
-    exception re-raised). The format marker keys ``format``/``format_version`` are added.
-    Parent directories are created.
+    The dict is written through :func:`equivision.io.write_with` (a temporary file in the
+    same directory, flushed and fsynced, then moved over ``path`` with ``os.replace``):
+    readers see either the old file or the complete new one, and a failure never leaves a
+    partial file (the temporary file is removed and the exception re-raised). The format
+    marker keys ``format``/``format_version`` are added. Parent directories are created.
 
     Raises:
         TypeError: ``state`` is not a dict or holds values that ``weights_only`` loading
@@ -102,24 +90,7 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
     payload["format"] = FORMAT
     payload["format_version"] = FORMAT_VERSION
     check_weights_only_safe(payload, "checkpoint")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_with(path, lambda fh: torch.save(payload, fh))
 
 
 def _magic(path: Path) -> bytes:
@@ -321,7 +292,7 @@ def model_from_checkpoint(path: PathLike, map_location: Any = "cpu") -> nn.Modul
     """Rebuild the model stored in a checkpoint and load its weights; returned in eval mode.
 
     Needs a checkpoint that records ``model_name`` and ``model_kwargs`` (written by
-    :func:`equivision.train.train` for models made with ``create_model``).
+    :func:`equivision.training.train` for models made with ``create_model``).
 
     Raises:
         CheckpointError: unreadable checkpoint, no model name recorded, unknown model name or

@@ -11,9 +11,9 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..io import write_atomic
 from ..transforms import Transform
 from .engine import measure
-from .report import write_atomic
 
 
 class EquivarianceErrorCallback:
@@ -23,7 +23,7 @@ class EquivarianceErrorCallback:
     {part: {...}}}``. With ``path`` the history is also written (JSON, atomically)
     after every epoch.
 
-    Use with :func:`equivision.train.train` (``callbacks=[cb]``).
+    Use with :func:`equivision.training.train` (``callbacks=[cb]``).
     """
 
     def __init__(self, data: Dataset, transforms: Sequence[Transform] | str = "rot90",

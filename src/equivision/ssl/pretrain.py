@@ -1,10 +1,12 @@
 """Self-supervised pretraining of an SSL method (MoCo-v3, DINO, Barlow Twins, +/- SER).
 
-:func:`pretrain` runs the loop: every step takes a batch of images, draws two views per image
-with a :class:`~equivision.ssl.views.ViewSampler` (the first ``round(r * B)`` images use the
-equivariant policy that feeds SER), calls ``method(view_batch)`` for the losses, and updates
-with AdamW (linear warm-up then cosine learning rate; optional cosine weight-decay schedule;
-gradient clipping; bf16 autocast on CUDA). After every epoch it writes, on rank 0 only:
+:func:`pretrain` drives the shared training runner (:func:`equivision.training.run`) with
+a :class:`PretrainTask`, which holds only what is SSL's own: every step takes a batch of
+images, draws two views per image with a :class:`~equivision.ssl.views.ViewSampler` (the
+first ``round(r * B)`` images use the equivariant policy that feeds SER), calls
+``method(view_batch)`` for the losses, and updates with AdamW (linear warm-up then cosine
+learning rate; optional cosine weight-decay schedule; gradient clipping; bf16 autocast on
+CUDA). After every epoch the runner writes, on rank 0 only:
 
 * ``out_dir/last.pt`` -- an atomic checkpoint (:func:`equivision.checkpoint.save_checkpoint`)
   with the method's full state (student, teachers / EMA, projectors, DINO centre), the
@@ -15,7 +17,9 @@ gradient clipping; bf16 autocast on CUDA). After every epoch it writes, on rank 
 
 Resuming (``resume=True``) continues bit-identically: the data order and the views of a step
 are drawn from generators seeded by ``(seed, epoch)`` and ``(seed, step, rank)``, the
-schedules are functions of the step, and the remaining state is in the checkpoint.
+schedules are functions of the step (DINO's teacher temperature included: it is set from the
+step before every step, so the first resumed step uses the scheduled value), and the
+remaining state is in the checkpoint.
 
 Under ``torchrun`` (or any initialised ``torch.distributed`` process group) every process
 takes its share ``batch[rank::world]`` of each global batch, gradients are averaged with
@@ -32,15 +36,13 @@ Example::
 
 from __future__ import annotations
 
-import csv
+import inspect
 import math
 import os
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, is_dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,15 +50,28 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..checkpoint import CheckpointError, check_weights_only_safe, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, check_weights_only_safe, load_checkpoint
 from ..data.seeding import derived_generator
-from ..utils import get_rng_state, resolve_device, seed_everything, set_rng_state
+from ..training.distributed import (
+    broadcast_buffers,
+    broadcast_state,
+    dist_info,
+    maybe_init_distributed,
+    sync_grads,
+)
+from ..training.resume import config_differences
+from ..training.runner import CHECKPOINT_NAME, RunOptions, TrainingTask, run
+from ..utils import resolve_device, seed_everything
+from . import methods
+from .methods import SERConfig, build_method
 from .schedules import cosine, warmup_cosine
+from .views import BasePolicy, EquivariantPolicy, ViewSampler
+from .vit import SSLViT
 
 __all__ = [
     "PretrainConfig",
     "PretrainError",
+    "PretrainTask",
     "pretrain",
     "load_pretrained",
     "load_method",
@@ -67,7 +82,6 @@ __all__ = [
     "STEP_KEYS",
 ]
 
-CHECKPOINT_NAME = "last.pt"
 #: Columns of ``log.csv`` and keys of the returned history.
 EPOCH_KEYS = ("epoch", "step", "lr", "weight_decay", "loss", "loss_ssl", "loss_equiv", "time")
 #: Columns of ``steps.csv``.
@@ -175,24 +189,9 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _maybe_init_distributed(device_hint: str) -> None:
-    """Initialise the default process group from torchrun's environment if needed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return
-    if dist.is_initialized():
-        return
-    cuda = device_hint.startswith("cuda") or (device_hint == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if cuda else "gloo")
-
-
-def _device(config: PretrainConfig) -> torch.device:
-    if config.device == "auto" and torch.cuda.is_available() and _dist()[1] > 1:
+def _device(config: PretrainConfig, world: int) -> torch.device:
+    """The device of this process (``cuda:LOCAL_RANK`` under torchrun with ``"auto"``)."""
+    if config.device == "auto" and torch.cuda.is_available() and world > 1:
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         torch.cuda.set_device(dev)  # NCCL collectives use the current device
         return dev
@@ -218,6 +217,7 @@ def _images_of(dataset: Any) -> Tensor:
 
 
 def _check_fits(images: Tensor, encoder: nn.Module) -> None:
+    """Refuse images ``(N, C, H, W)`` of another size or channel count than the encoder's."""
     size = getattr(encoder, "image_size", None)
     ch = getattr(encoder, "in_channels", None)
     if size is not None and tuple(images.shape[1:]) != (ch, size, size):
@@ -244,11 +244,7 @@ def _plain(value: Any) -> Any:
 def _method_name(method: nn.Module) -> str:
     """The :func:`~equivision.ssl.methods.build_method` name of ``method``'s class, or the
     lower-cased class name for methods outside that registry."""
-    try:
-        from .methods import _METHODS
-    except ImportError:  # pragma: no cover
-        _METHODS = {}
-    for key, cls in _METHODS.items():
+    for key, cls in getattr(methods, "_METHODS", {}).items():
         if type(method) is cls:
             return key
     return type(method).__name__.lower()
@@ -268,47 +264,18 @@ def _method_identity(method: nn.Module, method_kwargs: dict[str, Any] | None
     return out
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any],
-                       ignore: tuple[str, ...] = ()) -> list[str]:
-    """Keys (dotted for nested dicts) whose values differ, as ``"key: saved -> current"``."""
-    a, b = _flatten(saved), _flatten(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in ignore or key in ignore:
-            continue
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if isinstance(va, list) and isinstance(vb, (list, tuple)):
-            vb = list(vb)
-        if va != vb:
-            diffs.append(f"{key}: {va!r} -> {vb!r}")
-    return diffs
-
-
 def default_views(encoder: nn.Module, ratio: float) -> Callable[..., Any]:
     """The standard view sampler for ``encoder``'s image size: the base SSL policy ``T`` for
     ``1 - r`` of each batch and the equivariant policy ``T_eq`` for the first ``r``."""
-    from . import views as V
-
     size = int(getattr(encoder, "image_size", 32))
     patch = int(getattr(encoder, "patch_size", 4))
-    base = _build(V.BasePolicy, image_size=size)
-    eq = _build(V.EquivariantPolicy, image_size=size, patch_size=patch) if ratio > 0 else None
-    return V.ViewSampler(base, eq, ratio)
+    base = _build(BasePolicy, image_size=size)
+    eq = _build(EquivariantPolicy, image_size=size, patch_size=patch) if ratio > 0 else None
+    return ViewSampler(base, eq, ratio)
 
 
 def _build(cls: Any, **kwargs: Any) -> Any:
     """``cls(**kwargs)`` keeping only the keyword arguments its constructor accepts."""
-    import inspect
-
     params = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return cls(**kwargs)
@@ -329,35 +296,8 @@ def _param_groups(method: nn.Module) -> list[dict[str, Any]]:
                                                 "decay": False}]
 
 
-def _sync_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average gradients over processes (missing gradients count as zeros)."""
-    if world <= 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
-def _broadcast_state(method: nn.Module) -> None:
-    """Give every process rank 0's parameters and buffers."""
-    for t in method.state_dict().values():
-        if isinstance(t, Tensor):
-            dist.broadcast(t, 0)
-
-
-def _broadcast_buffers(method: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm statistics, centres) to every process, as DDP does."""
-    for b in method.buffers():
-        dist.broadcast(b, 0)
-
-
 def _scalar(out: dict[str, Any], key: str, device: torch.device) -> Tensor:
+    """``out[key]`` as a detached 0-dim float tensor (0 when absent)."""
     v = out.get(key)
     if v is None:
         return torch.zeros((), device=device)
@@ -365,18 +305,212 @@ def _scalar(out: dict[str, Any], key: str, device: torch.device) -> Tensor:
                                                                        device=device)
 
 
-def _write_csv(path: Path, keys: tuple[str, ...], rows: dict[str, list[Any]]) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(keys)
-            for i in range(len(rows[keys[0]])):
-                w.writerow(["" if rows[k][i] is None else rows[k][i] for k in keys])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _follow_step(method: nn.Module, step: int, total_steps: int) -> None:
+    """Put the method's step-dependent state at ``step``: every submodule with a
+    ``set_progress(step, total_steps)`` (DINO's teacher temperature) is set from the step,
+    so that the first step of a resumed run uses the scheduled value, not the initial one."""
+    for module in method.modules():
+        set_progress = getattr(module, "set_progress", None)
+        if callable(set_progress):
+            set_progress(step, total_steps)
+
+
+class _Schedule:
+    """Learning rate and weight decay as functions of the global step."""
+
+    def __init__(self, config: PretrainConfig, steps_per_epoch: int) -> None:
+        self.config = config
+        self.total_steps = steps_per_epoch * config.epochs
+        self.warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+
+    def lr(self, step: int) -> float:
+        """Linear warm-up then cosine decay from ``lr`` to ``min_lr``."""
+        c = self.config
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, c.lr, c.min_lr)
+
+    def weight_decay(self, step: int) -> float:
+        """Constant, or a cosine to ``weight_decay_end``."""
+        c = self.config
+        if c.weight_decay_end is None:
+            return c.weight_decay
+        return cosine(step, self.total_steps, c.weight_decay, c.weight_decay_end)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class PretrainTask(TrainingTask):
+    """One SSL pretraining run as a :class:`~equivision.training.runner.TrainingTask`:
+    the SSL step (views, method loss, gradient averaging over processes, AdamW with the
+    step's learning rate and weight decay, teacher update), its configuration check and
+    its per-step log ``steps.csv``."""
+
+    log_keys = EPOCH_KEYS
+    required_keys = _CKPT_KEYS
+
+    def __init__(self, method: nn.Module, images: Tensor, config: PretrainConfig,
+                 views: Callable[..., Any] | None, method_kwargs: dict[str, Any] | None,
+                 progress: bool) -> None:
+        self.model = self.method = method
+        self.encoder: nn.Module = method.backbone
+        self.images, self.config = images, config
+        self.rank, self.world = dist_info()
+        self.steps_per_epoch = len(images) // config.batch_size
+        self.schedule = _Schedule(config, self.steps_per_epoch)
+        self.device = _device(config, self.world)
+        self.use_amp = config.amp == "bf16" or (config.amp == "auto"
+                                                and self.device.type == "cuda")
+        self.identity = _method_identity(method, method_kwargs)
+        self.encoder_config = _plain(self.encoder.config()) if hasattr(
+            self.encoder, "config") else {}
+        method.to(self.device)
+        groups = _param_groups(method)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        self.views = default_views(self.encoder, config.ratio) if views is None else views
+        self.step_log: dict[str, list[Any]] = {k: [] for k in STEP_KEYS}
+        self.step = 0
+        self.progress = progress and self.rank == 0
+
+    def start(self) -> None:
+        seed_everything(self.config.seed)
+        if self.world > 1:
+            broadcast_state(self.method)
+
+    def _identity_now(self) -> dict[str, Any]:
+        return {"encoder": self.encoder_config, "method": self.identity["method_name"],
+                "method_kwargs": self.identity["method_kwargs"],
+                "ser": self.identity["ser_config"], "config": _plain(self.config.to_dict())}
+
+    def check_resume(self, ckpt: dict[str, Any], where: str) -> list[str]:
+        saved = {"encoder": ckpt.get("encoder_config"), "method": ckpt.get("method_name"),
+                 "method_kwargs": ckpt.get("method_kwargs"), "ser": ckpt.get("ser_config"),
+                 "config": ckpt.get("config")}
+        diffs = config_differences(saved, self._identity_now(),
+                                   ignore=tuple(f"config.{k}" for k in _RESUME_FREE))
+        if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
+            diffs.append(f"steps_per_epoch: {ckpt.get('steps_per_epoch')!r} -> "
+                         f"{self.steps_per_epoch} (did the dataset or batch size change?)")
+        return diffs
+
+    def restore(self, ckpt: dict[str, Any], where: str) -> None:
+        try:
+            self.method.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{where} does not fit this method/optimizer: {e}") from e
+        for group, fresh in zip(self.optimizer.param_groups, _param_groups(self.method)):
+            group["decay"] = fresh["decay"]
+        self.step_log = {k: list(ckpt.get("steps", {}).get(k, [])) for k in STEP_KEYS}
+        self.step = int(ckpt["step"])
+        old_epochs = (ckpt.get("config") or {}).get("epochs")
+        if old_epochs != self.config.epochs:
+            warnings.warn(f"{where} was started for {old_epochs} epochs, now "
+                          f"{self.config.epochs}: the learning-rate, weight-decay and teacher "
+                          "schedules are stretched to the new length, so the run differs from "
+                          "one planned that way", stacklevel=5)
+
+    def _set_optimizer(self, lr: float, wd: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("decay", True):
+                group["weight_decay"] = wd
+
+    def _losses(self, x: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+        """The method's loss on views of ``x`` and the process-mean of its three parts."""
+        batch = self.views(x, derived_generator("pretrain-views", self.config.seed,
+                                                self.step, self.rank))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            out = self.method(batch)
+        if not isinstance(out, dict) or not isinstance(out.get("loss"), Tensor):
+            raise PretrainError("the method must return a dict with a 'loss' tensor")
+        vals = torch.stack([_scalar(out, k, self.device) for k in
+                            ("loss", "loss_ssl", "loss_equiv")]).double()
+        if self.world > 1:
+            dist.all_reduce(vals)
+            vals /= self.world
+        if not math.isfinite(float(vals[0])):  # checked before the update touches weights
+            raise PretrainError(
+                f"the loss became {float(vals[0])} at step {self.step} (epoch {epoch}); lower "
+                "the learning rate or set grad_clip (the previous epoch's checkpoint is kept)")
+        return out["loss"], vals
+
+    def _update(self, loss: Tensor) -> float:
+        """Backward, average gradients, clip, step; returns the gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(self.params, self.world)
+        if self.config.grad_clip is not None:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in self.params if p.grad is not None])))
+        self.optimizer.step()
+        return grad_norm
+
+    def _train_step(self, x: Tensor, epoch: int) -> list[float]:
+        """One SSL step on this process's images ``x`` ``(B / world, C, H, W)``; returns
+        the process-mean ``[loss, loss_ssl, loss_equiv]``."""
+        lr, wd = self.schedule.lr(self.step), self.schedule.weight_decay(self.step)
+        self._set_optimizer(lr, wd)
+        _follow_step(self.method, self.step, self.schedule.total_steps)
+        loss, vals = self._losses(x, epoch)
+        grad_norm = self._update(loss)
+        on_step_end = getattr(self.method, "on_step_end", None)
+        if on_step_end is not None:
+            on_step_end(self.step, self.schedule.total_steps)
+        if self.world > 1:
+            broadcast_buffers(self.method)
+        v = vals.tolist()
+        row = {"step": self.step, "epoch": epoch, "lr": lr, "weight_decay": wd, "loss": v[0],
+               "loss_ssl": v[1], "loss_equiv": v[2], "grad_norm": grad_norm}
+        for k in STEP_KEYS:
+            self.step_log[k].append(row[k])
+        self.step += 1
+        return v
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.method.train()
+        size = self.config.batch_size
+        order = torch.randperm(len(self.images), generator=derived_generator(
+            "pretrain-order", self.config.seed, epoch))
+        sums = torch.zeros(3, dtype=torch.float64)
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{self.config.epochs}",
+                   leave=False, disable=not self.progress)
+        for b in bar:
+            idx = order[b * size : (b + 1) * size][self.rank::self.world]
+            v = self._train_step(self.images[idx].to(self.device, non_blocking=True), epoch)
+            sums += torch.tensor(v, dtype=torch.float64)
+            if self.progress and b % 10 == 0:
+                bar.set_postfix(loss=f"{v[0]:.4f}", equiv=f"{v[2]:.4f}")
+        means = (sums / self.steps_per_epoch).tolist()
+        last = self.step - 1
+        return {"epoch": epoch, "step": self.step, "lr": self.schedule.lr(last),
+                "weight_decay": self.schedule.weight_decay(last), "loss": means[0],
+                "loss_ssl": means[1], "loss_equiv": means[2], "time": time.perf_counter() - t0}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            **self.identity,
+            "kind": "ssl-pretrain",
+            "model": self.method.state_dict(),
+            "encoder": self.encoder.state_dict(),
+            "encoder_config": self.encoder_config,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world,
+            "config": _plain(self.config.to_dict()),
+            "steps": self.step_log,
+        }
+
+    def extra_logs(self) -> dict[str, tuple[tuple[str, ...], dict[str, list[Any]]]]:
+        return {"steps.csv": (STEP_KEYS, self.step_log)}
+
+    def summary(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "equiv": f"{row['loss_equiv']:.4f}"}
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -436,225 +570,19 @@ def pretrain(
     if not isinstance(encoder, nn.Module):
         raise TypeError("method must have a 'backbone' encoder module (an SSLMethod from "
                         "equivision.ssl.methods)")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs the out_dir of the run to resume")
-    _maybe_init_distributed(config.device)
-    rank, world = _dist()
+    maybe_init_distributed(config.device)
+    world = dist_info()[1]
     images = _images_of(dataset)
     _check_fits(images, encoder)
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
                          f"processes ({world})")
-    steps_per_epoch = len(images) // config.batch_size
-    if steps_per_epoch == 0:
+    if len(images) < config.batch_size:
         raise PretrainError(f"{len(images)} images are fewer than one batch of "
                             f"{config.batch_size}; lower batch_size")
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-    device = _device(config)
-    use_amp = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda")
-    identity = _method_identity(method, method_kwargs)
-    encoder_config = _plain(encoder.config()) if hasattr(encoder, "config") else {}
-
-    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    ckpt: dict[str, Any] | None = None
-    if ckpt_path is not None and ckpt_path.exists():
-        if not resume:
-            raise FileExistsError(
-                f"{str(ckpt_path)!r} already exists; pass resume=True to continue that run or "
-                "choose another out_dir"
-            )
-        ckpt = load_checkpoint(ckpt_path, required_keys=_CKPT_KEYS)
-    elif resume:
-        warnings.warn(f"resume=True but there is no checkpoint {str(ckpt_path)!r}; starting "
-                      "a fresh run", stacklevel=2)
-
-    if ckpt is None:
-        seed_everything(config.seed)
-    method.to(device)
-    groups = _param_groups(method)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
-                                  weight_decay=config.weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    history: dict[str, list[Any]] = {k: [] for k in EPOCH_KEYS}
-    step_log: dict[str, list[Any]] = {k: [] for k in STEP_KEYS}
-    start_epoch, step = 0, 0
-    if ckpt is not None:
-        assert ckpt_path is not None
-        start_epoch, step, history, step_log = _restore(
-            ckpt, ckpt_path, method, optimizer, config, identity, encoder_config,
-            steps_per_epoch, rank, world)
-    elif world > 1:
-        _broadcast_state(method)
-    if views is None:
-        views = default_views(encoder, config.ratio)
-
-    def lr_at(s: int) -> float:
-        return warmup_cosine(s, total_steps, warmup_steps, config.lr, config.min_lr)
-
-    def wd_at(s: int) -> float:
-        if config.weight_decay_end is None:
-            return config.weight_decay
-        return cosine(s, total_steps, config.weight_decay, config.weight_decay_end)
-
-    last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
-    show = progress and rank == 0
-    epoch_bar = tqdm(range(start_epoch, last_epoch), initial=start_epoch, total=config.epochs,
-                     desc="pretrain", disable=not show)
-    for index in epoch_bar:
-        epoch = index + 1
-        t0 = time.perf_counter()
-        method.train()
-        order = torch.randperm(len(images), generator=derived_generator(
-            "pretrain-order", config.seed, epoch))
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=not show)
-        for b in bar:
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size][rank::world]
-            x = images[idx].to(device, non_blocking=True)
-            lr, wd = lr_at(step), wd_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-                if group.get("decay", True):
-                    group["weight_decay"] = wd
-            gen = derived_generator("pretrain-views", config.seed, step, rank)
-            batch = views(x, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = method(batch)
-            if not isinstance(out, dict) or not isinstance(out.get("loss"), Tensor):
-                raise PretrainError("the method must return a dict with a 'loss' tensor")
-            loss = out["loss"]
-            vals = torch.stack([_scalar(out, k, device) for k in
-                                ("loss", "loss_ssl", "loss_equiv")]).double()
-            if world > 1:
-                dist.all_reduce(vals)
-                vals /= world
-            v = vals.tolist()
-            if not math.isfinite(v[0]):  # checked before the update touches the weights
-                raise PretrainError(
-                    f"the loss became {v[0]} at step {step} (epoch {epoch}); lower the learning "
-                    "rate or set grad_clip (the previous epoch's checkpoint is kept)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _sync_grads(params, world)
-            if config.grad_clip is not None:
-                grad_norm = float(nn.utils.clip_grad_norm_(params, config.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in params if p.grad is not None])))
-            optimizer.step()
-            on_step_end = getattr(method, "on_step_end", None)
-            if on_step_end is not None:
-                on_step_end(step, total_steps)
-            if world > 1:
-                _broadcast_buffers(method)
-            sums += vals
-            row = {"step": step, "epoch": epoch, "lr": lr, "weight_decay": wd, "loss": v[0],
-                   "loss_ssl": v[1], "loss_equiv": v[2], "grad_norm": grad_norm}
-            for k in STEP_KEYS:
-                step_log[k].append(row[k])
-            step += 1
-            if show and b % 10 == 0:
-                bar.set_postfix(loss=f"{v[0]:.4f}", equiv=f"{v[2]:.4f}")
-        means = (sums / steps_per_epoch).tolist()
-        erow = {"epoch": epoch, "step": step, "lr": lr_at(step - 1),
-                "weight_decay": wd_at(step - 1), "loss": means[0], "loss_ssl": means[1],
-                "loss_equiv": means[2], "time": time.perf_counter() - t0}
-        for k in EPOCH_KEYS:
-            history[k].append(erow[k])
-        rng = _gather_rng(world)
-        if rank == 0 and ckpt_path is not None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_csv(ckpt_path.parent / "log.csv", EPOCH_KEYS, history)
-            _write_csv(ckpt_path.parent / "steps.csv", STEP_KEYS, step_log)
-            save_checkpoint(ckpt_path, {
-                **identity,
-                "kind": "ssl-pretrain",
-                "model": method.state_dict(),
-                "encoder": encoder.state_dict(),
-                "encoder_config": encoder_config,
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "steps_per_epoch": steps_per_epoch,
-                "world_size": world,
-                "config": _plain(config.to_dict()),
-                "history": history,
-                "steps": step_log,
-                "rng": rng,
-                "equivision_version": __version__,
-            })
-        epoch_bar.set_postfix(loss=f"{means[0]:.4f}", equiv=f"{means[2]:.4f}")
-    epoch_bar.close()
-    return {k: list(v) for k, v in history.items()}
-
-
-def _gather_rng(world: int) -> list[dict[str, Any]]:
-    """Every process's global RNG state (rank order)."""
-    state = get_rng_state()
-    if world <= 1:
-        return [state]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, state)
-    return out
-
-
-def _restore(
-    ckpt: dict[str, Any],
-    path: Path,
-    method: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: PretrainConfig,
-    identity: dict[str, Any],
-    encoder_config: dict[str, Any],
-    steps_per_epoch: int,
-    rank: int,
-    world: int,
-) -> tuple[int, int, dict[str, list[Any]], dict[str, list[Any]]]:
-    """Load a checkpoint into the method and optimizer after checking it fits."""
-    where = f"checkpoint file {str(path)!r}"
-    saved = {"encoder": ckpt.get("encoder_config"), "method": ckpt.get("method_name"),
-             "method_kwargs": ckpt.get("method_kwargs"), "ser": ckpt.get("ser_config"),
-             "config": ckpt.get("config")}
-    now = {"encoder": encoder_config, "method": identity["method_name"],
-           "method_kwargs": identity["method_kwargs"], "ser": identity["ser_config"],
-           "config": _plain(config.to_dict())}
-    diffs = config_differences(saved, now, ignore=tuple(f"config.{k}" for k in _RESUME_FREE))
-    if ckpt.get("steps_per_epoch") != steps_per_epoch:
-        diffs.append(f"steps_per_epoch: {ckpt.get('steps_per_epoch')!r} -> {steps_per_epoch} "
-                     "(did the dataset or batch size change?)")
-    if diffs:
-        raise CheckpointError(
-            f"cannot resume from {where}: it was trained with another configuration; "
-            f"differing keys: {'; '.join(diffs)}. Build the same method / config to resume, "
-            "or pretrain into another out_dir")
-    try:
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{where} does not fit this method/optimizer: {e}") from e
-    for group, fresh in zip(optimizer.param_groups, _param_groups(method)):
-        group["decay"] = fresh["decay"]
-    rng = ckpt["rng"]
-    states = rng if isinstance(rng, list) else [rng]
-    if len(states) != world:
-        warnings.warn(f"{where} was written by {len(states)} process(es), now {world}; every "
-                      "process restores rank 0's RNG state, so the run is not exact",
-                      stacklevel=3)
-    set_rng_state(states[rank] if len(states) == world else states[0])
-    history = {k: list(ckpt["history"][k]) for k in EPOCH_KEYS}
-    step_log = {k: list(ckpt.get("steps", {}).get(k, [])) for k in STEP_KEYS}
-    epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-    old_epochs = (ckpt.get("config") or {}).get("epochs")
-    if old_epochs != config.epochs:
-        warnings.warn(f"{where} was started for {old_epochs} epochs, now {config.epochs}: the "
-                      "learning-rate, weight-decay and teacher schedules are stretched to the "
-                      "new length, so the run differs from one planned that way", stacklevel=3)
-    if epoch >= config.epochs:
-        warnings.warn(f"{where} has already trained {epoch} of {config.epochs} epochs; "
-                      "nothing to do", stacklevel=3)
-    return epoch, step, history, step_log
+    task = PretrainTask(method, images, config, views, method_kwargs, progress)
+    return run(task, RunOptions(epochs=config.epochs, out_dir=out_dir, resume=resume,
+                                stop_after=stop_after, progress=progress, desc="pretrain"))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -680,8 +608,6 @@ def load_pretrained(
     ckpt = load_checkpoint(path, map_location, required_keys=("encoder", "encoder_config"))
     cfg = ckpt["encoder_config"]
     if encoder is None:
-        from .vit import SSLViT
-
         try:
             encoder = SSLViT(**cfg)
         except (TypeError, ValueError) as e:
@@ -711,15 +637,13 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.
     Returns:
         ``(method, info)`` as in :func:`load_pretrained`.
     """
-    from . import methods as M
-
     encoder, info = load_pretrained(path, map_location=map_location)
     ckpt = load_checkpoint(path, map_location, required_keys=("model",))
     ser = info["ser_config"]
-    ser_obj = None if ser is None else _build(M.SERConfig, **ser)
+    ser_obj = None if ser is None else _build(SERConfig, **ser)
     kwargs = dict(info["method_kwargs"] or {})
     try:
-        method = M.build_method(info["method_name"], encoder, ser_obj, **kwargs)
+        method = build_method(info["method_name"], encoder, ser_obj, **kwargs)
         method.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint file {str(path)!r}: cannot rebuild method "

@@ -1,8 +1,7 @@
-"""Training loop, exact resumption, checkpoints and device/seed helpers."""
+"""Supervised training: the loop, exact resumption, its checkpoints, segmentation."""
 
 import csv
 import os
-import pickle
 import random
 
 import numpy as np
@@ -15,20 +14,14 @@ from equivision.checkpoint import (
     FORMAT,
     CheckpointError,
     load_checkpoint,
-    load_model_weights,
     model_from_checkpoint,
     save_checkpoint,
 )
 from equivision.models import create_model
 from equivision.models.cnn import SmallCNN
-from equivision.train import HISTORY_KEYS, TrainConfig, TrainError, evaluate, train
+from equivision.training import HISTORY_KEYS, TrainConfig, TrainError, evaluate, train
 from equivision.utils import (
-    DeviceError,
-    get_rng_state,
-    preserve_rng_state,
-    resolve_device,
     seed_everything,
-    set_rng_state,
 )
 
 
@@ -46,10 +39,6 @@ class Pairs(Dataset):
 
     def __getitem__(self, i):
         return self.x[i], int(self.y[i]) + self.label_offset
-
-
-class Foreign:
-    """An arbitrary class that weights_only loading must refuse."""
 
 
 def small(**kw):
@@ -207,6 +196,21 @@ def test_resume_with_other_architecture(tmp_path):
               resume=True, progress=False)
 
 
+def test_resume_with_other_settings_warns_naming_them(tmp_path):
+    torch.manual_seed(0)
+    train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"differing keys: optimizer: 'sgd' -> 'adam'"):
+        train(small(), Pairs(16), config=quiet(epochs=2, optimizer="adam"), out_dir=tmp_path,
+              resume=True, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before  # a refused resume writes nothing
+    with pytest.warns(UserWarning, match=r"lr \(0\.05 -> 0\.1\).*steps per epoch \(2 -> 3"):
+        train(small(), Pairs(24), config=quiet(epochs=2, lr=0.1), out_dir=tmp_path,
+              resume=True, progress=False)
+    with open(tmp_path / "log.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
 def test_resume_from_corrupt_checkpoint(tmp_path):
     torch.manual_seed(0)
     train(small(), Pairs(16), config=quiet(epochs=1), out_dir=tmp_path, progress=False)
@@ -245,83 +249,6 @@ def test_evaluate_restores_mode_and_rng():
     assert set(res) == {"loss", "accuracy"} and 0 <= res["accuracy"] <= 1
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
-    before = path.read_bytes()
-
-    def broken_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04partial bytes")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
-
-
-def test_save_refuses_unsafe_values(tmp_path):
-    with pytest.raises(TypeError, match="numpy"):
-        save_checkpoint(tmp_path / "x.pt", {"model": {}, "extra": np.zeros(2)})
-    with pytest.raises(TypeError, match="Foreign"):
-        save_checkpoint(tmp_path / "x.pt", {"model": {}, "extra": [Foreign()]})
-    assert os.listdir(tmp_path) == []
-
-
-def test_corrupt_checkpoints_give_clear_errors(tmp_path):
-    good = tmp_path / "good.pt"
-    save_checkpoint(good, {"model": {"w": torch.randn(50, 50)}})
-    cases = {}
-    cases["trunc.pt"] = (good.read_bytes()[:1000], "corrupt or truncated")
-    cases["random.pt"] = (np.random.default_rng(0).bytes(2000), "not a PyTorch checkpoint")
-    cases["empty.pt"] = (b"", "empty")
-    cases["pickle.pt"] = (pickle.dumps(Foreign()), "cannot be loaded with weights_only")
-    for name, (data, _) in cases.items():
-        (tmp_path / name).write_bytes(data)
-    torch.save({"x": Foreign()}, tmp_path / "foreign.pt")
-    cases["foreign.pt"] = (None, "Foreign")
-    torch.save(torch.ones(2), tmp_path / "tensor.pt")
-    cases["tensor.pt"] = (None, "holds a Tensor, not a checkpoint dict")
-    torch.save({"w": torch.ones(2)}, tmp_path / "bare.pt")
-    cases["bare.pt"] = (None, "not an equivision checkpoint")
-    save_checkpoint(tmp_path / "nomodel.pt", {"epoch": 3})
-    cases["nomodel.pt"] = (None, "lacks the key.*'model'")
-    cases["missing.pt"] = (None, "does not exist")
-    for name, (_, message) in cases.items():
-        with pytest.raises(CheckpointError, match=message) as info:
-            load_checkpoint(tmp_path / name)
-        assert name in str(info.value)
-        assert isinstance(info.value, ValueError)
-
-
-def test_load_model_weights(tmp_path):
-    torch.manual_seed(0)
-    src, dst = small(), small()
-    torch.save(src.state_dict(), tmp_path / "bare.pt")
-    load_model_weights(dst, tmp_path / "bare.pt")
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(),
-                                                 dst.state_dict().values()))
-    save_checkpoint(tmp_path / "ck.pt", {"model": small().state_dict()})
-    load_model_weights(dst, tmp_path / "ck.pt")
-    ddp = {"module." + k: v for k, v in src.state_dict().items()}
-    load_model_weights(dst, ddp)
-    with pytest.raises(CheckpointError, match=r"shape mismatches 'features.conv1.weight'") as info:
-        load_model_weights(small(width=4), tmp_path / "bare.pt")
-    assert "'cnn-small' (SmallCNN)" in str(info.value)
-    partial = dict(src.state_dict())
-    partial.pop("fc.bias")
-    partial["extra.weight"] = torch.ones(1)
-    with pytest.raises(CheckpointError, match="missing keys 'fc.bias'.*unexpected keys 'extra"):
-        load_model_weights(dst, partial)
-    with pytest.raises(CheckpointError, match="neither a model state dict"):
-        load_model_weights(dst, {"epoch": 1})
-
 
 def test_model_from_checkpoint(tmp_path):
     torch.manual_seed(0)
@@ -335,42 +262,6 @@ def test_model_from_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not record which model"):
         model_from_checkpoint(tmp_path / "anon.pt")
 
-
-# ----------------------------------------------------------------------------- utils
-
-
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
-    with pytest.raises(DeviceError, match="unknown device"):
-        resolve_device("gpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match="CUDA is not available"):
-            resolve_device("cuda")
-        with pytest.raises(DeviceError, match="CUDA is not available"):
-            resolve_device("cuda:1")
-    else:
-        n = torch.cuda.device_count()
-        with pytest.raises(DeviceError, match="visible"):
-            resolve_device(f"cuda:{n}")
-
-
-def test_seed_and_rng_state():
-    seed_everything(3)
-    a = (random.random(), np.random.rand(), torch.rand(2))
-    seed_everything(3)
-    b = (random.random(), np.random.rand(), torch.rand(2))
-    assert a[:2] == b[:2] and torch.equal(a[2], b[2])
-    state = get_rng_state()
-    with preserve_rng_state():
-        random.random()
-        torch.rand(5)
-    first = (random.random(), np.random.rand(), torch.rand(2))
-    set_rng_state(state)
-    second = (random.random(), np.random.rand(), torch.rand(2))
-    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
-    with pytest.raises(ValueError, match="seed"):
-        seed_everything(-1)
 
 
 # ---------------------------------------------------------------- dense labels (segmentation)
