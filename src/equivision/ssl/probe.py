@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import ImageDataset
+from ..measure.compare import Comparator
 from ..measure.stats import PairStats
-from ..transforms import Transform, hflip, rot90
+from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
+from ..transforms.layout import as_stride
 from ..utils import resolve_device
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 
@@ -377,7 +379,7 @@ def _default_transforms(grid: tuple[int, int]) -> dict[str, Transform]:
 def equivariance_scores(
     encoder: nn.Module,
     dataset: Any,
-    transforms: dict[str, Transform] | None = None,
+    transforms: dict[str, Transform] | Sequence[Transform] | str | None = None,
     batch_size: int = 128,
     max_images: int | None = 512,
     device: str | torch.device | None = None,
@@ -388,13 +390,15 @@ def equivariance_scores(
     ``g x`` and of ``x`` are compared after ``g`` acts on the latter's map (rot90 and flips
     permute tokens exactly; scaling resamples the map bilinearly); the score is the mean over
     images of one global cosine over the ``D x h x w`` valid entries (positions filled with
-    zeros by the action are left out), accumulated with
+    zeros by the action are left out), compared by the comparison core
+    (:class:`~equivision.measure.compare.Comparator`) and accumulated with
     :class:`~equivision.measure.stats.PairStats`. ``"cls"`` holds the cosine between the final
     [CLS] of ``x`` and of ``g x`` (its action is the identity, so this is its invariance).
 
     Args:
-        transforms: name -> Transform (default rot90, hflip and a whole-patch zoom
-            ``Scale((h + 2) / h)`` for an ``h x h`` token grid).
+        transforms: name -> Transform, a list of transformations or a spec string (named
+            by ``Transform.name``); default rot90, hflip and a whole-patch zoom
+            ``Scale((h + 2) / h)`` for an ``h x h`` token grid.
         max_images: use at most this many images (None: all).
 
     Returns:
@@ -408,9 +412,13 @@ def equivariance_scores(
         images = images[:max_images]
     grid = tuple(getattr(encoder, "grid", images.shape[-2:]))
     patch = getattr(encoder, "patch_size", 1)
+    if transforms is not None and not isinstance(transforms, dict):
+        transforms = {t.name: t for t in as_transforms(transforms)}
     transforms = transforms or _default_transforms(grid)  # type: ignore[arg-type]
     stats: dict[str, list[PairStats]] = {}
     cls_stats: dict[str, PairStats] = {}
+    compare = Comparator()
+    layout = Layout("map", as_stride(patch))
     with _Frozen(encoder):
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(dev)
@@ -422,9 +430,9 @@ def equivariance_scores(
                     stats[name] = [PairStats(m.shape[1]) for m in maps]
                     cls_stats[name] = PairStats(base.cls.shape[1])
                 for st, fx, fgx in zip(stats[name], maps, moved.token_maps or []):
-                    mask = g.valid_mask(tuple(fx.shape[-2:]), patch, device=fx.device)
-                    st.update(fgx.float(), g.apply_map(fx.float(), patch), mask)
-                cls_stats[name].update(moved.cls.float(), base.cls.float())
+                    compare.accumulate(st, fgx.float(), fx.float(), g, layout)
+                compare.accumulate(cls_stats[name], moved.cls.float(), base.cls.float(), g,
+                                   Layout("vector"))
     depth = len(next(iter(stats.values()), []))
     return {
         "layers": list(range(1, depth + 1)),

@@ -14,6 +14,7 @@ from .layout import (
     size_stride,
     tokens_to_map,
 )
+from .lists import as_transforms
 from .photometric import ColorJitter
 from .resize import Resize
 from .spec import parse_transforms
@@ -21,7 +22,8 @@ from .translation import Translation, shift_zero_fill
 
 __all__ = [
     "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "LayoutError",
-    "Resize", "Rotation", "Scale", "ShapeError", "Transform", "Translation", "check_image",
+    "Resize", "Rotation", "Scale", "ShapeError", "Transform", "Translation", "as_transforms",
+    "check_image",
     "group_elements", "hflip", "identity", "infer_layout", "infer_strides", "local_stride",
     "map_to_tokens", "parse_transforms", "rot90", "rotate_batch", "shift_zero_fill",
     "size_stride", "tokens_to_map", "vflip",
