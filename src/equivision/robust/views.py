@@ -65,8 +65,8 @@ class FeatureExtractor:
 
     Args:
         model: any ``nn.Module`` taking ``(B, C, H, W)``.
-        layer: ``"output"`` for the model output; ``"logits"`` for the submodule of that
-            name when the model has one (the segmenter's class scores before
+        feature_layer: ``"output"`` for the model output; ``"logits"`` for the submodule
+            of that name when the model has one (the segmenter's class scores before
             upsampling, as the released code uses) and the model output otherwise
             (classifier logits); else the name of a submodule as in
             ``model.named_modules()`` (e.g. ``"features.relu3"``).
@@ -75,11 +75,12 @@ class FeatureExtractor:
         ValueError: unknown layer name; the message lists the available names.
     """
 
-    def __init__(self, model: nn.Module, layer: str = "logits") -> None:
-        if not isinstance(layer, str) or not layer:
-            raise TypeError(f"feature layer must be a non-empty string, got {layer!r}")
+    def __init__(self, model: nn.Module, feature_layer: str = "logits") -> None:
+        if not isinstance(feature_layer, str) or not feature_layer:
+            raise TypeError(f"feature layer must be a non-empty string, got {feature_layer!r}")
+        layer = feature_layer
         self.model = model
-        self.layer = layer
+        self.feature_layer = layer
         self.module: nn.Module | None = None
         named = dict(model.named_modules())
         if layer == "logits" and "logits" in named:
@@ -105,7 +106,7 @@ class FeatureExtractor:
         def hook(_m: nn.Module, _inp: object, out: object) -> None:
             t = first_tensor(out)
             if t is None:
-                raise ValueError(f"layer {self.layer!r} returned no tensor")
+                raise ValueError(f"layer {self.feature_layer!r} returned no tensor")
             box.append(t)
             raise _Stop
 
@@ -118,7 +119,7 @@ class FeatureExtractor:
             handle.remove()
         if not box:
             raise ValueError(
-                f"layer {self.layer!r} was not called during the forward pass; "
+                f"layer {self.feature_layer!r} was not called during the forward pass; "
                 "choose a layer that the model uses"
             )
         return box[0]
@@ -235,8 +236,8 @@ def view_cosines(
     ref = feats[0]
     if warn_vector and not pooled and ref.dim() == 2:
         warnings.warn(
-            f"the feature layer {extractor.layer!r} gives vectors {tuple(ref.shape)}: the "
-            "transformations act trivially on them, so the equivariance defense computes "
+            f"the feature layer {extractor.feature_layer!r} gives vectors {tuple(ref.shape)}: "
+            "the transformations act trivially on them, so the equivariance defense computes "
             "the invariance defense's loss; choose a spatial layer (e.g. the last conv "
             "block) as feature_layer for a classifier", UserWarning, stacklevel=4)
     ref_hw = (ref.shape[-2], ref.shape[-1]) if ref.dim() == 4 else None
