@@ -34,7 +34,7 @@ from ..measure.stats import PairStats
 from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
 from ..transforms.layout import as_stride
-from ..utils import resolve_device
+from ..utils import model_device, resolve_device
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 
 __all__ = [
@@ -147,11 +147,6 @@ class _Frozen:
         self.encoder.train(self.was_training)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------- features
 
 
@@ -170,7 +165,7 @@ def extract_features(
     Returns:
         ``features (N, n * D)`` float32 on the CPU and ``labels (N,)`` int64.
     """
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     images, labels = _prepared(encoder, dataset)
     cap = getattr(encoder, "depth", n_last) - getattr(encoder, "cls_layer", 0)
@@ -405,7 +400,7 @@ def equivariance_scores(
         ``{"layers": [1..depth], "scores": {name: [score per block]}, "cls": {name: score},
         "n_images": N}``.
     """
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     images, _ = _prepared(encoder, dataset)
     if max_images is not None:
@@ -498,7 +493,7 @@ def transformation_prediction(
     bad = [t for t in tasks if t not in ("rotation", "flip")]
     if bad:
         raise ValueError(f"unknown task(s) {bad}; choose from 'rotation', 'flip'")
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     tr_images, _ = _prepared(encoder, train_set)
     te_images, _ = _prepared(encoder, test_set)
@@ -537,7 +532,7 @@ def corruption_robustness(
     Returns:
         :func:`~equivision.ssl.corruptions.corruption_accuracy`'s dict.
     """
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     ftr, ytr = extract_features(encoder, train_set, n_last, batch_size, dev)
     head = linear_probe(ftr, ytr, ftr[:1], ytr[:1], steps=steps, seed=seed,
