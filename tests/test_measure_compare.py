@@ -167,3 +167,44 @@ def test_group_cnn_check_goes_through_the_core(monkeypatch):
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False))
     err = exactness.empirical_equivariance_error(net, 7, group="p4", in_channels=1)
     assert len(calls) == 3 and err > 1e-3
+
+
+def test_numbers_unchanged_by_the_core():
+    """Figures of measure() and equivariance_score() from before the comparison core
+    (commit 7ed6089) on a fixed seed: maps, pooling, stride 2, margin, inexact pairs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten()).eval()
+    x = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    rep = measure(net, TensorDataset(x, torch.zeros(6)),
+                  [rot90(), Translation(2, 0), Rotation(20.0)], ["0", "2", "4", "5"],
+                  progress=False, margin=1, batch_size=4)
+    before = [  # (cosine, mse) per (transformation, layer); None: inexact
+        (0.8289861, 0.04443268), (0.9377506, 0.01163008), (0.6880624, 0.0026714),
+        (0.9985707, 1.759e-05), (1.0, 0.0), (1.0, 0.0), (0.995482, 4.239e-05), None,
+        (0.9850991, 0.00415575), (0.984831, 0.00454286), (0.9593141, 0.00035374),
+        (0.9979195, 1.361e-05)]
+    for r, ref in zip(rep.results, before, strict=True):
+        if ref is None:
+            assert not r.exact
+            continue
+        assert r.metrics["cosine"] == pytest.approx(ref[0], abs=2e-7)
+        assert r.metrics["mse"] == pytest.approx(ref[1], abs=2e-8)
+    score = equivariance_score(net, x[:3], [hflip(), Rotation(15.0), Resize(0.6), Resize(2.0)],
+                               "3")
+    torch.testing.assert_close(score, torch.tensor([0.8392909, 0.8625010, 0.8677694]),
+                               atol=1e-6, rtol=0)
+
+
+def test_pair_stats_buffer_rows_follow_merges():
+    p, q = PairStats(2), PairStats(2)
+    a = torch.rand(3, 2, 4, 4)
+    p.update(a, a + 1)
+    q.update(a, a * 2)
+    sa = p.sa
+    p.merge(q)
+    assert p.sa is sa  # still a row of the buffer that the next batch adds to
+    torch.testing.assert_close(p.sa, a.sum(dim=(0, 2, 3)).double() * 2)
+    p.update(a, a)
+    torch.testing.assert_close(p.sa, a.sum(dim=(0, 2, 3)).double() * 3)
