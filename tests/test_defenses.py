@@ -215,17 +215,17 @@ def test_score_is_one_for_exact_flip_equivariance(images):
     for pairing in ("identity", "pairs"):
         s = equivariance_score(_FlipInvariant(), images, [hflip(), hflip()], pairing=pairing)
         torch.testing.assert_close(s, torch.ones(3), atol=1e-6, rtol=0)
-    s = equivariance_score(_flip_equivariant_conv(), images, [hflip()], layer="1")
+    s = equivariance_score(_flip_equivariant_conv(), images, [hflip()], feature_layer="1")
     torch.testing.assert_close(s, torch.ones(3), atol=1e-6, rtol=0)
     # a rotation by 15 degrees is not a symmetry of this conv: score below 1
-    s = equivariance_score(_flip_equivariant_conv(), images, [Rotation(15.0)], layer="1")
+    s = equivariance_score(_flip_equivariant_conv(), images, [Rotation(15.0)], feature_layer="1")
     assert bool((s < 0.999).all())
 
 
 def test_score_is_minus_loss(model, images):
     d = _defense(model)
     torch.testing.assert_close(
-        equivariance_score(model, images, TF, layer="features.relu2"),
+        equivariance_score(model, images, TF, feature_layer="features.relu2"),
         -d.equivariance_loss(images).detach(), atol=1e-6, rtol=0)
 
 
@@ -236,7 +236,7 @@ def test_resize_views_are_aligned_to_reference_size():
         ident[0].weight.fill_(1.0)
         ident[0].bias.zero_()
     x = torch.rand(2, 1, 10, 10, generator=torch.Generator().manual_seed(0))
-    s = equivariance_score(ident, x, [Resize(2.0)], layer="0")
+    s = equivariance_score(ident, x, [Resize(2.0)], feature_layer="0")
     back = Resize(0.5).apply_map(Resize(2.0)(x), size=(10, 10))
     expected = torch.nn.functional.cosine_similarity(back.flatten(1), x.flatten(1))
     torch.testing.assert_close(s, expected, atol=1e-6, rtol=0)

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..transforms import Dihedral, group_elements, hflip
+from ..measure.compare import align, per_image_error
+from ..transforms import Dihedral, Layout, group_elements, hflip, infer_layout
 
 __all__ = [
     "CANNOT_VERIFY", "EXACT", "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
@@ -977,21 +978,12 @@ def _elements(group: str) -> list[Dihedral]:
     return [g for g in group_elements(group) if not g.is_identity]
 
 
-def _act(g: Dihedral, y: Tensor) -> Tensor:
-    """``g`` acting on a model output: vectors ``(B, C)`` are invariant, maps ``(B, C, H, W)``
-    rotate, group maps ``(B, C, G, H, W)`` rotate and permute the group axis."""
-    if y.dim() == 2:
-        return y
-    if y.dim() == 4:
-        return g.apply_map(y)
-    if y.dim() == 5:
-        map_group = {4: "p4", 8: "p4m"}.get(int(y.shape[2]))
-        if map_group is None:
-            raise ValueError(f"the output has a group axis of size {y.shape[2]}; only p4 (4) and "
-                             "p4m (8) group maps are understood")
-        return g.apply_group_map(y, map_group)
-    raise ValueError(f"cannot act on an output of shape {tuple(y.shape)}; expected (B, C), "
-                     "(B, C, H, W) or (B, C, G, H, W)")
+def _output_layout(y: Tensor) -> Layout:
+    """The layout of a model output ``(B, C)``, ``(B, C, H, W)`` or ``(B, C, G, H, W)``."""
+    if y.dim() == 3:
+        raise ValueError(f"cannot act on an output of shape {tuple(y.shape)}; expected (B, C), "
+                         "(B, C, H, W) or (B, C, G, H, W)")
+    return infer_layout(y)
 
 
 def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, int],
@@ -1003,10 +995,12 @@ def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, 
 
     Runs a deep copy of the model in eval mode in ``dtype`` (float64: an exactly
     equivariant network gives ~1e-15) on a random normal input ``(batch_size, C, H, W)``
-    drawn with ``seed``. The action on the output depends on its shape: ``(B, C)`` vectors
-    are left as they are (invariance), ``(B, C, H, W)`` maps are rotated / flipped
-    (``Dihedral.apply_map``), ``(B, C, G, H, W)`` group maps are transformed with
-    ``Dihedral.apply_group_map`` (group ``p4`` for G = 4, ``p4m`` for G = 8).
+    drawn with ``seed``. The output's layout comes from its shape
+    (:func:`~equivision.transforms.layout.infer_layout`): ``(B, C)`` vectors are left as
+    they are (invariance), ``(B, C, H, W)`` maps are rotated / flipped, ``(B, C, G, H, W)``
+    group maps also have their group axis permuted (group ``p4`` for G = 4, ``p4m`` for
+    G = 8); the comparison is :func:`~equivision.measure.compare.align` and
+    :func:`~equivision.measure.compare.per_image_error`.
 
     Raises:
         ShapeError: 90° rotations of a non-square input.
@@ -1024,11 +1018,12 @@ def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, 
         if y is None:
             raise ValueError(f"{type(model).__name__} returned no tensor")
         scale = float(torch.linalg.vector_norm(y))
+        layout = _output_layout(y)
         worst = 0.0
         for g in _elements(group):
             yg = _first_tensor(net(g.apply_image(x)))
             assert yg is not None
-            diff = float(torch.linalg.vector_norm(yg - _act(g, y)))
+            diff = float(torch.linalg.vector_norm(per_image_error(*align(yg, y, g, layout))))
             if scale == 0.0:
                 err = 0.0 if diff == 0.0 else math.inf
             else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,14 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..transforms import Layout
+from ..transforms.layout import Layout, LayoutError, TokenGrid, as_map, infer_layout, infer_strides
 
 #: Leaf modules skipped by default: in evaluation mode their output is their input.
 PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.Identity, nn.Flatten)
 #: Modules treated as global pooling when their output is 1 x 1 (or a vector).
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d)
-
-TokenGrid = tuple[int, int] | tuple[int, int, int]
 
 
 class MeasureError(ValueError):
@@ -100,115 +97,26 @@ def to_measurable(
     out: Tensor,
     input_hw: tuple[int, int],
     token_grid: TokenGrid | None,
-    strides: Mapping[str, float] | None = None,
+    strides: Mapping[str, float | tuple[float, float]] | None = None,
 ) -> Captured:
-    """Interpret a raw layer output ``out`` and give it a :class:`Layout`.
+    """Interpret a raw layer output ``out`` and give it a :class:`Layout`
+    (:func:`~equivision.transforms.layout.infer_layout`).
 
-    Token sequences ``(B, N, C)`` keep only their patch tokens, reshaped to a
-    ``(B, C, h, w)`` map; prefix tokens ([CLS]) are dropped.
+    Token sequences ``(B, N, C)`` keep only their patch tokens, as a ``(B, C, h, w)`` map
+    (:func:`~equivision.transforms.layout.as_map`); prefix tokens ([CLS]) are dropped.
+    The stride is the given or traced one (``strides[name]``), else the size ratio.
     """
     if not out.is_floating_point():
         raise MeasureError(
             f"layer {name!r} returns a {out.dtype} tensor; only floating-point outputs can be "
             "measured, leave this layer out with --layers"
         )
-    if out.dim() == 2:
-        return Captured(out, Layout("vector"))
-    if out.dim() == 3:
-        if token_grid is None:
-            raise MeasureError(
-                f"layer {name!r} returns tokens of shape {tuple(out.shape)}; give its grid "
-                "with token_grid=(h, w) or (h, w, prefix) (CLI: --token-grid h,w[,prefix])"
-            )
-        h, w = token_grid[0], token_grid[1]
-        prefix = token_grid[2] if len(token_grid) == 3 else 0
-        b, n, c = out.shape
-        if n - prefix != h * w:
-            raise MeasureError(
-                f"layer {name!r} has {n} tokens, which is not {prefix} prefix + {h}x{w} grid "
-                "tokens; fix token_grid"
-            )
-        value = out[:, prefix:].transpose(1, 2).reshape(b, c, h, w)
-        return Captured(value, Layout("map", _stride(name, input_hw, (h, w), strides)))
-    if out.dim() == 4:
-        hw = (out.shape[-2], out.shape[-1])
-        return Captured(out, Layout("map", _stride(name, input_hw, hw, strides)))
-    if out.dim() == 5:
-        g = out.shape[2]
-        group = {4: "p4", 8: "p4m"}.get(g)
-        if group is None:
-            raise MeasureError(
-                f"layer {name!r} returns a 5-D tensor with a group axis of size {g}; only p4 (4) "
-                "and p4m (8) group maps are understood"
-            )
-        hw = (out.shape[-2], out.shape[-1])
-        return Captured(out, Layout("group", _stride(name, input_hw, hw, strides), group=group))
-    raise MeasureError(
-        f"layer {name!r} returns a {out.dim()}-D tensor {tuple(out.shape)}; expected (B, C), "
-        "(B, N, C), (B, C, H, W) or (B, C, G, H, W)"
-    )
-
-
-def _stride(
-    name: str, input_hw: tuple[int, int], hw: tuple[int, int], strides: Mapping[str, float] | None
-) -> tuple[float, float]:
-    """Input pixels per map position: a given or inferred stride (see
-    :func:`infer_strides`), else the rounded size ratio."""
-    if strides and name in strides:
-        s = strides[name]
-        return (float(s), float(s)) if isinstance(s, (int, float)) else (float(s[0]), float(s[1]))
-    return tuple(float(max(1, round(i / m))) if m else math.inf for i, m in zip(input_hw, hw))
-
-
-def _local_stride(
-    module: nn.Module, hw_in: tuple[int, int], hw_out: tuple[int, int]
-) -> list[float]:
-    """Stride of one layer: its ``stride`` attribute for convolutions and pooling,
-    otherwise 1 for small shrinks (valid convolutions), the rounded ratio for large
-    ones and the exact ratio for upsampling."""
-    own = getattr(module, "stride", None)
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
-                           nn.modules.pooling._AvgPoolNd)) and own is not None:
-        pair = own if isinstance(own, (tuple, list)) else (own, own)
-        return [float(pair[0]), float(pair[-1])]
-    out = []
-    for i, o in zip(hw_in, hw_out):
-        r = i / o if o else math.inf
-        out.append(1.0 if 1.0 <= r < 1.5 else float(round(r)) if r >= 1.5 else r)
-    return out
-
-
-def infer_strides(
-    order: Sequence[str],
-    modules: Mapping[str, nn.Module],
-    in_hw: Mapping[str, tuple[int, int] | None],
-    out_hw: Mapping[str, tuple[int, int] | None],
-    image_hw: tuple[int, int],
-) -> dict[str, tuple[float, float]]:
-    """Cumulative stride of each spatial layer output relative to the input image.
-
-    Layers are visited in forward order; a layer's input stride is looked up by the
-    input's spatial size among the sizes seen so far (the image has stride 1), and
-    multiplied by the layer's own stride (:func:`_local_stride`). This gives 2, not
-    3, for a valid 3x3 conv that maps 12 -> 10 after a 2x2 pool, and 2 for the
-    1x1 stride-2 shortcut of a ResNet.
-    """
-    by_size: dict[tuple[int, int], tuple[float, float]] = {tuple(image_hw): (1.0, 1.0)}
-    out: dict[str, tuple[float, float]] = {}
-    for name in order:
-        hi, ho = in_hw.get(name), out_hw.get(name)
-        if ho is None:
-            continue
-        if hi is None or tuple(hi) not in by_size:
-            s = tuple(float(max(1, round(i / o))) if o else math.inf
-                      for i, o in zip(image_hw, ho))
-        else:
-            base = by_size[tuple(hi)]
-            local = _local_stride(modules[name], hi, ho)
-            s = (base[0] * local[0], base[1] * local[1])
-        out[name] = s  # type: ignore[assignment]
-        by_size.setdefault(tuple(ho), s)  # type: ignore[arg-type]
-    return out
+    try:
+        layout = infer_layout(out, input_hw, token_grid, (strides or {}).get(name))
+    except LayoutError as err:
+        raise MeasureError(f"layer {name!r}: {err}") from None
+    value, layout = as_map(out, layout)
+    return Captured(value, layout)
 
 
 class LayerCapture:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,17 +11,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..transforms import InexactActionError, ShapeError, Transform, parse_transforms
+from ..transforms import InexactActionError, ShapeError, Transform, as_transforms
+from ..transforms.layout import TokenGrid
+from ..utils import model_device
 from .capture import (
     Captured,
     LayerCapture,
     MeasureError,
-    TokenGrid,
     is_global_pool,
     select_layers,
     to_measurable,
     trace_strides,
 )
+from .compare import AlignmentError, Comparator
 from .parts import assign_parts
 from .report import LayerResult, Report
 from .stats import PairStats
@@ -33,20 +34,6 @@ def _images(batch: Any) -> Tensor:
     if not isinstance(x, Tensor):
         raise MeasureError(f"the data loader yields {type(x).__name__}, expected image tensors")
     return x
-
-
-def erode(mask: Tensor, margin: int, stride: tuple[float, float]) -> Tensor:
-    """Drop positions of ``mask`` (h, w) within ``margin`` input pixels of an invalid
-    position or of the map's edge. Masks with no invalid position are returned as
-    they are: transformations that keep every position (rot90, flips) map the edge
-    onto itself, so padding there is not a border effect."""
-    if margin <= 0 or bool(mask.all()):
-        return mask
-    ry = max(1, math.ceil(margin / stride[0]))
-    rx = max(1, math.ceil(margin / stride[1]))
-    bad = torch.nn.functional.pad((~mask).float()[None, None], (rx, rx, ry, ry), value=1.0)
-    grown = torch.nn.functional.max_pool2d(bad, (2 * ry + 1, 2 * rx + 1), stride=1)
-    return grown[0, 0] == 0
 
 
 def _shard(dataset: Dataset, rank: int, world: int) -> Dataset:
@@ -105,166 +92,190 @@ def measure(
     Returns:
         A :class:`~equivision.measure.report.Report`.
     """
-    ts = parse_transforms(transforms) if isinstance(transforms, str) else list(transforms)
+    if not isinstance(transforms, str) and not list(transforms):
+        raise MeasureError("no transformation to measure")
+    ts = as_transforms(transforms)
     # models may describe themselves: token grid of their blocks, their pooling layer
     if token_grid is None:
         token_grid = getattr(model, "token_grid", None)
-    declared_pool = getattr(model, "equivision_pool_layer", None) if pool_layer is None else None
-    if not ts:
-        raise MeasureError("no transformation to measure")
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
     use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
-
-    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        n = len(data)  # type: ignore[arg-type]
-        if n == 0:
-            raise MeasureError("the dataset is empty: nothing to measure")
-        if max_images is not None:
-            data = Subset(data, list(range(min(n, max_images))))
-            max_images = None
-        if world > 1:
-            data = _shard(data, rank, world)
-        loader: Iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
-    else:
-        loader = data
-
-    names = select_layers(model, layers)
-    modules = dict(model.named_modules())
-    was_training = model.training
-    model.eval()
-    stats: dict[tuple[str, int], PairStats] = {}
-    info: dict[str, Captured] = {}
-    inexact: dict[tuple[str, int], str] = {}
-    order: list[str] = []
-    masks: dict[tuple[str, int], Tensor] = {}
-    layer_strides: dict = {}
-    seen = 0
-    total = None
-    if hasattr(loader, "__len__"):
-        total = len(loader)  # type: ignore[arg-type]
+    loader, max_images = _loader(data, batch_size, max_images, rank, world)
+    session = _Session(model, ts, select_layers(model, layers), token_grid, strides,
+                       margin, device)
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
+    was_training = model.training
+    model.eval()
     try:
-        with LayerCapture(model, names) as cap:
+        with LayerCapture(model, session.names) as cap:
             for batch in bar:
-                x = _images(batch).to(dev)
-                if x.dim() != 4:
-                    raise MeasureError(f"expected image batches (B, C, H, W), got {tuple(x.shape)}")
-                if max_images is not None:
-                    x = x[: max(0, max_images - seen)]
-                    if len(x) == 0:
-                        break
-                hw = (x.shape[-2], x.shape[-1])
-                if not order:
-                    layer_strides = {**trace_strides(model, x), **(strides or {})}
-                base_raw = cap.run(x)
-                if not order:
-                    order = list(cap.order)
-                base = {}
-                for name in order:
-                    grid = token_grid.get(name) if isinstance(token_grid, Mapping) else token_grid
-                    base[name] = to_measurable(name, base_raw[name], hw, grid, layer_strides)
-                for ti, t in enumerate(ts):
-                    try:
-                        gx = t.apply_image(x)
-                    except ShapeError as err:
-                        raise MeasureError(f"input images {tuple(x.shape)}: {err}") from None
-                    out_raw = cap.run(gx)
-                    for name in order:
-                        b = base[name]
-                        key = (name, ti)
-                        if key in inexact:
-                            continue
-                        grid = (token_grid.get(name) if isinstance(token_grid, Mapping)
-                                else token_grid)
-                        a = to_measurable(name, out_raw[name], hw, grid, layer_strides).value
-                        try:
-                            gb = t.act(b.value, b.layout)
-                        except ShapeError as err:
-                            raise MeasureError(f"layer {name!r}: {err}") from None
-                        except InexactActionError as err:
-                            inexact[key] = str(err)
-                            continue
-                        if a.shape != gb.shape:
-                            raise MeasureError(
-                                f"layer {name!r}: f(gX) has shape {tuple(a.shape)} but g·f(X) "
-                                f"{tuple(gb.shape)} under {t.name}; this layer's output size "
-                                "depends on the input content, leave it out with --layers"
-                            )
-                        mask = None
-                        if b.value.dim() >= 4:
-                            if key not in masks:
-                                hw_map = (b.value.shape[-2], b.value.shape[-1])
-                                masks[key] = erode(
-                                    t.valid_mask(hw_map, b.layout.stride, device=dev),
-                                    margin, b.layout.stride)
-                            mask = masks[key]
-                        if key not in stats:
-                            ch = a.shape[1] * (a.shape[2] if a.dim() == 5 else 1)
-                            stats[key] = PairStats(ch)
-                        if not stats[key].update(a, gb, mask):
-                            raise MeasureError(
-                                f"layer {name!r} produced NaN or Inf on the original images or "
-                                f"under {t.name}; check the checkpoint and the input range, or "
-                                "leave the layer out with --layers")
-                info = base
-                seen += len(x)
+                if not session.step(cap, _images(batch), max_images):
+                    break
     finally:
         model.train(was_training)
-
-    if seen == 0 and not use_dist:
+    if session.seen == 0 and not use_dist:
         raise MeasureError("the data yielded no images: nothing to measure")
     if use_dist:
-        _all_reduce(stats, order, ts, inexact)
-        counts = torch.tensor([float(seen)], dtype=torch.float64)
-        dist.all_reduce(counts)
-        seen = int(counts.item())
-
-    pool_index = None
-    if declared_pool in order:
-        pool_index = order.index(declared_pool)
-    elif pool_layer is not None:
-        if pool_layer not in order:
-            raise MeasureError(f"pool_layer {pool_layer!r} is not among the measured layers")
-        pool_index = order.index(pool_layer)
-    if pool_index is None:
-        for i, name in enumerate(order):
-            if is_global_pool(modules[name], info[name]):
-                pool_index = i
-                break
-    parts = assign_parts(len(order), pool_index)
-    results: list[LayerResult] = []
-    for ti, t in enumerate(ts):
-        for i, name in enumerate(order):
-            c = info[name]
-            shape = list(c.value.shape[1:])
-            common = dict(transform=t.name, layer=name, index=i, part=parts[i],
-                          module=type(modules[name]).__name__, shape=shape,
-                          stride=list(c.layout.stride))
-            key = (name, ti)
-            if key in inexact or key not in stats or stats[key].n == 0:
-                note = inexact.get(key, "no valid positions left; lower the margin")
-                results.append(LayerResult(exact=False, note=note, **common))
-                continue
-            m = stats[key].metrics()
-            per = m.pop("per_channel")
-            n_const = m.pop("n_constant")
-            results.append(LayerResult(
-                exact=True, metrics=m, n_channels=stats[key].channels, n_constant=n_const,
-                per_channel=per,
-                note="called more than once per forward; first call measured"
-                if name in cap.repeated else "", **common))
+        session.all_reduce()
+    pool_index = session.pool_index(pool_layer)
     return Report(
         model=model_name or type(model).__name__,
         transforms=[t.name for t in ts],
-        layers=order,
-        results=results,
-        n_images=seen,
-        meta={"world_size": world, "pool_layer": order[pool_index] if pool_index is not None
-              else None},
+        layers=session.order,
+        results=session.results(pool_index, cap.repeated),
+        n_images=session.seen,
+        meta={"world_size": world,
+              "pool_layer": session.order[pool_index] if pool_index is not None else None},
     )
+
+
+def _loader(data: Dataset | DataLoader | Iterable, batch_size: int, max_images: int | None,
+            rank: int, world: int) -> tuple[Iterable, int | None]:
+    """Batches of ``data`` (a dataset is capped, sharded over processes and batched) and the
+    image cap that is left to apply batch by batch."""
+    if not isinstance(data, Dataset) or isinstance(data, DataLoader):
+        return data, max_images
+    n = len(data)  # type: ignore[arg-type]
+    if n == 0:
+        raise MeasureError("the dataset is empty: nothing to measure")
+    if max_images is not None:
+        data = Subset(data, list(range(min(n, max_images))))
+    if world > 1:
+        data = _shard(data, rank, world)
+    return DataLoader(data, batch_size=batch_size, shuffle=False), None
+
+
+class _Session:
+    """The state of one measurement: the layers, the statistics of every (layer,
+    transformation) pair, and the pairs found inexact."""
+
+    def __init__(self, model: nn.Module, ts: list[Transform], names: list[str],
+                 token_grid: TokenGrid | Mapping[str, TokenGrid] | None,
+                 strides: Mapping[str, float] | None, margin: int,
+                 device: torch.device | str | None) -> None:
+        self.model = model
+        self.ts = ts
+        self.names = names
+        self.token_grid = token_grid
+        self.strides = strides
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.modules = dict(model.named_modules())
+        self.compare = Comparator(margin)
+        self.stats: dict[tuple[str, int], PairStats] = {}
+        self.inexact: dict[tuple[str, int], str] = {}
+        self.info: dict[str, Captured] = {}
+        self.order: list[str] = []
+        self.layer_strides: dict = {}
+        self.seen = 0
+
+    def _grid(self, name: str) -> TokenGrid | None:
+        tg = self.token_grid
+        return tg.get(name) if isinstance(tg, Mapping) else tg
+
+    def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
+        return {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
+                for name in self.order}
+
+    def step(self, cap: LayerCapture, x: Tensor, max_images: int | None) -> bool:
+        """Measure one batch ``x (B, C, H, W)``; False once ``max_images`` are measured."""
+        x = x.to(self.device)
+        if x.dim() != 4:
+            raise MeasureError(f"expected image batches (B, C, H, W), got {tuple(x.shape)}")
+        if max_images is not None:
+            x = x[: max(0, max_images - self.seen)]
+            if len(x) == 0:
+                return False
+        hw = (x.shape[-2], x.shape[-1])
+        if not self.order:
+            self.layer_strides = {**trace_strides(self.model, x), **(self.strides or {})}
+        base_raw = cap.run(x)
+        if not self.order:
+            self.order = list(cap.order)
+        base = self._capture(base_raw, hw)
+        for ti, t in enumerate(self.ts):
+            try:
+                gx = t.apply_image(x)
+            except ShapeError as err:
+                raise MeasureError(f"input images {tuple(x.shape)}: {err}") from None
+            moved = self._capture(cap.run(gx), hw)
+            for name in self.order:
+                if (name, ti) not in self.inexact:
+                    self._compare(name, ti, moved[name].value, base[name])
+        self.info = base
+        self.seen += len(x)
+        return True
+
+    def _compare(self, name: str, ti: int, fgx: Tensor, base: Captured) -> None:
+        """Feed one layer's ``f(gX)`` and ``f(X)`` under ``ts[ti]`` to its statistics."""
+        t, key = self.ts[ti], (name, ti)
+        try:
+            pair = self.compare.compare(fgx, base.value, t, base.layout)
+        except ShapeError as err:
+            raise MeasureError(f"layer {name!r}: {err}") from None
+        except InexactActionError as err:
+            self.inexact[key] = str(err)
+            return
+        except AlignmentError as err:
+            raise MeasureError(
+                f"layer {name!r}: {err}; this layer's output size depends on the input "
+                "content, leave it out with --layers") from None
+        if key not in self.stats:
+            a = pair.a
+            self.stats[key] = PairStats(a.shape[1] * (a.shape[2] if a.dim() == 5 else 1))
+        if not self.stats[key].update(pair.a, pair.b, pair.mask):
+            raise MeasureError(
+                f"layer {name!r} produced NaN or Inf on the original images or under "
+                f"{t.name}; check the checkpoint and the input range, or leave the layer out "
+                "with --layers")
+
+    def all_reduce(self) -> None:
+        """Sum the statistics and the image count over the process group."""
+        _all_reduce(self.stats, self.order, self.ts, self.inexact)
+        counts = torch.tensor([float(self.seen)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        self.seen = int(counts.item())
+
+    def pool_index(self, pool_layer: str | None) -> int | None:
+        """Index of the global pooling among the measured layers: the given one, the
+        model's ``equivision_pool_layer``, else the first global pooling found."""
+        declared = getattr(self.model, "equivision_pool_layer", None) if pool_layer is None \
+            else None
+        if declared in self.order:
+            return self.order.index(declared)
+        if pool_layer is not None:
+            if pool_layer not in self.order:
+                raise MeasureError(f"pool_layer {pool_layer!r} is not among the measured layers")
+            return self.order.index(pool_layer)
+        return next((i for i, name in enumerate(self.order)
+                     if is_global_pool(self.modules[name], self.info[name])), None)
+
+    def results(self, pool_index: int | None, repeated: set[str]) -> list[LayerResult]:
+        """One :class:`LayerResult` per (transformation, layer)."""
+        parts = assign_parts(len(self.order), pool_index)
+        out: list[LayerResult] = []
+        for ti, t in enumerate(self.ts):
+            for i, name in enumerate(self.order):
+                c = self.info[name]
+                common = dict(transform=t.name, layer=name, index=i, part=parts[i],
+                              module=type(self.modules[name]).__name__,
+                              shape=list(c.value.shape[1:]), stride=list(c.layout.stride))
+                key = (name, ti)
+                st = self.stats.get(key)
+                if key in self.inexact or st is None or st.n == 0:
+                    note = self.inexact.get(key, "no valid positions left; lower the margin")
+                    out.append(LayerResult(exact=False, note=note, **common))
+                    continue
+                m = st.metrics()
+                per = m.pop("per_channel")
+                n_const = m.pop("n_constant")
+                out.append(LayerResult(
+                    exact=True, metrics=m, n_channels=st.channels, n_constant=n_const,
+                    per_channel=per,
+                    note="called more than once per forward; first call measured"
+                    if name in repeated else "", **common))
+        return out
 
 
 def _all_reduce(stats: dict[tuple[str, int], PairStats], order: list[str],

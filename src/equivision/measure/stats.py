@@ -69,10 +69,10 @@ class PairStats:
 
     def __post_init__(self) -> None:
         c = self.channels
-        z = torch.zeros
-        self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse = (
-            z(c, dtype=torch.float64) for _ in range(6))
-        self.sab = z(c, c, dtype=torch.float64)
+        # the per-channel sums are rows of one buffer, so that a batch adds with one op
+        self._vec = torch.zeros(6, c, dtype=torch.float64)
+        self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse = self._vec.unbind(0)
+        self.sab = torch.zeros(c, c, dtype=torch.float64)
 
     def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> bool:
         """Add a batch. ``a = f(gX)`` and ``b = g·f(X)`` have the same shape: ``(B, C)``,
@@ -94,19 +94,24 @@ class PairStats:
         return all(self._update(ra[i : i + step], rb[i : i + step]) for i in range(0, bsz, step))
 
     def _update(self, ra: Tensor, rb: Tensor) -> bool:
-        """:meth:`update` on ``(B, C, N)`` float32 tensors."""
+        """:meth:`update` on ``(B, C, N)`` float32 tensors: a few passes over the data,
+        then every per-channel sum from one stacked float64 tensor."""
         bsz, _, m = ra.shape
         sa_i, sb_i = ra.sum(-1), rb.sum(-1)  # (B, C)
-        if not bool(torch.isfinite(sa_i).all() and torch.isfinite(sb_i).all()):
+        if not bool(torch.isfinite(torch.stack((sa_i, sb_i))).all()):
             return False
         ma, mb = sa_i / m, sb_i / m
         ca, cb = ra - ma[..., None], rb - mb[..., None]
         gram = torch.bmm(ca, cb.transpose(1, 2))  # (B, C, C) centred cross-products
-        caa = torch.linalg.vector_norm(ca, dim=-1).square()  # (B, C)
-        cbb = torch.linalg.vector_norm(cb, dim=-1).square()
         diff = ra - rb
-        sse_i = torch.linalg.vector_norm(diff, dim=-1).square()
-        l1_i = torch.linalg.vector_norm(diff, ord=1, dim=-1)
+        # (6, B, C): centred squares, squared and absolute differences, centred sums
+        per = torch.stack((
+            torch.linalg.vector_norm(ca, dim=-1).square(),
+            torch.linalg.vector_norm(cb, dim=-1).square(),
+            torch.linalg.vector_norm(diff, dim=-1).square(),
+            torch.linalg.vector_norm(diff, ord=1, dim=-1),
+            ca.sum(-1), cb.sum(-1)))
+        caa, cbb = per[0], per[1]
         # per-image global cosine over the valid C x h x w entries
         dot = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) + m * (ma * mb).sum(-1)
         na = caa.sum(-1) + m * (ma * ma).sum(-1)
@@ -114,17 +119,18 @@ class PairStats:
         cos = dot / torch.sqrt(na * nb).clamp_min(1e-24)
         # raw sums from centred ones: sum(ab) = sum(ca cb) + ma sum(cb) + mb sum(ca) + m ma mb,
         # keeping sum(ca) (not exactly 0, since ma is rounded) for full accuracy
+        p64 = per.double()
         ma64, mb64 = ma.double(), mb.double()
-        sca, scb = ca.sum(-1).double(), cb.sum(-1).double()
-        sab = (gram.double() + ma64[:, :, None] * scb[:, None, :]
-               + sca[:, :, None] * mb64[:, None, :] + m * ma64[:, :, None] * mb64[:, None, :])
-        self.sab += sab.sum(0).cpu()
-        self.saa += (caa.double() + 2 * ma64 * sca + m * ma64 * ma64).sum(0).cpu()
-        self.sbb += (cbb.double() + 2 * mb64 * scb + m * mb64 * mb64).sum(0).cpu()
-        self.sa += (sca + m * ma64).sum(0).cpu()
-        self.sb += (scb + m * mb64).sum(0).cpu()
-        self.sse += sse_i.double().sum(0).cpu()
-        self.sl1 += l1_i.double().sum(0).cpu()
+        sca, scb = p64[4], p64[5]
+        # sum over images of ma (x) (scb + m mb) + sca (x) mb, as one (C, 2B) @ (2B, C)
+        left = torch.cat((ma64, sca)).T
+        right = torch.cat((scb + m * mb64, mb64))
+        self.sab += (gram.double().sum(0) + left @ right).cpu()
+        self._vec += torch.stack((
+            sca + m * ma64, scb + m * mb64,
+            p64[0] + 2 * ma64 * sca + m * ma64 * ma64,
+            p64[1] + 2 * mb64 * scb + m * mb64 * mb64,
+            p64[3], p64[2])).sum(1).cpu()
         self.n += bsz * m
         self.cos_sum += float(cos.double().sum())
         self.images += bsz
@@ -143,11 +149,8 @@ class PairStats:
         c = self.channels
         v = v.double().cpu()
         self.n, self.images, self.cos_sum = (float(t) for t in v[:3])
-        o = 3
-        for attr in ("sa", "sb", "saa", "sbb", "sl1", "sse"):
-            setattr(self, attr, v[o : o + c].clone())
-            o += c
-        self.sab = v[o : o + c * c].reshape(c, c).clone()
+        self._vec.copy_(v[3 : 3 + 6 * c].reshape(6, c))  # sa, sb, saa, sbb, sl1, sse
+        self.sab = v[3 + 6 * c : 3 + 6 * c + c * c].reshape(c, c).clone()
 
     def merge(self, other: PairStats) -> None:
         """Add another accumulator's sums (e.g. another process's shard)."""

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..transforms import ColorJitter, Resize, Rotation, Transform, hflip
+from ..transforms import ColorJitter, Resize, Rotation, Transform, as_transforms, hflip
 from .purify import check_images, check_purify_args, purify_loop
 from .views import PAIRINGS, FeatureExtractor, resolve_max_batch, view_cosines
 
@@ -198,9 +198,10 @@ class EquivarianceDefense(PurifierDefense):
     Args:
         model, eps_v, eta, steps, noise, seed, grad_norm, update: see
             :class:`PurifierDefense`.
-        transforms: the ``g_k`` (default :func:`default_transforms` for the input's
-            channels, fixed on the first call). The model must accept every view's size
-            (``cnn7`` needs 28 px, so its 0.3x and 0.6x resizes fail: pass others).
+        transforms: the ``g_k``, a list or a spec string (default
+            :func:`default_transforms` for the input's channels, fixed on the first
+            call). The model must accept every view's size (``cnn7`` needs 28 px, so its
+            0.3x and 0.6x resizes fail: pass others).
         feature_layer: ``"logits"`` (the class scores: the model's submodule named
             ``logits`` if it has one, e.g. the segmenter's scores before upsampling as in
             the released code, else the model output), ``"output"`` (always the model
@@ -223,7 +224,7 @@ class EquivarianceDefense(PurifierDefense):
         eta: float | None = None,
         steps: int = 20,
         noise: float = 1.0,
-        transforms: Sequence[Transform] | None = None,
+        transforms: Sequence[Transform] | str | None = None,
         feature_layer: str = "logits",
         pairing: str = "identity",
         seed: int | None = None,
@@ -271,13 +272,8 @@ class EquivarianceDefense(PurifierDefense):
         return -cos.mean(dim=1)
 
 
-def _check_transforms(transforms: Sequence[Transform] | None) -> list[Transform] | None:
-    if transforms is None:
-        return None
-    out = list(transforms)
-    if not out or not all(isinstance(g, Transform) for g in out):
-        raise TypeError("transforms must be a non-empty list of equivision Transform objects")
-    return out
+def _check_transforms(transforms: Sequence[Transform] | str | None) -> list[Transform] | None:
+    return None if transforms is None else as_transforms(transforms)
 
 
 class InvarianceDefense(EquivarianceDefense):
@@ -345,8 +341,8 @@ class RandomNoiseDefense(Defense):
 def equivariance_score(
     model: nn.Module,
     x: Tensor,
-    transforms: Sequence[Transform] | None = None,
-    layer: str = "logits",
+    transforms: Sequence[Transform] | str | None = None,
+    feature_layer: str = "logits",
     pairing: str = "identity",
 ) -> Tensor:
     """Mean cosine across views per image (paper Table 4: clean vs attacked vs restored).
@@ -356,8 +352,9 @@ def equivariance_score(
     Args:
         model: classifier or segmenter (put in eval mode).
         x: images ``(B, C, H, W)`` in [0, 1].
-        transforms: the ``g_k`` (default :func:`default_transforms`).
-        layer: ``"logits"``, ``"output"`` or a submodule name (see
+        transforms: the ``g_k``, a list or a spec string such as ``"hflip,rot:15"``
+            (default :func:`default_transforms`).
+        feature_layer: ``"logits"``, ``"output"`` or a submodule name (see
             :class:`EquivarianceDefense`).
         pairing: ``"identity"`` or ``"pairs"``.
 
@@ -366,6 +363,6 @@ def equivariance_score(
     """
     check_images(x)
     model.eval()
-    gs = default_transforms(x.shape[1]) if transforms is None else list(transforms)
-    cos = view_cosines(FeatureExtractor(model, layer), x, gs, pairing)
+    gs = default_transforms(x.shape[1]) if transforms is None else as_transforms(transforms)
+    cos = view_cosines(FeatureExtractor(model, feature_layer), x, gs, pairing)
     return cos.mean(dim=1)

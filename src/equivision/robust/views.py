@@ -12,16 +12,17 @@ invariance defenses and by :func:`~equivision.robust.defenses.equivariance_score
    at a time (``batched=False``, the reference loop).
 3. :func:`align_view` brings ``F(g x)`` back to the frame of ``F(x)``: classification
    logits and other vectors are left as they are (they are invariant), spatial maps
-   get ``g^-1``'s action (resized back to the reference size for a
-   :class:`~equivision.transforms.Resize`), and with ``pooled=True`` maps are
-   global-average-pooled instead (the invariance objective).
+   get ``g^-1``'s action on the reference map's layout (whose ``size`` makes an undone
+   :class:`~equivision.transforms.Resize` land on the reference size), and with
+   ``pooled=True`` maps are global-average-pooled instead (the invariance objective).
 4. :func:`view_cosines` gives one global cosine per image and compared pair
    (flattened ``C x h x w``, the paper's Eq. 2; norms clamped at 1e-8).
+
+Steps 3 and 4 are the comparison core of :mod:`equivision.measure.compare`.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Sequence
 
@@ -29,15 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from ..measure.capture import first_tensor
-from ..transforms import Layout, Resize, Transform
+from ..measure.compare import PAIRINGS, align_back, pairwise_cosines
+from ..transforms import Layout, Transform, size_stride
 
 __all__ = [
     "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view", "resolve_max_batch",
     "view_cosines", "view_features",
 ]
 
-#: How views are compared: each against the untransformed view, or all pairs.
-PAIRINGS = ("identity", "pairs")
 #: Images per forward pass on the CPU with ``max_batch="auto"``: beyond about this many
 #: a concatenated pass is no faster than separate ones (cache effects; measured with
 #: benchmarks/bench_defense.py), while tiny batches gain from concatenation.
@@ -65,8 +65,8 @@ class FeatureExtractor:
 
     Args:
         model: any ``nn.Module`` taking ``(B, C, H, W)``.
-        layer: ``"output"`` for the model output; ``"logits"`` for the submodule of that
-            name when the model has one (the segmenter's class scores before
+        feature_layer: ``"output"`` for the model output; ``"logits"`` for the submodule
+            of that name when the model has one (the segmenter's class scores before
             upsampling, as the released code uses) and the model output otherwise
             (classifier logits); else the name of a submodule as in
             ``model.named_modules()`` (e.g. ``"features.relu3"``).
@@ -75,11 +75,12 @@ class FeatureExtractor:
         ValueError: unknown layer name; the message lists the available names.
     """
 
-    def __init__(self, model: nn.Module, layer: str = "logits") -> None:
-        if not isinstance(layer, str) or not layer:
-            raise TypeError(f"feature layer must be a non-empty string, got {layer!r}")
+    def __init__(self, model: nn.Module, feature_layer: str = "logits") -> None:
+        if not isinstance(feature_layer, str) or not feature_layer:
+            raise TypeError(f"feature layer must be a non-empty string, got {feature_layer!r}")
+        layer = feature_layer
         self.model = model
-        self.layer = layer
+        self.feature_layer = layer
         self.module: nn.Module | None = None
         named = dict(model.named_modules())
         if layer == "logits" and "logits" in named:
@@ -105,7 +106,7 @@ class FeatureExtractor:
         def hook(_m: nn.Module, _inp: object, out: object) -> None:
             t = first_tensor(out)
             if t is None:
-                raise ValueError(f"layer {self.layer!r} returned no tensor")
+                raise ValueError(f"layer {self.feature_layer!r} returned no tensor")
             box.append(t)
             raise _Stop
 
@@ -118,7 +119,7 @@ class FeatureExtractor:
             handle.remove()
         if not box:
             raise ValueError(
-                f"layer {self.layer!r} was not called during the forward pass; "
+                f"layer {self.feature_layer!r} was not called during the forward pass; "
                 "choose a layer that the model uses"
             )
         return box[0]
@@ -173,7 +174,8 @@ def align_view(
     input_hw: tuple[int, int],
     pooled: bool = False,
 ) -> Tensor:
-    """Bring ``F(g x)`` into the frame of ``F(x)``: ``g^-1 · F(g x)``.
+    """Bring ``F(g x)`` into the frame of ``F(x)``: ``g^-1 · F(g x)``
+    (:func:`~equivision.measure.compare.align_back` on the reference map's layout).
 
     Args:
         g: the view's transformation (``None`` for the untransformed view).
@@ -198,17 +200,8 @@ def align_view(
     if g is None:
         return feat
     assert ref_hw is not None
-    stride = (max(1.0, round(input_hw[0] / ref_hw[0])), max(1.0, round(input_hw[1] / ref_hw[1])))
-    inv = g.inverse()
-    if isinstance(inv, Resize):
-        return inv.apply_map(feat, stride, size=ref_hw)
-    out = inv.act(feat, Layout("map", (float(stride[0]), float(stride[1]))))
-    if tuple(out.shape[-2:]) != tuple(ref_hw):
-        raise ValueError(
-            f"undoing {g.name} gives a {tuple(out.shape[-2:])} map but the reference map is "
-            f"{tuple(ref_hw)}; use transforms that keep the size or a Resize"
-        )
-    return out
+    layout = Layout("map", size_stride(input_hw, ref_hw), size=(int(ref_hw[0]), int(ref_hw[1])))
+    return align_back(g, feat, layout)
 
 
 def view_cosines(
@@ -225,7 +218,8 @@ def view_cosines(
 
     ``pairing="identity"``: ``cos(g_k^-1 F(g_k x), F(x))`` for k = 1..K (paper Eq. 2);
     ``"pairs"``: ``cos(g_i^-1 F(g_i x), g_j^-1 F(g_j x))`` for all ``i < j`` over the
-    ``K + 1`` views including the identity (the released code).
+    ``K + 1`` views including the identity (the released code); see
+    :func:`~equivision.measure.compare.pairwise_cosines`.
 
     ``batched`` and ``max_batch`` are passed to :func:`view_features`. ``warn_vector``:
     warn when the features are vectors ``(B, C)``, on which every transformation acts
@@ -242,19 +236,12 @@ def view_cosines(
     ref = feats[0]
     if warn_vector and not pooled and ref.dim() == 2:
         warnings.warn(
-            f"the feature layer {extractor.layer!r} gives vectors {tuple(ref.shape)}: the "
-            "transformations act trivially on them, so the equivariance defense computes "
+            f"the feature layer {extractor.feature_layer!r} gives vectors {tuple(ref.shape)}: "
+            "the transformations act trivially on them, so the equivariance defense computes "
             "the invariance defense's loss; choose a spatial layer (e.g. the last conv "
             "block) as feature_layer for a classifier", UserWarning, stacklevel=4)
     ref_hw = (ref.shape[-2], ref.shape[-1]) if ref.dim() == 4 else None
     input_hw = (x.shape[-2], x.shape[-1])
     gs: list[Transform | None] = [None, *transforms]
     aligned = [align_view(g, f, ref_hw, input_hw, pooled) for g, f in zip(gs, feats)]
-    # all aligned views have the reference shape: one (V, B, D) tensor of unit vectors
-    unit = torch.stack([a.flatten(1) for a in aligned])
-    unit = unit / unit.norm(dim=2, keepdim=True).clamp_min(1e-8)
-    if pairing == "identity":
-        return (unit[1:] * unit[:1]).sum(dim=2).T
-    gram = torch.einsum("vbd,wbd->bvw", unit, unit)
-    i, j = zip(*itertools.combinations(range(len(aligned)), 2))
-    return gram[:, list(i), list(j)]
+    return pairwise_cosines(aligned, pairing)

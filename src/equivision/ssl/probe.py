@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import ImageDataset
+from ..measure.compare import Comparator
 from ..measure.stats import PairStats
-from ..transforms import Transform, hflip, rot90
+from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
-from ..utils import resolve_device
+from ..transforms.layout import as_stride
+from ..utils import model_device, resolve_device
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 
 __all__ = [
@@ -145,11 +147,6 @@ class _Frozen:
         self.encoder.train(self.was_training)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # ----------------------------------------------------------------------------- features
 
 
@@ -168,7 +165,7 @@ def extract_features(
     Returns:
         ``features (N, n * D)`` float32 on the CPU and ``labels (N,)`` int64.
     """
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     images, labels = _prepared(encoder, dataset)
     cap = getattr(encoder, "depth", n_last) - getattr(encoder, "cls_layer", 0)
@@ -377,7 +374,7 @@ def _default_transforms(grid: tuple[int, int]) -> dict[str, Transform]:
 def equivariance_scores(
     encoder: nn.Module,
     dataset: Any,
-    transforms: dict[str, Transform] | None = None,
+    transforms: dict[str, Transform] | Sequence[Transform] | str | None = None,
     batch_size: int = 128,
     max_images: int | None = 512,
     device: str | torch.device | None = None,
@@ -388,29 +385,35 @@ def equivariance_scores(
     ``g x`` and of ``x`` are compared after ``g`` acts on the latter's map (rot90 and flips
     permute tokens exactly; scaling resamples the map bilinearly); the score is the mean over
     images of one global cosine over the ``D x h x w`` valid entries (positions filled with
-    zeros by the action are left out), accumulated with
+    zeros by the action are left out), compared by the comparison core
+    (:class:`~equivision.measure.compare.Comparator`) and accumulated with
     :class:`~equivision.measure.stats.PairStats`. ``"cls"`` holds the cosine between the final
     [CLS] of ``x`` and of ``g x`` (its action is the identity, so this is its invariance).
 
     Args:
-        transforms: name -> Transform (default rot90, hflip and a whole-patch zoom
-            ``Scale((h + 2) / h)`` for an ``h x h`` token grid).
+        transforms: name -> Transform, a list of transformations or a spec string (named
+            by ``Transform.name``); default rot90, hflip and a whole-patch zoom
+            ``Scale((h + 2) / h)`` for an ``h x h`` token grid.
         max_images: use at most this many images (None: all).
 
     Returns:
         ``{"layers": [1..depth], "scores": {name: [score per block]}, "cls": {name: score},
         "n_images": N}``.
     """
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     images, _ = _prepared(encoder, dataset)
     if max_images is not None:
         images = images[:max_images]
     grid = tuple(getattr(encoder, "grid", images.shape[-2:]))
     patch = getattr(encoder, "patch_size", 1)
+    if transforms is not None and not isinstance(transforms, dict):
+        transforms = {t.name: t for t in as_transforms(transforms)}
     transforms = transforms or _default_transforms(grid)  # type: ignore[arg-type]
     stats: dict[str, list[PairStats]] = {}
     cls_stats: dict[str, PairStats] = {}
+    compare = Comparator()
+    layout = Layout("map", as_stride(patch))
     with _Frozen(encoder):
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(dev)
@@ -422,9 +425,9 @@ def equivariance_scores(
                     stats[name] = [PairStats(m.shape[1]) for m in maps]
                     cls_stats[name] = PairStats(base.cls.shape[1])
                 for st, fx, fgx in zip(stats[name], maps, moved.token_maps or []):
-                    mask = g.valid_mask(tuple(fx.shape[-2:]), patch, device=fx.device)
-                    st.update(fgx.float(), g.apply_map(fx.float(), patch), mask)
-                cls_stats[name].update(moved.cls.float(), base.cls.float())
+                    compare.accumulate(st, fgx.float(), fx.float(), g, layout)
+                compare.accumulate(cls_stats[name], moved.cls.float(), base.cls.float(), g,
+                                   Layout("vector"))
     depth = len(next(iter(stats.values()), []))
     return {
         "layers": list(range(1, depth + 1)),
@@ -490,7 +493,7 @@ def transformation_prediction(
     bad = [t for t in tasks if t not in ("rotation", "flip")]
     if bad:
         raise ValueError(f"unknown task(s) {bad}; choose from 'rotation', 'flip'")
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     tr_images, _ = _prepared(encoder, train_set)
     te_images, _ = _prepared(encoder, test_set)
@@ -529,7 +532,7 @@ def corruption_robustness(
     Returns:
         :func:`~equivision.ssl.corruptions.corruption_accuracy`'s dict.
     """
-    dev = _device_of(encoder) if device is None else resolve_device(device)
+    dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
     ftr, ytr = extract_features(encoder, train_set, n_last, batch_size, dev)
     head = linear_probe(ftr, ytr, ftr[:1], ytr[:1], steps=steps, seed=seed,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.vit import ViTBlock
+from ..transforms.layout import map_to_tokens, tokens_to_map
 
 __all__ = ["SSLViT", "ViTOutput"]
 
@@ -111,12 +112,8 @@ class SSLViT(nn.Module):
 
     def embed(self, x: Tensor, positions: bool = True) -> Tensor:
         """Patch embedding ``(B, C, H, W)`` -> tokens ``(B, N, D)`` (+ positions)."""
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = map_to_tokens(self.patch_embed(x))
         return t + self.pos_embed if positions else t
-
-    def _to_map(self, patches: Tensor) -> Tensor:
-        b, _, d = patches.shape
-        return patches.transpose(1, 2).reshape(b, d, *self.grid)
 
     def forward(self, x: Tensor, n_last: int = 0, all_tokens: bool = False) -> ViTOutput:
         """Encode ``x (B, C, H, W)``; see :class:`ViTOutput` for what comes back.
@@ -139,14 +136,14 @@ class SSLViT(nn.Module):
         last: list[Tensor] = []
         for i in range(self.depth + 1):
             if i == self.cls_layer:  # tokens leaving block i (0 = the embedding)
-                tokens = self._to_map(self.norm_l(t[:, prefix:]))
+                tokens = tokens_to_map(self.norm_l(t[:, prefix:]), self.grid)
                 t = torch.cat([self.cls_token.expand(b, -1, -1), t], dim=1)
                 prefix = 1
             if i == self.depth:
                 break
             t = self.blocks[i](t)
             if all_tokens:
-                maps.append(self._to_map(t[:, prefix:]))
+                maps.append(tokens_to_map(t, self.grid, prefix))
             if prefix and i >= self.depth - n_last:
                 last.append(self.norm(t[:, 0]))
         assert tokens is not None

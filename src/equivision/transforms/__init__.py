@@ -1,18 +1,30 @@
 """Transformations and their actions on images, feature maps, group maps and tokens."""
 
 from .affine import Rotation, Scale, rotate_batch
-from .base import InexactActionError, Layout, ShapeError, Transform, check_image
+from .base import InexactActionError, ShapeError, Transform, check_image
 from .composite import Compose
 from .dihedral import Dihedral, group_elements, hflip, identity, rot90, vflip
+from .layout import (
+    Layout,
+    LayoutError,
+    infer_layout,
+    infer_strides,
+    local_stride,
+    map_to_tokens,
+    size_stride,
+    tokens_to_map,
+)
+from .lists import as_transforms
 from .photometric import ColorJitter
 from .resize import Resize
 from .spec import parse_transforms
 from .translation import Translation, shift_zero_fill
 
 __all__ = [
-    "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "Resize", "Rotation",
-    "Scale",
-    "ShapeError",
-    "Transform", "Translation", "check_image", "group_elements", "hflip", "identity",
-    "parse_transforms", "rot90", "rotate_batch", "shift_zero_fill", "vflip",
+    "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "LayoutError",
+    "Resize", "Rotation", "Scale", "ShapeError", "Transform", "Translation", "as_transforms",
+    "check_image",
+    "group_elements", "hflip", "identity", "infer_layout", "infer_strides", "local_stride",
+    "map_to_tokens", "parse_transforms", "rot90", "rotate_batch", "shift_zero_fill",
+    "size_stride", "tokens_to_map", "vflip",
 ]

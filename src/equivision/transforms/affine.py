@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Stride, Transform
+from .dihedral import Dihedral
 
 
 @lru_cache(maxsize=64)
@@ -45,8 +46,6 @@ def rotate_batch(x: Tensor, angles: Tensor) -> Tensor:
     """Rotate each image of ``x (B, C, H, W)`` by its own angle, ``angles (B,)`` degrees
     counter-clockwise: multiples of 90° exactly (:class:`~.dihedral.Dihedral`), others
     bilinearly about the centre with zero fill (:class:`Rotation`'s action)."""
-    from .dihedral import Dihedral
-
     out = torch.empty_like(x)
     quarter = torch.remainder(angles, 90.0) == 0
     ks = torch.remainder(torch.round(angles / 90.0), 4).long()
@@ -77,6 +76,10 @@ class Rotation(Transform):
 
     def _key(self) -> tuple:
         return (self.angle, self.mode)
+
+    @property
+    def is_identity(self) -> bool:  # noqa: D102
+        return self.angle == 0.0
 
     @property
     def name(self) -> str:
@@ -130,6 +133,10 @@ class Scale(Transform):
 
     def _key(self) -> tuple:
         return (self.sx, self.sy, self.mode)
+
+    @property
+    def is_identity(self) -> bool:  # noqa: D102
+        return (self.sx, self.sy) == (1.0, 1.0)
 
     @property
     def name(self) -> str:

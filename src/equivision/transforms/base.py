@@ -22,13 +22,15 @@ its input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-Stride = tuple[float, float]
+from .layout import Layout, Stride, as_stride, map_to_tokens, tokens_to_map
+
+__all__ = ["InexactActionError", "Layout", "ShapeError", "Stride", "Transform", "as_stride",
+           "check_image", "set_composition"]
 
 
 class InexactActionError(ValueError):
@@ -42,32 +44,6 @@ class InexactActionError(ValueError):
 
 class ShapeError(ValueError):
     """The map has the wrong shape for this action (e.g. a 90° rotation of a 7x9 map)."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a captured tensor is laid out, so that a transformation can act on it.
-
-    Attributes:
-        kind: ``"map"`` for ``(B, C, h, w)``, ``"group"`` for ``(B, C, G, h, w)``,
-            ``"tokens"`` for ``(B, N, C)`` on a ``grid``, ``"vector"`` for ``(B, C)``.
-        stride: ``(sy, sx)``, input pixels per feature-map position.
-        grid: ``(h, w)`` of the patch tokens (``kind="tokens"`` only).
-        prefix: number of leading non-patch tokens, e.g. 1 for a [CLS] token.
-        group: ``"p4"`` (G = 4) or ``"p4m"`` (G = 8) for ``kind="group"``.
-    """
-
-    kind: Literal["map", "group", "tokens", "vector"] = "map"
-    stride: Stride = (1.0, 1.0)
-    grid: tuple[int, int] | None = None
-    prefix: int = 0
-    group: str | None = None
-
-
-def _as_stride(stride: float | Stride) -> Stride:
-    if isinstance(stride, (int, float)):
-        return (float(stride), float(stride))
-    return (float(stride[0]), float(stride[1]))
 
 
 def check_image(x: Tensor, what: str = "image batch") -> None:
@@ -113,6 +89,11 @@ class Transform:
     def _key(self) -> tuple:
         return (self.name,)
 
+    @property
+    def is_identity(self) -> bool:
+        """True when the element acts as the identity (dropped from compositions)."""
+        return False
+
     # ---- actions -------------------------------------------------------------
     def apply_image(self, x: Tensor) -> Tensor:
         """Act on an image batch ``(B, C, H, W)``; returns the same shape."""
@@ -133,7 +114,7 @@ class Transform:
     def map_exact(self, shape: tuple[int, int], stride: float | Stride = 1.0) -> bool:
         """Whether :meth:`apply_map` is defined exactly for a map of ``shape``/``stride``."""
         try:
-            self._check_map(shape, _as_stride(stride))
+            self._check_map(shape, as_stride(stride))
         except InexactActionError:
             return False
         return True
@@ -168,21 +149,14 @@ class Transform:
         """Act on ViT tokens ``(B, N, C)``: the ``N - prefix`` patch tokens form a
         ``grid = (h, w)`` map that is transformed; prefix tokens ([CLS], registers)
         are left as they are."""
-        if x.dim() != 3:
-            raise ValueError(f"expected tokens (B, N, C), got {tuple(x.shape)}")
-        b, n, c = x.shape
-        h, w = grid
-        if n - prefix != h * w:
-            raise ValueError(
-                f"{n} tokens with {prefix} prefix token(s) do not fill a {h}x{w} grid; "
-                "pass the right grid=(h, w) and prefix"
-            )
-        patches = x[:, prefix:].transpose(1, 2).reshape(b, c, h, w)
-        moved = self.apply_map(patches, stride).reshape(b, c, h * w).transpose(1, 2)
+        patches = tokens_to_map(x, grid, prefix)
+        moved = map_to_tokens(self.apply_map(patches, stride))
         return torch.cat([x[:, :prefix], moved], dim=1)
 
     def act(self, x: Tensor, layout: Layout) -> Tensor:
-        """Act on a captured tensor according to its :class:`Layout`."""
+        """Act on a captured tensor according to its :class:`Layout`: maps ``(B, C, h, w)``,
+        group maps ``(B, C, G, h, w)``, tokens ``(B, N, C)`` or vectors ``(B, C)`` (left as
+        they are). ``layout.size`` is used by transformations that change the map size."""
         if layout.kind == "map":
             return self.apply_map(x, layout.stride)
         if layout.kind == "group":
@@ -216,9 +190,9 @@ class Transform:
         merged = self._merge(other)
         if merged is not None:
             return merged
-        from .composite import Compose
-
-        return Compose([other, self]).simplify()
+        if _COMPOSITION is None:  # pragma: no cover - set when the package is imported
+            raise RuntimeError("import equivision.transforms to compose transformations")
+        return _COMPOSITION(other, self)
 
     def _merge(self, other: Transform) -> Transform | None:
         """Closed form of "``other`` then ``self``" when one exists, else ``None``."""
@@ -228,6 +202,14 @@ class Transform:
         return self.compose(other)
 
 
-def as_stride(stride: float | Stride) -> Stride:
-    """Normalise a scalar or pair stride to ``(sy, sx)`` floats."""
-    return _as_stride(stride)
+#: "first ``h``, then ``g``" for elements with no closed form together; set by
+#: :mod:`.composite` (which depends on this module, not the other way round).
+_COMPOSITION: Callable[[Transform, Transform], Transform] | None = None
+
+
+def set_composition(compose: Callable[[Transform, Transform], Transform]) -> None:
+    """Install the general composition ``compose(first, then)`` used by
+    :meth:`Transform.compose` when no closed form exists (done once by
+    :mod:`equivision.transforms.composite`)."""
+    global _COMPOSITION
+    _COMPOSITION = compose

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import Stride, Transform, check_image
+from .base import Stride, Transform, check_image, set_composition
+from .dihedral import Dihedral
 
 
 class Compose(Transform):
@@ -58,8 +59,6 @@ class Compose(Transform):
 
     def simplify(self) -> Transform:
         """Merge neighbours that compose in closed form; drop identities."""
-        from .dihedral import Dihedral
-
         out: list[Transform] = []
         for t in self.transforms:
             parts = t.transforms if isinstance(t, Compose) else [t]
@@ -70,8 +69,7 @@ class Compose(Transform):
                         out[-1] = merged
                         continue
                 out.append(p)
-        out = [t for t in out if not (isinstance(t, Dihedral) and t.is_identity)]
-        out = [t for t in out if not _is_trivial(t)]
+        out = [t for t in out if not t.is_identity]
         if len(out) == 1:
             return out[0]
         if not out:
@@ -81,12 +79,10 @@ class Compose(Transform):
         return c
 
 
-def _is_trivial(t: Transform) -> bool:
-    key = t._key()
-    name = type(t).__name__
-    return (
-        (name == "Translation" and key == (0, 0))
-        or (name == "Rotation" and key[0] == 0.0)
-        or (name == "Scale" and key[:2] == (1.0, 1.0))
-        or (name == "ColorJitter" and key == (0.0, 1.0, 1.0, 0.0))
-    )
+
+def _compose(first: Transform, then: Transform) -> Transform:
+    """"``first``, then ``then``" as a simplified :class:`Compose`."""
+    return Compose([first, then]).simplify()
+
+
+set_composition(_compose)

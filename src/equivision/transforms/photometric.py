@@ -9,6 +9,7 @@ import kornia.enhance as KE
 from torch import Tensor
 
 from .base import Layout, Stride, Transform, check_image
+from .composite import Compose
 
 
 class ColorJitter(Transform):
@@ -34,6 +35,10 @@ class ColorJitter(Transform):
 
     def _key(self) -> tuple:
         return (self.brightness, self.contrast, self.saturation, self.hue)
+
+    @property
+    def is_identity(self) -> bool:  # noqa: D102
+        return (self.brightness, self.contrast, self.saturation, self.hue) == (0.0, 1.0, 1.0, 0.0)
 
     @property
     def name(self) -> str:
@@ -64,8 +69,6 @@ class ColorJitter(Transform):
         return x
 
     def inverse(self) -> Transform:
-        from .composite import Compose
-
         steps = [
             ColorJitter(hue=-self.hue),
             ColorJitter(saturation=1.0 / self.saturation if self.saturation else 1.0),

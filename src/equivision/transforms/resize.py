@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Stride, Transform, as_stride, check_image
+from .layout import Layout
 
 
 def resized_side(side: int, factor: float, multiple: int = 1) -> int:
@@ -40,7 +41,8 @@ class Resize(Transform):
 
     The action is interpolated, so ``exact`` is False, and ``Resize(f).inverse()`` is
     ``Resize(1 / f)``, which returns to the original size only up to rounding: pass the
-    wanted ``size`` to :meth:`apply_map` to land exactly on it.
+    wanted ``size`` to :meth:`apply_map` (or a :class:`~.layout.Layout` with ``size`` to
+    :meth:`act`) to land exactly on it.
     """
 
     exact = False
@@ -109,6 +111,14 @@ class Resize(Transform):
             out = F.interpolate(flat, size=target, mode=self.mode, align_corners=False,
                                 antialias=self.antialias)
         return out.reshape(*lead, *target)
+
+    def act(self, x: Tensor, layout: Layout) -> Tensor:
+        """As :meth:`Transform.act`; maps and group maps land on ``layout.size`` when the
+        layout gives it (the size of the map the network produced), so that undoing a
+        resize returns exactly to the reference map."""
+        if layout.size is not None and layout.kind in ("map", "group"):
+            return self.apply_map(x, layout.stride, size=layout.size)
+        return super().act(x, layout)
 
     def valid_mask(self, shape, stride=1.0, device=None) -> Tensor:  # noqa: D102
         return torch.ones(*self.output_size(tuple(shape)), dtype=torch.bool, device=device)

@@ -42,6 +42,10 @@ class Translation(Transform):
         return (self.dx, self.dy)
 
     @property
+    def is_identity(self) -> bool:  # noqa: D102
+        return (self.dx, self.dy) == (0, 0)
+
+    @property
     def name(self) -> str:
         return f"shift({self.dx},{self.dy})"
 

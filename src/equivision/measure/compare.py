@@ -1,0 +1,189 @@
+"""The one comparison core: ``f(g x)`` against ``g·f(x)``.
+
+Every equivariance check of equivision goes through this module:
+
+* measurement (:func:`~equivision.measure.engine.measure`) feeds
+  :class:`~equivision.measure.stats.PairStats` with :meth:`Comparator.accumulate`;
+* the SER probe (:func:`~equivision.ssl.probe.equivariance_scores`) does the same;
+* the group-CNN empirical check
+  (:func:`~equivision.gcnn.exactness.empirical_equivariance_error`) uses
+  :func:`align` and :func:`per_image_error`;
+* the equivariance defense's loss and score (:mod:`equivision.robust.views`) bring each
+  view back with :func:`align_back` and compare with :func:`pairwise_cosines`.
+
+Alignment acts with ``g`` on ``f(x)`` according to its
+:class:`~equivision.transforms.layout.Layout` (maps, group maps, tokens; vectors are
+invariant). The valid mask ``(h, w)`` keeps the positions of ``g·f(x)`` whose value
+comes from inside the map, optionally eroded by a margin of input pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..transforms import Layout, Transform
+from .stats import PairStats
+
+__all__ = [
+    "PAIRINGS", "AlignmentError", "Aligned", "Comparator", "align", "align_back", "erode",
+    "pairwise_cosines", "per_image_cosine", "per_image_error",
+]
+
+#: How views are compared: each against the untransformed view, or all pairs.
+PAIRINGS = ("identity", "pairs")
+
+
+class AlignmentError(ValueError):
+    """``f(g x)`` and ``g·f(x)`` do not have the same shape (the output size depends on
+    the content, or the transformation changes the size of this map)."""
+
+
+@dataclass
+class Aligned:
+    """One compared pair: ``a = f(g x)``, ``b = g·f(x)`` (same shape: ``(B, C)``,
+    ``(B, C, h, w)`` or ``(B, C, G, h, w)``) and the valid mask ``(h, w)`` (None: all)."""
+
+    a: Tensor
+    b: Tensor
+    mask: Tensor | None = None
+
+
+def erode(mask: Tensor, margin: int, stride: tuple[float, float]) -> Tensor:
+    """Drop positions of ``mask`` (h, w) within ``margin`` input pixels of an invalid
+    position or of the map's edge. Masks with no invalid position are returned as
+    they are: transformations that keep every position (rot90, flips) map the edge
+    onto itself, so padding there is not a border effect."""
+    if margin <= 0 or bool(mask.all()):
+        return mask
+    ry = max(1, math.ceil(margin / stride[0]))
+    rx = max(1, math.ceil(margin / stride[1]))
+    bad = torch.nn.functional.pad((~mask).float()[None, None], (rx, rx, ry, ry), value=1.0)
+    grown = torch.nn.functional.max_pool2d(bad, (2 * ry + 1, 2 * rx + 1), stride=1)
+    return grown[0, 0] == 0
+
+
+def align(fgx: Tensor, fx: Tensor, g: Transform, layout: Layout) -> tuple[Tensor, Tensor]:
+    """``(f(g x), g·f(x))`` with ``g`` acting on ``f(x)`` per ``layout``.
+
+    Raises:
+        ShapeError / InexactActionError: from the action (e.g. rot90 of a non-square
+            map, a shift that is not a multiple of the stride).
+        AlignmentError: when the two do not have the same shape.
+    """
+    gfx = g.act(fx, layout)
+    if fgx.shape != gfx.shape:
+        raise AlignmentError(
+            f"f(gX) has shape {tuple(fgx.shape)} but g·f(X) {tuple(gfx.shape)} under {g.name}")
+    return fgx, gfx
+
+
+def align_back(g: Transform | None, fgx: Tensor, layout: Layout) -> Tensor:
+    """``g^-1 · f(g x)``, in the frame of ``f(x)`` whose layout (with its spatial ``size``)
+    is ``layout``; ``g=None`` (the untransformed view) returns ``fgx``.
+
+    Raises:
+        AlignmentError: when the result does not have the reference size.
+    """
+    if g is None or layout.kind == "vector":
+        return fgx
+    out = g.inverse().act(fgx, layout)
+    if layout.size is not None and tuple(out.shape[-2:]) != tuple(layout.size):
+        raise AlignmentError(
+            f"undoing {g.name} gives a {tuple(out.shape[-2:])} map but the reference map is "
+            f"{tuple(layout.size)}; use transforms that keep the size or a Resize")
+    return out
+
+
+def _flat(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``(B, ...)`` -> ``(B, D)`` over the valid positions (the mask covers the last two
+    axes of maps and group maps)."""
+    if mask is None or x.dim() < 4 or bool(mask.all()):
+        return x.flatten(1)
+    return x[..., mask].flatten(1)
+
+
+def per_image_error(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """L2 norm of ``a - b`` per image over the valid entries: ``(B,)``."""
+    return torch.linalg.vector_norm(_flat(a - b, mask), dim=1)
+
+
+def per_image_cosine(a: Tensor, b: Tensor, mask: Tensor | None = None,
+                     eps: float = 1e-8) -> Tensor:
+    """Global cosine per image over the valid entries (norms clamped at ``eps``): ``(B,)``."""
+    fa, fb = _flat(a, mask), _flat(b, mask)
+    na = torch.linalg.vector_norm(fa, dim=1).clamp_min(eps)
+    nb = torch.linalg.vector_norm(fb, dim=1).clamp_min(eps)
+    return (fa * fb).sum(dim=1) / (na * nb)
+
+
+def pairwise_cosines(aligned: Sequence[Tensor], pairing: str = "identity") -> Tensor:
+    """Global cosines between aligned views ``[v_0, v_1, ..., v_K]`` (same shape each,
+    ``(B, ...)``; ``v_0`` is the untransformed view), norms clamped at 1e-8.
+
+    ``pairing="identity"``: ``cos(v_k, v_0)`` for k = 1..K; ``"pairs"``: ``cos(v_i, v_j)``
+    for all ``i < j``. Returns ``(B, P)``, differentiable.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    # one (V, B, D) tensor of unit vectors
+    unit = torch.stack([a.flatten(1) for a in aligned])
+    unit = unit / unit.norm(dim=2, keepdim=True).clamp_min(1e-8)
+    if pairing == "identity":
+        return (unit[1:] * unit[:1]).sum(dim=2).T
+    gram = torch.einsum("vbd,wbd->bvw", unit, unit)
+    i, j = zip(*itertools.combinations(range(len(aligned)), 2))
+    return gram[:, list(i), list(j)]
+
+
+class Comparator:
+    """Aligns ``f(g x)`` with ``g·f(x)`` and gives the valid mask, cached per
+    (transformation, layout, map size, device).
+
+    Args:
+        margin: also drop map positions within ``margin`` input pixels of an invalid
+            position or of the map's edge (see :func:`erode`); 0 keeps every position
+            whose value comes from inside the map.
+    """
+
+    def __init__(self, margin: int = 0) -> None:
+        self.margin = int(margin)
+        self._masks: dict[tuple, Tensor] = {}
+
+    def mask(self, g: Transform, layout: Layout, hw: tuple[int, int],
+             device: torch.device | str | None = None) -> Tensor:
+        """Valid positions ``(h, w)`` of ``g·f`` for a map of size ``hw``."""
+        key = (g, layout, tuple(hw), str(device))
+        if key not in self._masks:
+            self._masks[key] = erode(g.valid_mask(tuple(hw), layout.stride, device=device),
+                                     self.margin, layout.stride)
+        return self._masks[key]
+
+    def compare(self, fgx: Tensor, fx: Tensor, g: Transform, layout: Layout) -> Aligned:
+        """Align (see :func:`align`) and attach the mask (None for vectors)."""
+        a, b = align(fgx, fx, g, layout)
+        mask = None
+        if fx.dim() >= 4:
+            mask = self.mask(g, layout, (fx.shape[-2], fx.shape[-1]), fx.device)
+        return Aligned(a, b, mask)
+
+    def accumulate(self, stats: PairStats, fgx: Tensor, fx: Tensor, g: Transform,
+                   layout: Layout) -> bool:
+        """Add one batch to ``stats``; False if it contained NaN or Inf."""
+        pair = self.compare(fgx, fx, g, layout)
+        return stats.update(pair.a, pair.b, pair.mask)
+
+    def cosine(self, fgx: Tensor, fx: Tensor, g: Transform, layout: Layout) -> Tensor:
+        """Per-image global cosine of ``f(g x)`` and ``g·f(x)`` over the valid entries."""
+        pair = self.compare(fgx, fx, g, layout)
+        return per_image_cosine(pair.a, pair.b, pair.mask)
+
+    def error(self, fgx: Tensor, fx: Tensor, g: Transform, layout: Layout) -> Tensor:
+        """Per-image L2 norm of ``f(g x) - g·f(x)`` over the valid entries: ``(B,)``."""
+        pair = self.compare(fgx, fx, g, layout)
+        return per_image_error(pair.a, pair.b, pair.mask)
