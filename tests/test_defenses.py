@@ -274,7 +274,7 @@ def test_bad_images(model, images):
     with pytest.raises(TypeError, match="floating"):
         d.purify((images * 255).to(torch.uint8))
     with pytest.raises(TypeError, match="Transform"):
-        EquivarianceDefense(model, transforms=["hflip"])
+        EquivarianceDefense(model, transforms=[42])
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -4,6 +4,7 @@ from .affine import Rotation, Scale, rotate_batch
 from .base import InexactActionError, ShapeError, Transform, check_image
 from .composite import Compose
 from .dihedral import Dihedral, group_elements, hflip, identity, rot90, vflip
+from .elements import ElementBatch
 from .layout import (
     Layout,
     LayoutError,
@@ -14,14 +15,14 @@ from .layout import (
     size_stride,
     tokens_to_map,
 )
-from .lists import as_transforms
 from .photometric import ColorJitter
 from .resize import Resize
-from .spec import parse_transforms
+from .spec import TransformSpec, as_transforms, parse_transforms
 from .translation import Translation, shift_zero_fill
 
 __all__ = [
-    "ColorJitter", "Compose", "Dihedral", "InexactActionError", "Layout", "LayoutError",
+    "ColorJitter", "Compose", "Dihedral", "ElementBatch", "InexactActionError", "Layout",
+    "LayoutError", "TransformSpec",
     "Resize", "Rotation", "Scale", "ShapeError", "Transform", "Translation", "as_transforms",
     "check_image",
     "group_elements", "hflip", "identity", "infer_layout", "infer_strides", "local_stride",
