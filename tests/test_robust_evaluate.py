@@ -60,7 +60,8 @@ def test_registry_names_and_errors():
     assert set(ATTACKS) == {"fgsm", "ifgsm", "pgd", "mim", "cw", "houdini", "bpda", "bpda-eot",
                             "full", "adaptive"}
     assert "equivariance-reference" in DEFENSES and "rotation" in DEFENSES
-    with pytest.raises(ValueError, match="unknown attack 'pgdd'.*valid names: fgsm"):
+    with pytest.raises(ValueError,
+                       match="unknown attack 'pgdd'. Did you mean 'pgd'.*Valid names: .*fgsm"):
         parse_attack("pgdd")
     with pytest.raises(ValueError, match="only 'adaptive' takes a value"):
         parse_attack("pgd:3")
