@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from ..data import get_dataset
-from ..robust.evaluate import evaluate_robustness
+from ..robust.evaluate import RobustnessConfig, evaluate_robustness
 from ..utils import resolve_device, seed_everything
 from .common import CLIError, distributed_session, load_model, names, number, write_json
 
@@ -122,11 +122,12 @@ def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
     dataset = get_dataset(args.dataset, split=args.split, size=args.size)
     seed_everything(args.seed)  # same weights in every process without a checkpoint
     model, name = _load_model(args)
-    result = evaluate_robustness(
-        model, dataset, attacks, defense, eps=args.eps, steps=args.steps, alpha=args.alpha,
-        norm=args.norm, restarts=args.restarts, targeted=args.targeted,
-        max_images=args.max_images, batch_size=args.batch_size, seed=args.seed, device=device,
+    config = RobustnessConfig(
+        eps=args.eps, steps=args.steps, alpha=args.alpha, norm=args.norm,
+        restarts=args.restarts, targeted=args.targeted, max_images=args.max_images,
+        batch_size=args.batch_size, seed=args.seed, device=device,
         progress=not args.no_progress and rank == 0, **extra)
+    result = evaluate_robustness(model, dataset, attacks, defense, config)
     result.meta.update({"model": name, "dataset": args.dataset, "split": args.split,
                         "checkpoint": args.checkpoint})
     if rank != 0:
