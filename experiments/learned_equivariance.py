@@ -23,9 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from equivision.measure import Report
-from equivision.stats_tools import pearson, spearman, spearman_by_part
-from equivision.studies import (
+from support.stats import pearson, spearman, spearman_by_part
+from support.studies import (
     RunSpec,
     markdown_table,
     plot_parts,
@@ -33,6 +32,8 @@ from equivision.studies import (
     train_and_measure,
     write_results,
 )
+
+from equivision.measure import Report
 
 
 def seeds(args) -> list[int]:
