@@ -33,6 +33,7 @@ from support.studies import (
     write_results,
 )
 
+from equivision.io import save_png
 from equivision.measure import Report
 
 
@@ -177,13 +178,8 @@ def cmd_cosine(args) -> None:
 
 
 def _plot_cosine(res: dict, path: Path) -> None:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from equivision.measure.report import save_png
+    """Per-layer correlation and cosine invariance of one model, as a PNG."""
+    import matplotlib.pyplot as plt  # support.studies chose the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     xs = range(len(res["layers"]))

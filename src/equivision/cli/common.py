@@ -10,7 +10,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,28 +49,30 @@ def names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def number(text: str) -> float:
-    """An argparse type: a finite float, also written as a fraction (``0.03``, ``8/255``)."""
-    num, sep, den = str(text).partition("/")
+def _float_arg(text: str, parse: Callable[[str], float], hint: str = "") -> float:
+    """``parse(text)``, as an argparse type that accepts finite values only."""
     try:
-        value = float(num) / float(den) if sep else float(num)
+        value = parse(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (write e.g. 0.03 or 8/255)"
-                                         ) from None
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}{hint}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
+
+
+def _fraction(text: str) -> float:
+    num, sep, den = str(text).partition("/")
+    return float(num) / float(den) if sep else float(num)
+
+
+def number(text: str) -> float:
+    """An argparse type: a finite float, also written as a fraction (``0.03``, ``8/255``)."""
+    return _float_arg(text, _fraction, " (write e.g. 0.03 or 8/255)")
 
 
 def finite(text: str) -> float:
     """An argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
+    return _float_arg(text, float)
 
 
 def positive_int(text: str) -> int:
