@@ -103,7 +103,7 @@ def test_head_file_round_trip(tmp_path):
     for a, b in zip(head.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     defense = build_defense("rotation", create_model("cnn-small", width=4), head=path, steps=1)
-    assert defense.layer == "features.relu3"
+    assert defense.feature_layer == "features.relu3"
 
 
 # ----------------------------------------------------------------------------- evaluation

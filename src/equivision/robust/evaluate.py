@@ -80,7 +80,7 @@ from tqdm.auto import tqdm
 from ..transforms import Transform
 from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
-from .defenses import Defense, default_transforms, equivariance_score
+from .defenses import Defense, EquivarianceDefense, default_transforms, equivariance_score
 from .metrics import IGNORE_INDEX, ConfusionMeter, check_output_labels, per_image_score
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
 from .views import FeatureExtractor
@@ -350,7 +350,7 @@ class _Setup:
     n: int
     seg: bool
     k: int
-    layer: str
+    feature_layer: str
     pairing: str
     views: list[Transform]
     draws: int
@@ -442,7 +442,10 @@ def _setup(model: nn.Module, dataset: Dataset,
     x0, y0 = _batch(dataset, 0, 1)
     with torch.no_grad():
         out0 = _check_output(model(x0.to(dev)), y0.to(dev), cfg.ignore_index, "image 0")
-    layer = str(getattr(defense_obj, "feature_layer", cfg.feature_layer))
+    # the defense's layer when its loss is the equivariance score; a head-based defense
+    # reads its head's layer, which the scores do not use
+    layer = defense_obj.feature_layer if isinstance(defense_obj, EquivarianceDefense) \
+        else cfg.feature_layer
     FeatureExtractor(model, layer)  # unknown layer names fail here, with the list
     views = getattr(defense_obj, "transforms", None) or cfg.score_transforms
     randomized = bool(getattr(defense_obj, "randomized", False))
@@ -451,7 +454,7 @@ def _setup(model: nn.Module, dataset: Dataset,
     return _Setup(
         model=model, dataset=dataset, specs=specs, defense=defense_obj, device=dev,
         n=n_total if cfg.max_images is None else min(cfg.max_images, n_total),
-        seg=out0.dim() == 4, k=int(out0.shape[1]), layer=layer,
+        seg=out0.dim() == 4, k=int(out0.shape[1]), feature_layer=layer,
         pairing=str(getattr(defense_obj, "pairing", "identity")),
         views=list(views if views is not None else default_transforms(x0.shape[1])),
         draws=cfg.repeats if randomized else 1, rank=rank, world=world)
@@ -521,7 +524,8 @@ def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], star
 
 def _score(setup: _Setup, images: Tensor) -> Tensor:
     """Per-image equivariance scores ``(B,)`` of ``images`` ``(B, C, H, W)``."""
-    return equivariance_score(setup.model, images, setup.views, setup.layer, setup.pairing)
+    return equivariance_score(setup.model, images, setup.views, setup.feature_layer,
+                              setup.pairing)
 
 
 def _all_reduce(setup: _Setup, rows: dict[str, _Row]) -> None:
@@ -575,7 +579,7 @@ def _meta(setup: _Setup, cfg: RobustnessConfig) -> dict[str, Any]:
         "defense": None if defense is None else type(defense).__name__,
         "defense_settings": _defense_settings(defense),
         "defense_randomized": bool(getattr(defense, "randomized", False)),
-        "feature_layer": setup.layer, "score_pairing": setup.pairing,
+        "feature_layer": setup.feature_layer, "score_pairing": setup.pairing,
         "score_views": [repr(g) for g in setup.views], "world_size": setup.world,
         "num_classes": setup.k, "ignore_index": cfg.ignore_index if setup.seg else None,
         "device": str(setup.device),
@@ -586,7 +590,7 @@ def _defense_settings(defense: Defense | None) -> dict[str, Any]:
     if defense is None:
         return {}
     keys = ("eps_v", "eta", "steps", "noise", "feature_layer", "pairing", "grad_norm", "update",
-            "kind", "layer")
+            "kind")
     return {k: getattr(defense, k) for k in keys if hasattr(defense, k)}
 
 

@@ -195,19 +195,22 @@ def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
 # ----------------------------------------------------------------------------- heads
 
 
-def save_head(path: str | Path, head: RotationHead | ContrastiveHead, layer: str) -> Path:
-    """Write a trained head (kind, constructor config, weights, feature layer) atomically
-    with :func:`equivision.checkpoint.save_checkpoint`; reload with :func:`load_head`."""
+def save_head(path: str | Path, head: RotationHead | ContrastiveHead,
+              feature_layer: str) -> Path:
+    """Write a trained head (kind, constructor config, weights, the feature layer it reads;
+    stored under the key ``"layer"``) atomically with
+    :func:`equivision.checkpoint.save_checkpoint`; reload with :func:`load_head`."""
     kind = "rotation" if isinstance(head, RotationHead) else "contrastive"
     if not isinstance(head, (RotationHead, ContrastiveHead)):
         raise TypeError(f"head must be a RotationHead or ContrastiveHead, got "
                         f"{type(head).__name__}")
-    return save_checkpoint(path, {"kind": kind, "config": dict(head.config), "layer": layer,
+    return save_checkpoint(path, {"kind": kind, "config": dict(head.config),
+                                  "layer": feature_layer,
                                   "model": head.state_dict()})
 
 
 def load_head(path: str | Path) -> tuple[RotationHead | ContrastiveHead, str]:
-    """``(head, layer)`` from a file written by :func:`save_head`.
+    """``(head, feature_layer)`` from a file written by :func:`save_head`.
 
     Raises:
         equivision.checkpoint.CheckpointError: missing, corrupt or foreign file.
@@ -224,20 +227,22 @@ def load_head(path: str | Path) -> tuple[RotationHead | ContrastiveHead, str]:
     return head.eval(), str(state.get("layer", "logits"))
 
 
-def _head(name: str, model: nn.Module, head: Any, head_dataset: Dataset | None, layer: str,
-          head_epochs: int, seed: int) -> tuple[nn.Module, str]:
+def _head(name: str, model: nn.Module, head: Any, head_dataset: Dataset | None,
+          feature_layer: str, head_epochs: int, seed: int) -> tuple[nn.Module, str]:
+    """The trained head of defense ``name`` and the layer it reads: loaded from a file,
+    given, or trained on ``head_dataset``."""
     want = RotationHead if name == "rotation" else ContrastiveHead
     if isinstance(head, (str, Path)):
-        head, layer = load_head(head)
+        head, feature_layer = load_head(head)
     elif head is None:
         if head_dataset is None:
             raise ValueError(f"defense {name!r} needs a trained head: pass head= (a head or a "
                              "file written by save_head) or head_dataset= to train one")
         trainer = train_rotation_head if name == "rotation" else train_contrastive_head
-        head = trainer(model, layer, head_dataset, epochs=head_epochs, seed=seed)
+        head = trainer(model, feature_layer, head_dataset, epochs=head_epochs, seed=seed)
     if not isinstance(head, want):
         raise ValueError(f"defense {name!r} needs a {want.__name__}, got {type(head).__name__}")
-    return head, layer
+    return head, feature_layer
 
 
 def _no_defense(model: nn.Module, s: dict[str, Any]) -> None:
