@@ -24,7 +24,7 @@ from .models import create_model
 from .robust.demo import section_defense
 from .ssl.demo import section_ser
 from .train import TrainConfig, evaluate, train
-from .utils import resolve_device, seed_everything
+from .utils import model_device, resolve_device, seed_everything
 
 
 @dataclass
@@ -68,7 +68,7 @@ def section_measurement(ctx: DemoContext) -> str:
     model, test_set, metrics, cached, seconds = _digits_model(ctx)
     transforms = "rot90,hflip,shift:1-4"
     t0 = time.time()
-    report = measure(model, test_set, transforms, device=next(model.parameters()).device,
+    report = measure(model, test_set, transforms, device=model_device(model),
                      model_name="cnn7 (digits, 28 px)", progress=ctx.progress)
     measure_s = time.time() - t0
     files = report.save(ctx.out / "measure")

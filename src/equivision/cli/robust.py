@@ -27,7 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="an equivision checkpoint (the model is rebuilt from "
                    "it) or a state dict with --model")
     p.add_argument("--model", help="registry name or module:attr (default: the checkpoint's)")
-    p.add_argument("--model-args", "--model-kwargs", dest="model_args",
+    p.add_argument("--model-args",
                    help="constructor arguments, e.g. width=8,num_classes=10")
     p.add_argument("--dataset", "--data", dest="dataset", required=True,
                    help="built-in dataset name (see `equivision list datasets`)")
