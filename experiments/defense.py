@@ -45,7 +45,7 @@ from equivision.data import ImageDataset, get_dataset
 from equivision.measure import write_atomic
 from equivision.models import create_model
 from equivision.robust import PGD, default_transforms, train_contrastive_head, train_rotation_head
-from equivision.robust.evaluate import RobustnessResult, evaluate_robustness
+from equivision.robust.evaluate import RobustnessConfig, RobustnessResult, evaluate_robustness
 from equivision.robust.registry import save_head
 from equivision.training import TrainConfig, evaluate, train
 
@@ -222,13 +222,14 @@ def run_eval(ctx: Ctx, task: str, column: str | None, attacks: Sequence[Any],
     else:
         kw["feature_layer"] = TASKS[task]["feature_layer"]
     kw.update(defense_kwargs)
-    return evaluate_robustness(
-        model, dataset if dataset is not None else ctx.data(task, "test"), list(attacks),
-        name, eps=ctx.eps(task) if eps is None else eps, steps=ctx.scale["attack_steps"],
+    config = RobustnessConfig(
+        eps=ctx.eps(task) if eps is None else eps, steps=ctx.scale["attack_steps"],
         eot_samples=ctx.scale["eot"], lambdas=ctx.scale["lambdas"], repeats=repeats,
         max_images=ctx.scale["n"] if n is None else n, batch_size=32, seed=0,
-        equivariance=equivariance, defense_kwargs=kw if name else None,
-    )
+        equivariance=equivariance, defense_kwargs=kw if name else None)
+    return evaluate_robustness(
+        model, dataset if dataset is not None else ctx.data(task, "test"), list(attacks),
+        name, config)
 
 
 def metric(result: RobustnessResult, row: str, defended: bool = True) -> float:

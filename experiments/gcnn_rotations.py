@@ -22,13 +22,14 @@ import json
 from pathlib import Path
 
 import torch
+from support.rotations import RandomRotation, plot_accuracy_vs_rotation
+from support.studies import mean_std
 
 from equivision.data import get_dataset
+from equivision.evaluation import accuracy_vs_rotation
 from equivision.measure import write_atomic
 from equivision.measure.callback import EquivarianceErrorCallback
 from equivision.models import create_model
-from equivision.rotations import RandomRotation, accuracy_vs_rotation, plot_accuracy_vs_rotation
-from equivision.studies import mean_std
 from equivision.training import TrainConfig, train
 from equivision.utils import seed_everything
 

@@ -23,9 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from equivision.measure import Report
-from equivision.stats_tools import pearson, spearman, spearman_by_part
-from equivision.studies import (
+from support.stats import pearson, spearman, spearman_by_part
+from support.studies import (
     RunSpec,
     markdown_table,
     plot_parts,
@@ -33,6 +32,9 @@ from equivision.studies import (
     train_and_measure,
     write_results,
 )
+
+from equivision.io import save_png
+from equivision.measure import Report
 
 
 def seeds(args) -> list[int]:
@@ -176,13 +178,8 @@ def cmd_cosine(args) -> None:
 
 
 def _plot_cosine(res: dict, path: Path) -> None:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from equivision.measure.report import save_png
+    """Per-layer correlation and cosine invariance of one model, as a PNG."""
+    import matplotlib.pyplot as plt  # support.studies chose the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     xs = range(len(res["layers"]))

@@ -32,6 +32,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from support.studies import mean_std
+
 from equivision.data import get_dataset, photos
 from equivision.measure import write_atomic
 from equivision.ssl import (
@@ -45,7 +47,6 @@ from equivision.ssl import (
 )
 from equivision.ssl.pretrain import PretrainConfig, pretrain
 from equivision.ssl.probe import fit_dataset, run_probes
-from equivision.studies import mean_std
 from equivision.utils import seed_everything
 
 # --- scales ------------------------------------------------------------------------------

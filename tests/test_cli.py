@@ -116,3 +116,65 @@ def test_exactness_command(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "verdict: exact"
     assert main(["exactness", "--model", "p4cnn", "--input-size", "big"]) == 2
     assert "HxW" in capsys.readouterr().err
+
+
+def test_list_every_registry(capsys):
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("attacks:") and "bpda-eot" in out and "cnn7" not in out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for what, name in [("defenses", "equivariance-reference"), ("methods", "mocov3"),
+                       ("models", "p4cnn"), ("datasets", "digits6-roteq")]:
+        line = next(ln for ln in out.splitlines() if ln.startswith(what + ":"))
+        assert name in line
+
+
+def test_version(capsys):
+    from equivision import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"equivision {__version__}"
+
+
+def test_python_dash_m_equivision():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import equivision
+
+    src = str(Path(equivision.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for module in ("equivision", "equivision.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("equivision ")
+
+
+def test_unknown_model_suggests_a_name(tmp_path, capsys):
+    assert main(["exactness", "--model", "p4cnm", "--input-size", "28"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "unknown model 'p4cnm'. Did you mean 'p4cnn'" in err and "Valid names:" in err
+
+
+def test_no_import_cycle_between_command_groups():
+    """Every command module imports only common.py from the cli package."""
+    import ast
+    from pathlib import Path
+
+    import equivision.cli as cli
+
+    folder = Path(cli.__file__).parent
+    for path in folder.glob("*.py"):
+        if path.stem in ("main", "__init__", "__main__", "common"):
+            continue
+        tree = ast.parse(path.read_text())
+        siblings = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert siblings <= {"common"}, (path.name, siblings)

@@ -84,8 +84,8 @@ def test_defend_with_a_head_file(checkpoint, tmp_path, capsys):
 
 BAD = [
     (["attack", "--eps", "0"], "eps must be a finite number > 0"),
-    (["attack", "--attack", "pgd,zap"], "unknown attack 'zap'; valid names: fgsm"),
-    (["defend", "--defense", "magic"], "unknown defense 'magic'; valid names: none"),
+    (["attack", "--attack", "pgd,zap"], "unknown attack 'zap'. Valid names: adaptive"),
+    (["defend", "--defense", "magic"], "unknown defense 'magic'. Valid names: contrastive"),
     (["defend", "--feature-layer", "conv9"], "unknown feature layer 'conv9'"),
     (["attack", "--model", "segmenter"], "holds a 'cnn-small' model, not 'segmenter'"),
 ]

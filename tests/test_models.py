@@ -104,33 +104,56 @@ def test_bad_kwargs_name_model_and_arguments():
         create_model("cnn7", padding=-1)
 
 
-def test_register_model_extension():
+def test_register_model_extension(monkeypatch):
+    from equivision.models import registry
+    from equivision.registry import Registry
+
+    monkeypatch.setattr(registry, "MODELS", Registry("model"))  # leave the real one alone
+
     @register_model("test-linear")
     def linear(in_features: int = 4, num_classes: int = 2) -> nn.Module:
         return nn.Linear(in_features, num_classes)
 
-    try:
-        assert "test-linear" in list_models()
-        m = create_model("test-linear", num_classes=3)
-        assert m.out_features == 3 and m.equivision_kwargs == {"in_features": 4, "num_classes": 3}
-        assert model_defaults("test-linear") == {"in_features": 4, "num_classes": 2}
-        with pytest.raises(ValueError, match="already registered"):
-            register_model("test-linear")(lambda: nn.Identity())
-        with pytest.raises(ValueError, match="name"):
-            register_model("")
-    finally:
-        from equivision.models import registry
-
-        registry._REGISTRY.pop("test-linear", None)
+    assert "test-linear" in list_models()
+    m = create_model("test-linear", num_classes=3)
+    assert m.out_features == 3 and m.equivision_kwargs == {"in_features": 4, "num_classes": 3}
+    assert model_defaults("test-linear") == {"in_features": 4, "num_classes": 2}
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("test-linear")(lambda: nn.Identity())
+    with pytest.raises(ValueError, match="name"):
+        register_model("")
 
     @register_model("test-not-module")
     def not_module() -> int:
         return 3
 
-    try:
-        with pytest.raises(TypeError, match="not an nn.Module"):
-            create_model("test-not-module")
-    finally:
-        from equivision.models import registry
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        create_model("test-not-module")
 
-        registry._REGISTRY.pop("test-not-module", None)
+
+def test_create_model_from_checkpoint(tmp_path):
+    from equivision.checkpoint import CheckpointError, save_checkpoint
+
+    src = create_model("cnn-small", in_channels=3, num_classes=4)
+    path = save_checkpoint(tmp_path / "ck.pt", {
+        "model": src.state_dict(), "model_name": "cnn-small",
+        "model_kwargs": src.equivision_kwargs})
+    again = create_model("cnn-small", checkpoint=path)  # the arguments come from the file
+    assert again.equivision_kwargs == src.equivision_kwargs
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(again.eval()(x), src.eval()(x))
+    bare = tmp_path / "bare.pt"
+    torch.save(src.state_dict(), bare)
+    loaded = create_model("cnn-small", checkpoint=bare, in_channels=3, num_classes=4)
+    assert torch.equal(loaded.eval()(x), src(x))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        create_model("cnn-small", checkpoint=bare)  # 1 channel, 10 classes by default
+
+
+def test_create_model_module_attr():
+    m = create_model("torch.nn:Linear", in_features=3, out_features=2)
+    assert isinstance(m, nn.Linear) and m.out_features == 2
+    with pytest.raises(ValueError, match="cannot load model 'no_such_module:thing'"):
+        create_model("no_such_module:thing")
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        create_model("collections:OrderedDict")

@@ -17,6 +17,7 @@ from equivision.robust import (
     PGD,
     EquivarianceDefense,
     RandomNoiseDefense,
+    RobustnessConfig,
     build_attack,
     build_defense,
     evaluate_robustness,
@@ -60,7 +61,8 @@ def test_registry_names_and_errors():
     assert set(ATTACKS) == {"fgsm", "ifgsm", "pgd", "mim", "cw", "houdini", "bpda", "bpda-eot",
                             "full", "adaptive"}
     assert "equivariance-reference" in DEFENSES and "rotation" in DEFENSES
-    with pytest.raises(ValueError, match="unknown attack 'pgdd'.*valid names: fgsm"):
+    with pytest.raises(ValueError,
+                       match="unknown attack 'pgdd'. Did you mean 'pgd'.*Valid names: .*fgsm"):
         parse_attack("pgdd")
     with pytest.raises(ValueError, match="only 'adaptive' takes a value"):
         parse_attack("pgd:3")
@@ -101,7 +103,7 @@ def test_head_file_round_trip(tmp_path):
     for a, b in zip(head.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     defense = build_defense("rotation", create_model("cnn-small", width=4), head=path, steps=1)
-    assert defense.layer == "features.relu3"
+    assert defense.feature_layer == "features.relu3"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -124,9 +126,25 @@ def test_classification_numbers(digits):
     text = json.dumps(res.to_dict())
     assert json.loads(text)["rows"][1]["name"] == "pgd"
     assert res.table().count("\n") == 4 and "| pgd | model |" in res.table()
-    # the same seed gives the same numbers
-    again = evaluate_robustness(model, data, ["pgd", "fgsm"], eps=0.3, steps=3, batch_size=6)
+    # the same seed gives the same numbers, whether the settings come as a config object
+    # or as keyword overrides of one
+    config = RobustnessConfig(eps=0.3, steps=3, batch_size=6)
+    again = evaluate_robustness(model, data, ["pgd", "fgsm"], None, config)
     assert [r.undefended for r in again.rows] == [r.undefended for r in res.rows]
+    assert again.meta["feature_layer"] == "logits" and again.meta["steps"] == 3
+    fewer = evaluate_robustness(model, data, ["pgd"], None, config, max_images=4)
+    assert fewer.n_images == 4 and fewer.meta["eps"] == 0.3 and config.max_images is None
+
+
+def test_config_errors(digits):
+    model, data = digits
+    with pytest.raises(TypeError, match="unknown setting.*'score_layr'.*feature_layer"):
+        evaluate_robustness(model, data, ["pgd"], score_layr="logits")
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        RobustnessConfig(steps=0).checked()
+    with pytest.raises(ValueError, match="lambdas must hold at least one value"):
+        RobustnessConfig(lambdas=()).checked()
+    assert RobustnessConfig(lambdas=(1, 2)).checked().lambdas == [1.0, 2.0]
 
 
 def test_defended_rows_worst_case_and_scores(digits):

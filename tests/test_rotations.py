@@ -3,13 +3,14 @@
 import json
 
 import torch
+from support.rotations import RandomRotation, plot_accuracy_vs_rotation
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from equivision.data import circle_crop
+from equivision.evaluation import accuracy_vs_rotation
 from equivision.measure.callback import EquivarianceErrorCallback
 from equivision.models import create_model
-from equivision.rotations import RandomRotation, accuracy_vs_rotation, plot_accuracy_vs_rotation
 from equivision.training import TrainConfig, train
 
 

@@ -3,9 +3,9 @@
 import math
 
 import pytest
+from support.stats import pearson, rankdata, spearman, spearman_by_part
 
 from equivision.measure.report import LayerResult, Report
-from equivision.stats_tools import pearson, rankdata, spearman, spearman_by_part
 
 
 def test_rankdata_average_ties():

@@ -2,7 +2,7 @@
 
 import math
 
-from equivision.studies import (
+from support.studies import (
     RunSpec,
     markdown_table,
     mean_std,

@@ -2,10 +2,10 @@
 
 Every augmentation acts on a batch of images ``(B, C, H, W)`` with values in [0, 1] on any
 device, draws its randomness from torch's global RNG (so that
-:func:`equivision.train.train` resumes exactly: its checkpoints hold the RNG state) and
+:func:`equivision.training.train` resumes exactly: its checkpoints hold the RNG state) and
 keeps the shape. Image-only augmentations are callables ``x -> x``; label-changing ones
 (CutMix) take and return ``(x, labels)`` and say so with the attribute
-``takes_labels = True``, which :func:`~equivision.train.train` looks for.
+``takes_labels = True``, which :func:`~equivision.training.train` looks for.
 
 ===============  ===================================================================
 spec             augmentation
@@ -264,7 +264,7 @@ class CutMix:
     with one-hot targets.
 
     ``num_classes`` fixes the width K of the targets; None uses ``labels.max() + 1``, which
-    is enough for :func:`~equivision.train.train` (it pads soft targets with zero columns up
+    is enough for :func:`~equivision.training.train` (it pads soft targets with zero columns up
     to the model's number of outputs), but give it for a fixed width.
 
     Shapes: images (B, C, H, W), labels (B,) int -> images (B, C, H, W), targets (B, K)

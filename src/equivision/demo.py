@@ -7,6 +7,7 @@ Later parts of the project add their own sections: a section is a function
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .measure import Report, measure, write_atomic
+from .checkpoint import load_checkpoint
+from .data import get_dataset
+from .gcnn import analyze_exactness, empirical_equivariance_error
+from .io import write_atomic
+from .measure import Report, measure
+from .models import create_model
+from .robust.demo import section_defense
+from .ssl.demo import section_ser
+from .training import TrainConfig, evaluate, train
+from .utils import model_device, resolve_device, seed_everything
 
 
 @dataclass
@@ -30,12 +40,6 @@ class DemoContext:
 
 def _digits_model(ctx: DemoContext):
     """Train the paper's 7-layer CNN on digits at 28 px, or reuse the cached run."""
-    from .checkpoint import load_checkpoint
-    from .data import get_dataset
-    from .models import create_model
-    from .train import TrainConfig, evaluate, train
-    from .utils import resolve_device
-
     device = resolve_device(ctx.device)
     train_set = get_dataset("digits", split="train", size=28)
     test_set = get_dataset("digits", split="test", size=28)
@@ -64,7 +68,7 @@ def section_measurement(ctx: DemoContext) -> str:
     model, test_set, metrics, cached, seconds = _digits_model(ctx)
     transforms = "rot90,hflip,shift:1-4"
     t0 = time.time()
-    report = measure(model, test_set, transforms, device=next(model.parameters()).device,
+    report = measure(model, test_set, transforms, device=model_device(model),
                      model_name="cnn7 (digits, 28 px)", progress=ctx.progress)
     measure_s = time.time() - t0
     files = report.save(ctx.out / "measure")
@@ -116,11 +120,6 @@ def _f(v: float | None) -> str:
 def section_exactness(ctx: DemoContext) -> str:
     """The exactness analyzer on P4CNN at an inexact (29) and an exact (28) size, and the
     equivariance error measured at both."""
-    from .data import get_dataset
-    from .gcnn import analyze_exactness, empirical_equivariance_error
-    from .models import create_model
-    from .utils import seed_everything
-
     seed_everything(0)
     model = create_model("p4cnn", in_channels=1, num_classes=10).eval()
     lines = [
@@ -163,8 +162,6 @@ def section_exactness(ctx: DemoContext) -> str:
 def section_studies(ctx: DemoContext) -> str:
     """One plot of the learned-equivariance studies, from cached results: the full
     study trains tens of models, too long for the demo."""
-    import shutil
-
     cached = Path(__file__).resolve().parents[2] / "docs" / "figures" / "le-task.png"
     lines = ["## Does a symmetric task make early layers equivariant? (cached study)", ""]
     how = ("`experiments/learned_equivariance.py task` (cnn7 on digits6 and its "
@@ -180,26 +177,10 @@ def section_studies(ctx: DemoContext) -> str:
         f"![task study]({cached.name})"])
 
 
-def section_defense(ctx: DemoContext) -> str:
-    """Clean, PGD and BPDA+EOT accuracy of a small classifier with and without the
-    equivariance defense (:func:`equivision.robust.demo.section_defense`)."""
-    from .robust.demo import section_defense as run
-
-    return run(ctx)
-
-
-def section_ser(ctx: DemoContext) -> str:
-    """A few epochs of MoCo-v3 with and without SER on a tiny ViT
-    (:func:`equivision.ssl.demo.section_ser`)."""
-    from .ssl.demo import section_ser as run
-
-    return run(ctx)
-
-
 #: Report sections, in order. Later parts of the project append theirs.
 SECTIONS: list[Callable[[DemoContext], str]] = [section_measurement, section_studies,
                                                  section_exactness, section_defense,
-                                                 section_ser]
+                                                 section_ser]  # the last two: robust/, ssl/
 
 
 def run_demo(out: Path, epochs: int = 15, device: str = "auto", progress: bool = True) -> Path:

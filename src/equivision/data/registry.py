@@ -4,32 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..registry import Registry
 from .base import ImageDataset
 from .builtin import digits, photos
 from .rotated import RIGHT_ANGLES, RotatedDataset
+from .scenes import scenes
 
 #: Digits whose classes are ambiguous or symmetric under 90° rotations (6 ~ 9, 0, 1, 8).
 ROTATION_AMBIGUOUS_DIGITS = (0, 1, 6, 8)
 
 Builder = Callable[..., ImageDataset]
-_REGISTRY: dict[str, tuple[Builder, str]] = {}
+
+#: every named dataset: ``builder(split=..., size=..., seed=..., **kwargs)``
+DATASETS: Registry[Builder] = Registry("dataset")
 
 
 def register_dataset(name: str, builder: Builder, description: str = "") -> None:
-    """Register ``builder(split=..., size=..., seed=..., **kwargs) -> ImageDataset``."""
-    if name in _REGISTRY:
+    """Register ``builder(split=..., size=..., seed=..., **kwargs) -> ImageDataset``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    if name in DATASETS:
         raise ValueError(f"dataset {name!r} is already registered")
-    _REGISTRY[name] = (builder, description)
+    DATASETS.add(name, builder, description)
 
 
 def list_datasets() -> list[str]:
     """The registered dataset names, sorted."""
-    return sorted(_REGISTRY)
+    return DATASETS.list()
 
 
 def describe_datasets() -> dict[str, str]:
     """``{name: one-line description}`` for every registered dataset."""
-    return {name: _REGISTRY[name][1] for name in list_datasets()}
+    return DATASETS.describe()
 
 
 def get_dataset(
@@ -42,13 +50,10 @@ def get_dataset(
     photos).
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid names), or a dataset
-            with zero images.
+        ValueError: unknown ``name`` (with suggestions; the message lists the valid
+            names), or a dataset with zero images.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
-    builder, _ = _REGISTRY[name]
-    dataset = builder(split=split, size=size, seed=seed, **kwargs)
+    dataset = DATASETS.get(name)(split=split, size=size, seed=seed, **kwargs)
     dataset.name = f"{name}/{split}"
     return dataset
 
@@ -86,8 +91,7 @@ register_dataset("photos", _photos, "3x32x32 patches of 8 scikit-image photograp
 
 
 def _scenes(split: str, size: int | None, seed: int, **kw):  # -> scenes.SceneDataset
-    from .scenes import scenes  # masks (N, H, W) instead of labels (N,): not an ImageDataset
-
+    # masks (N, H, W) instead of labels (N,): not an ImageDataset
     return scenes(split, size=size or 32, seed=seed, **kw)
 
 

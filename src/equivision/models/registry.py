@@ -1,9 +1,10 @@
-"""A name -> builder registry for every model family in equivision.
+"""The model registry: a name -> builder :class:`~equivision.registry.Registry` for every
+model family in equivision, and :func:`create_model`, the one way to build a model.
 
-Each model family lives in its own module (``models/cnn.py``, later ``models/resnet.py``, ...)
-and registers its builders with :func:`register_model`. The family module must be imported
-in ``models/__init__.py`` so that its names are available as soon as ``equivision.models``
-is imported.
+Each model family lives in its own module (``models/cnn.py``, ``models/gcnn.py``, ...)
+and registers its builders with :func:`register_model`. The family module must be
+imported in ``models/__init__.py`` so that its names are available as soon as
+``equivision.models`` is imported.
 
 Example::
 
@@ -13,23 +14,29 @@ Example::
 
     model = create_model("my-net", num_classes=5)
     model.equivision_name, model.equivision_kwargs  # "my-net", {"in_channels": 1, ...}
+    model = create_model("my-net", checkpoint="runs/my-net/last.pt")  # + trained weights
 """
 
 from __future__ import annotations
 
-import difflib
+import importlib
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_defaults"]
+from ..checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from ..registry import Registry
+
+__all__ = ["MODELS", "register_model", "create_model", "list_models", "model_defaults"]
 
 Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
-_REGISTRY: dict[str, Builder] = {}
+#: Every registered model builder, by name.
+MODELS: Registry[Builder] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[B], B]:
@@ -46,13 +53,7 @@ def register_model(name: str) -> Callable[[B], B]:
     def decorator(builder: B) -> B:
         if not callable(builder):
             raise TypeError(f"register_model({name!r}) must decorate a callable")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not builder:
-            raise ValueError(
-                f"a model named {name!r} is already registered "
-                f"({existing.__module__}.{existing.__qualname__})"
-            )
-        _REGISTRY[name] = builder
+        MODELS.add(name, builder)
         return builder
 
     return decorator
@@ -60,19 +61,7 @@ def register_model(name: str) -> Callable[[B], B]:
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _builder(name: str) -> Builder:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        valid = list_models()
-        close = difflib.get_close_matches(str(name), valid, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"unknown model {name!r}.{hint} Valid names: {', '.join(valid) or '(none)'}"
-        ) from None
+    return MODELS.list()
 
 
 def _describe(sig: inspect.Signature) -> str:
@@ -94,7 +83,7 @@ def model_defaults(name: str) -> dict[str, Any]:
 
     Required arguments map to ``inspect.Parameter.empty``.
     """
-    sig = inspect.signature(_builder(name))
+    sig = inspect.signature(MODELS.get(name))
     return {
         p.name: p.default
         for p in sig.parameters.values()
@@ -102,19 +91,69 @@ def model_defaults(name: str) -> dict[str, Any]:
     }
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name`` with keyword arguments ``kwargs``.
+def create_model(name: str, checkpoint: str | os.PathLike | None = None,
+                 **kwargs: Any) -> nn.Module:
+    """Build the model ``name`` with keyword arguments ``kwargs``, weights from
+    ``checkpoint`` if given.
 
-    The returned module carries ``equivision_name`` (``name``) and ``equivision_kwargs`` (all
+    ``name`` is a registered name (see :func:`list_models`) or ``"module:attr"``, where
+    ``attr`` is an ``nn.Module`` class, a factory function (called with ``kwargs``) or an
+    ``nn.Module`` instance. An equivision checkpoint of a registered model supplies the
+    constructor arguments it was saved with (``kwargs`` override them); a bare state dict
+    works too. Weights are loaded with ``torch.load(weights_only=True)``
+    (:func:`equivision.checkpoint.load_model_weights`).
+
+    A registered model carries ``equivision_name`` (``name``) and ``equivision_kwargs`` (all
     arguments, defaults filled in) so that training checkpoints can rebuild it.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid names), or an argument value
-            that the model rejects.
+        ValueError: unknown ``name`` (an :class:`~equivision.registry.UnknownNameError`
+            with did-you-mean suggestions and the valid names), a ``module:attr`` that
+            cannot be imported, or an argument value that the model rejects.
         TypeError: unknown or missing arguments (the message names the model and lists the
-            arguments it accepts).
+            arguments it accepts), or a builder that returns no ``nn.Module``.
+        CheckpointError: an unreadable checkpoint or weights that do not fit.
     """
-    builder = _builder(name)
+    if isinstance(name, str) and ":" in name:
+        model = _import_model(name, kwargs)
+    else:
+        if checkpoint is not None:  # an equivision checkpoint knows its arguments
+            kwargs = {**_stored_kwargs(name, checkpoint), **kwargs}
+        model = _build_registered(name, kwargs)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint)
+    return model
+
+
+def _import_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model named by ``"module:attr"`` (a class, factory or instance)."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot load model {spec!r}: {err}") from None
+    model = obj if isinstance(obj, nn.Module) else obj(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec!r} gave a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _stored_kwargs(name: str, checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Constructor arguments stored in an equivision checkpoint of model ``name``; none
+    for a bare state dict or another model (loading then reports any mismatch)."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except CheckpointError:
+        return {}  # a bare state dict, or broken: load_model_weights says which
+    if state.get("model_name") != name or not isinstance(state.get("model_kwargs"), dict):
+        return {}
+    return dict(state["model_kwargs"])
+
+
+def _build_registered(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the builder registered as ``name``; tag the model with its name and
+    arguments."""
+    builder = MODELS.get(name)
     sig = inspect.signature(builder)
     try:
         bound = sig.bind(**kwargs)

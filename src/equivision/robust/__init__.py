@@ -23,6 +23,12 @@ from .defenses import (
     default_transforms,
     equivariance_score,
 )
+from .evaluate import (
+    RobustnessConfig,
+    RobustnessResult,
+    RowResult,
+    evaluate_robustness,
+)
 from .heads import (
     ContrastiveDefense,
     ContrastiveHead,
@@ -32,6 +38,16 @@ from .heads import (
     train_rotation_head,
 )
 from .metrics import ConfusionMeter, accuracy, is_segmentation, miou, task_loss
+from .registry import (
+    ATTACKS,
+    DEFENSES,
+    AttackSpec,
+    build_attack,
+    build_defense,
+    load_head,
+    parse_attack,
+    save_head,
+)
 from .wrappers import Normalize
 
 __all__ = [
@@ -42,22 +58,7 @@ __all__ = [
     "InvarianceDefense", "PurifierDefense", "RandomNoiseDefense", "RotationDefense",
     "RotationHead", "default_transforms", "equivariance_score", "train_contrastive_head",
     "train_rotation_head",
-]
-
-# robustness evaluation and the name registries of the CLI (appended)
-from .evaluate import RobustnessResult, RowResult, evaluate_robustness  # noqa: E402
-from .registry import (  # noqa: E402
-    ATTACKS,
-    DEFENSES,
-    AttackSpec,
-    build_attack,
-    build_defense,
-    load_head,
-    parse_attack,
-    save_head,
-)
-
-__all__ += [
-    "ATTACKS", "DEFENSES", "AttackSpec", "RobustnessResult", "RowResult", "build_attack",
-    "build_defense", "evaluate_robustness", "load_head", "parse_attack", "save_head",
+    "ATTACKS", "DEFENSES", "AttackSpec", "RobustnessConfig", "RobustnessResult", "RowResult",
+    "build_attack", "build_defense", "evaluate_robustness", "load_head", "parse_attack",
+    "save_head",
 ]

@@ -17,6 +17,14 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
+from ..checkpoint import load_checkpoint
+from ..data import get_dataset
+from ..models import create_model
+from ..training import TrainConfig, train
+from ..utils import model_device, preserve_rng_state, resolve_device
+from .defenses import EquivarianceDefense
+from .evaluate import RobustnessConfig, evaluate_robustness
+
 __all__ = ["DEMO_SETTINGS", "section_defense"]
 
 #: sizes of the demo run (kept small: the whole section runs in about a minute on 2 cores)
@@ -28,14 +36,8 @@ DEMO_SETTINGS: dict[str, Any] = {
 
 
 def _model(ctx: Any, s: dict[str, Any]) -> tuple[torch.nn.Module, Any, bool, float]:
-    """cnn-small on digits (``s["size"]`` px), trained with :func:`equivision.train.train`
+    """cnn-small on digits (``s["size"]`` px), trained with :func:`equivision.training.train`
     or reused from the cached checkpoint; returns ``(model, test set, cached, seconds)``."""
-    from ..checkpoint import load_checkpoint
-    from ..data import get_dataset
-    from ..models import create_model
-    from ..train import TrainConfig, train
-    from ..utils import preserve_rng_state, resolve_device
-
     device = resolve_device(ctx.device)
     train_set = get_dataset("digits", split="train", size=s["size"])
     test_set = get_dataset("digits", split="test", size=s["size"])
@@ -62,20 +64,17 @@ def _model(ctx: Any, s: dict[str, Any]) -> tuple[torch.nn.Module, Any, bool, flo
 def section_defense(ctx: Any) -> str:
     """Markdown section: clean / PGD / BPDA+EOT accuracy of a digits CNN without and with
     the equivariance defense, with equivariance scores; numbers come from this run."""
-    from .defenses import EquivarianceDefense
-    from .evaluate import evaluate_robustness
-
     s = DEMO_SETTINGS
     model, test_set, cached, train_s = _model(ctx, s)
     data = Subset(test_set, range(min(s["images"], len(test_set))))
     defense = EquivarianceDefense(model, eps_v=s["eps_v"], steps=s["defense_steps"],
                                   feature_layer=s["feature_layer"])
     t0 = time.time()
-    res = evaluate_robustness(
-        model, data, ["pgd", "bpda-eot"], defense, eps=s["eps"], steps=s["steps"],
-        eot_samples=s["eot_samples"], batch_size=s["batch_size"], seed=0,
-        score_layer=s["feature_layer"],
-        device=next(model.parameters()).device, progress=ctx.progress)
+    config = RobustnessConfig(eps=s["eps"], steps=s["steps"], eot_samples=s["eot_samples"],
+                              batch_size=s["batch_size"], seed=0,
+                              feature_layer=s["feature_layer"], device=model_device(model),
+                              progress=ctx.progress)
+    res = evaluate_robustness(model, data, ["pgd", "bpda-eot"], defense, config)
     eval_s = time.time() - t0
     ctx.artifacts["defense_result"] = res
     clean, pgd, bpda = res.row("clean"), res.row("pgd"), res.row("bpda-eot")

@@ -2,11 +2,12 @@
 
 API
 ---
-``evaluate_robustness(model, dataset, attacks=("pgd",), defense=None, *, eps=8/255,
-steps=10, alpha=None, norm="linf", restarts=1, targeted=False, eot_samples=4,
-lambdas=(0.0, 1.0, 10.0), repeats=1, max_images=None, batch_size=32, seed=0, device=None,
-progress=False, ignore_index=255, equivariance=True, score_layer="logits",
-score_transforms=None, defense_kwargs=None) -> RobustnessResult``
+``evaluate_robustness(model, dataset, attacks=("pgd",), defense=None, config=None,
+**overrides) -> RobustnessResult``, with the settings in a :class:`RobustnessConfig`
+(``eps``, ``steps``, ``alpha``, ``norm``, ``restarts``, ``targeted``, ``eot_samples``,
+``lambdas``, ``repeats``, ``max_images``, ``batch_size``, ``seed``, ``device``,
+``progress``, ``ignore_index``, ``equivariance``, ``feature_layer``,
+``score_transforms``, ``defense_kwargs``); keyword ``overrides`` replace its fields.
 
 * ``model``: the undefended classifier ``(B, C, H, W) -> (B, K)`` or segmenter
   ``-> (B, K, H, W)``, images in [0, 1] (normalize inside the model).
@@ -36,7 +37,7 @@ The result has one row for the clean images and one per attack. Each row holds
 * ``equivariance``: the mean :func:`~equivision.robust.defenses.equivariance_score` of the
   clean, attacked and restored (purified attacked) images (paper Table 4), with the
   defense's transforms, feature layer and pairing when it has them, else the default
-  transforms on ``score_layer``;
+  transforms on the config's ``feature_layer``;
 * ``seconds``: time spent on the row (attack + defended predictions + scores; the
   slowest process under ``torch.distributed``).
 
@@ -55,9 +56,10 @@ not per image: results depend on ``batch_size``; ``batch_size=1`` gives per-imag
 
 Example::
 
+    config = RobustnessConfig(eps=4 / 255, steps=20,
+                              defense_kwargs={"eps_v": 8 / 255, "steps": 20})
     result = evaluate_robustness(model, test_set, ["pgd", "bpda-eot", "adaptive"],
-                                 defense="equivariance", eps=4 / 255, steps=20,
-                                 defense_kwargs={"eps_v": 8 / 255, "steps": 20})
+                                 "equivariance", config)
     print(result.table()); json.dump(result.to_dict(), fh)
 """
 
@@ -66,23 +68,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
+from tqdm.auto import tqdm
 
 from ..transforms import Transform
-from ..utils import resolve_device
+from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
-from .defenses import Defense, default_transforms, equivariance_score
+from .defenses import Defense, EquivarianceDefense, default_transforms, equivariance_score
 from .metrics import IGNORE_INDEX, ConfusionMeter, check_output_labels, per_image_score
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
 from .views import FeatureExtractor
 
-__all__ = ["RobustnessResult", "RowResult", "evaluate_robustness"]
+__all__ = ["RobustnessConfig", "RobustnessResult", "RowResult", "evaluate_robustness"]
 
 
 @dataclass
@@ -265,44 +268,14 @@ def _metrics(acc: _Row, key: str, seg: bool) -> dict[str, float]:
             "mean_image_miou": float(acc.image_scores[i]) / n if n > 0 else float("nan")}
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- config
 
 
-def evaluate_robustness(
-    model: nn.Module,
-    dataset: Dataset,
-    attacks: Sequence[str | Mapping[str, Any] | AttackSpec] = ("pgd",),
-    defense: str | Defense | None = None,
-    *,
-    eps: float = 8 / 255,
-    steps: int = 10,
-    alpha: float | None = None,
-    norm: str = "linf",
-    restarts: int = 1,
-    targeted: bool = False,
-    eot_samples: int = 4,
-    lambdas: Sequence[float] = (0.0, 1.0, 10.0),
-    repeats: int = 1,
-    max_images: int | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    ignore_index: int = IGNORE_INDEX,
-    equivariance: bool = True,
-    score_layer: str = "logits",
-    score_transforms: Sequence[Transform] | None = None,
-    defense_kwargs: Mapping[str, Any] | None = None,
-) -> RobustnessResult:
-    """Clean and adversarial task metrics of ``model``, undefended and defended; see the
-    module docstring.
+@dataclass
+class RobustnessConfig:
+    """Settings of :func:`evaluate_robustness`.
 
-    Args:
-        model: classifier or segmenter, images in [0, 1]; put in eval mode (and moved to
-            ``device``).
-        dataset: ``(image (C, H, W), label)`` items, images in [0, 1].
-        attacks: attack specs (registry names); an empty list gives the clean row only.
-        defense: None, a registry name or a :class:`Defense` around ``model``.
+    Attributes:
         eps, steps, alpha, norm, restarts, targeted: attack settings
             (:class:`~equivision.robust.attacks.IterativeAttack`). ``targeted`` aims at
             ``(label + 1) mod K`` (ignored pixels stay ignored); metrics stay those of the
@@ -318,10 +291,101 @@ def evaluate_robustness(
         progress: tqdm bar over this process's blocks (rank 0 only).
         ignore_index: ignored label of segmentation masks.
         equivariance: compute the equivariance scores.
-        score_layer: feature layer of the scores when the defense has none.
+        feature_layer: feature layer of the scores when the defense has none.
         score_transforms: views of the scores when the defense has none (default
             :func:`default_transforms`).
         defense_kwargs: keyword arguments of :func:`build_defense` for a named defense.
+    """
+
+    eps: float = 8 / 255
+    steps: int = 10
+    alpha: float | None = None
+    norm: str = "linf"
+    restarts: int = 1
+    targeted: bool = False
+    eot_samples: int = 4
+    lambdas: Sequence[float] = (0.0, 1.0, 10.0)
+    repeats: int = 1
+    max_images: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    device: str | torch.device | None = None
+    progress: bool = False
+    ignore_index: int = IGNORE_INDEX
+    equivariance: bool = True
+    feature_layer: str = "logits"
+    score_transforms: Sequence[Transform] | None = None
+    defense_kwargs: Mapping[str, Any] | None = None
+
+    def checked(self) -> RobustnessConfig:
+        """A copy with validated numbers (``lambdas`` as a list of floats).
+
+        Raises:
+            ValueError: a non-positive or non-finite ``eps``, counts below 1, negative or
+                no ``lambdas``.
+        """
+        lambdas = [_check_number("lambda_e", lam, positive=False) for lam in self.lambdas]
+        if not lambdas:
+            raise ValueError("lambdas must hold at least one value")
+        return replace(
+            self, eps=_check_number("eps", self.eps), steps=_check_int("steps", self.steps),
+            repeats=_check_int("repeats", self.repeats),
+            batch_size=_check_int("batch_size", self.batch_size),
+            eot_samples=_check_int("eot_samples", self.eot_samples),
+            max_images=None if self.max_images is None
+            else _check_int("max_images", self.max_images),
+            lambdas=lambdas)
+
+
+@dataclass
+class _Setup:
+    """What one evaluation needs besides the config: checked inputs and the probe of the
+    model's output."""
+
+    model: nn.Module
+    dataset: Dataset
+    specs: list[AttackSpec]
+    defense: Defense | None
+    device: torch.device
+    n: int
+    seg: bool
+    k: int
+    feature_layer: str
+    pairing: str
+    views: list[Transform]
+    draws: int
+    rank: int
+    world: int
+
+    @property
+    def names(self) -> list[str]:
+        """Row names: ``clean`` then the attack labels."""
+        return ["clean"] + [s.label for s in self.specs]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def evaluate_robustness(
+    model: nn.Module,
+    dataset: Dataset,
+    attacks: Sequence[str | Mapping[str, Any] | AttackSpec] = ("pgd",),
+    defense: str | Defense | None = None,
+    config: RobustnessConfig | None = None,
+    **overrides: Any,
+) -> RobustnessResult:
+    """Clean and adversarial task metrics of ``model``, undefended and defended; see the
+    module docstring.
+
+    Args:
+        model: classifier or segmenter, images in [0, 1]; put in eval mode (and moved to
+            ``config.device``).
+        dataset: ``(image (C, H, W), label)`` items, images in [0, 1].
+        attacks: attack specs (registry names); an empty list gives the clean row only.
+        defense: None, a registry name or a :class:`Defense` around ``model``.
+        config: the settings (default :class:`RobustnessConfig()`).
+        **overrides: fields of :class:`RobustnessConfig` that replace ``config``'s
+            (``evaluate_robustness(model, data, ["pgd"], eps=0.1, steps=3)``).
 
     Returns:
         :class:`RobustnessResult`, identical on every process.
@@ -329,30 +393,44 @@ def evaluate_robustness(
     Raises:
         ValueError: bad settings, unknown attack/defense/layer names (listed), images
             outside [0, 1], labels that do not fit the output, non-finite model output.
+        TypeError: an override that is no field of :class:`RobustnessConfig`.
     """
     t_start = time.perf_counter()
-    eps = _check_number("eps", eps)
-    steps = _check_int("steps", steps)
-    repeats = _check_int("repeats", repeats)
-    batch_size = _check_int("batch_size", batch_size)
-    eot_samples = _check_int("eot_samples", eot_samples)
-    if max_images is not None:
-        max_images = _check_int("max_images", max_images)
-    lambdas = [_check_number("lambda_e", lam, positive=False) for lam in lambdas]
-    if not lambdas:
-        raise ValueError("lambdas must hold at least one value")
+    cfg = _config(config, overrides).checked()
+    setup = _setup(model, dataset, attacks, defense, cfg)
+    rows = {name: _Row(setup.k, cfg.ignore_index, setup.device) for name in setup.names}
+    attack_repr = _run_blocks(setup, cfg, rows)
+    _all_reduce(setup, rows)
+    return RobustnessResult("segmentation" if setup.seg else "classification", setup.n,
+                            _row_results(setup, rows, attack_repr), _meta(setup, cfg),
+                            time.perf_counter() - t_start)
+
+
+def _config(config: RobustnessConfig | None, overrides: dict[str, Any]) -> RobustnessConfig:
+    """``config`` (or the defaults) with ``overrides`` applied."""
+    config = config if config is not None else RobustnessConfig()
+    known = {f.name for f in fields(RobustnessConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise TypeError(f"evaluate_robustness got unknown setting(s) {bad}; the settings are "
+                        f"the fields of RobustnessConfig: {', '.join(sorted(known))}")
+    return replace(config, **overrides)
+
+
+def _setup(model: nn.Module, dataset: Dataset,
+           attacks: Sequence[str | Mapping[str, Any] | AttackSpec],
+           defense: str | Defense | None, cfg: RobustnessConfig) -> _Setup:
+    """Check the inputs, build the defense and probe the model on image 0 (on every
+    process, so that the accumulators match)."""
     specs = [parse_attack(a) for a in attacks]
     labels_seen = [s.label for s in specs]
     if "clean" in labels_seen or len(set(labels_seen)) != len(labels_seen):
         raise ValueError(f"attack labels must be unique and not 'clean', got {labels_seen}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if device is None:
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    else:
-        dev = resolve_device(device)
+    dev = model_device(model) if cfg.device is None else resolve_device(cfg.device)
     model.to(dev).eval()
-    defense_obj = build_defense(defense, model, **dict(defense_kwargs or {}))
+    defense_obj = build_defense(defense, model, **dict(cfg.defense_kwargs or {}))
     if defense_obj is not None:
         if defense_obj.model is not model:
             raise ValueError("the defense must wrap the evaluated model (defense.model is "
@@ -361,134 +439,158 @@ def evaluate_robustness(
     n_total = len(dataset)  # type: ignore[arg-type]
     if n_total == 0:
         raise ValueError("the dataset is empty")
-    n = n_total if max_images is None else min(max_images, n_total)
-
-    # probe: task, number of classes, label checks (every process, so accumulators match)
     x0, y0 = _batch(dataset, 0, 1)
     with torch.no_grad():
-        out0 = _check_output(model(x0.to(dev)), y0.to(dev), ignore_index, "image 0")
-    seg = out0.dim() == 4
-    k = int(out0.shape[1])
-    layer = str(getattr(defense_obj, "feature_layer", score_layer))
+        out0 = _check_output(model(x0.to(dev)), y0.to(dev), cfg.ignore_index, "image 0")
+    # the defense's layer when its loss is the equivariance score; a head-based defense
+    # reads its head's layer, which the scores do not use
+    layer = defense_obj.feature_layer if isinstance(defense_obj, EquivarianceDefense) \
+        else cfg.feature_layer
     FeatureExtractor(model, layer)  # unknown layer names fail here, with the list
-    pairing = str(getattr(defense_obj, "pairing", "identity"))
-    views = getattr(defense_obj, "transforms", None) or score_transforms
-    if views is None:
-        views = default_transforms(x0.shape[1])
-    views = list(views)
+    views = getattr(defense_obj, "transforms", None) or cfg.score_transforms
     randomized = bool(getattr(defense_obj, "randomized", False))
-    draws = repeats if randomized else 1
-
     use_dist = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
-    names = ["clean"] + [s.label for s in specs]
-    rows = {name: _Row(k, ignore_index, dev) for name in names}
-    targets: dict[str, str] = {"clean": "-"}
-    attack_repr: dict[str, str] = {}
-    settings = dict(alpha=alpha, steps=steps, norm=norm, restarts=restarts,
-                    targeted=targeted, ignore_index=ignore_index, eot_samples=eot_samples)
+    return _Setup(
+        model=model, dataset=dataset, specs=specs, defense=defense_obj, device=dev,
+        n=n_total if cfg.max_images is None else min(cfg.max_images, n_total),
+        seg=out0.dim() == 4, k=int(out0.shape[1]), feature_layer=layer,
+        pairing=str(getattr(defense_obj, "pairing", "identity")),
+        views=list(views if views is not None else default_transforms(x0.shape[1])),
+        draws=cfg.repeats if randomized else 1, rank=rank, world=world)
 
-    blocks = list(range(rank, math.ceil(n / batch_size), world))
+
+def _run_blocks(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row]
+                ) -> dict[str, str]:
+    """Evaluate this process's blocks into ``rows``; returns each attack's repr."""
+    blocks = list(range(setup.rank, math.ceil(setup.n / cfg.batch_size), setup.world))
     bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
+    if cfg.progress and setup.rank == 0:
         bar = tqdm(total=len(blocks), desc="robustness", unit="batch")
+    attack_repr: dict[str, str] = {}
+    model = setup.model
     was_training = model.training
     try:
         for b in blocks:
-            start, stop = b * batch_size, min(n, (b + 1) * batch_size)
-            x, y = _batch(dataset, start, stop)
-            x, y = x.to(dev), y.to(dev)
-            clean_score = None
-            for row_i, name in enumerate(names):
-                t0 = time.perf_counter()
-                acc = rows[name]
-                if name == "clean":
-                    adv, target = x, None
-                else:
-                    spec = specs[row_i - 1]
-                    adv, target, text = _attack(spec, model, defense_obj, x, y, k, seg, eps,
-                                                settings, lambdas, seed, start, ignore_index)
-                    targets[name], attack_repr[name] = target, text
-                with torch.no_grad():
-                    out = _check_output(model(adv), y, ignore_index,
-                                        f"images {start}..{stop - 1} ({name})")
-                acc.meters["undefended"].update(out, y)
-                acc.image_scores[0] += per_image_score(out, y, ignore_index).sum()
-                acc.images += y.shape[0]
-                restored = None
-                if defense_obj is not None:
-                    restored = _defended(defense_obj, model, adv, y, acc, draws, seed, name,
-                                         start, ignore_index)
-                if equivariance:
-                    if clean_score is None:
-                        clean_score = equivariance_score(model, x, views, layer, pairing)
-                    acc.add_scores(0, clean_score)
-                    acc.add_scores(1, clean_score if adv is x else
-                                   equivariance_score(model, adv, views, layer, pairing))
-                    if restored is not None:
-                        acc.add_scores(2, equivariance_score(model, restored, views, layer,
-                                                             pairing))
-                acc.seconds += time.perf_counter() - t0
+            start, stop = b * cfg.batch_size, min(setup.n, (b + 1) * cfg.batch_size)
+            attack_repr.update(_run_block(setup, cfg, rows, start, stop))
             if bar is not None:
                 bar.update(1)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
+    return attack_repr
 
-    if use_dist and world > 1:
-        for acc in rows.values():
-            for t in acc.tensors():
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        secs = torch.tensor([rows[nm].seconds for nm in names], dtype=torch.float64, device=dev)
-        dist.all_reduce(secs, op=dist.ReduceOp.MAX)
-        for nm, s in zip(names, secs.tolist()):
-            rows[nm].seconds = s
-    # every attack row has the same target whichever process ran it
-    for s in specs:
-        targets.setdefault(s.label, "defense" if s.in_loop and defense_obj is not None
-                           else "model")
 
+def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], start: int,
+               stop: int) -> dict[str, str]:
+    """Every row of the images ``start..stop-1``: attack, undefended and defended
+    predictions, equivariance scores. Returns each attack's repr."""
+    model, dev, ignore = setup.model, setup.device, cfg.ignore_index
+    x, y = _batch(setup.dataset, start, stop)
+    x, y = x.to(dev), y.to(dev)
+    settings = dict(alpha=cfg.alpha, steps=cfg.steps, norm=cfg.norm, restarts=cfg.restarts,
+                    targeted=cfg.targeted, ignore_index=ignore, eot_samples=cfg.eot_samples)
+    attack_repr: dict[str, str] = {}
+    clean_score = None
+    for row_i, name in enumerate(setup.names):
+        t0 = time.perf_counter()
+        acc = rows[name]
+        adv = x
+        if name != "clean":
+            adv, _, attack_repr[name] = _attack(
+                setup.specs[row_i - 1], model, setup.defense, x, y, setup.k, setup.seg,
+                cfg.eps, settings, list(cfg.lambdas), cfg.seed, start, ignore)
+        with torch.no_grad():
+            out = _check_output(model(adv), y, ignore, f"images {start}..{stop - 1} ({name})")
+        acc.meters["undefended"].update(out, y)
+        acc.image_scores[0] += per_image_score(out, y, ignore).sum()
+        acc.images += y.shape[0]
+        restored = None
+        if setup.defense is not None:
+            restored = _defended(setup.defense, model, adv, y, acc, setup.draws, cfg.seed,
+                                 name, start, ignore)
+        if cfg.equivariance:
+            if clean_score is None:
+                clean_score = _score(setup, x)
+            acc.add_scores(0, clean_score)
+            acc.add_scores(1, clean_score if adv is x else _score(setup, adv))
+            if restored is not None:
+                acc.add_scores(2, _score(setup, restored))
+        acc.seconds += time.perf_counter() - t0
+    return attack_repr
+
+
+def _score(setup: _Setup, images: Tensor) -> Tensor:
+    """Per-image equivariance scores ``(B,)`` of ``images`` ``(B, C, H, W)``."""
+    return equivariance_score(setup.model, images, setup.views, setup.feature_layer,
+                              setup.pairing)
+
+
+def _all_reduce(setup: _Setup, rows: dict[str, _Row]) -> None:
+    """Sum the accumulators over processes; each row's time is the slowest process's."""
+    if setup.world <= 1:
+        return
+    for acc in rows.values():
+        for t in acc.tensors():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    names = setup.names
+    secs = torch.tensor([rows[nm].seconds for nm in names], dtype=torch.float64,
+                        device=setup.device)
+    dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+    for nm, sec in zip(names, secs.tolist()):
+        rows[nm].seconds = sec
+
+
+def _row_results(setup: _Setup, rows: dict[str, _Row], attack_repr: dict[str, str]
+                 ) -> list[RowResult]:
+    """The rows of the result, from the (reduced) accumulators."""
+    defended = setup.defense is not None
     results = []
-    for name in names:
+    for name in setup.names:
         acc = rows[name]
         eq: dict[str, float | None] = {}
         for i, key in enumerate(("clean", "attacked", "restored")):
             c = float(acc.counts[i])
             eq[key] = float(acc.scores[i]) / c if c > 0 else None
+        target = None
+        if name != "clean":  # the same whichever process ran the attack
+            spec = setup.specs[setup.names.index(name) - 1]
+            target = "defense" if spec.in_loop and defended else "model"
         results.append(RowResult(
-            name=name,
-            attack_target=None if name == "clean" else targets[name],
-            undefended=_metrics(acc, "undefended", seg),
-            defended=_metrics(acc, "defended", seg) if defense_obj is not None else None,
-            defended_single=_metrics(acc, "defended_single", seg)
-            if defense_obj is not None else None,
-            equivariance=eq,
-            seconds=acc.seconds,
-            attack=attack_repr.get(name),
-        ))
-    meta = {
-        "eps": eps, "steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts,
-        "targeted": targeted, "target_rule": "(label + 1) mod K" if targeted else None,
-        "eot_samples": eot_samples, "lambdas": lambdas, "repeats": repeats,
-        "repeats_used": draws, "batch_size": batch_size, "seed": seed,
-        "defense": None if defense_obj is None else type(defense_obj).__name__,
-        "defense_settings": _defense_settings(defense_obj),
-        "defense_randomized": randomized, "score_layer": layer, "score_pairing": pairing,
-        "score_views": [repr(g) for g in views], "world_size": world, "num_classes": k,
-        "ignore_index": ignore_index if seg else None, "device": str(dev),
+            name=name, attack_target=target,
+            undefended=_metrics(acc, "undefended", setup.seg),
+            defended=_metrics(acc, "defended", setup.seg) if defended else None,
+            defended_single=_metrics(acc, "defended_single", setup.seg) if defended else None,
+            equivariance=eq, seconds=acc.seconds, attack=attack_repr.get(name)))
+    return results
+
+
+def _meta(setup: _Setup, cfg: RobustnessConfig) -> dict[str, Any]:
+    """The settings recorded with the result."""
+    defense = setup.defense
+    return {
+        "eps": cfg.eps, "steps": cfg.steps, "alpha": cfg.alpha, "norm": cfg.norm,
+        "restarts": cfg.restarts, "targeted": cfg.targeted,
+        "target_rule": "(label + 1) mod K" if cfg.targeted else None,
+        "eot_samples": cfg.eot_samples, "lambdas": list(cfg.lambdas), "repeats": cfg.repeats,
+        "repeats_used": setup.draws, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "defense": None if defense is None else type(defense).__name__,
+        "defense_settings": _defense_settings(defense),
+        "defense_randomized": bool(getattr(defense, "randomized", False)),
+        "feature_layer": setup.feature_layer, "score_pairing": setup.pairing,
+        "score_views": [repr(g) for g in setup.views], "world_size": setup.world,
+        "num_classes": setup.k, "ignore_index": cfg.ignore_index if setup.seg else None,
+        "device": str(setup.device),
     }
-    return RobustnessResult("segmentation" if seg else "classification", n, results, meta,
-                            time.perf_counter() - t_start)
 
 
 def _defense_settings(defense: Defense | None) -> dict[str, Any]:
     if defense is None:
         return {}
     keys = ("eps_v", "eta", "steps", "noise", "feature_layer", "pairing", "grad_norm", "update",
-            "kind", "layer")
+            "kind")
     return {k: getattr(defense, k) for k in keys if hasattr(defense, k)}
 
 

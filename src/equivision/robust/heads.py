@@ -3,7 +3,7 @@
 * Rotation baseline (Shi et al. 2021, the paper's [39]): a :class:`RotationHead` on a
   named layer predicts which of the four 90° rotations was applied;
   :func:`train_rotation_head` trains it (backbone frozen) with
-  :func:`equivision.train.train`; :class:`RotationDefense` purifies by minimizing the
+  :func:`equivision.training.train`; :class:`RotationDefense` purifies by minimizing the
   rotation-prediction loss of the input.
 * Contrastive baseline (Mao et al. 2021, the paper's [34]): a SimCLR-style
   :class:`ContrastiveHead` trained with NT-Xent on two augmented views
@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..augment import HorizontalFlip, RandomCrop
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 from ..transforms import Transform, rot90
-from ..utils import preserve_rng_state
+from ..utils import model_device, preserve_rng_state
 from .defenses import PurifierDefense, _check_transforms, default_transforms
 from .views import FeatureExtractor, view_features
 
@@ -109,14 +109,16 @@ class ContrastiveHead(_MLPHead):
                 "grid": self.grid}
 
 
-def feature_channels(model: nn.Module, layer: str, sample: Tensor) -> tuple[int, bool]:
-    """Channels ``C`` of ``layer``'s output for ``sample (B, C_in, H, W)`` and whether
-    that output is a spatial map."""
+def feature_channels(model: nn.Module, feature_layer: str, sample: Tensor
+                     ) -> tuple[int, bool]:
+    """Channels ``C`` of ``feature_layer``'s output for ``sample (B, C_in, H, W)`` and
+    whether that output is a spatial map."""
     model.eval()
     with torch.no_grad():
-        f = FeatureExtractor(model, layer)(sample)
+        f = FeatureExtractor(model, feature_layer)(sample)
     if f.dim() not in (2, 4):
-        raise ValueError(f"layer {layer!r} gives {tuple(f.shape)}; need (B, C) or (B, C, h, w)")
+        raise ValueError(f"layer {feature_layer!r} gives {tuple(f.shape)}; need (B, C) or "
+                         "(B, C, h, w)")
     return int(f.shape[1]), f.dim() == 4
 
 
@@ -203,32 +205,26 @@ def _image_of(item: Any) -> Tensor:
     return image
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _prepare_head(
-    model: nn.Module, layer: str, dataset: Dataset, head: nn.Module | None,
+    model: nn.Module, feature_layer: str, dataset: Dataset, head: nn.Module | None,
     build: Callable[[int, int], nn.Module], grid: int,
 ) -> tuple[FeatureExtractor, torch.device, nn.Module]:
     """Shared set-up of the head trainers: the frozen ``model`` in eval mode, an extractor
-    of ``layer``, its device, and ``head`` (or ``build(channels, pool grid)`` sized from one
-    image of ``dataset``; vector layers get pool grid 1) on that device."""
+    of ``feature_layer``, its device, and ``head`` (or ``build(channels, pool grid)`` sized
+    from one image of ``dataset``; vector layers get pool grid 1) on that device."""
     model.eval()
-    extractor = FeatureExtractor(model, layer)
-    device = _device_of(model)
+    extractor = FeatureExtractor(model, feature_layer)
+    device = model_device(model)
     if head is None:
         sample = _image_of(dataset[0]).unsqueeze(0).to(device)
-        channels, spatial = feature_channels(model, layer, sample)
+        channels, spatial = feature_channels(model, feature_layer, sample)
         head = build(channels, grid if spatial else 1)
     return extractor, device, head.to(device)
 
 
 def train_rotation_head(
     model: nn.Module,
-    layer: str,
+    feature_layer: str,
     dataset: Dataset,
     epochs: int = 3,
     lr: float = 1e-3,
@@ -238,11 +234,11 @@ def train_rotation_head(
     seed: int = 0,
     head: RotationHead | None = None,
 ) -> RotationHead:
-    """Train a rotation-prediction head on ``layer`` of a frozen ``model``.
+    """Train a rotation-prediction head on ``feature_layer`` of a frozen ``model``.
 
     Every image of ``dataset`` (items ``(C, S, S)`` or ``(image, label)``, square, in
     [0, 1]) appears in its four 90° rotations; the head learns ``k`` with cross-entropy
-    (:func:`equivision.train.train`, Adam, cosine schedule, seeded with ``seed``, which
+    (:func:`equivision.training.train`, Adam, cosine schedule, seeded with ``seed``, which
     seeds the global RNGs). The model is put in eval mode and not changed. A new head
     (``head=None``) pools maps to ``grid x grid`` (1 for vector layers).
 
@@ -250,7 +246,8 @@ def train_rotation_head(
         The trained head (``head.history``: the training history).
     """
     extractor, device, head = _prepare_head(
-        model, layer, dataset, head, lambda c, pool: RotationHead(c, hidden, pool), grid)
+        model, feature_layer, dataset, head, lambda c, pool: RotationHead(c, hidden, pool),
+        grid)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adam",
                          weight_decay=0.0, seed=seed, device=str(device))
     history = train(_FrozenBackboneHead(extractor, head), _RotatedSet(dataset), config=config,
@@ -262,7 +259,7 @@ def train_rotation_head(
 
 def train_contrastive_head(
     model: nn.Module,
-    layer: str,
+    feature_layer: str,
     dataset: Dataset,
     epochs: int = 3,
     lr: float = 1e-3,
@@ -275,7 +272,8 @@ def train_contrastive_head(
     seed: int = 0,
     head: ContrastiveHead | None = None,
 ) -> ContrastiveHead:
-    """Train a SimCLR projection head on ``layer`` of a frozen ``model`` with NT-Xent.
+    """Train a SimCLR projection head on ``feature_layer`` of a frozen ``model`` with
+    NT-Xent.
 
     The two views of each image are random crops (``crop`` pixels of zero padding, a
     random shift) with random horizontal flips and a random brightness shift in
@@ -287,7 +285,8 @@ def train_contrastive_head(
         The trained head (``head.history``: mean loss per epoch).
     """
     extractor, device, head = _prepare_head(
-        model, layer, dataset, head, lambda c, pool: ContrastiveHead(c, dim, hidden, pool), grid)
+        model, feature_layer, dataset, head,
+        lambda c, pool: ContrastiveHead(c, dim, hidden, pool), grid)
     head.train()
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     shift, flip = RandomCrop(crop), HorizontalFlip()
@@ -326,23 +325,23 @@ def train_contrastive_head(
 
 class RotationDefense(PurifierDefense):
     """Rotation baseline: purify by minimizing the rotation-prediction loss
-    (:func:`rotation_loss`) of a trained :class:`RotationHead` on ``layer``.
+    (:func:`rotation_loss`) of a trained :class:`RotationHead` on ``feature_layer``.
 
     Args:
         model: frozen classifier or segmenter, square images in [0, 1].
-        head: a trained :class:`RotationHead` for ``layer``.
-        layer: the feature layer the head reads (a submodule name or ``"logits"``).
+        head: a trained :class:`RotationHead` for ``feature_layer``.
+        feature_layer: the layer the head reads (a submodule name or ``"logits"``).
         **kwargs: optimizer settings of :class:`~.defenses.PurifierDefense`.
     """
 
-    def __init__(self, model: nn.Module, head: RotationHead, layer: str,
+    def __init__(self, model: nn.Module, head: RotationHead, feature_layer: str,
                  **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         if not isinstance(head, RotationHead):
             raise TypeError(f"head must be a RotationHead, got {type(head).__name__}")
         self.head = head.eval()
-        self.layer = layer
-        self.extractor = FeatureExtractor(model, layer)
+        self.feature_layer = feature_layer
+        self.extractor = FeatureExtractor(model, feature_layer)
 
     def train(self, mode: bool = True) -> RotationDefense:
         """The model and the head stay in eval mode."""
@@ -364,21 +363,21 @@ class ContrastiveDefense(PurifierDefense):
 
     Args:
         model: frozen classifier or segmenter, images in [0, 1].
-        head: a trained :class:`ContrastiveHead` for ``layer``.
-        layer: the feature layer the head reads.
+        head: a trained :class:`ContrastiveHead` for ``feature_layer``.
+        feature_layer: the layer the head reads.
         transforms: the views' transformations (default
             :func:`~.defenses.default_transforms`).
         **kwargs: optimizer settings of :class:`~.defenses.PurifierDefense`.
     """
 
-    def __init__(self, model: nn.Module, head: ContrastiveHead, layer: str,
+    def __init__(self, model: nn.Module, head: ContrastiveHead, feature_layer: str,
                  transforms: Sequence[Transform] | None = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         if not isinstance(head, ContrastiveHead):
             raise TypeError(f"head must be a ContrastiveHead, got {type(head).__name__}")
         self.head = head.eval()
-        self.layer = layer
-        self.extractor = FeatureExtractor(model, layer)
+        self.feature_layer = feature_layer
+        self.extractor = FeatureExtractor(model, feature_layer)
         self.transforms = _check_transforms(transforms)
 
     def train(self, mode: bool = True) -> ContrastiveDefense:

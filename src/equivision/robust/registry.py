@@ -35,7 +35,7 @@ and ``equivariance-reference`` (the released code's flawed settings, for compari
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..registry import Registry
 from ..transforms import Transform
 from .attacks import (
     BPDA,
@@ -72,22 +74,19 @@ __all__ = [
 ]
 
 #: attack name -> (class, whether it is generated with the defense in the loop)
-ATTACKS: dict[str, tuple[type[IterativeAttack], bool]] = {
-    "fgsm": (FGSM, False),
-    "ifgsm": (IFGSM, False),
-    "pgd": (PGD, False),
-    "mim": (MIM, False),
-    "cw": (CW, False),
-    "houdini": (Houdini, False),
-    "bpda": (BPDA, True),
-    "bpda-eot": (BPDA, True),
-    "full": (FullGradient, True),
-    "adaptive": (Adaptive, True),
-}
-
-#: defense names accepted by :func:`build_defense`
-DEFENSES = ("none", "random", "equivariance", "invariance", "rotation", "contrastive",
-            "equivariance-reference")
+ATTACKS: Registry[tuple[type[IterativeAttack], bool]] = Registry("attack", str.lower)
+for _name, _entry, _what in (
+        ("fgsm", (FGSM, False), "one sign step of size eps"),
+        ("ifgsm", (IFGSM, False), "iterative FGSM (no random start)"),
+        ("pgd", (PGD, False), "PGD with a random start"),
+        ("mim", (MIM, False), "momentum iterative method"),
+        ("cw", (CW, False), "Carlini-Wagner margin, PGD steps"),
+        ("houdini", (Houdini, False), "Houdini's probit surrogate, PGD steps"),
+        ("bpda", (BPDA, True), "PGD through the defense, identity backward"),
+        ("bpda-eot", (BPDA, True), "BPDA averaged over eot_samples draws"),
+        ("full", (FullGradient, True), "PGD through the unrolled purifier (+ EOT)"),
+        ("adaptive", (Adaptive, True), "L_task - lambda_e L_equi(x + delta), lambda_e sweep")):
+    ATTACKS.add(_name, _entry, _what)
 
 #: keyword arguments an attack spec may override
 _ATTACK_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "seed",
@@ -100,7 +99,7 @@ class AttackSpec:
     """One attack row of an evaluation.
 
     Attributes:
-        name: a key of :data:`ATTACKS`.
+        name: a name in :data:`ATTACKS`.
         label: the row's name in tables (default: the spec text).
         options: keyword overrides for the attack (e.g. ``steps``, ``lambdas``).
     """
@@ -112,11 +111,7 @@ class AttackSpec:
     @property
     def in_loop(self) -> bool:
         """Whether the attack is generated with the defense in the loop."""
-        return ATTACKS[self.name][1]
-
-
-def _unknown(kind: str, name: object, names: Sequence[str]) -> ValueError:
-    return ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(names)}")
+        return ATTACKS.get(self.name)[1]
 
 
 def parse_attack(spec: str | Mapping[str, Any] | AttackSpec) -> AttackSpec:
@@ -132,8 +127,7 @@ def parse_attack(spec: str | Mapping[str, Any] | AttackSpec) -> AttackSpec:
         options = dict(spec)
         name = options.pop("name", None)
         label = str(options.pop("label", name))
-        if name not in ATTACKS:
-            raise _unknown("attack", name, list(ATTACKS))
+        ATTACKS.get(name)  # an unknown name fails here, with suggestions
         bad = sorted(set(options) - _ATTACK_KEYS)
         if bad:
             raise ValueError(f"attack {name!r}: unknown option(s) {bad}; valid: "
@@ -143,8 +137,7 @@ def parse_attack(spec: str | Mapping[str, Any] | AttackSpec) -> AttackSpec:
         raise TypeError(f"an attack spec must be a name or a mapping, got {type(spec).__name__}")
     text = spec.strip().lower()
     name, sep, value = text.partition(":")
-    if name not in ATTACKS:
-        raise _unknown("attack", name, list(ATTACKS))
+    ATTACKS.get(name)  # an unknown name fails here, with suggestions
     if not sep:
         return AttackSpec(name, name)
     if name != "adaptive":
@@ -179,7 +172,7 @@ def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
     kw = {**settings, **spec.options}
     kw.pop("lambdas", None)
     eps = kw.pop("eps")
-    cls, in_loop = ATTACKS[spec.name]
+    cls, in_loop = ATTACKS.get(spec.name)
     randomized = bool(getattr(defense, "randomized", False))
     if spec.name != "bpda-eot" and spec.name != "full":
         kw.pop("eot_samples", None)
@@ -202,28 +195,27 @@ def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
 # ----------------------------------------------------------------------------- heads
 
 
-def save_head(path: str | Path, head: RotationHead | ContrastiveHead, layer: str) -> Path:
-    """Write a trained head (kind, constructor config, weights, feature layer) atomically
-    with :func:`equivision.checkpoint.save_checkpoint`; reload with :func:`load_head`."""
-    from ..checkpoint import save_checkpoint
-
+def save_head(path: str | Path, head: RotationHead | ContrastiveHead,
+              feature_layer: str) -> Path:
+    """Write a trained head (kind, constructor config, weights, the feature layer it reads;
+    stored under the key ``"layer"``) atomically with
+    :func:`equivision.checkpoint.save_checkpoint`; reload with :func:`load_head`."""
     kind = "rotation" if isinstance(head, RotationHead) else "contrastive"
     if not isinstance(head, (RotationHead, ContrastiveHead)):
         raise TypeError(f"head must be a RotationHead or ContrastiveHead, got "
                         f"{type(head).__name__}")
-    return save_checkpoint(path, {"kind": kind, "config": dict(head.config), "layer": layer,
+    return save_checkpoint(path, {"kind": kind, "config": dict(head.config),
+                                  "layer": feature_layer,
                                   "model": head.state_dict()})
 
 
 def load_head(path: str | Path) -> tuple[RotationHead | ContrastiveHead, str]:
-    """``(head, layer)`` from a file written by :func:`save_head`.
+    """``(head, feature_layer)`` from a file written by :func:`save_head`.
 
     Raises:
         equivision.checkpoint.CheckpointError: missing, corrupt or foreign file.
         ValueError: the file is not a head file.
     """
-    from ..checkpoint import load_checkpoint
-
     state = load_checkpoint(path)
     kind = state.get("kind")
     if kind not in ("rotation", "contrastive") or not isinstance(state.get("config"), dict):
@@ -235,20 +227,79 @@ def load_head(path: str | Path) -> tuple[RotationHead | ContrastiveHead, str]:
     return head.eval(), str(state.get("layer", "logits"))
 
 
-def _head(name: str, model: nn.Module, head: Any, head_dataset: Dataset | None, layer: str,
-          head_epochs: int, seed: int) -> tuple[nn.Module, str]:
+def _head(name: str, model: nn.Module, head: Any, head_dataset: Dataset | None,
+          feature_layer: str, head_epochs: int, seed: int) -> tuple[nn.Module, str]:
+    """The trained head of defense ``name`` and the layer it reads: loaded from a file,
+    given, or trained on ``head_dataset``."""
     want = RotationHead if name == "rotation" else ContrastiveHead
     if isinstance(head, (str, Path)):
-        head, layer = load_head(head)
+        head, feature_layer = load_head(head)
     elif head is None:
         if head_dataset is None:
             raise ValueError(f"defense {name!r} needs a trained head: pass head= (a head or a "
                              "file written by save_head) or head_dataset= to train one")
         trainer = train_rotation_head if name == "rotation" else train_contrastive_head
-        head = trainer(model, layer, head_dataset, epochs=head_epochs, seed=seed)
+        head = trainer(model, feature_layer, head_dataset, epochs=head_epochs, seed=seed)
     if not isinstance(head, want):
         raise ValueError(f"defense {name!r} needs a {want.__name__}, got {type(head).__name__}")
-    return head, layer
+    return head, feature_layer
+
+
+def _no_defense(model: nn.Module, s: dict[str, Any]) -> None:
+    return None
+
+
+def _random(model: nn.Module, s: dict[str, Any]) -> Defense:
+    return RandomNoiseDefense(model, eps_v=s["eps_v"])
+
+
+def _purifier_settings(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: s[k] for k in ("eps_v", "eta", "steps", "noise")}
+
+
+def _equivariance(model: nn.Module, s: dict[str, Any]) -> Defense:
+    return EquivarianceDefense(model, transforms=s["transforms"], feature_layer=s["feature_layer"],
+                               pairing=s["pairing"], **_purifier_settings(s))
+
+
+def _invariance(model: nn.Module, s: dict[str, Any]) -> Defense:
+    return InvarianceDefense(model, transforms=s["transforms"], feature_layer=s["feature_layer"],
+                             pairing=s["pairing"], **_purifier_settings(s))
+
+
+def _reference(model: nn.Module, s: dict[str, Any]) -> Defense:
+    # the released settings (eta = 1, batch-wide norm, all pairs); the feature layer
+    # stays the caller's so that a comparison with ours changes only the optimizer
+    return EquivarianceDefense.reference_code(model, eps_v=s["eps_v"], steps=s["steps"],
+                                              transforms=s["transforms"],
+                                              feature_layer=s["feature_layer"])
+
+
+def _rotation(model: nn.Module, s: dict[str, Any]) -> Defense:
+    trained, layer = _head("rotation", model, s["head"], s["head_dataset"],
+                           s["feature_layer"], s["head_epochs"], s["seed"])
+    return RotationDefense(model, trained, layer, **_purifier_settings(s))  # type: ignore[arg-type]
+
+
+def _contrastive(model: nn.Module, s: dict[str, Any]) -> Defense:
+    trained, layer = _head("contrastive", model, s["head"], s["head_dataset"],
+                           s["feature_layer"], s["head_epochs"], s["seed"])
+    return ContrastiveDefense(model, trained, layer,  # type: ignore[arg-type]
+                              transforms=s["transforms"], **_purifier_settings(s))
+
+
+#: defense name -> builder ``(model, settings) -> Defense | None`` used by
+#: :func:`build_defense`
+DEFENSES: Registry[Callable[[nn.Module, dict[str, Any]], Defense | None]] = Registry("defense")
+for _name, _builder, _what in (
+        ("none", _no_defense, "no defense"),
+        ("random", _random, "uniform noise of radius eps_v"),
+        ("equivariance", _equivariance, "purify towards equivariant features"),
+        ("invariance", _invariance, "purify towards invariant features"),
+        ("rotation", _rotation, "purify towards a correct rotation prediction (a head)"),
+        ("contrastive", _contrastive, "purify with a contrastive head"),
+        ("equivariance-reference", _reference, "the released code's settings")):
+    DEFENSES.add(_name, _builder, _what)
 
 
 def build_defense(
@@ -271,7 +322,7 @@ def build_defense(
     :class:`Defense` is returned as is).
 
     Args:
-        name: a name of :data:`DEFENSES`.
+        name: a name in :data:`DEFENSES`.
         model: the frozen classifier or segmenter.
         eps_v, eta, steps, noise: purifier settings (:class:`PurifierDefense`); ``random``
             uses ``eps_v`` only.
@@ -285,30 +336,12 @@ def build_defense(
         seed: seed of head training.
 
     Raises:
-        ValueError: unknown name (the names are listed), an unknown feature layer (the
-            layers are listed), bad settings, or a missing head.
+        ValueError: unknown name (with suggestions; the names are listed), an unknown
+            feature layer (the layers are listed), bad settings, or a missing head.
     """
     if name is None or isinstance(name, Defense):
         return name
-    if name not in DEFENSES:
-        raise _unknown("defense", name, DEFENSES)
-    if name == "none":
-        return None
-    if name == "random":
-        return RandomNoiseDefense(model, eps_v=eps_v)
-    common: dict[str, Any] = dict(eps_v=eps_v, eta=eta, steps=steps, noise=noise)
-    if name in ("equivariance", "invariance"):
-        cls = EquivarianceDefense if name == "equivariance" else InvarianceDefense
-        return cls(model, transforms=transforms, feature_layer=feature_layer, pairing=pairing,
-                   **common)
-    if name == "equivariance-reference":
-        # the released settings (eta = 1, batch-wide norm, all pairs); the feature layer
-        # stays the caller's so that a comparison with ours changes only the optimizer
-        return EquivarianceDefense.reference_code(model, eps_v=eps_v, steps=steps,
-                                                  transforms=transforms,
-                                                  feature_layer=feature_layer)
-    trained, layer = _head(name, model, head, head_dataset, feature_layer, head_epochs, seed)
-    if name == "rotation":
-        return RotationDefense(model, trained, layer, **common)  # type: ignore[arg-type]
-    return ContrastiveDefense(model, trained, layer, transforms=transforms,  # type: ignore[arg-type]
-                              **common)
+    settings = dict(eps_v=eps_v, eta=eta, steps=steps, noise=noise,
+                    feature_layer=feature_layer, pairing=pairing, transforms=transforms,
+                    head=head, head_dataset=head_dataset, head_epochs=head_epochs, seed=seed)
+    return DEFENSES.get(name)(model, settings)

@@ -15,7 +15,15 @@ from .losses import (
     barlow_twins_loss,
     infonce,
 )
-from .methods import DINO, BarlowTwins, MoCoV3, SERConfig, SSLMethod, build_method
+from .methods import (
+    DINO,
+    SSL_METHODS,
+    BarlowTwins,
+    MoCoV3,
+    SERConfig,
+    SSLMethod,
+    build_method,
+)
 from .views import (
     BasePolicy,
     EquivariantPolicy,
@@ -31,6 +39,7 @@ from .vit import SSLViT, ViTOutput
 __all__ = [
     "DINO", "AugSelfHead", "BarlowTwins", "BasePolicy", "DINOLoss", "EquiModHead",
     "EquivariantPolicy", "MoCoV3", "PatchNTXent", "Photometric", "SERConfig", "SSLMethod",
+    "SSL_METHODS",
     "SSLViT", "ViTOutput", "ViewBatch", "ViewSampler", "act_on_maps", "all_reduce_sum",
     "barlow_twins_loss", "build_method", "check_patch_aligned", "gather_no_grad",
     "gather_with_grad", "geometric_params", "infonce", "patch_aligned_scales",

@@ -4,13 +4,19 @@ to the encoder's input size."""
 from __future__ import annotations
 
 import math
-from typing import Any
+
+import torch
+
+from ..data import ImageDataset, get_dataset, photos
+from ..data.builtin import DEFAULT_PHOTOS
+from ..data.seeding import derived_generator
+from .probe import fit_dataset
 
 __all__ = ["load_images"]
 
 
 def load_images(name: str, split: str, size: int, images: int | None = None, seed: int = 0,
-                channels: int = 3) -> Any:
+                channels: int = 3) -> ImageDataset:
     """A built-in dataset as an :class:`~equivision.data.ImageDataset` of
     ``(N, channels, size, size)`` images in ``[0, 1]`` (at most ``images`` of them).
 
@@ -22,10 +28,6 @@ def load_images(name: str, split: str, size: int, images: int | None = None, see
     Raises:
         ValueError: unknown dataset name or ``images < 1``.
     """
-    from ..data import ImageDataset, get_dataset, photos
-    from ..data.builtin import DEFAULT_PHOTOS
-    from .probe import fit_dataset
-
     if images is not None and images < 1:
         raise ValueError(f"the number of images must be >= 1, got {images}")
     if name == "photos":
@@ -36,10 +38,6 @@ def load_images(name: str, split: str, size: int, images: int | None = None, see
         ds = fit_dataset(get_dataset(name, split=split, seed=seed), size, channels)
     if images is not None and len(ds) > images:
         # a deterministic, class-balanced-ish subset: a seeded permutation
-        import torch
-
-        from ..data.seeding import derived_generator
-
         idx = torch.randperm(len(ds), generator=derived_generator("cli-subset", seed, split))
         idx = idx[:images].sort().values
         ds = ImageDataset(ds.images[idx], ds.labels[idx], ds.classes, name=ds.name)

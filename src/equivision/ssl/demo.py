@@ -15,6 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..utils import seed_everything
+from .data import load_images
+from .methods import SERConfig, build_method
+from .pretrain import PretrainConfig, default_views, load_pretrained, pretrain
+from .probe import equivariance_scores, extract_features, knn_probe
+from .vit import SSLViT
+
 __all__ = ["SERDemoSizes", "section_ser", "ser_demo_runs"]
 
 
@@ -62,12 +69,6 @@ _HEADS = {"proj_dim": 64, "hidden": 256}  # small MoCo-v3 projector / predictor
 def _pretrained(out: Path, sizes: SERDemoSizes, ser: bool, device: str, progress: bool
                 ) -> tuple[Any, dict[str, Any], bool]:
     """Pretrain (or reuse) one run; returns ``(encoder, history, cached)``."""
-    from ..utils import seed_everything
-    from .data import load_images
-    from .methods import SERConfig, build_method
-    from .pretrain import PretrainConfig, default_views, load_pretrained, pretrain
-    from .vit import SSLViT
-
     run_dir = out / f"{sizes.tag()}-{'ser' if ser else 'base'}"
     last = run_dir / "last.pt"
     if last.exists():
@@ -102,11 +103,6 @@ def ser_demo_runs(out: Path, sizes: SERDemoSizes | None = None, device: str = "a
         the random init), "cached": bool,
         "seconds": float}``; the random init is the encoder both runs start from.
     """
-    from ..utils import seed_everything
-    from .data import load_images
-    from .probe import equivariance_scores, extract_features, knn_probe
-    from .vit import SSLViT
-
     sizes = sizes or SERDemoSizes()
     out = Path(out)
     tr = load_images("digits", "train", sizes.image_size, sizes.probe_train, seed=1)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import Registry
 from .losses import (
     AugSelfHead,
     DINOLoss,
@@ -35,8 +36,8 @@ from .losses import (
 from .views import ViewBatch
 from .vit import SSLViT, ViTOutput
 
-__all__ = ["DINO", "BarlowTwins", "MoCoV3", "SERConfig", "SSLMethod", "build_method",
-           "cosine_momentum"]
+__all__ = ["DINO", "SSL_METHODS", "BarlowTwins", "MoCoV3", "SERConfig", "SSLMethod",
+           "build_method", "cosine_momentum"]
 
 
 @dataclass
@@ -61,12 +62,24 @@ class SERConfig:
     hidden: int = 1024
     variant: Literal["ser", "augself", "equimod"] = "ser"
 
+    #: the fraction r of each batch given equivariant views when SER is on (paper);
+    #: without SER the default is 0 (every image gets the base policy T)
+    RATIO: ClassVar[float] = 0.25
+
     @classmethod
     def paper(cls, method: str, **overrides: object) -> SERConfig:
         """The paper's settings: lambda 0.5; tau 0.5 for DINO, 0.3 for MoCo-v3 and
-        Barlow Twins (the released code's defaults differ)."""
+        Barlow Twins (the released code's defaults differ). Overrides that are None keep
+        the default."""
         tau = 0.5 if method.lower() == "dino" else 0.3
-        return cls(**{"weight": 0.5, "tau": tau, **overrides})  # type: ignore[arg-type]
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{"weight": 0.5, "tau": tau, **given})  # type: ignore[arg-type]
+
+    @staticmethod
+    def default_ratio(ser: SERConfig | None) -> float:
+        """The partition ratio r to use with ``ser`` when none is given: :attr:`RATIO`
+        with SER, 0 without."""
+        return SERConfig.RATIO if ser is not None else 0.0
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
@@ -274,13 +287,25 @@ class BarlowTwins(SSLMethod):
                                  self.lambd)
 
 
-_METHODS: dict[str, type[SSLMethod]] = {"mocov3": MoCoV3, "dino": DINO, "barlow": BarlowTwins}
+def _method_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+#: the SSL methods :func:`build_method` knows, by name (``"moco-v3"`` finds ``mocov3``)
+SSL_METHODS: Registry[type[SSLMethod]] = Registry("SSL method", _method_key)
+SSL_METHODS.add("mocov3", MoCoV3)
+SSL_METHODS.add("dino", DINO)
+SSL_METHODS.add("barlow", BarlowTwins)
+
+#: name -> class; read by :mod:`equivision.ssl.pretrain` to name a method in checkpoints
+_METHODS: dict[str, type[SSLMethod]] = {name: SSL_METHODS.get(name) for name in SSL_METHODS}
 
 
 def build_method(name: str, encoder: SSLViT, ser: SERConfig | None = None,
                  **kwargs: object) -> SSLMethod:
-    """``"mocov3" | "dino" | "barlow"`` -> the method around ``encoder``."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in _METHODS:
-        raise ValueError(f"unknown SSL method {name!r}; choose one of {sorted(_METHODS)}")
-    return _METHODS[key](encoder, ser, **kwargs)  # type: ignore[arg-type]
+    """``"mocov3" | "dino" | "barlow"`` -> the method around ``encoder``.
+
+    Raises:
+        ValueError: unknown ``name`` (with suggestions and the valid names).
+    """
+    return SSL_METHODS.get(name)(encoder, ser, **kwargs)  # type: ignore[arg-type]

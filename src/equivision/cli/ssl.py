@@ -11,40 +11,25 @@ optionally writing every number as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .cli import CLIError, parse_kwargs
-from .ssl.data import load_images
+from ..checkpoint import CheckpointError
+from ..ssl import SERConfig, SSLViT, build_method
+from ..ssl.data import load_images
+from ..ssl.gather import rank_and_world
+from ..ssl.methods import SSL_METHODS
+from ..ssl.pretrain import PretrainConfig, default_views, load_pretrained, pretrain
+from ..ssl.probe import PROBES, run_probes
+from ..ssl.views import patch_aligned_scales
+from ..utils import seed_everything
+from .common import CLIError, finite, names, parse_kwargs, positive_int, write_json
 
 __all__ = ["add_parsers", "cmd_pretrain", "cmd_probe", "probe_table"]
 
-METHODS = ("mocov3", "dino", "barlow")
 PROBE_DATA = ("digits", "photos")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
 
 
 def _ser_layer(text: str) -> int | str | None:
@@ -60,44 +45,40 @@ def _ser_layer(text: str) -> int | str | None:
             f"--ser-layer takes a block number, 'all' or 'cls', got {text!r}") from None
 
 
-# ----------------------------------------------------------------------------- data
-
-
 # ----------------------------------------------------------------------------- pretrain
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    """Run ``equivision pretrain`` (see :func:`add_parsers` for the options)."""
-    from .checkpoint import CheckpointError
-    from .ssl import SERConfig, SSLViT, build_method
-    from .ssl.pretrain import PretrainConfig, default_views, pretrain
-    from .ssl.views import patch_aligned_scales
-    from .utils import seed_everything
+def _ser_config(args: argparse.Namespace) -> SERConfig | None:
+    """``--ser*`` -> the SER settings (the paper's defaults, :meth:`SERConfig.paper`)."""
+    options = {"weight": args.ser_weight, "layer": args.ser_layer,
+               "variant": args.ser_variant, "tau": args.ser_tau}
+    if not args.ser:
+        if any(v is not None for v in options.values()):
+            raise CLIError("--ser-weight/--ser-layer/--ser-variant/--ser-tau need --ser")
+        return None
+    return SERConfig.paper(args.method, **options)
 
+
+def _check_sizes(args: argparse.Namespace) -> None:
     if args.image_size % args.patch_size:
         raise CLIError(
             f"--image-size {args.image_size} is not a multiple of --patch-size "
             f"{args.patch_size}; use e.g. --image-size "
             f"{max(1, args.image_size // args.patch_size) * args.patch_size}")
-    ratio = args.ratio if args.ratio is not None else (0.25 if args.ser else 0.0)
-    if not args.ser and any(v is not None for v in (args.ser_weight, args.ser_layer,
-                                                      args.ser_variant, args.ser_tau)):
-        raise CLIError("--ser-weight/--ser-layer/--ser-variant/--ser-tau need --ser")
-    cls_layer = args.cls_layer if args.cls_layer is not None else max(0, args.depth // 2)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Run ``equivision pretrain`` (see :func:`add_parsers` for the options)."""
+    _check_sizes(args)
+    ser = _ser_config(args)
+    ratio = args.ratio if args.ratio is not None else SERConfig.default_ratio(ser)
+    if ser is not None and ratio == 0:
+        raise CLIError("--ser with --ratio 0 gives SER no images; use --ratio > 0")
     seed_everything(args.seed)  # the same initial weights in every process
     encoder = SSLViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim,
-                     depth=args.depth, heads=args.heads, cls_layer=cls_layer)
-    ser = None
-    if args.ser:
-        overrides: dict[str, Any] = {"weight": 0.5 if args.ser_weight is None
-                                     else args.ser_weight,
-                                     "layer": args.ser_layer,
-                                     "variant": args.ser_variant or "ser"}
-        if args.ser_tau is not None:
-            overrides["tau"] = args.ser_tau
-        ser = SERConfig.paper(args.method, **overrides)
-        if ratio == 0:
-            raise CLIError("--ser with --ratio 0 gives SER no images; use --ratio > 0")
+                     depth=args.depth, heads=args.heads,
+                     cls_layer=args.cls_layer if args.cls_layer is not None
+                     else max(0, args.depth // 2))
     method = build_method(args.method, encoder, ser, **parse_kwargs(args.method_args))
     config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             warmup_epochs=min(args.warmup_epochs, args.epochs),
@@ -119,8 +100,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         raise CLIError(f"{err} (add --resume)") from None
     except CheckpointError as err:
         raise CLIError(str(err)) from None
-    from .ssl.gather import rank_and_world
-
     if rank_and_world()[0] != 0:
         return
     n = len(history["epoch"])
@@ -171,11 +150,7 @@ def probe_table(results: dict[str, Any]) -> str:
 
 def cmd_probe(args: argparse.Namespace) -> None:
     """Run ``equivision probe`` (see :func:`add_parsers` for the options)."""
-    from .measure import write_atomic
-    from .ssl.pretrain import load_pretrained
-    from .ssl.probe import PROBES, run_probes
-
-    which = [w.strip() for w in args.probes.split(",") if w.strip()]
+    which = names(args.probes)
     bad = [w for w in which if w not in PROBES]
     if bad or not which:
         raise CLIError(f"unknown probe(s) {bad or which}; choose from {','.join(PROBES)}")
@@ -208,7 +183,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
                    "method_kwargs": info.get("method_kwargs"), "ser": ser,
                    "encoder": info.get("encoder_config"), "epoch": info.get("epoch"),
                    "probes": results}
-        write_atomic(args.json, json.dumps(payload, indent=1, default=str))
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
 
 
@@ -223,33 +198,34 @@ def add_parsers(sub: Any) -> None:
         description="Pretrain an SSLViT with a self-supervised method, optionally with Soft "
         "Equivariance Regularization; writes OUT/last.pt, log.csv, steps.csv. Runs under "
         "torchrun (the batch is sharded).")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=SSL_METHODS.list())
     p.add_argument("--method-args", help="method constructor arguments, e.g. "
                    "proj_dim=64,hidden=256")
     p.add_argument("--ser", action="store_true", help="add the SER term")
-    p.add_argument("--ser-weight", type=_finite, default=None, help="lambda (default 0.5)")
+    p.add_argument("--ser-weight", type=finite, default=None,
+                   help=f"lambda (default {SERConfig.paper('mocov3').weight})")
     p.add_argument("--ser-layer", type=_ser_layer, default=None,
                    help="block 1..depth, 'all', or 'cls' (default: the [CLS] layer)")
     p.add_argument("--ser-variant", choices=["ser", "augself", "equimod"], default=None)
-    p.add_argument("--ser-tau", type=_finite, default=None,
+    p.add_argument("--ser-tau", type=finite, default=None,
                    help="SER temperature (default 0.5 for dino, else 0.3)")
-    p.add_argument("--ratio", type=_finite, default=None,
-                   help="fraction r of each batch with equivariant views (default 0.25 with "
-                   "--ser, else 0)")
-    p.add_argument("--epochs", type=_positive_int, default=20)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--lr", type=_finite, default=5e-4)
-    p.add_argument("--warmup-epochs", type=_finite, default=2.0)
-    p.add_argument("--weight-decay", type=_finite, default=0.1)
-    p.add_argument("--image-size", type=_positive_int, default=32)
-    p.add_argument("--patch-size", type=_positive_int, default=4)
-    p.add_argument("--dim", type=_positive_int, default=192)
-    p.add_argument("--depth", type=_positive_int, default=6)
-    p.add_argument("--heads", type=_positive_int, default=3)
+    p.add_argument("--ratio", type=finite, default=None,
+                   help="fraction r of each batch with equivariant views (default "
+                   f"{SERConfig.RATIO} with --ser, else 0)")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=finite, default=5e-4)
+    p.add_argument("--warmup-epochs", type=finite, default=2.0)
+    p.add_argument("--weight-decay", type=finite, default=0.1)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--patch-size", type=positive_int, default=4)
+    p.add_argument("--dim", type=positive_int, default=192)
+    p.add_argument("--depth", type=positive_int, default=6)
+    p.add_argument("--heads", type=positive_int, default=3)
     p.add_argument("--cls-layer", type=int, default=None,
                    help="insert [CLS] after this block (default depth // 2)")
     p.add_argument("--data", default="photos", help="photos (default) or a built-in dataset")
-    p.add_argument("--images", "--max-images", dest="images", type=_positive_int,
+    p.add_argument("--images", "--max-images", dest="images", type=positive_int,
                    default=None, help="use at most N pretraining images")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the photo patches")
     p.add_argument("--out", required=True, help="directory for last.pt, log.csv, steps.csv")
@@ -270,11 +246,11 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--probes", default="linear,knn",
                    help="comma list of linear,knn,mlp,equivariance,transform_prediction,"
                    "corruptions (default linear,knn)")
-    q.add_argument("--images", "--max-images", dest="images", type=_positive_int,
+    q.add_argument("--images", "--max-images", dest="images", type=positive_int,
                    default=None, help="at most N training images for the probes")
-    q.add_argument("--test-images", type=_positive_int, default=None,
+    q.add_argument("--test-images", type=positive_int, default=None,
                    help="at most N test images")
-    q.add_argument("--steps", type=_positive_int, default=300,
+    q.add_argument("--steps", type=positive_int, default=300,
                    help="optimizer steps of the trained probes (default 300)")
     q.add_argument("--severities", type=lambda s: [int(v) for v in s.split(",")],
                    default=None, help="corruption severities, e.g. 1,3,5 (default 1..5)")

@@ -3,7 +3,8 @@
 ``spearman`` is Spearman's rank correlation coefficient: the Pearson correlation of the
 ranks, ties getting their average rank (as ``scipy.stats.spearmanr``), with no SciPy
 dependency. ``spearman_by_part`` correlates, over a set of models, the per-part mean of a
-measure (``Report.part_summary``) with the models' accuracies.
+measure (``Report.part_summary``) with the models' accuracies. Experiment support for
+``experiments/learned_equivariance.py`` (imported as ``support.stats``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .measure.parts import PARTS
-from .measure.report import METRICS, Report
+from equivision.measure.parts import PARTS
+from equivision.measure.report import METRICS, Report
 
 __all__ = ["rankdata", "pearson", "spearman", "spearman_by_part"]
 

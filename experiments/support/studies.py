@@ -1,7 +1,8 @@
 """Building blocks of the learned-equivariance studies: train a model (or reuse a
 finished run), measure it, and summarise measures per part over seeds.
 
-Experiment scripts in ``experiments/`` only configure these calls and write results.
+Experiment support, not library API: the scripts in ``experiments/`` import it as
+``support.studies`` and only configure these calls and write results.
 """
 
 from __future__ import annotations
@@ -14,8 +15,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .measure import PARTS, Report, measure, write_atomic
-from .measure.report import save_png
+import matplotlib
+
+from equivision.augment import build_augment
+from equivision.checkpoint import load_checkpoint
+from equivision.data import get_dataset
+from equivision.io import save_png, write_atomic
+from equivision.measure import PARTS, Report, measure
+from equivision.models import create_model, model_defaults
+from equivision.training import TrainConfig, evaluate, train
+from equivision.utils import resolve_device, seed_everything
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 @dataclass
@@ -48,13 +60,6 @@ def train_run(spec: RunSpec, root: Path, device: str = "auto", progress: bool = 
 
     Returns ``(model, test_set, test_accuracy)``; the model is in eval mode.
     """
-    from .augment import build_augment
-    from .checkpoint import load_checkpoint
-    from .data import get_dataset
-    from .models import create_model, model_defaults
-    from .train import TrainConfig, evaluate, train
-    from .utils import resolve_device, seed_everything
-
     dev = resolve_device(device)
     train_set = get_dataset(spec.data, split="train", size=spec.size, seed=0)
     test_set = get_dataset(spec.data, split="test", size=spec.size, seed=0)
@@ -152,11 +157,6 @@ def plot_parts(groups: dict[str, dict], path: Path, metrics: Sequence[str] = ("i
                "equivariance"), title: str = "") -> Path:
     """Per-part bars (mean ± std) per group, one panel per metric, like the paper's
     figures 5-7. Writes a PNG atomically."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     parts = [p for p in PARTS if any(p in s for s in groups.values())]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.4), squeeze=False)

@@ -9,37 +9,25 @@ across processes under ``torchrun`` (rank 0 prints and writes).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from typing import Any
 
-from .cli import CLIError, build_model, distributed_session, parse_kwargs
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from ..data import get_dataset
+from ..robust.evaluate import RobustnessConfig, evaluate_robustness
+from ..utils import resolve_device, seed_everything
+from .common import CLIError, distributed_session, load_model, names, number, write_json
 
 __all__ = ["add_parsers", "cmd_attack", "cmd_defend"]
-
-
-def _number(text: str) -> float:
-    """A float, also written as a fraction: ``0.03``, ``8/255``."""
-    num, sep, den = str(text).partition("/")
-    try:
-        value = float(num) / float(den) if sep else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (write e.g. 0.03 or 8/255)"
-                                         ) from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="an equivision checkpoint (the model is rebuilt from "
                    "it) or a state dict with --model")
     p.add_argument("--model", help="registry name or module:attr (default: the checkpoint's)")
-    p.add_argument("--model-args", "--model-kwargs", dest="model_args",
+    p.add_argument("--model-args",
                    help="constructor arguments, e.g. width=8,num_classes=10")
     p.add_argument("--dataset", "--data", dest="dataset", required=True,
                    help="built-in dataset name (see `equivision list datasets`)")
@@ -48,10 +36,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per batch; also the unit of the random draws (default 32)")
-    p.add_argument("--eps", type=_number, default=8 / 255, help="attack radius (default 8/255)")
+    p.add_argument("--eps", type=number, default=8 / 255, help="attack radius (default 8/255)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=10, help="attack steps (default 10)")
-    p.add_argument("--alpha", type=_number, default=None,
+    p.add_argument("--alpha", type=number, default=None,
                    help="attack step size (default 2.5 eps / steps)")
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--targeted", action="store_true",
@@ -81,12 +69,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "equivariance-reference (default equivariance)")
     d.add_argument("--attack", default="pgd,bpda-eot,adaptive",
                    help="comma-separated attacks (default pgd,bpda-eot,adaptive)")
-    d.add_argument("--eps-v", type=_number, default=8 / 255,
+    d.add_argument("--eps-v", type=number, default=8 / 255,
                    help="purification bound (default 8/255)")
     d.add_argument("--defense-steps", type=int, default=20, help="purification steps T")
-    d.add_argument("--eta", type=_number, default=None,
+    d.add_argument("--eta", type=number, default=None,
                    help="purification step size (default 2.5 eps_v / T)")
-    d.add_argument("--noise", type=_number, default=1.0, help="purification noise (default 1)")
+    d.add_argument("--noise", type=number, default=1.0, help="purification noise (default 1)")
     d.add_argument("--feature-layer", default="logits",
                    help="layer whose equivariance is restored (default logits)")
     d.add_argument("--pairing", default="identity", choices=["identity", "pairs"])
@@ -101,14 +89,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_defend)
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
-    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-
-    kwargs = parse_kwargs(args.model_args)
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model of ``--checkpoint`` (rebuilt from it) or of ``--model``."""
     if not args.model and not args.checkpoint:
         raise CLIError("give --checkpoint PATH (an equivision checkpoint) or --model NAME")
     if not args.model:
-        if kwargs:
+        if args.model_args:
             raise CLIError("--model-args needs --model")
         return model_from_checkpoint(args.checkpoint), str(args.checkpoint)
     if args.checkpoint and ":" not in args.model:
@@ -119,35 +105,29 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
         if stored and stored != args.model:
             raise CLIError(f"checkpoint {args.checkpoint!r} holds a {stored!r} model, not "
                            f"{args.model!r}; drop --model or pass --model {stored}")
-    return build_model(args.model, kwargs, args.checkpoint)
+    return load_model(args.model, args.model_args, args.checkpoint)
 
 
 def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
          extra: dict[str, Any]) -> None:
-    from .utils import resolve_device
-
     device = resolve_device(args.device)
     with distributed_session(device) as rank:
         _evaluate(args, defense, attacks, extra, device, rank)
 
 
 def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
-              extra: dict[str, Any], device: Any, rank: int) -> None:
-    from .data import get_dataset
-    from .measure import write_atomic
-    from .robust.evaluate import evaluate_robustness
-    from .utils import seed_everything
-
+              extra: dict[str, Any], device: torch.device, rank: int) -> None:
     if not attacks:
         raise CLIError("--attack needs at least one attack name")
     dataset = get_dataset(args.dataset, split=args.split, size=args.size)
     seed_everything(args.seed)  # same weights in every process without a checkpoint
     model, name = _load_model(args)
-    result = evaluate_robustness(
-        model, dataset, attacks, defense, eps=args.eps, steps=args.steps, alpha=args.alpha,
-        norm=args.norm, restarts=args.restarts, targeted=args.targeted,
-        max_images=args.max_images, batch_size=args.batch_size, seed=args.seed, device=device,
+    config = RobustnessConfig(
+        eps=args.eps, steps=args.steps, alpha=args.alpha, norm=args.norm,
+        restarts=args.restarts, targeted=args.targeted, max_images=args.max_images,
+        batch_size=args.batch_size, seed=args.seed, device=device,
         progress=not args.no_progress and rank == 0, **extra)
+    result = evaluate_robustness(model, dataset, attacks, defense, config)
     result.meta.update({"model": name, "dataset": args.dataset, "split": args.split,
                         "checkpoint": args.checkpoint})
     if rank != 0:
@@ -156,21 +136,19 @@ def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
           f"({args.norm}), {args.steps} steps, {result.seconds:.1f} s")
     print(result.table())
     if args.json:
-        write_atomic(args.json, json.dumps(result.to_dict(), indent=1))
+        write_json(args.json, result.to_dict())
         print(f"wrote {args.json}")
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
     """``equivision attack``: clean and adversarial metrics, no defense."""
-    _run(args, None, _names(args.attack), {})
+    _run(args, None, names(args.attack), {})
 
 
 def cmd_defend(args: argparse.Namespace) -> None:
     """``equivision defend``: undefended vs defended metrics and equivariance scores."""
-    from .data import get_dataset
-
     try:
-        lambdas = [float(v) for v in _names(args.lambda_e)]
+        lambdas = [float(v) for v in names(args.lambda_e)]
     except ValueError:
         raise CLIError(f"--lambda-e takes comma-separated numbers, got {args.lambda_e!r}"
                        ) from None
@@ -184,6 +162,6 @@ def cmd_defend(args: argparse.Namespace) -> None:
         else:
             defense_kwargs["head_dataset"] = get_dataset(args.dataset, split="train",
                                                          size=args.size)
-    _run(args, args.defense, _names(args.attack),
+    _run(args, args.defense, names(args.attack),
          dict(eot_samples=args.eot_samples, lambdas=lambdas, repeats=args.repeats,
               defense_kwargs=defense_kwargs))

@@ -1,0 +1,7 @@
+"""``python -m equivision ...``: the ``equivision`` command."""
+
+import sys
+
+from .cli.main import main
+
+sys.exit(main())

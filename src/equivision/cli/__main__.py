@@ -1,0 +1,7 @@
+"""``python -m equivision.cli ...`` (e.g. under ``torchrun``)."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

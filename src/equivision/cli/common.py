@@ -1,0 +1,129 @@
+"""What every ``equivision`` subcommand shares: the user-error type (one line, exit status
+2), argument parsers for numbers and ``key=value`` lists, model loading from the command
+line and the ``torchrun`` session."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..io import write_atomic
+from ..models import create_model
+
+__all__ = ["CLIError", "distributed_session", "finite", "load_model", "names", "number",
+           "parse_kwargs", "positive_int", "write_json"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    """``"width=8,num_classes=6"`` -> ``{"width": 8, "num_classes": 6}`` (Python literals)."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"bad model argument {item!r}; write key=value, e.g. width=8")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def names(text: str) -> list[str]:
+    """``"pgd, fgsm,"`` -> ``["pgd", "fgsm"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _float_arg(text: str, parse: Callable[[str], float], hint: str = "") -> float:
+    """``parse(text)``, as an argparse type that accepts finite values only."""
+    try:
+        value = parse(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}{hint}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    num, sep, den = str(text).partition("/")
+    return float(num) / float(den) if sep else float(num)
+
+
+def number(text: str) -> float:
+    """An argparse type: a finite float, also written as a fraction (``0.03``, ``8/255``)."""
+    return _float_arg(text, _fraction, " (write e.g. 0.03 or 8/255)")
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite float."""
+    return _float_arg(text, float)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def load_model(spec: str, model_args: str | None, checkpoint: str | None
+               ) -> tuple[nn.Module, str]:
+    """``--model``, ``--model-args`` and ``--checkpoint`` -> (model, its display name):
+    :func:`equivision.models.create_model` with the parsed arguments."""
+    model = create_model(spec, checkpoint=checkpoint, **parse_kwargs(model_args))
+    return model, spec.partition(":")[2] or spec
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically (non-JSON values as
+    strings)."""
+    write_atomic(path, json.dumps(payload, indent=1, default=str))
+
+
+def _init_distributed(device: torch.device) -> int:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); returns
+    this process's rank (0 when not distributed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.get_rank() if dist.is_initialized() else 0
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return dist.get_rank()
+
+
+@contextlib.contextmanager
+def distributed_session(device: torch.device) -> Iterator[int]:
+    """``with distributed_session(device) as rank:`` joins the process group under
+    ``torchrun`` and, if it started it, waits for every rank and tears it down at the
+    end (a gloo group left open when the process exits aborts it)."""
+    started = dist.is_available() and not dist.is_initialized()
+    rank = _init_distributed(device)
+    started = started and dist.is_initialized()
+    try:
+        yield rank
+        if started:
+            dist.barrier()  # rank 0 has written its files
+    finally:
+        if started:
+            dist.destroy_process_group()

@@ -1,0 +1,71 @@
+"""``equivision exactness``: does subsampling keep a group CNN exactly equivariant at an
+input size? (:func:`equivision.gcnn.analyze_exactness`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..gcnn import analyze_exactness, exact_sizes, nearest_exact_size
+from .common import CLIError, load_model, write_json
+
+__all__ = ["add_parsers", "cmd_exactness", "parse_size"]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"32"`` -> ``(32, 32)``, ``"28x36"`` -> ``(28, 36)``."""
+    parts = text.lower().split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise CLIError(f"--input-size takes N or HxW, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) <= 0:
+        raise CLIError(f"--input-size takes a positive N or HxW, got {text!r}")
+    return vals[0], vals[1]
+
+
+def _size_range(text: str) -> tuple[int, int]:
+    """``--range A:B`` -> ``(A, B)``."""
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi)
+    except ValueError:
+        raise CLIError(f"--range takes A:B, e.g. 20:40, got {text!r}") from None
+
+
+def cmd_exactness(args: argparse.Namespace) -> None:
+    """Run ``equivision exactness``; the last line printed is the verdict."""
+    size = parse_size(args.input_size)
+    model, name = load_model(args.model, args.model_args, args.checkpoint)
+    report = analyze_exactness(model, size, group=args.group)
+    print(report.table())
+    lines = []
+    if size[0] == size[1]:
+        below, above = nearest_exact_size(model, size[0], group=args.group)
+        lines.append(f"nearest exact sizes to {size[0]}: below {below}, above {above}")
+    if args.range:
+        lo, hi = _size_range(args.range)
+        sizes = exact_sizes(model, lo, hi, group=args.group)
+        lines.append(f"exact sizes in {lo}..{hi}: {', '.join(map(str, sizes)) or 'none'}")
+    for line in lines:
+        print(line)
+    if args.json:
+        write_json(args.json, {"model": name, **report.to_dict(), "notes_cli": lines})
+    print(f"verdict: {report.verdict}")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``exactness`` to the ``equivision`` subcommand parsers ``sub``."""
+    e = sub.add_parser("exactness", help="does subsampling keep a model exactly equivariant?",
+                       description="Trace every conv and pooling layer at an input size and "
+                       "check (i + 2p - k_eff) mod s == 0; last line: the verdict.")
+    e.add_argument("--model", required=True, help="registry name or module:attr")
+    e.add_argument("--model-args", help="constructor arguments, e.g. width=0.5")
+    e.add_argument("--checkpoint", help="weights (not needed for the analysis)")
+    e.add_argument("--input-size", required=True, help="N or HxW")
+    e.add_argument("--group", default="p4", choices=["p4", "p4m", "flip"])
+    e.add_argument("--range", help="A:B, list the exact square sizes in this range")
+    e.add_argument("--json", help="write the report as JSON to this path")
+    e.set_defaults(func=cmd_exactness)
