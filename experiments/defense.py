@@ -40,10 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from equivision.checkpoint import model_from_checkpoint
 from equivision.data import ImageDataset, get_dataset
 from equivision.measure import write_atomic
-from equivision.models import create_model
+from equivision.models import create_model, model_from_checkpoint
 from equivision.robust import PGD, default_transforms, train_contrastive_head, train_rotation_head
 from equivision.robust.evaluate import RobustnessConfig, RobustnessResult, evaluate_robustness
 from equivision.robust.registry import save_head

@@ -6,6 +6,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from equivision.metrics import (
+    ConfusionMeter,
+    accuracy,
+    check_output_labels,
+    confusion_matrix,
+    is_segmentation,
+    miou,
+    per_image_miou,
+    per_image_score,
+    pixel_accuracy,
+    task_loss,
+)
 from equivision.robust.attacks import (
     BIM,
     BPDA,
@@ -20,18 +32,6 @@ from equivision.robust.attacks import (
     IterativeAttack,
     attack_objective,
     sweep_lambda,
-)
-from equivision.robust.metrics import (
-    ConfusionMeter,
-    accuracy,
-    check_output_labels,
-    confusion_matrix,
-    is_segmentation,
-    miou,
-    per_image_miou,
-    per_image_score,
-    pixel_accuracy,
-    task_loss,
 )
 from equivision.robust.wrappers import Normalize
 

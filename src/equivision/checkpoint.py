@@ -3,7 +3,7 @@
 A checkpoint is a dict saved with ``torch.save`` that carries a format marker
 (``"format": "equivision-checkpoint"``, ``"format_version": 1``) and, for models built with
 :func:`equivision.models.create_model`, the model name and keyword arguments, so that
-:func:`model_from_checkpoint` can rebuild the model. Everything is loaded with
+:func:`equivision.models.model_from_checkpoint` can rebuild the model. Everything is loaded with
 ``torch.load(..., weights_only=True)``: checkpoints hold only tensors and plain Python values,
 and files holding anything else are refused.
 """
@@ -28,7 +28,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model_weights",
-    "model_from_checkpoint",
     "check_weights_only_safe",
 ]
 
@@ -286,34 +285,3 @@ def _load_weights(model: nn.Module, obj: Any, where: str) -> nn.Module:
     except RuntimeError as e:
         raise CheckpointError(f"{where} does not fit model {label}: {e}") from e
     return model
-
-
-def model_from_checkpoint(path: PathLike, map_location: Any = "cpu") -> nn.Module:
-    """Rebuild the model stored in a checkpoint and load its weights; returned in eval mode.
-
-    Needs a checkpoint that records ``model_name`` and ``model_kwargs`` (written by
-    :func:`equivision.training.train` for models made with ``create_model``).
-
-    Raises:
-        CheckpointError: unreadable checkpoint, no model name recorded, unknown model name or
-            arguments, or weights that do not fit.
-    """
-    from .models import create_model
-
-    ckpt = load_checkpoint(path, map_location, required_keys=("model",))
-    name, kwargs = ckpt.get("model_name"), ckpt.get("model_kwargs")
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} does not record which model it holds (the model "
-            "was not built with equivision.models.create_model); build the model yourself and "
-            "call load_model_weights(model, path)"
-        )
-    try:
-        model = create_model(name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} holds model {name!r} with arguments {kwargs}, which "
-            f"cannot be built: {e}"
-        ) from e
-    _load_weights(model, ckpt, f"checkpoint file {str(path)!r}")
-    return model.eval()

@@ -14,10 +14,9 @@ from equivision.checkpoint import (
     FORMAT,
     CheckpointError,
     load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
 )
-from equivision.models import create_model
+from equivision.models import create_model, model_from_checkpoint
 from equivision.models.cnn import SmallCNN
 from equivision.training import HISTORY_KEYS, TrainConfig, TrainError, evaluate, train
 from equivision.utils import (

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import get_dataset
+from ..models import model_from_checkpoint
 from ..robust.evaluate import RobustnessConfig, evaluate_robustness
 from ..utils import resolve_device, seed_everything
 from .common import CLIError, distributed_session, load_model, names, number, write_json

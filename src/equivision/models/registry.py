@@ -30,7 +30,10 @@ from torch import nn
 from ..checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from ..registry import Registry
 
-__all__ = ["MODELS", "register_model", "create_model", "list_models", "model_defaults"]
+__all__ = [
+    "MODELS", "register_model", "create_model", "list_models", "model_defaults",
+    "model_from_checkpoint",
+]
 
 Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
@@ -183,3 +186,32 @@ def _build_registered(name: str, kwargs: dict[str, Any]) -> nn.Module:
     model.equivision_name = name
     model.equivision_kwargs = stored
     return model
+
+
+def model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild the model stored in a checkpoint and load its weights; returned in eval mode.
+
+    Needs a checkpoint that records ``model_name`` and ``model_kwargs`` (written by
+    :func:`equivision.training.train` for models made with ``create_model``).
+
+    Raises:
+        CheckpointError: unreadable checkpoint, no model name recorded, unknown model name or
+            arguments, or weights that do not fit.
+    """
+    ckpt = load_checkpoint(path, map_location, required_keys=("model",))
+    name, kwargs = ckpt.get("model_name"), ckpt.get("model_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not record which model it holds (the model "
+            "was not built with equivision.models.create_model); build the model yourself and "
+            "call load_model_weights(model, path)"
+        )
+    try:
+        model = create_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} holds model {name!r} with arguments {kwargs}, which "
+            f"cannot be built: {e}"
+        ) from e
+    load_model_weights(model, ckpt)
+    return model.eval()

@@ -1,5 +1,6 @@
 """Adversarial attacks, inference-time defenses (purifiers) and robustness evaluation."""
 
+from ..metrics import ConfusionMeter, accuracy, is_segmentation, miou, task_loss
 from .attacks import (
     BPDA,
     CW,
@@ -37,7 +38,6 @@ from .heads import (
     train_contrastive_head,
     train_rotation_head,
 )
-from .metrics import ConfusionMeter, accuracy, is_segmentation, miou, task_loss
 from .registry import (
     ATTACKS,
     DEFENSES,

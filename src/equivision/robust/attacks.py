@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .metrics import IGNORE_INDEX, check_output_labels, per_image_score, task_loss
+from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score, task_loss
 
 __all__ = [
     "LOSSES",
@@ -305,7 +305,7 @@ class IterativeAttack:
 
     def score(self, x: Tensor, labels: Tensor, restart: int = 0) -> tuple[Tensor, Tensor]:
         """``(score, objective)``, each ``(B,)``: the attacked system's per-image accuracy
-        or mIoU (:func:`~equivision.robust.metrics.per_image_score`; lower = stronger
+        or mIoU (:func:`~equivision.metrics.per_image_score`; lower = stronger
         attack) and the attack objective at ``x``."""
         out = self.predict(x, restart)
         self._check_output(out, labels)

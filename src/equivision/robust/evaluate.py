@@ -27,7 +27,7 @@ The result has one row for the clean images and one per attack. Each row holds
   get ``mean_image_miou``, the mean of the per-image mIoU);
 * ``defended``: the metric of the defended prediction ``model(purify(x))``, worst case over
   ``repeats`` draws of a randomized defense (per image the draw with the lowest
-  :func:`~equivision.robust.metrics.per_image_score`: an image counts as correct only if
+  :func:`~equivision.metrics.per_image_score`: an image counts as correct only if
   every draw is correct; for segmentation the confusion of each image's worst draw is
   accumulated), and ``defended_single`` (the first draw only);
 * ``attack_target``: ``"model"`` when the adversarial images were generated on the bare
@@ -77,11 +77,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
+from ..metrics import IGNORE_INDEX, ConfusionMeter, check_output_labels, per_image_score
 from ..transforms import Transform
 from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
 from .defenses import Defense, EquivarianceDefense, default_transforms, equivariance_score
-from .metrics import IGNORE_INDEX, ConfusionMeter, check_output_labels, per_image_score
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
 from .views import FeatureExtractor
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, _load_weights, check_weights_only_safe
+from ..metrics import ConfusionMeter
 from ..utils import model_device, resolve_device, seed_everything
 from .batches import (
     apply_augment,
@@ -86,9 +87,6 @@ def evaluate(
         also holds ``"miou"`` (dataset confusion-matrix mIoU; classes absent from both
         prediction and target are left out).
     """
-    # robust/__init__ imports the heads, which train with this module: import on use
-    from ..robust.metrics import ConfusionMeter
-
     num_items(dataset, "evaluation")
     dev = model_device(model) if device is None else resolve_device(device)
     model.to(dev)

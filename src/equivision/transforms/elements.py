@@ -34,7 +34,7 @@ from torch import Tensor
 from .base import ShapeError, Stride, Transform, check_image
 
 if TYPE_CHECKING:
-    from . import Layout
+    from .layout import Layout
 
 __all__ = ["ElementBatch", "act_on_maps", "valid_masks"]
 

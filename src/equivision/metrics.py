@@ -1,4 +1,4 @@
-"""Robustness metrics shared by the attacks and the evaluation: accuracy, mIoU, task loss.
+"""Task metrics shared by training, attacks and evaluation: accuracy, mIoU, task loss.
 
 Two kinds of outputs are supported everywhere:
 
