@@ -33,6 +33,7 @@ from .layers import (
     bank_index,
     group_order,
     output_size,
+    restrict,
 )
 from .norm_pool import (
     GroupAvgPool2d,
@@ -46,7 +47,7 @@ __all__ = [
     "ExactnessReport", "LayerExactness", "analyze_exactness", "empirical_equivariance_error",
     "exact_sizes", "nearest_exact_size",
     "CosetGlobalPool", "CosetPool", "ExportError", "export", "export_batch_norm", "export_conv",
-    "export_pool", "PADDING_MODES",
+    "export_pool", "PADDING_MODES", "restrict",
     "GroupAvgPool2d", "GroupBatchNorm2d", "GroupConv2d", "GroupGlobalPool", "GroupMaxPool2d",
     "GroupPool", "P4ConvP4", "P4ConvZ2", "P4MConvP4M", "P4MConvZ2", "bank_index", "group_order",
     "output_size",

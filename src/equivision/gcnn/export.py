@@ -41,6 +41,7 @@ from .norm_pool import (
     GroupMaxPool2d,
     GroupPool,
     _check_mode,
+    copy_repeated,
 )
 
 __all__ = ["CosetGlobalPool", "CosetPool", "ExportError", "export", "export_batch_norm",
@@ -143,12 +144,7 @@ def export_batch_norm(bn: GroupBatchNorm2d, name: str = "") -> nn.BatchNorm2d:
     ref = bn.running_mean
     out = nn.BatchNorm2d(bn.num_features * g, bn.eps, bn.momentum, bn.affine,
                          device=ref.device, dtype=ref.dtype)
-    out.running_mean.copy_(bn.running_mean.repeat_interleave(g))
-    out.running_var.copy_(bn.running_var.repeat_interleave(g))
-    out.num_batches_tracked.copy_(bn.num_batches_tracked)
-    if bn.affine:
-        out.weight.copy_(bn.weight.repeat_interleave(g))
-        out.bias.copy_(bn.bias.repeat_interleave(g))
+    copy_repeated(bn, out, g)
     return out.eval()
 
 

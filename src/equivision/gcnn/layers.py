@@ -33,7 +33,8 @@ from ..transforms import group_elements
 
 __all__ = [
     "PADDING_MODES", "GroupConv2d", "P4ConvP4", "P4ConvZ2", "P4MConvP4M", "P4MConvZ2",
-    "bank_index", "check_output_size", "group_order", "output_size",
+    "bank_index", "check_output_size", "check_restriction", "group_order", "output_size",
+    "restrict",
 ]
 
 IntPair = int | tuple[int, int]
@@ -73,6 +74,41 @@ def check_output_size(
             f"{out[0]}x{out[1]}); use a larger input or more padding"
         )
     return out  # type: ignore[return-value]
+
+
+def check_restriction(group: str, subgroup: str) -> int:
+    """Number of cosets of ``subgroup`` in ``group`` (1 when they are equal, 2 for p4 in
+    p4m); ``ValueError`` for any other pair."""
+    if group == subgroup and group in ("p4", "p4m"):
+        return 1
+    if (group, subgroup) != ("p4m", "p4"):
+        raise ValueError(f"restrict: can restrict 'p4m' to 'p4' (or a group to itself), got "
+                         f"{group!r} to {subgroup!r}")
+    return 2
+
+
+def restrict(x: Tensor, group: str, subgroup: str = "p4", *, cosets: bool = False) -> Tensor:
+    """A ``group`` feature map seen as a ``subgroup`` map (p4m -> p4).
+
+    The p4m axis is ordered ``4j + i`` for ``R^i F^j``, so its first four entries are the
+    rotations, in the order of the p4 axis. ``cosets=False`` keeps only them: the map as a
+    function on the subgroup. ``cosets=True`` keeps everything: each coset ``{R^i F^j}`` becomes
+    a p4 channel, ``(B, C, 8, H, W)`` -> ``(B, 2C, 4, H, W)`` with channel ``2c + j``.
+    Either way ``restrict(g·x) == g·restrict(x)`` for every rotation ``g``.
+
+    Shapes: ``(B, C, G, H, W)`` -> ``(B, C, G', H, W)`` or ``(B, C * G / G', G', H, W)``.
+    """
+    n = check_restriction(group, subgroup)
+    g, sub = group_order(group), group_order(subgroup)
+    if x.dim() != 5 or x.shape[2] != g:
+        raise ValueError(f"restrict: expects a {group} feature map (B, C, G={g}, H, W), got "
+                         f"shape {tuple(x.shape)}")
+    if n == 1:
+        return x
+    if not cosets:
+        return x[:, :, :sub]
+    b, c, _, h, w = x.shape
+    return x.reshape(b, c * n, sub, h, w)
 
 
 @cache
@@ -279,6 +315,32 @@ class GroupConv2d(nn.Module):
             acting on the weight of output channel ``o``.
         """
         return self._build()[0]
+
+    @torch.no_grad()
+    def restrict(self, subgroup: str = "p4") -> GroupConv2d:
+        """The same layer as a ``subgroup`` layer on coset-restricted maps (p4m -> p4).
+
+        ``restrict(self(x), group, subgroup, cosets=True) ==
+        self.restrict(subgroup)(restrict(x, group, subgroup, cosets=True))`` (``x`` itself
+        for a lifting layer): each of the ``n = G / G'`` cosets of the input and output
+        becomes a channel, so the result has ``n * C_in`` (lifting: ``C_in``) input and
+        ``n * C_out`` output channels. Its weight is read off the filter bank (the rows of
+        the coset representatives ``F^j``), a copy; a layer of the subgroup is returned as a
+        copy.
+        """
+        n = check_restriction(self.group, subgroup)
+        lifting = self.in_group is None
+        out = GroupConv2d(self.in_channels * (1 if lifting else n), self.out_channels * n,
+                          self.kernel_size, self.stride, self.padding, self.dilation,
+                          self.groups, bias=self.bias is not None,
+                          padding_mode=self.padding_mode, group=subgroup,
+                          in_group=None if lifting else subgroup)
+        out.to(self.weight)
+        bank = self.filter_bank().view(self.out_channels, n, group_order(subgroup), -1)[:, :, 0]
+        out.weight.copy_(bank.reshape(out.weight.shape))
+        if self.bias is not None:
+            out.bias.copy_(self.bias.repeat_interleave(n))
+        return out.train(self.training)
 
     def _name(self) -> str:
         return f"{type(self).__name__}({self.group}{', lifting' if self.in_group is None else ''})"
