@@ -222,9 +222,16 @@ class GroupConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups,
                                                self.in_group_size, k, k))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        #: smallest input (h, w) with an output of at least 1 x 1: d(k-1)+1 - 2p per axis
-        self._min_input = tuple(d * (kk - 1) + 1 - 2 * p for kk, p, d in
-                                zip(self.kernel_size, self.padding, self.dilation))
+        #: smallest input (h, w) with an output of at least 1 x 1: d(k-1)+1 - 2p per axis,
+        #: and that reflect (side > p) and circular (side >= p) padding accept
+        extra = {"reflect": 1, "circular": 0}.get(padding_mode)
+        self._min_input = tuple(max(d * (kk - 1) + 1 - 2 * p, -1 if extra is None else p + extra)
+                                for kk, p, d in zip(self.kernel_size, self.padding,
+                                                    self.dilation))
+        ph, pw = self.padding
+        #: F.pad's argument for a padding mode other than zeros, and conv2d's own padding
+        self._pad = None if padding_mode == "zeros" else (pw, pw, ph, ph)
+        self._conv_padding = self.padding if self._pad is None else (0, 0)
         self.register_buffer("flat_index", self._flat_index(bank_index(group, in_group, k)),
                              persistent=False)
         self.register_buffer("bias_index", torch.arange(out_channels).repeat_interleave(
@@ -257,9 +264,11 @@ class GroupConv2d(nn.Module):
     def _build(self) -> tuple[Tensor, Tensor | None]:
         """The filter bank ``(C_out * G, C_in / groups * G_in, k, k)`` (one gather) and the
         bias repeated over the group axis ``(C_out * G,)`` or ``None``."""
-        co, ci, gi, k, _ = self.weight.shape
-        bank = self.weight.reshape(co, -1).index_select(1, self.flat_index)
-        bias = None if self.bias is None else self.bias.index_select(0, self.bias_index)
+        weight, bias = self.weight, self.bias
+        co, ci, gi, k, _ = weight.shape
+        bank = weight.reshape(co, -1).index_select(1, self.flat_index)
+        if bias is not None:
+            bias = bias.index_select(0, self.bias_index)
         return bank.view(co * self.group_size, ci * gi, k, k), bias
 
     def _cache_key(self) -> tuple:
@@ -286,10 +295,13 @@ class GroupConv2d(nn.Module):
         Returns:
             ``(C_out * G, C_in / groups * G_in, k, k)`` and ``(C_out * G,)`` or ``None``.
         """
-        params = [p for p in (self.weight, self.bias) if p is not None]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            self._cache = None
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (weight.requires_grad or (
+                bias is not None and bias.requires_grad)):
+            if self._cache is not None:
+                self._cache = None
             return self._build()
+        params = [weight] if bias is None else [weight, bias]
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
@@ -346,46 +358,44 @@ class GroupConv2d(nn.Module):
         return f"{type(self).__name__}({self.group}{', lifting' if self.in_group is None else ''})"
 
     def _check(self, x: Tensor) -> None:
-        """Clear errors for a wrong layout, channel count, group size or too small an input."""
-        if self.in_group is None:
-            if x.dim() != 4 or x.shape[1] != self.in_channels:
+        """Clear errors for a wrong layout, channel count, group size or too small an input
+        (a fast test first: this runs on every forward)."""
+        shape = x.shape
+        lifting = self.in_group is None
+        if (len(shape) != (4 if lifting else 5) or shape[1] != self.in_channels
+                or (not lifting and shape[2] != self.group_size)):
+            if lifting:
                 raise ValueError(
                     f"{self._name()} expects images (B, {self.in_channels}, H, W), got shape "
-                    f"{tuple(x.shape)}")
-        elif x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[2] != self.group_size:
+                    f"{tuple(shape)}")
             raise ValueError(
                 f"{self._name()} expects a group feature map (B, {self.in_channels}, "
                 f"G={self.group_size}, H, W) for group {self.group!r}, got shape "
-                f"{tuple(x.shape)}")
-        hw = (x.shape[-2], x.shape[-1])
-        if hw[0] < self._min_input[0] or hw[1] < self._min_input[1]:
-            check_output_size(self._name(), hw, self.kernel_size, self.stride, self.padding,
-                              self.dilation)
-        if self.padding_mode in ("reflect", "circular"):
-            limit = self.padding if self.padding_mode == "circular" else tuple(
-                p + 1 for p in self.padding)
-            if hw[0] < limit[0] or hw[1] < limit[1]:
-                need = "larger than" if self.padding_mode == "reflect" else "at least"
-                raise ValueError(
-                    f"{self._name()}: padding_mode={self.padding_mode!r} needs an input side "
-                    f"{need} the padding {self.padding}, got {hw[0]}x{hw[1]} pixels; use a "
-                    "larger input, less padding or padding_mode='zeros'")
+                f"{tuple(shape)}")
+        if shape[-2] < self._min_input[0] or shape[-1] < self._min_input[1]:
+            self._too_small((shape[-2], shape[-1]))
 
-    def _padded(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """``x`` ``(B, C, H, W)`` padded as ``padding_mode`` asks, and the padding left for
-        ``conv2d`` to add (zeros)."""
-        if self.padding_mode == "zeros":
-            return x, self.padding
-        ph, pw = self.padding
-        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
+    def _too_small(self, hw: tuple[int, int]) -> None:
+        """``ValueError`` for an input of ``hw`` pixels that the kernel or the padding mode
+        cannot take."""
+        check_output_size(self._name(), hw, self.kernel_size, self.stride, self.padding,
+                          self.dilation)
+        need = "larger than" if self.padding_mode == "reflect" else "at least"
+        raise ValueError(
+            f"{self._name()}: padding_mode={self.padding_mode!r} needs an input side {need} "
+            f"the padding {self.padding}, got {hw[0]}x{hw[1]} pixels; use a larger input, "
+            "less padding or padding_mode='zeros'")
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W)`` (lifting) or ``(B, C_in, G, H, W)`` -> ``(B, C_out, G, H', W')``."""
         self._check(x)
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         bank, bias = self.bank_and_bias()
-        x, padding = self._padded(x.reshape(b, -1, h, w))
-        out = F.conv2d(x, bank, bias, self.stride, padding, self.dilation, self.groups)
+        x = x.reshape(b, -1, h, w)
+        if self._pad is not None:
+            x = F.pad(x, self._pad, mode=self.padding_mode)
+        out = F.conv2d(x, bank, bias, self.stride, self._conv_padding, self.dilation,
+                       self.groups)
         return out.view(b, self.out_channels, self.group_size, out.shape[-2], out.shape[-1])
 
     def extra_repr(self) -> str:
