@@ -1,5 +1,6 @@
-"""p4 / p4m group-equivariant layers: group convolutions, batch norm and pooling, and their
-export to plain layers.
+"""p4 / p4m group-equivariant layers: group convolutions, batch norm and pooling, their
+restriction from p4m to p4 (:func:`restrict`) and their export to plain layers
+(:func:`export`).
 
 Group feature maps are ``(B, C, G, H, W)`` with the group axis ordered as
 :func:`equivision.transforms.group_elements`; the models built from these layers are in
