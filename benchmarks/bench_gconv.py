@@ -99,13 +99,15 @@ def infer_fn(forward: Callable, x: torch.Tensor, iters: int,
 
 def medians(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median seconds of each unit over ``repeats`` interleaved repeats (after a warm-up),
-    so that machine load hits all of them alike."""
+    so that machine load hits all of them alike; every other repeat runs the units in
+    reverse order, so that none always follows the same one (warm caches)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(fn())
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(fns[name]())
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
