@@ -189,7 +189,8 @@ def _exporter(module: nn.Module, name: str) -> _Exporter | None:
                 raise ExportError(
                     f"export: {name or 'the layer'} ({type(module).__name__}) subclasses "
                     f"{base.__name__} but overrides forward, so its plain equivalent is "
-                    f"unknown; add it to equivision.gcnn.export.EXPORTERS or export its parts")
+                    f"unknown; register it in EXPORTERS (from equivision.gcnn.export import "
+                    "EXPORTERS) or export its parts")
             return EXPORTERS[base]
     return None
 
