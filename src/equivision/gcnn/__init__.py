@@ -1,4 +1,6 @@
-"""p4 / p4m group-equivariant layers: group convolutions, batch norm and pooling.
+"""p4 / p4m group-equivariant layers: group convolutions, batch norm and pooling, their
+restriction from p4m to p4 (:func:`restrict`) and their export to plain layers
+(:func:`export`).
 
 Group feature maps are ``(B, C, G, H, W)`` with the group axis ordered as
 :func:`equivision.transforms.group_elements`; the models built from these layers are in
@@ -13,7 +15,17 @@ from .exactness import (
     exact_sizes,
     nearest_exact_size,
 )
+from .export import (
+    CosetGlobalPool,
+    CosetPool,
+    ExportError,
+    export,
+    export_batch_norm,
+    export_conv,
+    export_pool,
+)
 from .layers import (
+    PADDING_MODES,
     GroupConv2d,
     P4ConvP4,
     P4ConvZ2,
@@ -22,6 +34,7 @@ from .layers import (
     bank_index,
     group_order,
     output_size,
+    restrict,
 )
 from .norm_pool import (
     GroupAvgPool2d,
@@ -34,6 +47,8 @@ from .norm_pool import (
 __all__ = [
     "ExactnessReport", "LayerExactness", "analyze_exactness", "empirical_equivariance_error",
     "exact_sizes", "nearest_exact_size",
+    "CosetGlobalPool", "CosetPool", "ExportError", "export", "export_batch_norm", "export_conv",
+    "export_pool", "PADDING_MODES", "restrict",
     "GroupAvgPool2d", "GroupBatchNorm2d", "GroupConv2d", "GroupGlobalPool", "GroupMaxPool2d",
     "GroupPool", "P4ConvP4", "P4ConvZ2", "P4MConvP4M", "P4MConvZ2", "bank_index", "group_order",
     "output_size",

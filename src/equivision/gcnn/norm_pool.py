@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import IntPair, _pair, check_output_size, group_order
+from .layers import IntPair, _pair, check_output_size, check_restriction, group_order
 
 __all__ = ["GroupAvgPool2d", "GroupBatchNorm2d", "GroupGlobalPool", "GroupMaxPool2d",
-           "GroupPool", "check_group_map"]
+           "GroupPool", "check_group_map", "copy_repeated"]
 
 PoolMode = Literal["max", "mean"]
 
@@ -36,6 +37,19 @@ def check_group_map(who: str, x: Tensor, groups: int | None = None,
                          f"{tuple(x.shape)}")
 
 
+@torch.no_grad()
+def copy_repeated(src: nn.modules.batchnorm._BatchNorm, dst: nn.modules.batchnorm._BatchNorm,
+                  n: int) -> None:
+    """Copy ``src``'s running statistics and affine parameters ``(C,)`` into ``dst``
+    ``(C * n,)``, each entry repeated ``n`` times in a row (channel ``c * n + j``)."""
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        value = getattr(src, name)
+        if value is not None:
+            getattr(dst, name).copy_(value.repeat_interleave(n))
+    if src.num_batches_tracked is not None:
+        dst.num_batches_tracked.copy_(src.num_batches_tracked)
+
+
 class GroupBatchNorm2d(nn.BatchNorm3d):
     """Batch norm of a group feature map with statistics shared over the group axis.
 
@@ -44,8 +58,10 @@ class GroupBatchNorm2d(nn.BatchNorm3d):
 
     def __init__(self, num_features: int, group: str = "p4", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+                 track_running_stats: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
         self.group = group
         self.group_size = group_order(group)
 
@@ -53,6 +69,21 @@ class GroupBatchNorm2d(nn.BatchNorm3d):
         """``(B, C, G, H, W)`` -> ``(B, C, G, H, W)``."""
         check_group_map(f"GroupBatchNorm2d({self.group})", x, self.group_size, self.num_features)
         return super().forward(x)
+
+    @torch.no_grad()
+    def restrict(self, subgroup: str = "p4") -> GroupBatchNorm2d:
+        """The same batch norm on coset-restricted ``subgroup`` maps (see
+        :func:`~equivision.gcnn.layers.restrict` with ``cosets=True``): ``n = G / G'`` times
+        the channels, every statistic and affine parameter repeated ``n`` times (a copy).
+        In eval mode outputs match exactly; in training mode each coset channel gets its
+        own batch statistics."""
+        n = check_restriction(self.group, subgroup)
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        out = GroupBatchNorm2d(self.num_features * n, subgroup, self.eps, self.momentum,
+                               self.affine, self.track_running_stats, device=ref.device,
+                               dtype=ref.dtype)
+        copy_repeated(self, out, n)
+        return out.train(self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group!r}"
