@@ -1,0 +1,107 @@
+"""Automatic evaluation checks: each flags a constructed positive case, passes a negative."""
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from equivision.robust.checks import (
+    CheckResult,
+    check_black_box,
+    check_convergence,
+    check_eps_growth,
+    check_gradients,
+    check_randomness,
+    check_transfer,
+    run_checks,
+)
+from equivision.robust.defenses import RandomNoiseDefense
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+
+
+def batch() -> tuple[Tensor, Tensor]:
+    x = torch.rand(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor([0, 1, 2, 0])
+
+
+class Quantized(nn.Module):
+    """Rounds its input to 4 levels: the input gradient is exactly zero."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(torch.round(x * 3) / 3)
+
+
+class NaNGradient(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x) + 0.0 * torch.sqrt(x - 2.0).nan_to_num(0.0).sum()
+
+
+def test_randomness():
+    x, _ = batch()
+    flagged = check_randomness(RandomNoiseDefense(linear()), x)
+    assert isinstance(flagged, CheckResult) and flagged.flagged
+    assert flagged.details["max_abs_diff"] > 0 and "EOT" in flagged.message
+    assert not check_randomness(linear(), x).flagged
+
+
+def test_gradients():
+    x, y = batch()
+    zero = check_gradients(Quantized(linear()), x, y)
+    assert zero.flagged and zero.details["zero"] == 4
+    nan = check_gradients(NaNGradient(linear()), x, y)
+    assert nan.flagged and nan.details["nonfinite"] == 4
+    ok = check_gradients(linear(), x, y)
+    assert not ok.flagged and ok.details == {"zero": 0, "nonfinite": 0, "images": 4}
+
+
+def test_gradients_through_a_defense():
+    x, y = batch()
+    assert not check_gradients(RandomNoiseDefense(linear()), x, y, through="bpda").flagged
+
+
+def test_black_box_and_transfer():
+    white = torch.tensor([True, True, False, True])
+    assert check_black_box(white, torch.tensor([True, False, False, True])).flagged
+    assert not check_black_box(white, torch.tensor([True, True, False, False]) | white).flagged
+    result = check_transfer(white, torch.tensor([False, False, False, True]))
+    assert result.flagged and result.details["extra_fooled"] == 2
+    assert not check_transfer(white, white, tol=0.0).flagged
+    assert not check_transfer(white, torch.tensor([True, False, False, True]), tol=0.3).flagged
+    with pytest.raises(ValueError, match="length"):
+        check_black_box(white, white[:2])
+
+
+def test_eps_growth():
+    assert not check_eps_growth({0.01: 0.5, 0.1: 0.2, 0.5: 0.0}).flagged
+    rising = check_eps_growth({0.01: 0.5, 0.1: 0.6, 0.5: 0.0})
+    assert rising.flagged and "rises" in rising.message
+    stuck = check_eps_growth({0.01: 0.5, 0.5: 0.3})
+    assert stuck.flagged and "still" in stuck.message
+    with pytest.raises(ValueError):
+        check_eps_growth({0.1: 0.5})
+
+
+def test_convergence():
+    assert check_convergence({10: 0.5, 100: 0.3}).flagged
+    assert not check_convergence({10: 0.5, 50: 0.31, 100: 0.305}).flagged
+    with pytest.raises(ValueError):
+        check_convergence({10: 0.5})
+
+
+def test_run_checks_puts_warnings_first():
+    lines = run_checks([check_convergence({10: 0.3, 20: 0.3}),
+                        check_convergence({10: 0.5, 20: 0.3})])
+    assert lines[0].startswith("[WARNING] convergence") and lines[1].startswith("[ok]")
