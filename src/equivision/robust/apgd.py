@@ -409,15 +409,19 @@ class APGD:
         score, obj = self.score(adv, labels[idx], restart)
         return merge_worst(best, idx, (adv, score, obj))
 
+    def clean(self, x0: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The starting worst case: ``(x0, score, objective)`` of the clean images (those
+        already fooled, score 0, are not attacked)."""
+        return (x0.clone(), *self.score(x0, labels))
+
     @torch.enable_grad()
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         """Adversarial images ``(B, C, H, W)`` in [0, 1] (gradients are turned on inside)."""
         x0, labels = self.core._check_images(images, labels)
         gen = torch.Generator(device=x0.device).manual_seed(self.core.seed)
-        best = None
+        best = self.clean(x0, labels)
         for r in range(self.core.restarts):
             best = self.attack_subset(x0, labels, None, r, gen, best)
-        assert best is not None
         return best[0]
 
 
@@ -442,23 +446,19 @@ class APGDT(APGD):
         super().__init__(model, eps, loss=loss, **kwargs)
         self.n_targets = n_targets
 
-    def targets(self, x0: Tensor, rank: int) -> Tensor:
-        """Target labels ``(B,)`` / ``(B, H, W)``: the class ranked ``rank`` (1 = runner-up)
-        by the attacked system's clean logits."""
-        out = self.core.predict(x0)
-        return out.sort(dim=1, descending=True).indices[:, rank]
+    def targets(self, x0: Tensor) -> Tensor:
+        """Classes ranked by the attacked system's clean logits, ``(B, K)`` /
+        ``(B, K, H, W)``: index ``[:, r]`` is the target of rank ``r`` (1 = runner-up)."""
+        return self.core.predict(x0).sort(dim=1, descending=True).indices
 
     @torch.enable_grad()
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         """Adversarial images ``(B, C, H, W)`` in [0, 1]."""
         x0, labels = self.core._check_images(images, labels)
-        k = self.core.predict(x0[:1]).shape[1]
+        best = self.clean(x0, labels)
+        order = self.targets(x0)
         gen = torch.Generator(device=x0.device).manual_seed(self.core.seed)
-        best = None
-        for rank in range(1, min(self.n_targets, k - 1) + 1):
-            targets = self.targets(x0, rank)
+        for rank in range(1, min(self.n_targets, order.shape[1] - 1) + 1):
             for r in range(self.core.restarts):
-                best = self.attack_subset(x0, labels, targets, r, gen, best)
-        if best is None:  # a model with one class: nothing to target
-            return x0.clone()
+                best = self.attack_subset(x0, labels, order[:, rank], r, gen, best)
         return best[0]
