@@ -98,19 +98,42 @@ def pairs(ta: ModuleType, model: nn.Module, args: argparse.Namespace) -> list[tu
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+_OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
+    ("--batch", int, 256, "test images attacked"),
+    ("--eps", float, 0.02, "L-inf radius"),
+    ("--steps", int, 100, "APGD iterations"),
+    ("--queries", int, 5000, "Square queries"),
+    ("--epochs", int, 10, "training epochs of the model"),
+    ("--threads", int, 1, "torch threads"),
+    ("--device", str, "cpu", "torch device"),
+    ("--torchattacks-venv", str, "/tmp/ta", "scratch venv holding torchattacks"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command-line options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--eps", type=float, default=0.02)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--queries", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of the model")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    for flag, kind, default, text in _OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} ({default})")
     parser.add_argument("--skip-autoattack", action="store_true",
                         help="leave out the full ensembles (the slowest pair)")
-    parser.add_argument("--torchattacks-venv", default="/tmp/ta")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def digits_model(epochs: int, device: str) -> tuple[nn.Module, float, Any]:
+    """``cnn-small`` (width 16) trained on the digits: ``(model, clean accuracy, test set)``."""
+    torch.manual_seed(0)
+    train_set, test_set = (get_dataset("digits", split=s) for s in ("train", "test"))
+    model = create_model("cnn-small", in_channels=1, num_classes=10, width=16)
+    train(model, train_set, None, TrainConfig(epochs=epochs, batch_size=32, lr=0.003,
+                                              optimizer="adam", weight_decay=0.0,
+                                              device=device), progress=False)
+    model.eval()
+    return model, evaluate(model, test_set, 256)["accuracy"], test_set
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     ta = import_torchattacks(args.torchattacks_venv)
     if ta is None:
         print("torchattacks is not importable (here or in the scratch venv "
@@ -118,18 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    train_set, test_set = get_dataset("digits", split="train"), get_dataset("digits",
-                                                                              split="test")
-    model = create_model("cnn-small", in_channels=1, num_classes=10, width=16)
-    config = TrainConfig(epochs=args.epochs, batch_size=32, lr=0.003, optimizer="adam",
-                         weight_decay=0.0, device=args.device)
-    train(model, train_set, None, config, progress=False)
-    model.eval()
-    clean = evaluate(model, test_set, 256)
+    model, clean, test_set = digits_model(args.epochs, args.device)
     x = test_set.images[: args.batch].to(device)
     y = test_set.labels[: args.batch].to(device)
-    print(f"cnn-small (width 16) on digits, clean test accuracy {clean['accuracy']:.3f}; "
+    print(f"cnn-small (width 16) on digits, clean test accuracy {clean:.3f}; "
           f"L-inf eps={args.eps}, {args.steps} steps, {args.queries} Square queries, "
           f"batch {args.batch}, {args.threads} thread(s), {device}, torchattacks "
           f"{getattr(ta, '__version__', '?')}")

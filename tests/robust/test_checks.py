@@ -12,9 +12,11 @@ from equivision.robust.checks import (
     check_gradients,
     check_randomness,
     check_transfer,
+    ensemble_checks,
     run_checks,
 )
 from equivision.robust.defenses import RandomNoiseDefense
+from equivision.robust.ensemble import AutoAttackEnsemble
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +107,34 @@ def test_run_checks_puts_warnings_first():
     lines = run_checks([check_convergence({10: 0.3, 20: 0.3}),
                         check_convergence({10: 0.5, 20: 0.3})])
     assert lines[0].startswith("[WARNING] convergence") and lines[1].startswith("[ok]")
+
+
+class Fool:
+    """A stand-in attack that fools the images whose first pixel is above ``level``."""
+
+    def __init__(self, level: float) -> None:
+        self.level = level
+
+    def __call__(self, x: Tensor, labels: Tensor) -> Tensor:
+        out = x.clone()
+        out[x[:, 0, 0, 0] > self.level] = 0.0
+        return out
+
+
+class FirstPixel(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        v = x[:, 0, 0, 0]
+        return torch.stack([(v > 0).float(), (v <= 0).float(), torch.zeros_like(v)], 1)
+
+
+def test_ensemble_checks_flag_square_beating_apgd():
+    x = torch.linspace(0.1, 0.9, 5).view(5, 1, 1, 1).expand(5, 1, 2, 2).contiguous()
+    y = torch.zeros(5, dtype=torch.long)
+    flagged = AutoAttackEnsemble(FirstPixel(), 0.5, attacks=[("apgd-ce", Fool(0.7)),
+                                                              ("square", Fool(0.3))])(x, y)
+    (result,) = ensemble_checks(flagged)
+    assert result.flagged and result.details["extra_fooled"] == 2
+    fine = AutoAttackEnsemble(FirstPixel(), 0.5, attacks=[("apgd-ce", Fool(0.3)),
+                                                           ("square", Fool(0.7))])(x, y)
+    assert not ensemble_checks(fine)[0].flagged
+    assert ensemble_checks(fine, black_box="nothing") == []

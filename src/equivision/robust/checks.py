@@ -15,6 +15,9 @@ message and the numbers behind it. A flag means the evaluation may overstate rob
   with eps;
 * :func:`check_convergence`: more steps still lower the accuracy (not converged).
 
+:func:`ensemble_checks` runs the black-box check on an ensemble's stages (Square after
+the APGD stages).
+
 :func:`run_checks` formats several results as lines to print.
 """
 
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import IterativeAttack
+from .ensemble import EnsembleResult
 from .metrics import IGNORE_INDEX
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "check_gradients",
     "check_randomness",
     "check_transfer",
+    "ensemble_checks",
     "run_checks",
 ]
 
@@ -172,6 +177,18 @@ def check_convergence(accuracy: Mapping[int, float], tol: float = 0.01) -> Check
            "converged, run more steps or restarts") if flagged else \
         f"{s_last} steps change accuracy by {-drop:+.3f} from {s_prev} steps: converged"
     return CheckResult("convergence", flagged, msg, {"accuracy": dict(items), "drop": drop})
+
+
+def ensemble_checks(result: EnsembleResult, black_box: str = "square",
+                    tol: float = 0.0) -> list[CheckResult]:
+    """The checks an :class:`~equivision.robust.ensemble.EnsembleResult` allows on its own:
+    :func:`check_black_box` between the robust images ``(B,)`` before the stage named
+    ``black_box`` and after it (nothing when the ensemble has no such stage)."""
+    names = [s.name for s in result.stages]
+    if black_box not in names:
+        return []
+    i = names.index(black_box)
+    return [check_black_box(result.stages[i - 1].score > 0, result.stages[i].score > 0, tol)]
 
 
 def run_checks(results: Iterable[CheckResult]) -> list[str]:
