@@ -69,10 +69,13 @@ def timed(attack: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
     return time.perf_counter() - t0, adv
 
 
-def robust_accuracy(model: nn.Module, adv: Tensor, x: Tensor, y: Tensor, eps: float) -> float:
-    """Accuracy on ``adv (B, C, H, W)`` after checking the L-inf ball and [0, 1]."""
+def robust_accuracy(model: nn.Module, adv: Tensor, x: Tensor, y: Tensor, eps: float,
+                    norm: str = "linf") -> float:
+    """Accuracy on ``adv (B, C, H, W)`` after checking the eps ball and [0, 1]."""
     adv = adv.detach()
-    assert float((adv - x).abs().max()) <= eps + 1e-5, "outside the eps ball"
+    d = (adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert float(size.max()) <= eps + 1e-4, "outside the eps ball"
     assert float(adv.min()) >= 0 and float(adv.max()) <= 1, "outside [0, 1]"
     with torch.no_grad():
         return float((model(adv).argmax(1) == y).float().mean())
@@ -91,6 +94,14 @@ def pairs(ta: ModuleType, model: nn.Module, args: argparse.Namespace) -> list[tu
         ("Square", Square(model, eps, queries=args.queries),
          ta.Square(model, norm="Linf", eps=eps, n_queries=args.queries, seed=0)),
     ]
+    if args.l2_eps > 0:
+        l2 = args.l2_eps
+        out += [
+            ("APGD-CE L2", APGD(model, l2, steps=steps, loss="ce", norm="l2"),
+             ta.APGD(model, norm="L2", eps=l2, steps=steps, loss="ce", seed=0)),
+            ("Square L2", Square(model, l2, queries=args.queries, norm="l2"),
+             ta.Square(model, norm="L2", eps=l2, n_queries=args.queries, seed=0)),
+        ]
     if not args.skip_autoattack:
         ours = AutoAttackEnsemble(model, eps, steps=steps, n_targets=k - 1, queries=args.queries)
         out.append(("ensemble/AutoAttack", lambda x, y: ours(x, y).images,
@@ -101,6 +112,7 @@ def pairs(ta: ModuleType, model: nn.Module, args: argparse.Namespace) -> list[tu
 _OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("--batch", int, 256, "test images attacked"),
     ("--eps", float, 0.02, "L-inf radius"),
+    ("--l2-eps", float, 0.5, "L2 radius of the L2 pairs (0: skip them)"),
     ("--steps", int, 100, "APGD iterations"),
     ("--queries", int, 5000, "Square queries"),
     ("--epochs", int, 10, "training epochs of the model"),
@@ -155,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, ours, theirs in pairs(ta, model, args):
         t_a, adv_a = timed(ours, x, y, device)
         t_b, adv_b = timed(theirs, x, y, device)
-        acc_a = robust_accuracy(model, adv_a, x, y, args.eps)
-        acc_b = robust_accuracy(model, adv_b, x, y, args.eps)
+        norm, eps = ("l2", args.l2_eps) if name.endswith("L2") else ("linf", args.eps)
+        acc_a = robust_accuracy(model, adv_a, x, y, eps, norm)
+        acc_b = robust_accuracy(model, adv_b, x, y, eps, norm)
         good = acc_a <= acc_b + 1.0 / args.batch + 1e-9
         ok &= good
         print(f"{name:>20}: ours {acc_a:.4f} torchattacks {acc_b:.4f} "

@@ -83,6 +83,14 @@ def test_standard_ensemble_beats_each_stage(trained):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_l2_ensemble_stays_in_the_ball(trained):
+    model, x, y = trained
+    result = AutoAttackEnsemble(model, 1.0, norm="l2", steps=5, n_targets=1, queries=20)(x, y)
+    assert [s.name for s in result.stages] == ["clean", "apgd-ce", "apgd-t", "square"]
+    assert bool(((result.images - x).flatten(1).norm(dim=1) <= 1.0 + 1e-4).all())
+    assert result.robust_accuracy() < accuracy(model, x, y)
+
+
 def test_rand_version_uses_eot_and_restarts():
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 4)).eval()
     defense = RandomNoiseDefense(model)

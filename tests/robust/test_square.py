@@ -6,7 +6,7 @@ from conftest import accuracy, seg_batch, segmenter
 from torch import Tensor, nn
 
 from equivision.robust.metrics import per_image_miou
-from equivision.robust.square import Square, square_p
+from equivision.robust.square import Square, square_l2_update, square_p, square_pattern
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,3 +72,27 @@ def test_square_bad_settings():
         Square(nn.Linear(2, 3), 0.1, p_init=0.0)
     with pytest.raises(ValueError, match="eps"):
         Square(nn.Linear(2, 3), -1.0)
+
+
+def test_l2_patterns_by_hand():
+    bump = square_pattern(3, 3)
+    want = torch.full((3, 3), 0.25)
+    want[1, 1] = 1.25
+    assert torch.allclose(bump, want / want.norm())
+    wide = square_pattern(2, 5)  # centre (1, 2); distances 0..2
+    assert wide.argmax().item() == 1 * 5 + 2 and torch.isclose(wide.norm(), torch.tensor(1.0))
+    update = square_l2_update(5)
+    assert torch.isclose(update.norm(), torch.tensor(1.0))
+    assert bool((update[:2] > 0).all()) and bool((update[2:] < 0).all())
+    assert torch.equal(square_l2_update(5, flip=True), update.T)
+
+
+def test_square_l2_in_ball_and_lowers_accuracy(trained):
+    model, x, y = trained
+    eps = 1.5
+    attack = Square(model, eps, queries=200, norm="l2", seed=2)
+    adv = attack(x, y)
+    assert bool(((adv - x).flatten(1).norm(dim=1) <= eps + 1e-4).all())
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert accuracy(model, adv, y) < accuracy(model, x, y) - 0.2
+    assert torch.equal(adv, Square(model, eps, queries=200, norm="l2", seed=2)(x, y))

@@ -8,7 +8,7 @@ survives every stage (the AND over stages). FAB is left out.
 Versions (:data:`VERSIONS`):
 
 * ``"standard"``: APGD-CE (``steps``, ``restarts``), APGD-T (targeted DLR over the
-  ``n_targets`` top classes) and Square (``queries``, L-inf only);
+  ``n_targets`` top classes) and Square (``queries``);
 * ``"rand"``: for randomized defenses, APGD-CE and APGD-DLR with ``eot_samples`` EOT
   draws per gradient (default 20) and ``restarts`` (default 2);
 * ``"seg"``: for segmentation, APGD-CE, APGD with the SegPGD loss, APGD-T and Square; the
@@ -136,7 +136,7 @@ class AutoAttackEnsemble:
         model: a network or a defense.
         eps: radius of the ball.
         version: ``"standard"``, ``"rand"`` or ``"seg"`` (see the module docstring).
-        norm: ``"linf"`` or ``"l2"`` (Square is L-inf only and is skipped for L2).
+        norm: ``"linf"`` or ``"l2"``.
         steps: APGD iterations.
         restarts: APGD restarts (default 1; 2 for ``"rand"``).
         n_targets: target classes of APGD-T.
@@ -180,9 +180,8 @@ class AutoAttackEnsemble:
             self.attacks.append(("apgd-dlr", APGD(model, eps, loss="dlr", **common)))
         else:
             self.attacks.append(("apgd-t", APGDT(model, eps, n_targets=n_targets, **common)))
-            if norm == "linf":
-                self.attacks.append(("square", Square(model, eps, queries=queries, seed=seed,
-                                                      ignore_index=ignore_index)))
+            self.attacks.append(("square", Square(model, eps, queries=queries, seed=seed,
+                                                  ignore_index=ignore_index, norm=norm)))
 
     def __repr__(self) -> str:
         names = ", ".join(name for name, _ in self.attacks)
