@@ -14,6 +14,7 @@ from equivision.robust.apgd import (
     apgd_checkpoints,
     apgd_objective,
     dlr_loss,
+    evaluating,
     keep_worst,
     segpgd_loss,
 )
@@ -203,3 +204,34 @@ def test_apgd_with_a_randomized_defense_is_seeded():
     b = APGD(defense, 0.1, steps=4, through="bpda", eot_samples=2, seed=1)(x, y)
     assert torch.equal(a, b)
     assert not math.isnan(float(a.sum()))
+
+
+def bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 5))
+
+
+def test_evaluating_restores_each_submodule_mode():
+    model = bn_model().train()
+    model[2].eval()
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[1].training and not model[2].training
+    with evaluating(model, enabled=False):
+        assert model.training
+
+
+def test_attacks_leave_a_training_model_as_found(trained):
+    _, x, y = trained
+    model = bn_model().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adv = APGD(model, 0.1, steps=3)(x, y)
+    adv_t = APGDT(model, 0.1, steps=3, n_targets=2)(x, y)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    eval_model = bn_model().eval()
+    assert torch.equal(adv, APGD(eval_model, 0.1, steps=3)(x, y))
+    assert torch.equal(adv_t, APGDT(eval_model, 0.1, steps=3, n_targets=2)(x, y))
+    APGD(model, 0.1, steps=1, eval_mode=False)(x, y)  # asked: BatchNorm statistics move
+    assert not torch.equal(state["1.running_mean"], model.state_dict()["1.running_mean"])

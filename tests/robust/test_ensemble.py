@@ -123,3 +123,14 @@ def test_bad_settings():
         AutoAttackEnsemble(nn.Linear(2, 3), 0.1, version="plus")
     with pytest.raises(ValueError, match="eval_draws"):
         AutoAttackEnsemble(nn.Linear(2, 3), 0.1, eval_draws=0)
+
+
+def test_ensemble_leaves_a_training_model_as_found(trained):
+    _, x, y = trained
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 5))
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    AutoAttackEnsemble(model, 0.1, steps=2, n_targets=1, queries=5)(x, y)
+    assert model.training and model[2].training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

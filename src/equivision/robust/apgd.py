@@ -40,6 +40,8 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -57,6 +59,7 @@ __all__ = [
     "apgd_checkpoints",
     "apgd_objective",
     "dlr_loss",
+    "evaluating",
     "keep_worst",
     "merge_worst",
     "segpgd_loss",
@@ -259,6 +262,24 @@ def merge_worst(best: tuple[Tensor, Tensor, Tensor] | None, idx: Tensor,
     return out  # type: ignore[return-value]
 
 
+@contextmanager
+def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Run the block with ``model`` (an ``nn.Module``) and all its submodules in eval mode,
+    then restore each submodule's own mode: an attack leaves the model as it found it
+    (BatchNorm statistics and dropout untouched). Other callables, or ``enabled=False``,
+    run as they are."""
+    if not enabled or not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 # ---------------------------------------------------------------------- attack
 
 
@@ -284,13 +305,15 @@ class APGD:
         lambda_e: weight of the adaptive equivariance term (needs a defense).
         rho: fraction of the oscillation condition.
         momentum: ``alpha`` of the momentum step (0.75).
+        eval_mode: attack the model in eval mode and restore its modes afterwards
+            (:func:`evaluating`); False runs it in the mode it is in.
     """
 
     def __init__(self, model: nn.Module, eps: float, steps: int = 100, norm: str = "linf",
                  loss: str = "ce", restarts: int = 1, seed: int = 0,
                  ignore_index: int = IGNORE_INDEX, through: str = "plain",
                  eot_samples: int = 1, lambda_e: float = 0.0, rho: float = 0.75,
-                 momentum: float = 0.75) -> None:
+                 momentum: float = 0.75, eval_mode: bool = True) -> None:
         if loss not in APGD_LOSSES:
             raise ValueError(f"{type(self).__name__}: loss must be one of {APGD_LOSSES}, got "
                              f"{loss!r}")
@@ -303,6 +326,7 @@ class APGD:
                                     eot_samples=eot_samples, lambda_e=lambda_e)
         self.model, self.loss, self.rho, self.momentum = model, loss, float(rho), \
             float(momentum)
+        self.eval_mode = bool(eval_mode)
 
     def __getattr__(self, name: str) -> Any:
         """Settings shared with the core (``eps``, ``steps``, ``norm``, ``seed``, ...)."""
@@ -419,9 +443,10 @@ class APGD:
         """Adversarial images ``(B, C, H, W)`` in [0, 1] (gradients are turned on inside)."""
         x0, labels = self.core._check_images(images, labels)
         gen = torch.Generator(device=x0.device).manual_seed(self.core.seed)
-        best = self.clean(x0, labels)
-        for r in range(self.core.restarts):
-            best = self.attack_subset(x0, labels, None, r, gen, best)
+        with evaluating(self.model, self.eval_mode):
+            best = self.clean(x0, labels)
+            for r in range(self.core.restarts):
+                best = self.attack_subset(x0, labels, None, r, gen, best)
         return best[0]
 
 
@@ -455,10 +480,11 @@ class APGDT(APGD):
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         """Adversarial images ``(B, C, H, W)`` in [0, 1]."""
         x0, labels = self.core._check_images(images, labels)
-        best = self.clean(x0, labels)
-        order = self.targets(x0)
         gen = torch.Generator(device=x0.device).manual_seed(self.core.seed)
-        for rank in range(1, min(self.n_targets, order.shape[1] - 1) + 1):
-            for r in range(self.core.restarts):
-                best = self.attack_subset(x0, labels, order[:, rank], r, gen, best)
+        with evaluating(self.model, self.eval_mode):
+            best = self.clean(x0, labels)
+            order = self.targets(x0)
+            for rank in range(1, min(self.n_targets, order.shape[1] - 1) + 1):
+                for r in range(self.core.restarts):
+                    best = self.attack_subset(x0, labels, order[:, rank], r, gen, best)
         return best[0]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .apgd import evaluating
 from .attacks import IterativeAttack
 from .ensemble import EnsembleResult
 from .metrics import IGNORE_INDEX
@@ -84,10 +85,11 @@ def check_randomness(model: nn.Module, images: Tensor, tol: float = 0.0) -> Chec
 def check_gradients(model: nn.Module, images: Tensor, labels: Tensor, through: str = "plain",
                     ignore_index: int = IGNORE_INDEX) -> CheckResult:
     """Flag images whose cross-entropy input gradient ``(C, H, W)`` along the gradient path
-    ``through`` is exactly zero or not finite (``images (B, C, H, W)`` in [0, 1])."""
+    ``through`` is exactly zero or not finite (``images (B, C, H, W)`` in [0, 1]); the model
+    runs in eval mode."""
     core = IterativeAttack(model, 1.0, through=through, ignore_index=ignore_index)
     x, labels = core._check_images(images, labels)
-    with torch.enable_grad():
+    with torch.enable_grad(), evaluating(model):
         grad = core._gradient(x, labels, 0, 0, check=True).flatten(1)
     nonfinite = int((~torch.isfinite(grad)).any(1).sum())
     zero = int((grad == 0).all(1).sum())

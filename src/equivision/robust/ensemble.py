@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .apgd import APGD, APGDT, merge_worst
+from .apgd import APGD, APGDT, evaluating, merge_worst
 from .attacks import IterativeAttack
 from .metrics import IGNORE_INDEX, miou, pixel_accuracy
 from .square import Square
@@ -149,6 +149,7 @@ class AutoAttackEnsemble:
         ignore_index: ignored label (segmentation).
         attacks: explicit ``[(name, attack), ...]`` stages instead of a version's (each
             attack maps ``(images, labels)`` to adversarial images).
+        eval_mode: run the model in eval mode and restore its modes afterwards.
     """
 
     def __init__(self, model: nn.Module, eps: float, version: str = "standard",
@@ -156,7 +157,8 @@ class AutoAttackEnsemble:
                  n_targets: int = 9, queries: int = 5000, eot_samples: int | None = None,
                  eval_draws: int = 1, through: str = "plain", lambda_e: float = 0.0,
                  seed: int = 0, ignore_index: int = IGNORE_INDEX,
-                 attacks: Sequence[tuple[str, Attack]] | None = None) -> None:
+                 attacks: Sequence[tuple[str, Attack]] | None = None,
+                 eval_mode: bool = True) -> None:
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         if isinstance(eval_draws, bool) or not isinstance(eval_draws, int) or eval_draws < 1:
@@ -164,12 +166,12 @@ class AutoAttackEnsemble:
         rand = version == "rand"
         self.core = IterativeAttack(model, eps, norm=norm, seed=seed, ignore_index=ignore_index)
         self.model, self.eps, self.version, self.eval_draws = model, eps, version, eval_draws
-        self.ignore_index = ignore_index
+        self.ignore_index, self.eval_mode = ignore_index, bool(eval_mode)
         if attacks is not None:
             self.attacks = list(attacks)
             return
         common = dict(steps=steps, norm=norm, seed=seed, ignore_index=ignore_index,
-                      through=through, lambda_e=lambda_e,
+                      through=through, lambda_e=lambda_e, eval_mode=eval_mode,
                       restarts=restarts if restarts is not None else (2 if rand else 1),
                       eot_samples=eot_samples if eot_samples is not None else (20 if rand
                                                                                  else 1))
@@ -181,7 +183,8 @@ class AutoAttackEnsemble:
         else:
             self.attacks.append(("apgd-t", APGDT(model, eps, n_targets=n_targets, **common)))
             self.attacks.append(("square", Square(model, eps, queries=queries, seed=seed,
-                                                  ignore_index=ignore_index, norm=norm)))
+                                                  ignore_index=ignore_index, norm=norm,
+                                                  eval_mode=eval_mode)))
 
     def __repr__(self) -> str:
         names = ", ".join(name for name, _ in self.attacks)
@@ -199,8 +202,14 @@ class AutoAttackEnsemble:
         return best
 
     def __call__(self, images: Tensor, labels: Tensor) -> EnsembleResult:
-        """Attack ``images (B, C, H, W)`` with ``labels``; returns the per-image worst case."""
+        """Attack ``images (B, C, H, W)`` with ``labels``; returns the per-image worst case.
+        The model runs in eval mode and is left in the modes it had."""
         x0, labels = self.core._check_images(images, labels)
+        with evaluating(self.model, self.eval_mode):
+            return self._run(x0, labels)
+
+    def _run(self, x0: Tensor, labels: Tensor) -> EnsembleResult:
+        """The stages on checked images ``x0 (B, C, H, W)`` and labels."""
         start = time.perf_counter()
         score, obj = self.score(x0, labels)
         best = (x0.clone(), score, obj)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .apgd import merge_worst
+from .apgd import evaluating, merge_worst
 from .attacks import IterativeAttack, _flat_norm, attack_objective
 from .metrics import IGNORE_INDEX, per_image_score
 
@@ -89,16 +89,17 @@ class Square:
         seed: seeds the random search and the defense's draws.
         ignore_index: ignored label (segmentation).
         norm: ``"linf"`` or ``"l2"``.
+        eval_mode: query the model in eval mode, restoring its modes afterwards.
     """
 
     def __init__(self, model: nn.Module, eps: float, queries: int = 5000, p_init: float = 0.8,
                  restarts: int = 1, seed: int = 0, ignore_index: int = IGNORE_INDEX,
-                 norm: str = "linf") -> None:
+                 norm: str = "linf", eval_mode: bool = True) -> None:
         if not (isinstance(p_init, (int, float)) and 0.0 < p_init <= 1.0):
             raise ValueError(f"Square: p_init must lie in (0, 1], got {p_init!r}")
         self.core = IterativeAttack(model, eps, steps=queries, restarts=restarts, seed=seed,
                                     ignore_index=ignore_index, loss="cw", norm=norm)
-        self.norm = norm
+        self.norm, self.eval_mode = norm, bool(eval_mode)
         self.model, self.eps, self.p_init = model, self.core.eps, float(p_init)
         self.queries_limit, self.restarts, self.seed = queries, restarts, seed
         self.ignore_index = self.core.ignore_index
@@ -215,15 +216,16 @@ class Square:
         """Adversarial images ``(B, C, H, W)``; no gradient is taken."""
         x0, labels = self.core._check_images(images, labels)
         gen = torch.Generator(device=x0.device).manual_seed(self.seed)
-        best = (x0.clone(), *self.score(x0, labels))  # images already fooled stay clean
-        used = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-        for r in range(self.restarts):
-            idx = (best[1] > 0).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            adv, score, obj, q = self.run_once(x0[idx], labels[idx], r, gen)
-            used[idx] += q
-            best = merge_worst(best, idx, (adv, score, obj))
+        with evaluating(self.model, self.eval_mode):
+            best = (x0.clone(), *self.score(x0, labels))  # images already wrong stay clean
+            used = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+            for r in range(self.restarts):
+                idx = (best[1] > 0).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                adv, score, obj, q = self.run_once(x0[idx], labels[idx], r, gen)
+                used[idx] += q
+                best = merge_worst(best, idx, (adv, score, obj))
         self.queries = used
         return best[0]
 
