@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from equivision.robust.apgd import APGD
 from equivision.robust.checks import (
     CheckResult,
+    accuracy_curve,
     check_black_box,
     check_convergence,
     check_eps_growth,
@@ -138,3 +140,16 @@ def test_ensemble_checks_flag_square_beating_apgd():
                                                            ("square", Fool(0.7))])(x, y)
     assert not ensemble_checks(fine)[0].flagged
     assert ensemble_checks(fine, black_box="nothing") == []
+
+
+def test_eps_and_steps_curves_end_to_end(trained):
+    model, x, y = trained
+    curve = accuracy_curve(model, lambda e: APGD(model, e, steps=10), [0.05, 0.15, 0.4], x, y)
+    assert list(curve) == [0.05, 0.15, 0.4] and curve[0.4] == 0.0
+    assert not check_eps_growth(curve).flagged
+    masked = Quantized(model)  # zero gradients: APGD cannot move
+    stuck = accuracy_curve(masked, lambda e: APGD(masked, e, steps=5), [0.05, 0.4], x, y)
+    assert check_eps_growth(stuck).flagged
+    steps = accuracy_curve(model, lambda n: APGD(model, 0.12, steps=n), [1, 20, 40], x, y)
+    assert check_convergence({1: steps[1], 20: steps[20]}).flagged  # 1 step is too few
+    assert not check_convergence(steps).flagged  # 20 -> 40 steps: no further drop

@@ -15,15 +15,15 @@ message and the numbers behind it. A flag means the evaluation may overstate rob
   with eps;
 * :func:`check_convergence`: more steps still lower the accuracy (not converged).
 
-:func:`ensemble_checks` runs the black-box check on an ensemble's stages (Square after
-the APGD stages).
+:func:`accuracy_curve` gives the accuracies the last two take; :func:`ensemble_checks`
+runs the black-box check on an ensemble's stages (Square after the APGD stages).
 
 :func:`run_checks` formats several results as lines to print.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from .metrics import IGNORE_INDEX
 
 __all__ = [
     "CheckResult",
+    "accuracy_curve",
     "check_black_box",
     "check_convergence",
     "check_eps_growth",
@@ -164,6 +165,23 @@ def check_eps_growth(accuracy: Mapping[float, float], floor: float = 0.05,
     else:
         msg = f"accuracy falls with eps and reaches {acc_max:.3f} at eps {eps_max:g}"
     return CheckResult("eps-growth", flagged, msg, {"accuracy": dict(items), "rises": rises})
+
+
+def accuracy_curve(model: nn.Module, make_attack: Callable[[Any], Callable[[Tensor, Tensor],
+                                                                        Tensor]],
+                   values: Sequence[Any], images: Tensor, labels: Tensor,
+                   ignore_index: int = IGNORE_INDEX) -> dict[Any, float]:
+    """``{value: mean score}`` of ``model`` on ``make_attack(value)(images, labels)`` for
+    every value (eps values for :func:`check_eps_growth`, step counts for
+    :func:`check_convergence`); the score is the per-image accuracy or mIoU of the attacked
+    system (a defense purifies with one seeded draw)."""
+    scorer = IterativeAttack(model, 1.0, ignore_index=ignore_index)
+    curve = {}
+    for value in values:
+        adv = make_attack(value)(images, labels)
+        with evaluating(model):
+            curve[value] = float(scorer.score(adv, labels.to(adv.device))[0].mean())
+    return curve
 
 
 def check_convergence(accuracy: Mapping[int, float], tol: float = 0.01) -> CheckResult:
