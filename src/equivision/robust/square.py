@@ -8,7 +8,8 @@ Random search with square-shaped updates:
   ``round(sqrt(p_i * H * W))`` (between 1 and ``min(H, W) - 1``) at a uniform position
   and add ``2 eps * (+-1)`` per channel inside it (projected to the ball and [0, 1]: the
   window's perturbation jumps to a vertex);
-* L2: start from a grid of ``+-`` bumps (:func:`square_pattern`) scaled to norm ``eps``;
+* L2: start from a grid of ``+-`` two-bump patterns (:func:`square_l2_update`, each
+  transposed at random) scaled to norm ``eps``;
   at each iteration draw two windows of odd side ``>= 3``, move the perturbation's mass of
   both into the first one as ``+-`` the two-bump update of :func:`square_l2_update` plus
   the first window's old perturbation (rescaled so that the total norm stays ``eps``),
@@ -146,14 +147,14 @@ class Square:
         return min(side + 1 - side % 2, min(h, w))
 
     def _init(self, x0: Tensor, gen: torch.Generator) -> Tensor:
-        """The start ``(B, C, H, W)``: vertical stripes (L-inf) or a grid of +- square
-        patterns scaled to norm ``eps`` (L2)."""
+        """The start ``(B, C, H, W)``: vertical stripes (L-inf) or a grid of ``+-``
+        two-bump patterns scaled to norm ``eps`` (L2)."""
         b, c, h, w = x0.shape
         if self.norm == "linf":
             return (x0 + self.eps * self._signs((b, c, 1, w), gen, x0)).clamp(0.0, 1.0)
         side = max(h // 5, 1)
         start = (h - 5 * side) // 2
-        pattern = square_pattern(side, side).to(x0)
+        patterns = torch.stack([square_l2_update(side, flip) for flip in (False, True)]).to(x0)
 
         def blocks(n: int) -> tuple[Tensor, Tensor]:
             i = torch.arange(n, device=x0.device) - start
@@ -161,9 +162,11 @@ class Square:
             return torch.where(inside, i // side, -1), i.clamp_min(0) % side
 
         (bi, oi), (bj, oj) = blocks(h), blocks(w)
+        bi_, bj_ = bi.clamp_min(0)[:, None], bj.clamp_min(0)[None, :]
+        flips = torch.randint(0, 2, (h // side, w // side), generator=gen, device=gen.device)
+        tiles = patterns[flips.to(x0.device)[bi_, bj_], oi[:, None], oj[None, :]]  # (H, W)
         signs = self._signs((b, c, h // side, w // side), gen, x0)
-        delta = signs[:, :, bi.clamp_min(0)][:, :, :, bj.clamp_min(0)]
-        delta = delta * pattern[oi][:, oj] * ((bi >= 0)[:, None] & (bj >= 0)[None, :])
+        delta = signs[:, :, bi_, bj_] * tiles * ((bi >= 0)[:, None] & (bj >= 0)[None, :])
         return (x0 + self.eps * delta / _flat_norm(delta, 2).clamp_min(_TINY)).clamp(0.0, 1.0)
 
     def _candidate(self, xa: Tensor, xb: Tensor, i: int, gen: torch.Generator) -> Tensor:
