@@ -19,6 +19,7 @@ from equivision.robust.apgd import (
     segpgd_loss,
 )
 from equivision.robust.attacks import PGD
+from equivision.robust.defenses import RandomNoiseDefense
 from equivision.robust.metrics import per_image_miou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,8 +195,6 @@ def test_apgd_bad_settings():
 
 
 def test_apgd_with_a_randomized_defense_is_seeded():
-    from equivision.robust.defenses import RandomNoiseDefense
-
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 4)).eval()
     defense = RandomNoiseDefense(model)
     x = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -5,8 +5,9 @@ import torch
 from conftest import accuracy, seg_batch, segmenter
 from torch import Tensor, nn
 
+from equivision.models import create_model
 from equivision.robust.apgd import APGD
-from equivision.robust.defenses import RandomNoiseDefense
+from equivision.robust.defenses import EquivarianceDefense, RandomNoiseDefense, default_transforms
 from equivision.robust.ensemble import AutoAttackEnsemble
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,3 +135,21 @@ def test_ensemble_leaves_a_training_model_as_found(trained):
     AutoAttackEnsemble(model, 0.1, steps=2, n_targets=1, queries=5)(x, y)
     assert model.training and model[2].training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("through", ["bpda", "full", "model"])
+def test_ensemble_through_an_equivariance_defense(through):
+    torch.manual_seed(0)
+    model = create_model("cnn-small", in_channels=1, num_classes=5, width=4).eval()
+    defense = EquivarianceDefense(model, eps_v=0.03, steps=2, noise=0.5, seed=0,
+                                  transforms=default_transforms(1, 4),
+                                  feature_layer="features.relu2")
+    x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    ens = AutoAttackEnsemble(defense, 0.05, version="rand", steps=2, eot_samples=2,
+                             restarts=1, through=through,
+                             lambda_e=1.0 if through == "model" else 0.0)
+    result = ens(x, y)
+    assert result.score.shape == (2,) and (result.images - x).abs().max() <= 0.05 + 1e-6
+    assert [s.attacked for s in result.stages][1] == int((result.stages[0].score > 0).sum())
