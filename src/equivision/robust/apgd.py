@@ -438,6 +438,11 @@ class APGD:
         already fooled, score 0, are not attacked)."""
         return (x0.clone(), *self.score(x0, labels))
 
+    def runs(self, x0: Tensor) -> Iterator[tuple[Tensor | None, int]]:
+        """The runs of one call: ``(targets or None, restart)`` pairs."""
+        for r in range(self.core.restarts):
+            yield None, r
+
     @torch.enable_grad()
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         """Adversarial images ``(B, C, H, W)`` in [0, 1] (gradients are turned on inside)."""
@@ -445,8 +450,8 @@ class APGD:
         gen = torch.Generator(device=x0.device).manual_seed(self.core.seed)
         with evaluating(self.model, self.eval_mode):
             best = self.clean(x0, labels)
-            for r in range(self.core.restarts):
-                best = self.attack_subset(x0, labels, None, r, gen, best)
+            for targets, r in self.runs(x0):
+                best = self.attack_subset(x0, labels, targets, r, gen, best)
         return best[0]
 
 
@@ -476,15 +481,9 @@ class APGDT(APGD):
         ``(B, K, H, W)``: index ``[:, r]`` is the target of rank ``r`` (1 = runner-up)."""
         return self.core.predict(x0).sort(dim=1, descending=True).indices
 
-    @torch.enable_grad()
-    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Adversarial images ``(B, C, H, W)`` in [0, 1]."""
-        x0, labels = self.core._check_images(images, labels)
-        gen = torch.Generator(device=x0.device).manual_seed(self.core.seed)
-        with evaluating(self.model, self.eval_mode):
-            best = self.clean(x0, labels)
-            order = self.targets(x0)
-            for rank in range(1, min(self.n_targets, order.shape[1] - 1) + 1):
-                for r in range(self.core.restarts):
-                    best = self.attack_subset(x0, labels, order[:, rank], r, gen, best)
-        return best[0]
+    def runs(self, x0: Tensor) -> Iterator[tuple[Tensor | None, int]]:
+        """One run per target rank ``1..min(n_targets, K - 1)`` and restart."""
+        order = self.targets(x0)
+        for rank in range(1, min(self.n_targets, order.shape[1] - 1) + 1):
+            for r in range(self.core.restarts):
+                yield order[:, rank], r
