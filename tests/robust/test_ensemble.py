@@ -60,6 +60,11 @@ def test_worst_case_is_the_and_over_stages():
     assert result.robust_accuracy() == 0.5
     assert torch.equal(result.predictions != 0, ~result.robust)
     assert "s2" in result.summary()
+    rows = result.records()
+    assert len(rows) == 10 and rows[3] == {"index": 3, "score": 0.0, "robust": False,
+                                           "worst_stage": "s1", "score_clean": 1.0,
+                                           "score_s0": 1.0, "score_s1": 0.0, "score_s2": 0.0}
+    assert rows[0]["worst_stage"] == "clean" and rows[0]["robust"]
 
 
 def test_clean_errors_are_not_attacked():

@@ -115,6 +115,17 @@ class EnsembleResult:
         """Fraction of valid pixels (images) predicted right on the worst-case images."""
         return pixel_accuracy(self.predictions, self.labels, self.ignore_index)
 
+    def records(self) -> list[dict[str, Any]]:
+        """One row per image for JSON/CSV: ``index``, ``score``, ``robust``,
+        ``worst_stage`` (name) and the score after each stage (``score_<stage>``)."""
+        names = [s.name for s in self.stages]
+        per_stage = torch.stack([s.score.double() for s in self.stages], 1).tolist()
+        return [{"index": i, "score": float(score), "robust": bool(score > 0),
+                 "worst_stage": names[int(w)],
+                 **{f"score_{n}": v for n, v in zip(names, row)}}
+                for i, (score, w, row) in enumerate(zip(self.score.tolist(),
+                                                        self.worst_stage.tolist(), per_stage))]
+
     def summary(self) -> str:
         """One line per stage: the robust accuracy / mIoU after it, images attacked, time."""
         what = "mean per-image mIoU" if self.segmentation else "robust accuracy"
