@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from equivision.train import TrainConfig, evaluate, train
 from torch import Tensor, nn
 
 from equivision.data import get_dataset
@@ -38,7 +39,6 @@ from equivision.robust.apgd import APGD, APGDT
 from equivision.robust.attacks import PGD
 from equivision.robust.ensemble import AutoAttackEnsemble
 from equivision.robust.square import Square
-from equivision.train import TrainConfig, evaluate, train
 
 
 def import_torchattacks(venv: str) -> ModuleType | None:

@@ -7,6 +7,7 @@ import torch
 from conftest import accuracy, seg_batch, segmenter
 from torch import nn
 
+from equivision.metrics import per_image_miou
 from equivision.robust.apgd import (
     APGD,
     APGDT,
@@ -20,7 +21,6 @@ from equivision.robust.apgd import (
 )
 from equivision.robust.attacks import PGD
 from equivision.robust.defenses import RandomNoiseDefense
-from equivision.robust.metrics import per_image_miou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import torch
 from conftest import accuracy, seg_batch, segmenter
 from torch import Tensor, nn
 
-from equivision.robust.metrics import per_image_miou
+from equivision.metrics import per_image_miou
 from equivision.robust.square import Square, square_l2_update, square_p, square_pattern
 
 pytestmark = pytest.mark.usefixtures("one_thread")

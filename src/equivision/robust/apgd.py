@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..metrics import IGNORE_INDEX, per_image_score
 from .attacks import IterativeAttack, _flat_norm, _per_image
-from .metrics import IGNORE_INDEX, per_image_score
 
 __all__ = [
     "APGD",

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..metrics import IGNORE_INDEX
 from .apgd import evaluating
 from .attacks import IterativeAttack
 from .ensemble import EnsembleResult
-from .metrics import IGNORE_INDEX
 
 __all__ = [
     "CheckResult",

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..metrics import IGNORE_INDEX, miou, pixel_accuracy
 from .apgd import APGD, APGDT, evaluating, merge_worst
 from .attacks import IterativeAttack
-from .metrics import IGNORE_INDEX, miou, pixel_accuracy
 from .square import Square
 
 __all__ = ["VERSIONS", "AutoAttackEnsemble", "EnsembleResult", "StageResult"]

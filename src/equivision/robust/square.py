@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..metrics import IGNORE_INDEX, per_image_score
 from .apgd import evaluating, merge_worst
 from .attacks import IterativeAttack, _flat_norm, attack_objective
-from .metrics import IGNORE_INDEX, per_image_score
 
 __all__ = ["Square", "square_l2_update", "square_p", "square_pattern"]
 
