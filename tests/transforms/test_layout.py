@@ -119,7 +119,7 @@ def test_resize_undone_lands_on_the_reference_map(px, side):
 
 
 def test_no_function_local_import_in_transforms():
-    root = pathlib.Path(__file__).resolve().parents[1] / "src" / "equivision" / "transforms"
+    root = pathlib.Path(__file__).resolve().parents[2] / "src" / "equivision" / "transforms"
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
