@@ -20,14 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..training.distributed import dist_info as rank_and_world
+
 __all__ = ["all_reduce_sum", "gather_no_grad", "gather_with_grad", "rank_and_world"]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _sizes(n: int, device: torch.device) -> list[int]:

@@ -297,8 +297,6 @@ SSL_METHODS.add("mocov3", MoCoV3)
 SSL_METHODS.add("dino", DINO)
 SSL_METHODS.add("barlow", BarlowTwins)
 
-#: name -> class; read by :mod:`equivision.ssl.pretrain` to name a method in checkpoints
-_METHODS: dict[str, type[SSLMethod]] = {name: SSL_METHODS.get(name) for name in SSL_METHODS}
 
 
 def build_method(name: str, encoder: SSLViT, ser: SERConfig | None = None,

@@ -244,8 +244,8 @@ def _plain(value: Any) -> Any:
 def _method_name(method: nn.Module) -> str:
     """The :func:`~equivision.ssl.methods.build_method` name of ``method``'s class, or the
     lower-cased class name for methods outside that registry."""
-    for key, cls in getattr(methods, "_METHODS", {}).items():
-        if type(method) is cls:
+    for key in methods.SSL_METHODS:
+        if type(method) is methods.SSL_METHODS.get(key):
             return key
     return type(method).__name__.lower()
 
