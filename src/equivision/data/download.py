@@ -64,7 +64,8 @@ def _fetch_verified(url: str, target: Path, expected: str, timeout: float) -> No
                     digest.update(block)
                     fh.write(block)
         except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
+            reason = (f"HTTP {err.code} {err.reason}" if isinstance(err, urllib.error.HTTPError)
+                      else getattr(err, "reason", err))
             raise DownloadError(f"cannot fetch {url}: {reason}; nothing was written to "
                                 f"{target}") from None
         if digest.hexdigest() != expected:
