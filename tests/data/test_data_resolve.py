@@ -8,7 +8,6 @@ import textwrap
 import pytest
 import torch
 from datafiles import STEMS, idx_bytes, write_cifar10, write_idx_folder, write_image_folder
-from torch.utils.data import Subset
 
 from equivision.data import (
     DatasetNotFoundError,
@@ -17,6 +16,7 @@ from equivision.data import (
     real,
     resolve_dataset,
 )
+from equivision.data.scenes import SceneDataset
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
@@ -142,6 +142,7 @@ def test_unknown_name_and_bad_split():
                        "'fashion-mnist'") as err:
         resolve_dataset("fashion-mnsit")
     assert "\n" not in str(err.value) and "digits" in str(err.value)
+    assert "folder or module:attr" in str(err.value)
     with pytest.raises(ValueError, match="split must be one of train, val, test, all"):
         resolve_dataset("digits", "validation")
     with pytest.raises(ValueError, match="size must be"):
@@ -156,7 +157,21 @@ def test_builtin_names_pass_through_with_validation():
     assert len(train) + len(val) == len(base) and val.name == "digits/val"
     assert torch.equal(resolve_dataset("digits", "test").images, digits("test").images)
     scenes_val = resolve_dataset("scenes", "val", size=8, n=20)
-    assert isinstance(scenes_val, Subset) and len(scenes_val) == 2
+    assert isinstance(scenes_val, SceneDataset) and len(scenes_val) == 2
+    assert scenes_val.name == "scenes/val" and scenes_val.masks.shape == (2, 8, 8)
+
+
+def test_names_win_over_folders_and_options_are_checked(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_dataset("digits", "test").image_shape == (1, 28, 28)  # the built-in
+    assert resolve_dataset("./digits", "all").classes == ["cat", "dog"]  # the folder
+    write_idx_folder(tmp_path / "idx")
+    with pytest.raises(ValueError, match="takes no dataset options, got grayscale"):
+        resolve_dataset(str(tmp_path / "idx"), grayscale=True)
+    with pytest.raises(ValueError, match="'fashion-mnist' takes no dataset options|"
+                       "fashion-mnist takes no dataset options"):
+        resolve_dataset("fashion-mnist", exclude=(1,))
 
 
 def test_module_attr(tmp_path, monkeypatch):

@@ -43,8 +43,7 @@ def add_parsers(sub: Any) -> None:
         "download", help="fetch a real dataset's official files (SHA-256 checked)",
         description="Fetch the official IDX files into ROOT/NAME/, verify each file's "
         "SHA-256, and move it into place only when it matches. Files already there with "
-        "the right checksum are kept.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "the right checksum are kept.")
     g.add_argument("name", choices=sorted(REAL_DATASETS), metavar="NAME",
                    help=f"one of {', '.join(sorted(REAL_DATASETS))}")
     g.add_argument("--root", default=None,

@@ -94,6 +94,12 @@ class ImageDataset(Dataset):
         c, h, w = self.images.shape[1:]
         return (c, h, w)
 
+    def subset(self, index: Tensor, name: str | None = None) -> ImageDataset:
+        """The items ``index`` (``(M,)`` int64) as a new dataset named ``name`` (default:
+        this one's name)."""
+        return ImageDataset(self.images[index], self.labels[index], self.classes,
+                            self.name if name is None else name)
+
     def class_counts(self) -> Tensor:
         """Number of images per class, ``(K,)`` int64."""
         return torch.bincount(self.labels, minlength=self.num_classes)

@@ -109,13 +109,19 @@ def download_dataset(
     folder = Path(root).expanduser() if root is not None else default_download_root()
     folder = folder / name
     base = _base_url(name, mirror)
-    for file, expected in REAL_DATASETS[name].sha256.items():
-        target = folder / file
-        if target.is_file() and sha256_of(target) == expected:
+    created = not folder.exists()
+    try:
+        for file, expected in REAL_DATASETS[name].sha256.items():
+            target = folder / file
+            if target.is_file() and sha256_of(target) == expected:
+                if log:
+                    log(f"{target}: already present, checksum ok")
+                continue
+            _fetch_verified(base + file, target, expected, timeout)
             if log:
-                log(f"{target}: already present, checksum ok")
-            continue
-        _fetch_verified(base + file, target, expected, timeout)
-        if log:
-            log(f"{target}: downloaded, checksum ok")
+                log(f"{target}: downloaded, checksum ok")
+    except DownloadError:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # leave nothing behind
+        raise
     return folder

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..registry import UnknownNameError
 from .base import ImageDataset, concat_datasets, resize_dataset
 from .builtin import stratified_split
 from .formats import load_cifar, load_image_folder
@@ -40,18 +41,20 @@ def resolve_dataset(
 
     ``spec`` is, in this order of precedence:
 
-    * an existing path: an IDX folder in the MNIST layout (``train-images-idx3-ubyte``,
-      ``t10k-...``, gzipped or not), a CIFAR-10/100 python pickle folder, or a
-      class-per-folder image directory (``root/<class>/<image>``; with ``train/`` and
-      ``test/`` sub-folders each such a directory, else its test split is a seeded,
-      stratified ``test_fraction`` (default 0.2) of it);
     * a registered name (:func:`~equivision.data.list_datasets`): a built-in
       (``digits``, ``photos``, ``scenes``, ...) or a real dataset on disk
       (``fashion-mnist``, ``mnist``; looked up in ``root``, ``$EQUIVISION_DATA``,
       ``/usr/share/datasets``, ``~/.cache/equivision``, see :mod:`equivision.data.real`);
-    * ``module:attr`` (the current directory is on the import path): ``attr`` is a
-      ``Dataset`` (used as is for every split) or a callable
-      ``attr(split=..., size=..., seed=..., **kw)`` returning one.
+    * ``module:attr`` (the current directory is put on the import path): ``attr`` is a
+      ``Dataset`` (the same data for every split; "train" and "val" are still carved
+      from it) or a callable ``attr(split=..., size=..., seed=..., **kw)`` returning one
+      (called with "train" for "train" and "val");
+    * an existing path (write ``./digits`` for a folder that shares a registered
+      name): an IDX folder in the MNIST layout (``train-images-idx3-ubyte``,
+      ``t10k-...``, gzipped or not), a CIFAR-10/100 python pickle folder, or a
+      class-per-folder image directory (``root/<class>/<image>``; with ``train/`` and
+      ``test/`` sub-folders each such a directory, else its test split is a seeded,
+      stratified ``test_fraction`` (default 0.2) of it).
 
     Splits: ``"train"``, ``"val"``, ``"test"`` and ``"all"``. ``"val"`` is a seeded,
     class-stratified ``val_fraction`` of the training data, never the test split, and
@@ -103,18 +106,29 @@ def _load(spec: str, split: str, *, root: str | os.PathLike | None, size: int | 
     """Split ``split`` ("train", "test" or "all") of ``spec``, before the validation carve."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a dataset must be a name, a path or module:attr, got {spec!r}")
-    path = Path(spec).expanduser()
-    if path.exists():
-        return resize_dataset(_load_path(path, split, size=size, seed=seed, **kw), size)
     if spec in REAL_DATASETS:
+        _no_options(spec, kw)
         return resize_dataset(load_real_dataset(spec, split, root), size)
     if spec in DATASETS:
         return get_dataset(spec, split=split, size=size, seed=seed, **kw)
-    if ":" in spec and not spec.startswith((".", "/", "~")):
+    path = Path(spec).expanduser()
+    if ":" in spec and not spec.startswith((".", "/", "~")) and not path.exists():
         return _load_import(spec, split, size=size, seed=seed, **kw)
+    if path.exists():
+        return resize_dataset(_load_path(path, split, size=size, seed=seed, **kw), size)
     if os.sep in spec or spec.startswith((".", "~")):
         raise ValueError(f"{spec}: no such file or folder")
-    return DATASETS.get(spec)  # raises UnknownNameError with did-you-mean
+    try:
+        DATASETS.get(spec)
+    except UnknownNameError as err:  # did-you-mean and the valid names
+        raise UnknownNameError(f"{err}; or give a dataset folder or module:attr") from None
+    raise AssertionError(f"{spec!r} is registered but was not loaded")  # not reached
+
+
+def _no_options(what: str, kw: dict[str, Any]) -> None:
+    """Refuse options that a source does not take (instead of ignoring them)."""
+    if kw:
+        raise ValueError(f"{what} takes no dataset options, got {', '.join(sorted(kw))}")
 
 
 def _cifar_variant(folder: Path) -> int | None:
@@ -135,9 +149,11 @@ def _load_path(path: Path, split: str, *, size: int | None, seed: int,
                          "folder, a CIFAR-10/100 pickle folder or a class-per-folder image "
                          "directory)")
     if find_idx_files(path, "train") or find_idx_files(path, "test"):
+        _no_options(str(path), kw)
         return load_idx_folder(path, split)
     variant = _cifar_variant(path)
     if variant is not None:
+        _no_options(str(path), kw)
         parts = ["train", "test"] if split == "all" else [split]
         return concat_datasets([load_cifar(path, variant, s) for s in parts])
     return _load_image_folder(path, split, size=size, seed=seed, **kw)
@@ -184,10 +200,10 @@ def _load_import(spec: str, split: str, *, size: int | None, seed: int,
 
 
 def _take(data: Dataset, idx: torch.Tensor, name: str) -> Dataset:
-    """The items ``idx`` of ``data``: an ImageDataset stays one, others become a Subset."""
-    if isinstance(data, ImageDataset):
-        return ImageDataset(data.images[idx], data.labels[idx], data.classes, name)
-    return Subset(data, idx.tolist())
+    """The items ``idx`` of ``data``: its own ``subset`` when it has one (ImageDataset,
+    SceneDataset), else a ``torch.utils.data.Subset``."""
+    subset = getattr(data, "subset", None)
+    return subset(idx, name) if callable(subset) else Subset(data, idx.tolist())
 
 
 def carve_validation(data: Dataset, split: str, fraction: float, seed: int) -> Dataset:
