@@ -12,8 +12,10 @@ from datafiles import STEMS, idx_bytes, write_cifar10, write_idx_folder, write_i
 from equivision.data import (
     DatasetNotFoundError,
     ImageDataset,
+    concat_datasets,
     digits,
     real,
+    resize_dataset,
     resolve_dataset,
 )
 from equivision.data.scenes import SceneDataset
@@ -277,3 +279,18 @@ def test_image_dataset_rejects_nan_inf_and_channel_last():
             ImageDataset(torch.rand(2, 8, 8, c), labels, ["a"])
     ImageDataset(torch.rand(2, 3, 4, 4), labels, ["a"])  # small images stay accepted
     ImageDataset(torch.rand(2, 3, 8, 8), labels, ["a"])
+
+
+def test_concat_and_resize_helpers():
+    a = ImageDataset(torch.rand(2, 1, 6, 6), torch.tensor([0, 1]), ["a", "b"], name="a")
+    b = ImageDataset(torch.rand(3, 1, 6, 6), torch.tensor([1, 1, 0]), ["a", "b"], name="b")
+    both = concat_datasets([a, b])
+    assert len(both) == 5 and both.labels.tolist() == [0, 1, 1, 1, 0] and both.name == "a"
+    assert concat_datasets([a]) is a
+    with pytest.raises(ValueError, match=r"image shape \(1, 4, 4\) differs"):
+        concat_datasets([a, resize_dataset(b, 4)])
+    with pytest.raises(ValueError, match="no datasets"):
+        concat_datasets([])
+    assert resize_dataset(a, None) is a and resize_dataset(a, 6) is a
+    assert resize_dataset([1, 2], 4) == [1, 2]  # not an ImageDataset: passed through
+    assert a.subset(torch.tensor([1])).labels.tolist() == [1]
