@@ -380,8 +380,8 @@ def test_registry_names_and_errors():
     names = list_datasets()
     required = ["digits", "digits6", "digits6-rotinv", "digits6-roteq", "digits-rot", "photos"]
     assert set(required) <= set(names)
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'") as err:
-        get_dataset("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'no-such-set'") as err:
+        get_dataset("no-such-set")
     assert all(n in str(err.value) for n in required)
     with pytest.raises(ValueError, match="zero images"):
         get_dataset("digits", exclude=tuple(range(10)))

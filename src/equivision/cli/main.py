@@ -9,13 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, gcnn, measure, robust, ssl, train
+from . import data, demo, gcnn, measure, robust, ssl, train
 from .common import CLIError
 
 __all__ = ["main", "make_parser"]
 
 #: command groups, in the order ``equivision --help`` lists their subcommands
-GROUPS = (measure, train, demo, gcnn, robust, ssl)
+GROUPS = (measure, train, demo, gcnn, robust, ssl, data)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..registry import Registry
-from .base import ImageDataset
+from .base import ImageDataset, resize_dataset
 from .builtin import digits, photos
+from .real import REAL_DATASETS, load_real_dataset
 from .rotated import RIGHT_ANGLES, RotatedDataset
 from .scenes import scenes
 
@@ -98,3 +99,18 @@ def _scenes(split: str, size: int | None, seed: int, **kw):  # -> scenes.SceneDa
 register_dataset("scenes", _scenes,
                  "generated segmentation scenes 3x32x32, shapes on photo textures, 5 classes "
                  "(items are (image, mask (H, W) int64))")
+
+
+def _real(name: str) -> Builder:
+    def build(split: str, size: int | None, seed: int, root: str | None = None
+              ) -> ImageDataset:
+        del seed  # the files fix everything
+        return resize_dataset(load_real_dataset(name, split, root), size)  # type: ignore
+
+    return build
+
+
+for _name, _spec in REAL_DATASETS.items():
+    register_dataset(_name, _real(_name),
+                     f"{_name} from IDX files on disk (1x28x28, {len(_spec.classes)} classes; "
+                     f"`equivision data download {_name}`)")

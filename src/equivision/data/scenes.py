@@ -89,6 +89,11 @@ class SceneDataset(Dataset):
         c, h, w = self.images.shape[1:]
         return (c, h, w)
 
+    def subset(self, index: Tensor, name: str | None = None) -> SceneDataset:
+        """The scenes ``index`` (``(M,)`` int64) as a new dataset named ``name``."""
+        return SceneDataset(self.images[index], self.masks[index], self.classes,
+                            self.name if name is None else name, self.ignore_index)
+
     def class_pixel_counts(self) -> Tensor:
         """Pixels per class ``(K,)`` int64 (ignored pixels not counted)."""
         m = self.masks[self.masks != self.ignore_index]
