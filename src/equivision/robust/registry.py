@@ -17,6 +17,11 @@ name               what                                        attack target
 ``adaptive``       ``L_task - lambda_e L_equi(x + delta)``;    the defense
                    a sweep over ``lambdas`` keeps the worst
                    case per image
+``apgd-ce``        Auto-PGD with cross-entropy                 the bare model
+``apgd-dlr``       Auto-PGD with the DLR loss                  the bare model
+``apgd-t``         Auto-PGD, targeted DLR over top classes     the bare model
+``square``         Square (score-based, ``queries`` budget)    the bare model
+``apgd-bpda``      Auto-PGD through the defense (BPDA, EOT)    the defense
 =================  ==========================================  ==================
 
 "Bare model" attacks are the paper's standard attacks: generated on the undefended model
@@ -35,8 +40,10 @@ and ``equivariance-reference`` (the released code's flawed settings, for compari
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..registry import Registry
 from ..transforms import Transform
+from .apgd import APGD, APGDT
 from .attacks import (
     BPDA,
     CW,
@@ -67,6 +75,7 @@ from .heads import (
     train_contrastive_head,
     train_rotation_head,
 )
+from .square import Square
 
 __all__ = [
     "ATTACKS", "DEFENSES", "AttackSpec", "build_attack", "build_defense", "load_head",
@@ -74,7 +83,7 @@ __all__ = [
 ]
 
 #: attack name -> (class, whether it is generated with the defense in the loop)
-ATTACKS: Registry[tuple[type[IterativeAttack], bool]] = Registry("attack", str.lower)
+ATTACKS: Registry[tuple[Callable[..., Any], bool]] = Registry("attack", str.lower)
 for _name, _entry, _what in (
         ("fgsm", (FGSM, False), "one sign step of size eps"),
         ("ifgsm", (IFGSM, False), "iterative FGSM (no random start)"),
@@ -85,13 +94,22 @@ for _name, _entry, _what in (
         ("bpda", (BPDA, True), "PGD through the defense, identity backward"),
         ("bpda-eot", (BPDA, True), "BPDA averaged over eot_samples draws"),
         ("full", (FullGradient, True), "PGD through the unrolled purifier (+ EOT)"),
-        ("adaptive", (Adaptive, True), "L_task - lambda_e L_equi(x + delta), lambda_e sweep")):
+        ("adaptive", (Adaptive, True), "L_task - lambda_e L_equi(x + delta), lambda_e sweep"),
+        ("apgd-ce", (APGD, False), "Auto-PGD, cross-entropy (Croce & Hein 2020)"),
+        ("apgd-dlr", (partial(APGD, loss="dlr"), False), "Auto-PGD, DLR loss"),
+        ("apgd-t", (APGDT, False), "Auto-PGD, targeted DLR over the top classes"),
+        ("square", (Square, False), "Square attack: score-based, no gradients"),
+        ("apgd-bpda", (partial(APGD, through="bpda"), True),
+         "Auto-PGD through the defense, identity backward (+ EOT)")):
     ATTACKS.add(_name, _entry, _what)
+
+#: attacks that are not IterativeAttack subclasses: their own keyword arguments
+_OWN_ARGS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "apgd-bpda")
 
 #: keyword arguments an attack spec may override
 _ATTACK_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "seed",
                 "loss", "kappa", "decay", "through", "eot_samples", "lambda_e", "lambdas",
-                "ignore_index"}
+                "ignore_index", "queries", "n_targets", "p_init"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,7 @@ def parse_attack(spec: str | Mapping[str, Any] | AttackSpec) -> AttackSpec:
 
 
 def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
-                 **settings: Any) -> tuple[IterativeAttack, str]:
+                 **settings: Any) -> tuple[Any, str]:
     """The attack object of ``spec`` and its target (``"model"`` or ``"defense"``).
 
     Args:
@@ -173,6 +191,8 @@ def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
     kw.pop("lambdas", None)
     eps = kw.pop("eps")
     cls, in_loop = ATTACKS.get(spec.name)
+    if spec.name in _OWN_ARGS:
+        return _build_own(spec, cls, in_loop, model, defense, eps, kw)
     randomized = bool(getattr(defense, "randomized", False))
     if spec.name != "bpda-eot" and spec.name != "full":
         kw.pop("eot_samples", None)
@@ -190,6 +210,25 @@ def build_attack(spec: AttackSpec, model: nn.Module, defense: Defense | None,
     if in_loop:
         return cls(defense, eps, **kw), "defense"
     return cls(model, eps, **kw), "model"
+
+
+def _build_own(spec: AttackSpec, cls: Callable[..., Any], in_loop: bool, model: nn.Module,
+               defense: Defense | None, eps: float, kw: dict[str, Any]) -> tuple[Any, str]:
+    """APGD, APGD-T and Square: keep the settings their constructor takes (Square's
+    budget is ``queries``, not ``steps``); EOT draws only for a randomized defense."""
+    target_model = defense if in_loop and defense is not None else model
+    if not (in_loop and defense is not None):
+        kw.pop("eot_samples", None)
+        kw["through"] = "plain"
+    elif not bool(getattr(defense, "randomized", False)):
+        kw["eot_samples"] = 1
+    if spec.name == "square":
+        kw.pop("steps", None)
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    apgd = inspect.signature(APGD).parameters
+    own = {k: v for k, v in kw.items() if k in params or (takes_any and k in apgd)}
+    return cls(target_model, eps, **own), "defense" if target_model is defense else "model"
 
 
 # ----------------------------------------------------------------------------- heads
