@@ -64,7 +64,6 @@ from .attacks import (
     Adaptive,
     FullGradient,
     Houdini,
-    IterativeAttack,
 )
 from .defenses import Defense, EquivarianceDefense, InvarianceDefense, RandomNoiseDefense
 from .heads import (
