@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_atomic", "write_with", "write_csv", "save_png", "fsync_dir"]
+__all__ = ["write_atomic", "write_with", "write_csv", "save_png", "fsync_dir",
+           "check_writable_dir", "check_writable_file", "write_report_set", "png_bytes"]
 
 PathLike = str | os.PathLike
 
@@ -79,11 +81,95 @@ def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any
     return write_atomic(path, buf.getvalue())
 
 
-def save_png(fig: Any, path: PathLike, dpi: int = 110) -> Path:
-    """Render a matplotlib figure to PNG, write it atomically and close the figure."""
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close the figure."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(fig: Any, path: PathLike, dpi: int = 110) -> Path:
+    """Render a matplotlib figure to PNG, write it atomically and close the figure."""
+    return write_atomic(path, png_bytes(fig, dpi))
+
+
+def check_writable_dir(folder: PathLike, what: str = "--out") -> Path:
+    """Make sure files can be created in ``folder`` (created if missing) before any work
+    is done; returns it as a Path.
+
+    Raises:
+        OSError: naming the path and ``what`` when ``folder`` is a file, cannot be
+            created, or does not accept new files (read-only, no permission, disk full).
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{what} {str(path)!r} is a file, not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".equivision-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write into {what} {str(path)!r}: "
+                      f"{err.strerror or err}; choose another folder") from None
+    return path
+
+
+def check_writable_file(path: PathLike, what: str = "--json") -> Path:
+    """Make sure ``path`` can be written as a file before any work is done (its folder
+    is created and probed; ``path`` itself is left untouched).
+
+    Raises:
+        OSError: naming the path and ``what`` when ``path`` is a folder or its folder
+            does not accept new files.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"{what} {str(target)!r} is a folder; give a file path such as "
+            f"{str(target / 'result.json')!r}")
+    check_writable_dir(target.parent if str(target.parent) else ".", f"the folder of {what}")
+    return target
+
+
+def write_report_set(folder: PathLike, files: Mapping[str, bytes],
+                     what: str = "--out") -> dict[str, Path]:
+    """Write a set of files ``{name: content}`` into ``folder`` all together or not at all.
+
+    The set is written into a fresh temporary folder beside ``folder`` (fsynced), then
+    each file is moved into ``folder`` with ``os.replace``. When writing the set fails
+    (disk full, read-only), nothing in ``folder`` has changed. Files of ``folder`` that
+    are not in ``files`` are never touched. Returns ``{name: final path}``.
+
+    Raises:
+        OSError: naming ``folder`` and ``what``.
+    """
+    out = check_writable_dir(folder, what)
+    bad = [n for n in files if Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"report file names must be plain names, got {bad}")
+    for name in files:
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"{what} {str(out)!r} holds a folder {name!r} where the "
+                                    "report writes a file; move it away")
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".report-set."))
+    try:
+        for name, content in files.items():
+            with open(staging / name, "wb") as fh:
+                fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
+        fsync_dir(staging)
+        for name in files:
+            os.replace(staging / name, out / name)
+        fsync_dir(out)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the report into {what} {str(out)!r}: "
+                      f"{err.strerror or err}; the files there are unchanged") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: out / name for name in files}
