@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,11 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data import ImageDataset, get_dataset
 from ..io import write_atomic
 from ..models import create_model
 
-__all__ = ["CLIError", "distributed_session", "finite", "load_model", "names", "number",
-           "parse_kwargs", "positive_int", "write_json"]
+__all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "distributed_session", "finite",
+           "image_size", "load_model", "names", "number", "parse_kwargs", "positive_int",
+           "resolve_dataset", "show_progress", "unit_interval", "write_json"]
 
 
 class CLIError(Exception):
@@ -89,7 +92,10 @@ def positive_int(text: str) -> int:
 def load_model(spec: str, model_args: str | None, checkpoint: str | None
                ) -> tuple[nn.Module, str]:
     """``--model``, ``--model-args`` and ``--checkpoint`` -> (model, its display name):
-    :func:`equivision.models.create_model` with the parsed arguments."""
+    :func:`equivision.models.create_model` with the parsed arguments. A ``module:attr``
+    model is imported with the current folder on the import path (as ``python`` does)."""
+    if ":" in spec and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     model = create_model(spec, checkpoint=checkpoint, **parse_kwargs(model_args))
     return model, spec.partition(":")[2] or spec
 
@@ -127,3 +133,59 @@ def distributed_session(device: torch.device) -> Iterator[int]:
     finally:
         if started:
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data
+
+#: environment variable naming the default ``--data-root``
+DATA_ROOT_ENV = "EQUIVISION_DATA"
+
+
+def resolve_dataset(spec: str, split: str, root: str | None = None, size: int | None = None,
+                    seed: int = 0) -> ImageDataset:
+    """The dataset ``--data SPEC`` names, split ``split`` (images at ``size`` px).
+
+    TEMPORARY: replaced by ``equivision.data.resolve_dataset`` at merge (which also takes
+    paths, ``module:attr`` and the real datasets under ``root``); this stand-in knows
+    the built-in names only and ignores ``root``.
+    """
+    del root  # the stand-in has no files to look for
+    return get_dataset(spec, split=split, size=size, seed=seed)
+
+
+def add_data_options(p: argparse.ArgumentParser, dest: str = "data",
+                     required: bool = True, default: str | None = None,
+                     aliases: tuple[str, ...] = ()) -> None:
+    """``--data SPEC`` and ``--data-root DIR`` (default: ``$EQUIVISION_DATA``)."""
+    p.add_argument(*aliases, "--data", dest=dest, required=required, default=default,
+                   help="a built-in dataset name (see `equivision list datasets`), a dataset "
+                   "folder (MNIST IDX, CIFAR pickles, one folder per class) or module:attr")
+    p.add_argument("--data-root", default=os.environ.get(DATA_ROOT_ENV),
+                   help=f"where named datasets are looked for (default: ${DATA_ROOT_ENV}, "
+                   "then the system dataset folders)")
+
+
+def image_size(text: str) -> int:
+    """An argparse type for ``--size``: an image side of at least 1 pixel."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"an image size must be >= 1 pixel, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1] (images live in [0, 1]), also as a fraction."""
+    value = number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 1] (pixel values are in [0, 1]), got {text!r}; e.g. 8/255")
+    return value
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with ``--quiet``, and not when the output is
+    not a terminal (a log file gets no bar lines)."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
