@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,11 +20,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import ImageDataset, get_dataset
-from ..io import write_atomic
+from ..io import check_writable_dir, write_atomic
 from ..models import create_model
 
-__all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "distributed_session", "finite",
-           "image_size", "load_model", "names", "number", "parse_kwargs", "positive_int",
+__all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "check_new_run",
+           "distributed_session", "finite", "image_size", "load_model", "names", "number",
+           "parse_kwargs", "positive_int",
            "resolve_dataset", "show_progress", "unit_interval", "write_json"]
 
 
@@ -104,6 +106,16 @@ def write_json(path: str, payload: Any) -> None:
     """Write ``payload`` as indented JSON to ``path`` atomically (non-JSON values as
     strings)."""
     write_atomic(path, json.dumps(payload, indent=1, default=str))
+
+
+def check_new_run(out: str, resume: bool, checkpoint: str = "last.pt") -> Path:
+    """Before any work: ``--out`` must be a writable folder, and must not hold a run
+    unless ``--resume`` is given (an old run is never overwritten)."""
+    folder = check_writable_dir(out, "--out")
+    if (folder / checkpoint).exists() and not resume:
+        raise CLIError(f"--out {out!r} already holds a run ({folder / checkpoint}); add "
+                       "--resume to continue it, or choose another --out")
+    return folder
 
 
 def _init_distributed(device: torch.device) -> int:

@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..augment import build_augment
-from ..io import check_writable_dir
 from ..models import create_model, model_defaults
 from ..training import TrainConfig, train
 from ..utils import seed_everything
 from .common import (
-    CLIError,
     add_data_options,
+    check_new_run,
     image_size,
     parse_kwargs,
     positive_int,
@@ -22,20 +20,10 @@ from .common import (
     show_progress,
 )
 
-__all__ = ["NORMALIZATION", "add_parsers", "check_new_run", "cmd_train"]
+__all__ = ["NORMALIZATION", "add_parsers", "cmd_train"]
 
 #: how the command line feeds images to the model (stored with the checkpoint)
 NORMALIZATION = "none: pixel values in [0, 1]"
-
-
-def check_new_run(out: str, resume: bool, checkpoint: str = "last.pt") -> Path:
-    """Before any work: ``--out`` must be a writable folder, and must not hold a run
-    unless ``--resume`` is given (an old run is never overwritten)."""
-    folder = check_writable_dir(out, "--out")
-    if (folder / checkpoint).exists() and not resume:
-        raise CLIError(f"--out {out!r} already holds a run ({folder / checkpoint}); add "
-                       "--resume to continue it, or choose another --out")
-    return folder
 
 
 def cmd_train(args: argparse.Namespace) -> None:
