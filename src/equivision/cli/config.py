@@ -92,21 +92,21 @@ def _convert(action: argparse.Action, key: str, value: Any) -> Any:
     """A config value as the parsed value of ``action``'s option."""
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
-            raise CLIError(f"--config key {key!r} takes true or false, got {value!r}")
+            raise CLIError(f"key {key!r} takes true or false, got {value!r}")
         return value
     many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
     items = value if many and isinstance(value, list) else [value]
     if not many and isinstance(value, (list, dict)):
-        raise CLIError(f"--config key {key!r} takes one value, got {value!r}")
+        raise CLIError(f"key {key!r} takes one value, got {value!r}")
     out = []
     for item in items:
         if action.type is not None and not isinstance(item, bool):
             try:
                 item = action.type(str(item))
             except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
-                raise CLIError(f"--config key {key!r}: {err}") from None
+                raise CLIError(f"key {key!r}: {err}") from None
         if action.choices is not None and item not in action.choices:
-            raise CLIError(f"--config key {key!r}: {item!r} is not one of "
+            raise CLIError(f"key {key!r}: {item!r} is not one of "
                            f"{', '.join(map(str, action.choices))}")
         out.append(item)
     return out if many else out[0]
@@ -129,7 +129,10 @@ def apply_config(p: argparse.ArgumentParser, path: str | Path) -> None:
                        f" for `{p.prog}`; valid keys: {', '.join(sorted(by_name))}")
     for key, value in data.items():
         action = by_name[str(key).replace("_", "-")]
-        p.set_defaults(**{action.dest: _convert(action, key, value)})
+        try:
+            p.set_defaults(**{action.dest: _convert(action, key, value)})
+        except CLIError as err:
+            raise CLIError(f"--config {str(path)!r}: {err}") from None
         action.required = False
 
 
