@@ -167,3 +167,27 @@ def test_no_progress_bars_when_output_is_not_a_terminal(tmp_path, capsys):
     # no --quiet: stderr is captured (not a terminal), so no bar lines are written
     assert main(["measure", *TINY_MEASURE[:-1], "--out", str(tmp_path / "m")]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_code_carrying_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": RunsCode()}, evil)
+    assert main(["measure", *TINY_MEASURE, "--checkpoint", str(evil),
+                 "--out", str(tmp_path / "m")]) == 2
+    line = one_error_line(capsys, "carries code")
+    assert "corrupt" not in line
+    assert not (tmp_path / "m" / "report.json").exists()
+
+
+def test_other_input_size_warns(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_TRAIN, "--out", str(run)]) == 0
+    argv = [a if a != "12" else "16" for a in TINY_MEASURE]
+    assert main(["measure", *argv, "--checkpoint", str(run / "last.pt"),
+                 "--out", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "trained on 1x12x12 images, these are 1x16x16" in err and "--size 12" in err

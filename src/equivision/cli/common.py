@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import ImageDataset, get_dataset
 from ..io import check_writable_dir, write_atomic
 from ..models import create_model
@@ -26,7 +27,8 @@ from ..models import create_model
 __all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "check_new_run",
            "distributed_session", "finite", "image_size", "load_model", "names", "number",
            "parse_kwargs", "positive_int",
-           "resolve_dataset", "show_progress", "unit_interval", "write_json"]
+           "resolve_dataset", "show_progress", "unit_interval", "warn_other_input",
+           "write_json"]
 
 
 class CLIError(Exception):
@@ -201,3 +203,23 @@ def show_progress(args: argparse.Namespace) -> bool:
     """Whether to draw progress bars: not with ``--quiet``, and not when the output is
     not a terminal (a log file gets no bar lines)."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def warn_other_input(checkpoint: str | None, dataset: Any, command: str) -> str | None:
+    """Warn (on stderr) when ``dataset``'s images differ in shape from those the
+    checkpoint was trained on (``run_info["input_shape"]``, written by ``equivision
+    train``); returns the warning, or None. Bare state dicts carry no shape: no check."""
+    if checkpoint is None or not hasattr(dataset, "image_shape"):
+        return None
+    try:
+        info = load_checkpoint(checkpoint).get("run_info") or {}
+    except CheckpointError:
+        return None  # a bare state dict; the model loader reports real problems
+    trained, now = info.get("input_shape"), list(dataset.image_shape)
+    if not trained or list(trained) == now:
+        return None
+    text = (f"equivision {command}: warning: {checkpoint} was trained on "
+            f"{'x'.join(map(str, trained))} images, these are {'x'.join(map(str, now))}; "
+            f"pass --size {trained[-1]} to match")
+    print(text, file=sys.stderr)
+    return text

@@ -22,6 +22,7 @@ from .common import (
     positive_int,
     resolve_dataset,
     show_progress,
+    warn_other_input,
 )
 
 __all__ = ["add_parsers", "cmd_measure"]
@@ -50,6 +51,8 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int) -> None:
     dataset = resolve_dataset(args.data, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)  # same initial weights in every process without a checkpoint
     model, name = load_model(args.model, args.model_args, args.checkpoint)
+    if rank == 0:
+        warn_other_input(args.checkpoint, dataset, "measure")
     if args.checkpoint is None and rank == 0:
         print(f"note: no --checkpoint: measuring {name} with random weights (seed "
               f"{args.seed}); pass --checkpoint PATH for a trained model", flush=True)

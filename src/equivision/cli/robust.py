@@ -31,6 +31,7 @@ from .common import (
     resolve_dataset,
     show_progress,
     unit_interval,
+    warn_other_input,
     write_json,
 )
 
@@ -141,6 +142,8 @@ def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
     dataset = resolve_dataset(args.dataset, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)  # same weights in every process without a checkpoint
     model, name = _load_model(args)
+    if rank == 0:
+        warn_other_input(args.checkpoint, dataset, args.command)
     config = RobustnessConfig(
         eps=args.eps, steps=args.steps, alpha=args.alpha, norm=args.norm,
         restarts=args.restarts, targeted=args.targeted, max_images=args.max_images,
