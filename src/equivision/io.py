@@ -10,6 +10,7 @@ file, and a failure removes the temporary file and re-raises.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import shutil
@@ -96,21 +97,33 @@ def save_png(fig: Any, path: PathLike, dpi: int = 110) -> Path:
     return write_atomic(path, png_bytes(fig, dpi))
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable_dir(folder: PathLike, what: str = "--out") -> Path:
-    """Make sure files can be created in ``folder`` (created if missing) before any work
-    is done; returns it as a Path.
+    """Make sure files can be created in ``folder`` before any work is done, without
+    creating anything: a missing folder is checked through its nearest existing
+    ancestor (where it would be created). Returns ``folder`` as a Path.
 
     Raises:
-        OSError: naming the path and ``what`` when ``folder`` is a file, cannot be
-            created, or does not accept new files (read-only, no permission, disk full).
+        OSError: naming the path and ``what`` when ``folder`` (or an ancestor) is a
+            file, or the folder does not accept new files (read-only, no permission,
+            disk full).
     """
     path = Path(folder)
-    if path.exists() and not path.is_dir():
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        where = "" if base == path.absolute() else f" ({str(base)!r} is a file)"
         raise NotADirectoryError(
-            f"{what} {str(path)!r} is a file, not a folder; give a folder path")
+            errno.ENOTDIR, f"{what} {str(path)!r} is a file, not a folder{where}; give a "
+            "folder path")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".equivision-probe.")
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".equivision-probe.")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -130,7 +143,7 @@ def check_writable_file(path: PathLike, what: str = "--json") -> Path:
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(
-            f"{what} {str(target)!r} is a folder; give a file path such as "
+            errno.EISDIR, f"{what} {str(target)!r} is a folder; give a file path such as "
             f"{str(target / 'result.json')!r}")
     check_writable_dir(target.parent if str(target.parent) else ".", f"the folder of {what}")
     return target
@@ -149,13 +162,14 @@ def write_report_set(folder: PathLike, files: Mapping[str, bytes],
         OSError: naming ``folder`` and ``what``.
     """
     out = check_writable_dir(folder, what)
+    out.mkdir(parents=True, exist_ok=True)
     bad = [n for n in files if Path(n).name != n or n.startswith(".")]
     if bad:
         raise ValueError(f"report file names must be plain names, got {bad}")
     for name in files:
         if (out / name).is_dir():
-            raise IsADirectoryError(f"{what} {str(out)!r} holds a folder {name!r} where the "
-                                    "report writes a file; move it away")
+            raise IsADirectoryError(errno.EISDIR, f"{what} {str(out)!r} holds a folder "
+                                    f"{name!r} where the report writes a file; move it away")
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".report-set."))
     try:
         for name, content in files.items():
