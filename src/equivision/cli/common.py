@@ -82,15 +82,20 @@ def finite(text: str) -> float:
     return _float_arg(text, float)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int, rule: str) -> int:
+    """``int(text)``, as an argparse type that accepts values >= ``low`` only."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "must be >= 1")
 
 
 def load_model(spec: str, model_args: str | None, checkpoint: str | None
@@ -181,13 +186,7 @@ def add_data_options(p: argparse.ArgumentParser, dest: str = "data",
 
 def image_size(text: str) -> int:
     """An argparse type for ``--size``: an image side of at least 1 pixel."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"an image size must be >= 1 pixel, got {value}")
-    return value
+    return _int_at_least(text, 1, "an image size must be >= 1 pixel")
 
 
 def unit_interval(text: str) -> float:
