@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["write_atomic", "write_with", "write_csv", "save_png", "fsync_dir",
-           "check_writable_dir", "check_writable_file", "write_report_set", "png_bytes"]
+           "check_report_set", "check_writable_dir", "check_writable_file",
+           "write_report_set", "png_bytes", "MANIFEST"]
 
 PathLike = str | os.PathLike
 
@@ -149,27 +151,66 @@ def check_writable_file(path: PathLike, what: str = "--json") -> Path:
     return target
 
 
+def check_report_set(folder: PathLike, names: Iterable[str], what: str = "--out") -> Path:
+    """Before any work: :func:`write_report_set` could write ``names`` into ``folder``
+    (writable, and no file in the way that equivision did not write). Creates nothing.
+
+    Raises:
+        OSError: as :func:`write_report_set` would.
+    """
+    out = check_writable_dir(folder, what)
+    if out.is_dir():
+        _refuse_foreign(out, list(names), what)
+    return out
+
+
+#: the file in a report folder listing the files equivision wrote there
+MANIFEST = ".equivision-files.json"
+
+
+def _refuse_foreign(out: Path, names: Iterable[str], what: str) -> list[str]:
+    """The names listed in ``out``'s manifest; raises when a file that is about to be
+    replaced was not written by equivision (not in the manifest) or is a folder."""
+    try:
+        known = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = []
+    known = [k for k in known if isinstance(k, str)] if isinstance(known, list) else []
+    for name in names:
+        if (out / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"{what} {str(out)!r} holds a folder "
+                                    f"{name!r} where the report writes a file; move it away")
+    foreign = [n for n in names if (out / n).exists() and n not in known]
+    if foreign:
+        raise FileExistsError(
+            errno.EEXIST, f"{what} {str(out)!r} holds {', '.join(map(repr, foreign))}, "
+            f"which equivision did not write; move it away or choose another {what}")
+    return known
+
+
 def write_report_set(folder: PathLike, files: Mapping[str, bytes],
                      what: str = "--out") -> dict[str, Path]:
     """Write a set of files ``{name: content}`` into ``folder`` all together or not at all.
 
-    The set is written into a fresh temporary folder beside ``folder`` (fsynced), then
-    each file is moved into ``folder`` with ``os.replace``. When writing the set fails
-    (disk full, read-only), nothing in ``folder`` has changed. Files of ``folder`` that
-    are not in ``files`` are never touched. Returns ``{name: final path}``.
+    The set is written into a fresh temporary folder inside ``folder`` (fsynced), then
+    each file is moved into place with ``os.replace``. When writing the set fails (disk
+    full, read-only), nothing in ``folder`` has changed. Files of ``folder`` that are
+    not in ``files`` are never touched, and a file in the way that equivision did not
+    write (it is not listed in ``folder``'s :data:`MANIFEST`) is never overwritten.
+    Returns ``{name: final path}``.
 
     Raises:
-        OSError: naming ``folder`` and ``what``.
+        OSError: naming ``folder`` and ``what`` (``FileExistsError`` for a file in the
+            way that equivision did not write).
     """
     out = check_writable_dir(folder, what)
-    out.mkdir(parents=True, exist_ok=True)
     bad = [n for n in files if Path(n).name != n or n.startswith(".")]
     if bad:
         raise ValueError(f"report file names must be plain names, got {bad}")
-    for name in files:
-        if (out / name).is_dir():
-            raise IsADirectoryError(errno.EISDIR, f"{what} {str(out)!r} holds a folder "
-                                    f"{name!r} where the report writes a file; move it away")
+    out.mkdir(parents=True, exist_ok=True)
+    known = _refuse_foreign(out, files, what)
+    listing = json.dumps(sorted(set(known) | set(files)), indent=1).encode()
+    files = {**files, MANIFEST: listing}
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".report-set."))
     try:
         for name, content in files.items():
@@ -186,4 +227,4 @@ def write_report_set(folder: PathLike, files: Mapping[str, bytes],
                       f"{err.strerror or err}; the files there are unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {name: out / name for name in files}
+    return {name: out / name for name in files if name != MANIFEST}

@@ -90,7 +90,7 @@ def test_disk_full_while_writing_the_report_keeps_the_old_one(tmp_path, capsys, 
     assert main(["measure", *TINY_MEASURE, "--seed", "3", "--out", str(out)]) == 2
     one_error_line(capsys, "No space left on device")
     assert snapshot(out) == before
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".report-set")]
 
 
 def test_existing_run_without_resume(tmp_path, capsys):
@@ -191,3 +191,13 @@ def test_other_input_size_warns(tmp_path, capsys):
                  "--out", str(tmp_path / "m")]) == 0
     err = capsys.readouterr().err
     assert "trained on 1x12x12 images, these are 1x16x16" in err and "--size 12" in err
+
+
+def test_measure_never_overwrites_a_report_file_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "report.csv").write_text("the user's own table")
+    assert main(["measure", *TINY_MEASURE, "--out", str(out)]) == 2
+    one_error_line(capsys, "'report.csv', which equivision did not write")
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv"]
+    assert (out / "report.csv").read_text() == "the user's own table"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from equivision.io import check_writable_dir, check_writable_file, write_report_set
+from equivision.io import MANIFEST, check_writable_dir, check_writable_file, write_report_set
 from equivision.measure import measure
 
 
@@ -33,7 +33,8 @@ def test_report_set_replaces_all_files_and_leaves_others(tmp_path):
     paths = write_report_set(tmp_path, {"a.json": b"new", "b.csv": b"new"})
     assert {p.read_bytes() for p in paths.values()} == {b"new"}
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "a.json", "b.csv",
+                                                          "notes.txt"]
 
 
 def test_disk_full_leaves_the_old_set_whole(tmp_path, monkeypatch):
@@ -43,7 +44,7 @@ def test_disk_full_leaves_the_old_set_whole(tmp_path, monkeypatch):
         write_report_set(tmp_path, {"a.json": b"new", "b.png": b"new"})
     assert (tmp_path / "a.json").read_bytes() == b"old"
     assert (tmp_path / "b.png").read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "a.json", "b.png"]
 
 
 def test_measure_report_disk_full_keeps_old_report(tmp_path, monkeypatch):
@@ -85,3 +86,14 @@ def test_read_only_folder_is_refused_before_work(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_report_set(tmp_path, {"report.json": b"new"})
     assert (tmp_path / "report.json").read_text() == "old"
+
+
+def test_a_file_equivision_did_not_write_is_never_overwritten(tmp_path):
+    (tmp_path / "report.png").write_bytes(b"my own figure")
+    with pytest.raises(FileExistsError, match="'report.png', which equivision did not write"):
+        write_report_set(tmp_path, {"report.json": b"new", "report.png": b"new"})
+    assert (tmp_path / "report.png").read_bytes() == b"my own figure"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.png"]
+    write_report_set(tmp_path / "sub", {"report.png": b"one"})
+    write_report_set(tmp_path / "sub", {"report.png": b"two"})  # its own file: replaced
+    assert (tmp_path / "sub" / "report.png").read_bytes() == b"two"

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..io import check_writable_dir
+from ..io import check_report_set
 from ..measure import measure
+from ..measure.report import REPORT_FILES
 from ..transforms import parse_transforms
 from ..utils import resolve_device, seed_everything
 from .common import (
@@ -30,7 +31,7 @@ __all__ = ["add_parsers", "cmd_measure"]
 
 def cmd_measure(args: argparse.Namespace) -> None:
     """Run ``equivision measure`` (rank 0 prints the table and writes the report)."""
-    check_writable_dir(args.out, "--out")  # before minutes of computing
+    check_report_set(args.out, REPORT_FILES, "--out")  # before minutes of computing
     device = resolve_device(args.device)
     with distributed_session(device) as rank:
         _measure(args, device, rank)

@@ -221,12 +221,16 @@ class Report:
         set (:func:`equivision.io.write_report_set`): after a failure (disk full,
         read-only folder) the folder holds the old set unchanged, never old and new
         files mixed. Other files in ``out_dir`` are left alone."""
-        content = {"report.json": self.json_text().encode(),
-                   "report.csv": self.csv_text().encode()}
+        json_name, csv_name, png_name = REPORT_FILES
+        content = {json_name: self.json_text().encode(), csv_name: self.csv_text().encode()}
         if plot:
-            content["report.png"] = png_bytes(self.figure())
+            content[png_name] = png_bytes(self.figure())
         paths = write_report_set(out_dir, content)
         return {name.split(".")[1]: path for name, path in paths.items()}
+
+
+#: the files :meth:`Report.save` writes
+REPORT_FILES = ("report.json", "report.csv", "report.png")
 
 
 def _fmt(v: float | None) -> str:
