@@ -1,10 +1,13 @@
 """``--config FILE``, ``--help`` defaults and ``--quiet`` on every subcommand."""
 
+import argparse
 import json
+import sys
 
 import pytest
 
 from equivision.cli import main, make_parser
+from equivision.cli.common import show_progress
 from equivision.cli.config import apply_config
 
 
@@ -72,3 +75,13 @@ def test_bad_config_is_one_line(tmp_path, capsys, text, suffix, needle):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "none.toml")]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out_tty, err_tty, quiet, shown", [
+    (True, True, False, True), (False, True, False, False), (True, False, False, False),
+    (True, True, True, False)])
+def test_progress_bars_only_on_a_terminal_and_without_quiet(monkeypatch, out_tty, err_tty,
+                                                             quiet, shown):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: out_tty, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: err_tty, raising=False)
+    assert show_progress(argparse.Namespace(quiet=quiet)) is shown

@@ -199,9 +199,9 @@ def unit_interval(text: str) -> float:
 
 
 def show_progress(args: argparse.Namespace) -> bool:
-    """Whether to draw progress bars: not with ``--quiet``, and not when the output is
-    not a terminal (a log file gets no bar lines)."""
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+    """Whether to draw progress bars: not with ``--quiet``, and only when both stdout and
+    stderr are terminals (``equivision ... > log`` gets no bar lines anywhere)."""
+    return not getattr(args, "quiet", False) and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def warn_other_input(checkpoint: str | None, dataset: Any, command: str) -> str | None:
