@@ -104,7 +104,7 @@ def test_existing_run_without_resume(tmp_path, capsys):
     assert (run / "last.pt").read_bytes() == before
 
 
-def test_resume_with_other_augment_is_refused(tmp_path, capsys):
+def test_resume_with_other_augment_or_data_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY_TRAIN, "--out", str(run)]) == 0
     before = (run / "last.pt").read_bytes()
@@ -112,6 +112,10 @@ def test_resume_with_other_augment_is_refused(tmp_path, capsys):
     assert main(["train", *TINY_TRAIN, "--epochs", "2", "--augment", "flip", "--out", str(run),
                  "--resume"]) == 2
     one_error_line(capsys, "augment: 'none' -> 'flip'")
+    assert (run / "last.pt").read_bytes() == before
+    other_data = [a if a != "digits" else "digits6" for a in TINY_TRAIN]
+    assert main(["train", *other_data, "--epochs", "2", "--out", str(run), "--resume"]) == 2
+    one_error_line(capsys, "data: 'digits' -> 'digits6'")
     assert (run / "last.pt").read_bytes() == before
 
 
