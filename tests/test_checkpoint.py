@@ -97,3 +97,37 @@ def test_load_model_weights(tmp_path):
         load_model_weights(dst, partial)
     with pytest.raises(CheckpointError, match="neither a model state dict"):
         load_model_weights(dst, {"epoch": 1})
+
+
+class RunsCode:
+    """Unpickling this would call os.system: a code-carrying pickle."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_code_carrying_pickle_is_refused_as_such(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "x": RunsCode()}, path)
+    before = path.read_bytes()
+    for load in (load_checkpoint, lambda p: load_model_weights(small(), p)):
+        with pytest.raises(CheckpointError, match="carries code.*system") as info:
+            load(path)
+        assert "corrupt" not in str(info.value)
+    assert path.read_bytes() == before
+
+
+def test_flipped_byte_inside_a_weight_is_detected(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    weights = torch.arange(64, dtype=torch.float32) + 0.5
+    save_checkpoint(path, {"model": {"w": weights}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], weights)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weights.numpy().tobytes()) + 17  # inside the tensor's bytes
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], weights)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_model_weights(torch.nn.Module(), path)

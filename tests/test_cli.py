@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from equivision.cli import main, make_parser
+from equivision.io import write_report_set
 
 SUBCOMMANDS = ["measure", "train", "demo", "list"]
 
@@ -81,8 +82,7 @@ def test_bad_names_give_clear_errors(tmp_path, capsys, args, message):
 
 def test_corrupt_or_foreign_checkpoint_keeps_existing_report(tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "report.json").write_text('{"earlier": true}')
+    write_report_set(out, {"report.json": b'{"earlier": true}'})  # an earlier run's report
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00not a checkpoint at all")
     argv = ["measure", "--model", "cnn-small", "--data", "digits", "--size", "12",

@@ -1,21 +1,36 @@
 """Rank correlation between learned equivariance and accuracy (paper section 4.2, Fig. 4).
 
-``spearman`` is Spearman's rank correlation coefficient: the Pearson correlation of the
-ranks, ties getting their average rank (as ``scipy.stats.spearmanr``), with no SciPy
-dependency. ``spearman_by_part`` correlates, over a set of models, the per-part mean of a
-measure (``Report.part_summary``) with the models' accuracies. Experiment support for
+The statistics come from :mod:`scipy.stats`: ``spearman``/``pearson`` give the
+coefficient, ``spearman_test``/``pearson_test`` the coefficient with its two-sided
+p-value (:class:`Correlation`). ``spearman_by_part`` correlates, over a set of models,
+the per-part mean of a measure (``Report.part_summary``) with the models' accuracies;
+``spearman_by_part_test`` adds the p-values. Experiment support for
 ``experiments/learned_equivariance.py`` (imported as ``support.stats``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
+
+from scipy import stats
 
 from equivision.measure.parts import PARTS
 from equivision.measure.report import METRICS, Report
 
-__all__ = ["rankdata", "pearson", "spearman", "spearman_by_part"]
+__all__ = ["Correlation", "rankdata", "pearson", "pearson_test", "spearman", "spearman_test",
+           "spearman_by_part", "spearman_by_part_test"]
+
+
+class Correlation(NamedTuple):
+    """A correlation coefficient, its two-sided p-value (NaN when undefined) and the
+    number of pairs it is computed from."""
+
+    rho: float
+    p_value: float
+    n: int
 
 
 def _floats(name: str, values: Sequence[float]) -> list[float]:
@@ -31,56 +46,63 @@ def _floats(name: str, values: Sequence[float]) -> list[float]:
     return out
 
 
+def _pairs(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+    """``x`` and ``y`` as float lists, checked: equal length >= 2, no NaN."""
+    xs, ys = _floats("x", x), _floats("y", y)
+    if len(xs) != len(ys):
+        raise ValueError(f"x and y differ in length: {len(xs)} vs {len(ys)}")
+    if len(xs) < 2:
+        raise ValueError(f"a correlation needs at least 2 pairs, got {len(xs)}")
+    return xs, ys
+
+
 def rankdata(values: Sequence[float]) -> list[float]:
     """Ranks 1..n of ``values``; tied values get the mean of the ranks they span."""
-    xs = _floats("values", values)
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        avg = (i + j) / 2 + 1  # ranks i+1 .. j+1
-        for k in range(i, j + 1):
-            ranks[order[k]] = avg
-        i = j + 1
-    return ranks
+    return [float(r) for r in stats.rankdata(_floats("values", values), method="average")]
+
+
+def _test(fn: object, xs: list[float], ys: list[float]) -> Correlation:
+    """``fn(xs, ys)`` (a scipy.stats correlation) as a :class:`Correlation`; NaN when
+    either side is constant."""
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
+        return Correlation(math.nan, math.nan, len(xs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # p-values of n = 2 are undefined: NaN
+        res = fn(xs, ys)
+    rho = max(-1.0, min(1.0, float(res.statistic)))
+    return Correlation(rho, float(res.pvalue), len(xs))
+
+
+def pearson_test(x: Sequence[float], y: Sequence[float]) -> Correlation:
+    """Pearson correlation of ``x`` and ``y`` with its two-sided p-value
+    (``scipy.stats.pearsonr``)."""
+    return _test(stats.pearsonr, *_pairs(x, y))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson correlation of two equal-length sequences; NaN if either is constant."""
-    xs, ys = _floats("x", x), _floats("y", y)
-    if len(xs) != len(ys):
-        raise ValueError(f"x and y differ in length: {len(xs)} vs {len(ys)}")
-    if len(xs) < 2:
-        raise ValueError(f"a correlation needs at least 2 pairs, got {len(xs)}")
-    mx, my = math.fsum(xs) / len(xs), math.fsum(ys) / len(ys)
-    dx = [v - mx for v in xs]
-    dy = [v - my for v in ys]
-    sxx = math.fsum(v * v for v in dx)
-    syy = math.fsum(v * v for v in dy)
-    if sxx == 0 or syy == 0:
-        return math.nan
-    r = math.fsum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)
-    return max(-1.0, min(1.0, r))
+    return pearson_test(x, y).rho
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation of ``x`` and ``y`` (equal length >= 2).
-
-    The Pearson correlation of the ranks, ties getting average ranks (equal to
-    ``scipy.stats.spearmanr(x, y).statistic``). Returns NaN when ``x`` or ``y`` is constant.
+def spearman_test(x: Sequence[float], y: Sequence[float]) -> Correlation:
+    """Spearman's rank correlation of ``x`` and ``y`` with its two-sided p-value
+    (``scipy.stats.spearmanr``; ties get average ranks).
 
     Raises:
         ValueError: different lengths, fewer than 2 pairs, NaN or non-numeric values.
     """
-    xs, ys = _floats("x", x), _floats("y", y)
-    if len(xs) != len(ys):
-        raise ValueError(f"x and y differ in length: {len(xs)} vs {len(ys)}")
-    if len(xs) < 2:
-        raise ValueError(f"a correlation needs at least 2 pairs, got {len(xs)}")
-    return pearson(rankdata(xs), rankdata(ys))
+    return _test(stats.spearmanr, *_pairs(x, y))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (equal length >= 2): the Pearson
+    correlation of the ranks, ``scipy.stats.spearmanr(x, y).statistic``. Returns NaN when
+    ``x`` or ``y`` is constant.
+
+    Raises:
+        ValueError: different lengths, fewer than 2 pairs, NaN or non-numeric values.
+    """
+    return spearman_test(x, y).rho
 
 
 def spearman_by_part(
@@ -89,6 +111,17 @@ def spearman_by_part(
     metric: str = "equivariance",
     transforms: Sequence[str] | None = None,
 ) -> dict[str, float]:
+    """``{part: rho}``: the coefficients of :func:`spearman_by_part_test`."""
+    return {part: c.rho for part, c in
+            spearman_by_part_test(reports, accuracies, metric, transforms).items()}
+
+
+def spearman_by_part_test(
+    reports: Sequence[Report],
+    accuracies: Sequence[float],
+    metric: str = "equivariance",
+    transforms: Sequence[str] | None = None,
+) -> dict[str, Correlation]:
     """Spearman correlation, over models, between each part's mean ``metric`` and accuracy.
 
     For every model (one :class:`~equivision.measure.report.Report` each, in the same order
@@ -107,10 +140,11 @@ def spearman_by_part(
             different number of reports and accuracies.
 
     Returns:
-        ``{part: rho}`` for the parts (in the order Early, Middle, Late, Pool, Final) that
-        some report has. Models whose value for a part is undefined (the part is missing,
-        or every pair in it inexact) are left out of that part's correlation; a part with
-        fewer than 2 models left, or a constant column, gets NaN.
+        ``{part: Correlation(rho, p_value, n)}`` for the parts (in the order Early,
+        Middle, Late, Pool, Final) that some report has. Models whose value for a part
+        is undefined (the part is missing, or every pair in it inexact) are left out of
+        that part's correlation; a part with fewer than 2 models left, or a constant
+        column, gets NaN.
     """
     reports = list(reports)
     accs = _floats("accuracies", accuracies)
@@ -129,7 +163,7 @@ def spearman_by_part(
                     f"{r.transforms}"
                 )
     summaries = [r.part_summary([metric], transforms) for r in reports]
-    out: dict[str, float] = {}
+    out: dict[str, Correlation] = {}
     for part in PARTS:
         if not any(part in s for s in summaries):
             continue
@@ -139,5 +173,6 @@ def spearman_by_part(
             if v is not None and not math.isnan(v):
                 xs.append(v)
                 ys.append(acc)
-        out[part] = spearman(xs, ys) if len(xs) >= 2 else math.nan
+        out[part] = (spearman_test(xs, ys) if len(xs) >= 2
+                     else Correlation(math.nan, math.nan, len(xs)))
     return out

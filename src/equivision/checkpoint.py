@@ -1,8 +1,10 @@
 """Safe, atomic checkpoint files.
 
 A checkpoint is a dict saved with ``torch.save`` that carries a format marker
-(``"format": "equivision-checkpoint"``, ``"format_version": 1``) and, for models built with
-:func:`equivision.models.create_model`, the model name and keyword arguments, so that
+(``"format": "equivision-checkpoint"``, ``"format_version": 1``), a SHA-256 checksum of
+everything else in it (``"checksum"``: every tensor's dtype, shape and bytes and every
+plain value; verified on load, so a flipped byte inside a weight is caught) and, for models
+built with :func:`equivision.models.create_model`, the model name and keyword arguments, so that
 :func:`equivision.models.model_from_checkpoint` can rebuild the model. Everything is loaded with
 ``torch.load(..., weights_only=True)``: checkpoints hold only tensors and plain Python values,
 and files holding anything else are refused.
@@ -10,7 +12,9 @@ and files holding anything else are refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,10 +33,13 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "check_weights_only_safe",
+    "content_checksum",
 ]
 
 FORMAT = "equivision-checkpoint"
 FORMAT_VERSION = 1
+#: the key holding :func:`content_checksum` of the rest of the checkpoint
+CHECKSUM_KEY = "checksum"
 
 PathLike = str | os.PathLike
 
@@ -70,6 +77,44 @@ def check_weights_only_safe(obj: Any, where: str = "state") -> None:
     )
 
 
+def _digest(h: Any, obj: Any) -> None:
+    """Feed ``obj`` (tensors, plain values, nested containers) into hash ``h``."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            _digest(h, v)
+    else:
+        h.update(f"V{obj!r}".encode())
+
+
+def content_checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint dict without its ``checksum`` entry: every tensor's
+    dtype, shape and bytes and every plain value, keys in sorted order."""
+    h = hashlib.sha256()
+    _digest(h, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def _verify_checksum(obj: dict[str, Any], name: str) -> None:
+    """Raise CheckpointError when ``obj``'s stored checksum does not match its content
+    (checkpoints written before checksums existed have none and pass)."""
+    stored = obj.get(CHECKSUM_KEY)
+    if stored is not None and stored != content_checksum(obj):
+        raise CheckpointError(
+            f"checkpoint file {name!r} fails its checksum: its weights or settings were "
+            "changed after it was written (a flipped bit on disk, a bad copy); restore it "
+            "from a backup or retrain")
+
+
 def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
     """Atomically write the checkpoint dict ``state`` to ``path``; returns the path.
 
@@ -89,6 +134,7 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
     payload["format"] = FORMAT
     payload["format_version"] = FORMAT_VERSION
     check_weights_only_safe(payload, "checkpoint")
+    payload[CHECKSUM_KEY] = content_checksum(payload)
     return write_with(path, lambda fh: torch.save(payload, fh))
 
 
@@ -132,33 +178,47 @@ def _load_file(path: PathLike, map_location: Any = "cpu") -> Any:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint file {str(path)!r}: {e}") from e
     except Exception as e:
-        text = str(e)
-        if "Unsupported global" in text:
-            detail = text[text.index("Unsupported global") :].split(" was not", 1)[0]
-            raise CheckpointError(
-                f"checkpoint file {str(path)!r} is not a weights-only checkpoint: it contains "
-                f"Python objects other than tensors and plain containers ({detail}). "
-                "equivision refuses to unpickle arbitrary objects; if you trust the file, "
-                "load it yourself with torch.load(weights_only=False) and re-save its tensors"
-            ) from None
-        if magic[:1] == b"\x80":
-            raise CheckpointError(
-                f"checkpoint file {str(path)!r} ({size} bytes) is a Python pickle that cannot "
-                "be loaded with weights_only=True (a plain pickle of arbitrary objects, or a "
-                "corrupted or old-format torch file); equivision refuses to unpickle arbitrary "
-                f"objects [{_short(e)}]"
-            ) from None
-        if magic != b"PK\x03\x04":
-            raise CheckpointError(
-                f"checkpoint file {str(path)!r} ({size} bytes) is not a PyTorch checkpoint: it "
-                "is not a torch.save zip archive (it may be corrupted, or another kind of "
-                f"file) [{_short(e)}]"
-            ) from None
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} ({size} bytes) is corrupt or truncated and cannot "
-            f"be read; it may have been only partially written or copied [{_short(e)}]"
-        ) from None
+        raise _load_failure(path, e, size, magic) from None
 
+
+def _code_detail(e: BaseException) -> str | None:
+    """What a weights-only refusal names (``Unsupported global: GLOBAL posix.system``),
+    whatever torch version worded it; None when ``e`` is not such a refusal."""
+    text = str(e)
+    lower = text.lower()
+    if "unsupported global" in lower:
+        line = text[lower.index("unsupported global"):].splitlines()[0]
+        return line.split(" was not", 1)[0].split(" whose module", 1)[0].strip(" .")
+    if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in lower:
+        line = next((ln for ln in text.splitlines() if "GLOBAL" in ln), "")
+        return line.split(" whose module", 1)[0].strip(" .") or None
+    return None
+
+
+def _load_failure(path: Path, e: BaseException, size: int, magic: bytes) -> CheckpointError:
+    """The CheckpointError for a failed ``torch.load`` of ``path``."""
+    detail = _code_detail(e)
+    if detail is not None:
+        return CheckpointError(
+            f"checkpoint file {str(path)!r} carries code, not only weights: it contains "
+            f"Python objects other than tensors and plain containers ({detail}). "
+            "equivision refuses to unpickle arbitrary objects, which could run code; if "
+            "you trust the file, load it yourself with torch.load(weights_only=False) and "
+            "re-save its tensors")
+    if magic[:1] == b"\x80":
+        return CheckpointError(
+            f"checkpoint file {str(path)!r} ({size} bytes) is a Python pickle that cannot "
+            "be loaded with weights_only=True (a plain pickle of arbitrary objects, or a "
+            "corrupted or old-format torch file); equivision refuses to unpickle arbitrary "
+            f"objects [{_short(e)}]")
+    if magic != b"PK\x03\x04":
+        return CheckpointError(
+            f"checkpoint file {str(path)!r} ({size} bytes) is not a PyTorch checkpoint: it "
+            "is not a torch.save zip archive (it may be corrupted, or another kind of "
+            f"file) [{_short(e)}]")
+    return CheckpointError(
+        f"checkpoint file {str(path)!r} ({size} bytes) is corrupt or truncated and cannot "
+        f"be read; it may have been only partially written or copied [{_short(e)}]")
 
 def load_checkpoint(
     path: PathLike,
@@ -194,6 +254,7 @@ def load_checkpoint(
             f"checkpoint file {name!r} has format version {version!r}, but this equivision "
             f"reads versions up to {FORMAT_VERSION}; upgrade equivision"
         )
+    _verify_checksum(obj, name)
     missing = [k for k in required_keys if k not in obj]
     if missing:
         raise CheckpointError(
@@ -241,6 +302,8 @@ def load_model_weights(
     if isinstance(source, Mapping):
         return _load_weights(model, source, "state dict")
     obj = _load_file(source, map_location)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        _verify_checksum(obj, str(source))
     return _load_weights(model, obj, f"checkpoint file {str(source)!r}")
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import equivision.training.runner as runner_module
-from equivision.checkpoint import CheckpointError, load_checkpoint
+from equivision.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from equivision.training import RunOptions, TrainingTask, config_differences, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,6 +149,6 @@ def test_malformed_rng_state_is_a_checkpoint_error(tmp_path):
     run(NoisyRegression(), options(tmp_path, stop_after=1))
     ckpt = load_checkpoint(tmp_path / "last.pt")
     del ckpt["rng"][0]["order"]
-    torch.save(ckpt, tmp_path / "last.pt")
+    save_checkpoint(tmp_path / "last.pt", ckpt)  # a valid checksum: the RNG check must catch it
     with warnings.catch_warnings(), pytest.raises(CheckpointError, match="RNG state"):
         run(NoisyRegression(), options(tmp_path, resume=True))

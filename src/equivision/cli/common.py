@@ -10,18 +10,25 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..io import write_atomic
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..data import ImageDataset, get_dataset
+from ..io import check_writable_dir, write_atomic
 from ..models import create_model
 
-__all__ = ["CLIError", "distributed_session", "finite", "load_model", "names", "number",
-           "parse_kwargs", "positive_int", "write_json"]
+__all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "check_new_run",
+           "distributed_session", "finite", "image_size", "load_model", "names", "number",
+           "parse_kwargs", "positive_int",
+           "resolve_dataset", "show_progress", "unit_interval", "warn_other_input",
+           "write_json"]
 
 
 class CLIError(Exception):
@@ -75,21 +82,29 @@ def finite(text: str) -> float:
     return _float_arg(text, float)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int, rule: str) -> int:
+    """``int(text)``, as an argparse type that accepts values >= ``low`` only."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "must be >= 1")
 
 
 def load_model(spec: str, model_args: str | None, checkpoint: str | None
                ) -> tuple[nn.Module, str]:
     """``--model``, ``--model-args`` and ``--checkpoint`` -> (model, its display name):
-    :func:`equivision.models.create_model` with the parsed arguments."""
+    :func:`equivision.models.create_model` with the parsed arguments. A ``module:attr``
+    model is imported with the current folder on the import path (as ``python`` does)."""
+    if ":" in spec and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     model = create_model(spec, checkpoint=checkpoint, **parse_kwargs(model_args))
     return model, spec.partition(":")[2] or spec
 
@@ -98,6 +113,16 @@ def write_json(path: str, payload: Any) -> None:
     """Write ``payload`` as indented JSON to ``path`` atomically (non-JSON values as
     strings)."""
     write_atomic(path, json.dumps(payload, indent=1, default=str))
+
+
+def check_new_run(out: str, resume: bool, checkpoint: str = "last.pt") -> Path:
+    """Before any work: ``--out`` must be a writable folder, and must not hold a run
+    unless ``--resume`` is given (an old run is never overwritten)."""
+    folder = check_writable_dir(out, "--out")
+    if (folder / checkpoint).exists() and not resume:
+        raise CLIError(f"--out {out!r} already holds a run ({folder / checkpoint}); add "
+                       "--resume to continue it, or choose another --out")
+    return folder
 
 
 def _init_distributed(device: torch.device) -> int:
@@ -127,3 +152,73 @@ def distributed_session(device: torch.device) -> Iterator[int]:
     finally:
         if started:
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data
+
+#: environment variable naming the default ``--data-root``
+DATA_ROOT_ENV = "EQUIVISION_DATA"
+
+
+def resolve_dataset(spec: str, split: str, root: str | None = None, size: int | None = None,
+                    seed: int = 0) -> ImageDataset:
+    """The dataset ``--data SPEC`` names, split ``split`` (images at ``size`` px).
+
+    TEMPORARY: replaced by ``equivision.data.resolve_dataset`` at merge (which also takes
+    paths, ``module:attr`` and the real datasets under ``root``); this stand-in knows
+    the built-in names only and ignores ``root``.
+    """
+    del root  # the stand-in has no files to look for
+    return get_dataset(spec, split=split, size=size, seed=seed)
+
+
+def add_data_options(p: argparse.ArgumentParser, dest: str = "data",
+                     required: bool = True, default: str | None = None,
+                     aliases: tuple[str, ...] = ()) -> None:
+    """``--data SPEC`` and ``--data-root DIR`` (default: ``$EQUIVISION_DATA``)."""
+    p.add_argument(*aliases, "--data", dest=dest, required=required, default=default,
+                   help="a built-in dataset name (see `equivision list datasets`), a dataset "
+                   "folder (MNIST IDX, CIFAR pickles, one folder per class) or module:attr")
+    p.add_argument("--data-root", default=os.environ.get(DATA_ROOT_ENV),
+                   help=f"where named datasets are looked for (default: ${DATA_ROOT_ENV}, "
+                   "then the system dataset folders)")
+
+
+def image_size(text: str) -> int:
+    """An argparse type for ``--size``: an image side of at least 1 pixel."""
+    return _int_at_least(text, 1, "an image size must be >= 1 pixel")
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1] (images live in [0, 1]), also as a fraction."""
+    value = number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 1] (pixel values are in [0, 1]), got {text!r}; e.g. 8/255")
+    return value
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with ``--quiet``, and only when both stdout and
+    stderr are terminals (``equivision ... > log`` gets no bar lines anywhere)."""
+    return not getattr(args, "quiet", False) and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def warn_other_input(checkpoint: str | None, dataset: Any, command: str) -> str | None:
+    """Warn (on stderr) when ``dataset``'s images differ in shape from those the
+    checkpoint was trained on (``run_info["input_shape"]``, written by ``equivision
+    train``); returns the warning, or None. Bare state dicts carry no shape: no check."""
+    if checkpoint is None or not hasattr(dataset, "image_shape"):
+        return None
+    try:
+        info = load_checkpoint(checkpoint).get("run_info") or {}
+    except CheckpointError:
+        return None  # a bare state dict; the model loader reports real problems
+    trained, now = info.get("input_shape"), list(dataset.image_shape)
+    if not trained or list(trained) == now:
+        return None
+    text = (f"equivision {command}: warning: {checkpoint} was trained on "
+            f"{'x'.join(map(str, trained))} images, these are {'x'.join(map(str, now))}; "
+            f"pass --size {trained[-1]} to match")
+    print(text, file=sys.stderr)
+    return text

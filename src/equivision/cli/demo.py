@@ -13,6 +13,7 @@ from ..models import list_models
 from ..robust.registry import ATTACKS, DEFENSES
 from ..ssl.methods import SSL_METHODS
 from ..transforms.spec import NAMES as TRANSFORM_NAMES
+from .common import positive_int, show_progress
 
 __all__ = ["add_parsers", "cmd_demo", "cmd_list"]
 
@@ -20,7 +21,7 @@ __all__ = ["add_parsers", "cmd_demo", "cmd_list"]
 def cmd_demo(args: argparse.Namespace) -> None:
     """Run ``equivision demo``: writes OUT/report.md."""
     path = run_demo(Path(args.out), epochs=args.epochs, device=args.device,
-                    progress=not args.quiet)
+                    progress=show_progress(args))
     print(f"wrote {path}")
 
 
@@ -42,10 +43,10 @@ def add_parsers(sub: Any) -> None:
     """Add ``demo`` and ``list`` to the ``equivision`` subcommand parsers ``sub``."""
     d = sub.add_parser("demo", help="train (or reuse) a small CNN on digits and report on it",
                        description="The main job: writes OUT/report.md with plots.")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=15)
-    d.add_argument("--device", default="auto")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--out", default="runs/demo", help="folder of report.md and its figures")
+    d.add_argument("--epochs", type=positive_int, default=15, help="training epochs")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("list", help="list models, datasets, transformations, attacks, "

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from ..gcnn import analyze_exactness, exact_sizes, nearest_exact_size
+from ..io import check_writable_file
 from .common import CLIError, load_model, write_json
 
 __all__ = ["add_parsers", "cmd_exactness", "parse_size"]
@@ -30,14 +31,21 @@ def _size_range(text: str) -> tuple[int, int]:
     """``--range A:B`` -> ``(A, B)``."""
     lo, _, hi = text.partition(":")
     try:
-        return int(lo), int(hi)
+        a, b = int(lo), int(hi)
     except ValueError:
         raise CLIError(f"--range takes A:B, e.g. 20:40, got {text!r}") from None
+    if a < 1 or b < a:
+        raise CLIError(f"--range A:B needs 1 <= A <= B, got {text!r}; e.g. "
+                       f"{min(a, b) if min(a, b) >= 1 else 1}:{max(a, b)}")
+    return a, b
 
 
 def cmd_exactness(args: argparse.Namespace) -> None:
     """Run ``equivision exactness``; the last line printed is the verdict."""
     size = parse_size(args.input_size)
+    span = _size_range(args.range) if args.range else None  # bad input fails first
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the analysis
     model, name = load_model(args.model, args.model_args, args.checkpoint)
     report = analyze_exactness(model, size, group=args.group)
     print(report.table())
@@ -45,8 +53,8 @@ def cmd_exactness(args: argparse.Namespace) -> None:
     if size[0] == size[1]:
         below, above = nearest_exact_size(model, size[0], group=args.group)
         lines.append(f"nearest exact sizes to {size[0]}: below {below}, above {above}")
-    if args.range:
-        lo, hi = _size_range(args.range)
+    if span:
+        lo, hi = span
         sizes = exact_sizes(model, lo, hi, group=args.group)
         lines.append(f"exact sizes in {lo}..{hi}: {', '.join(map(str, sizes)) or 'none'}")
     for line in lines:

@@ -9,17 +9,29 @@ from typing import Any
 
 import torch
 
-from ..data import get_dataset
+from ..io import check_report_set
 from ..measure import measure
+from ..measure.report import REPORT_FILES
 from ..transforms import parse_transforms
 from ..utils import resolve_device, seed_everything
-from .common import CLIError, distributed_session, load_model
+from .common import (
+    CLIError,
+    add_data_options,
+    distributed_session,
+    image_size,
+    load_model,
+    positive_int,
+    resolve_dataset,
+    show_progress,
+    warn_other_input,
+)
 
 __all__ = ["add_parsers", "cmd_measure"]
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
     """Run ``equivision measure`` (rank 0 prints the table and writes the report)."""
+    check_report_set(args.out, REPORT_FILES, "--out")  # before minutes of computing
     device = resolve_device(args.device)
     with distributed_session(device) as rank:
         _measure(args, device, rank)
@@ -37,14 +49,19 @@ def _token_grid(text: str | None) -> tuple[int, ...] | None:
 
 def _measure(args: argparse.Namespace, device: torch.device, rank: int) -> None:
     transforms = parse_transforms(args.transforms)
-    dataset = get_dataset(args.data, split=args.split, size=args.size)
+    dataset = resolve_dataset(args.data, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)  # same initial weights in every process without a checkpoint
     model, name = load_model(args.model, args.model_args, args.checkpoint)
+    if rank == 0:
+        warn_other_input(args.checkpoint, dataset, "measure")
+    if args.checkpoint is None and rank == 0:
+        print(f"note: no --checkpoint: measuring {name} with random weights (seed "
+              f"{args.seed}); pass --checkpoint PATH for a trained model", flush=True)
     model.to(device)
     report = measure(
         model, dataset, transforms, layers=args.layers or None, batch_size=args.batch_size,
         max_images=args.max_images, device=device, token_grid=_token_grid(args.token_grid),
-        margin=args.margin, model_name=name, progress=not args.quiet,
+        margin=args.margin, model_name=name, progress=show_progress(args) and rank == 0,
     )
     report.meta.update({"data": args.data, "split": args.split, "checkpoint": args.checkpoint})
     if rank == 0:  # every process holds the all-reduced numbers; one writes them
@@ -60,9 +77,10 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--model", required=True, help="registry name or module:attr")
     m.add_argument("--model-args", help="constructor arguments, e.g. width=8,num_classes=10")
     m.add_argument("--checkpoint", help="weights: a state dict or an equivision checkpoint")
-    m.add_argument("--data", required=True, help="built-in dataset name (see `list`)")
+    add_data_options(m)
     m.add_argument("--split", default="test", help="train, test or all (default test)")
-    m.add_argument("--size", type=int, default=None, help="image size of the dataset")
+    m.add_argument("--size", type=image_size, default=None,
+                   help="image size of the dataset (default: the dataset's own)")
     m.add_argument("--transforms", default="rot90,flip,shift:1-4",
                    help="e.g. rot90,flip,shift:1-8,rotate:15,scale:1.2 (see `list transforms`)")
     m.add_argument("--layers", nargs="*", help="layer names or patterns (default: all leaves)")
@@ -70,10 +88,10 @@ def add_parsers(sub: Any) -> None:
                    help="metrics shown in the table (all are written to the files)")
     m.add_argument("--token-grid", help="h,w[,prefix] for layers returning (B, N, C) tokens")
     m.add_argument("--margin", type=int, default=0, help="drop positions near invalid borders")
-    m.add_argument("--batch-size", type=int, default=128)
-    m.add_argument("--max-images", type=int, default=None)
+    m.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    m.add_argument("--max-images", type=positive_int, default=None,
+                   help="measure at most N images (default: all)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     m.add_argument("--seed", type=int, default=0, help="seed for weights not in a checkpoint")
     m.add_argument("--out", required=True, help="output directory for report.json/csv/png")
-    m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_measure)

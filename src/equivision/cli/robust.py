@@ -15,11 +15,25 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import get_dataset
+from ..io import check_writable_file
 from ..models import model_from_checkpoint
 from ..robust.evaluate import RobustnessConfig, evaluate_robustness
 from ..utils import resolve_device, seed_everything
-from .common import CLIError, distributed_session, load_model, names, number, write_json
+from .common import (
+    CLIError,
+    add_data_options,
+    distributed_session,
+    image_size,
+    load_model,
+    names,
+    number,
+    positive_int,
+    resolve_dataset,
+    show_progress,
+    unit_interval,
+    warn_other_input,
+    write_json,
+)
 
 __all__ = ["add_parsers", "cmd_attack", "cmd_defend"]
 
@@ -30,14 +44,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registry name or module:attr (default: the checkpoint's)")
     p.add_argument("--model-args",
                    help="constructor arguments, e.g. width=8,num_classes=10")
-    p.add_argument("--dataset", "--data", dest="dataset", required=True,
-                   help="built-in dataset name (see `equivision list datasets`)")
+    add_data_options(p, dest="dataset", aliases=("--dataset",))
     p.add_argument("--split", default="test", help="train, test or all (default test)")
-    p.add_argument("--size", type=int, default=None, help="image size of the dataset")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--size", type=image_size, default=None,
+                   help="image size of the dataset (default: its own)")
+    p.add_argument("--max-images", type=positive_int, default=None,
+                   help="evaluate at most N images (default: all)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per batch; also the unit of the random draws (default 32)")
-    p.add_argument("--eps", type=number, default=8 / 255, help="attack radius (default 8/255)")
+    p.add_argument("--eps", type=unit_interval, default=8 / 255,
+                   help="attack radius in [0, 1] (default 8/255)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=10, help="attack steps (default 10)")
     p.add_argument("--alpha", type=number, default=None,
@@ -48,7 +64,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", help="write the result as JSON to this path (atomic)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bar")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -70,8 +87,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "equivariance-reference (default equivariance)")
     d.add_argument("--attack", default="pgd,bpda-eot,adaptive",
                    help="comma-separated attacks (default pgd,bpda-eot,adaptive)")
-    d.add_argument("--eps-v", type=number, default=8 / 255,
-                   help="purification bound (default 8/255)")
+    d.add_argument("--eps-v", type=unit_interval, default=8 / 255,
+                   help="purification bound in [0, 1] (default 8/255)")
     d.add_argument("--defense-steps", type=int, default=20, help="purification steps T")
     d.add_argument("--eta", type=number, default=None,
                    help="purification step size (default 2.5 eps_v / T)")
@@ -111,6 +128,10 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 
 def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
          extra: dict[str, Any]) -> None:
+    if not attacks:
+        raise CLIError("--attack needs at least one attack name")
+    if args.json:
+        check_writable_file(args.json, "--json")  # before minutes of attacking
     device = resolve_device(args.device)
     with distributed_session(device) as rank:
         _evaluate(args, defense, attacks, extra, device, rank)
@@ -118,16 +139,16 @@ def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
 
 def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
               extra: dict[str, Any], device: torch.device, rank: int) -> None:
-    if not attacks:
-        raise CLIError("--attack needs at least one attack name")
-    dataset = get_dataset(args.dataset, split=args.split, size=args.size)
+    dataset = resolve_dataset(args.dataset, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)  # same weights in every process without a checkpoint
     model, name = _load_model(args)
+    if rank == 0:
+        warn_other_input(args.checkpoint, dataset, args.command)
     config = RobustnessConfig(
         eps=args.eps, steps=args.steps, alpha=args.alpha, norm=args.norm,
         restarts=args.restarts, targeted=args.targeted, max_images=args.max_images,
         batch_size=args.batch_size, seed=args.seed, device=device,
-        progress=not args.no_progress and rank == 0, **extra)
+        progress=show_progress(args) and rank == 0, **extra)
     result = evaluate_robustness(model, dataset, attacks, defense, config)
     result.meta.update({"model": name, "dataset": args.dataset, "split": args.split,
                         "checkpoint": args.checkpoint})
@@ -161,8 +182,8 @@ def cmd_defend(args: argparse.Namespace) -> None:
         if args.head:
             defense_kwargs["head"] = args.head
         else:
-            defense_kwargs["head_dataset"] = get_dataset(args.dataset, split="train",
-                                                         size=args.size)
+            defense_kwargs["head_dataset"] = resolve_dataset(
+                args.dataset, "train", root=args.data_root, size=args.size)
     _run(args, args.defense, names(args.attack),
          dict(eot_samples=args.eot_samples, lambdas=lambdas, repeats=args.repeats,
               defense_kwargs=defense_kwargs))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
+from ..io import check_writable_file
 from ..ssl import SERConfig, SSLViT, build_method
 from ..ssl.data import load_images
 from ..ssl.gather import rank_and_world
@@ -25,7 +26,16 @@ from ..ssl.pretrain import PretrainConfig, default_views, load_pretrained, pretr
 from ..ssl.probe import PROBES, run_probes
 from ..ssl.views import patch_aligned_scales
 from ..utils import seed_everything
-from .common import CLIError, finite, names, parse_kwargs, positive_int, write_json
+from .common import (
+    CLIError,
+    check_new_run,
+    finite,
+    names,
+    parse_kwargs,
+    positive_int,
+    show_progress,
+    write_json,
+)
 
 __all__ = ["add_parsers", "cmd_pretrain", "cmd_probe", "probe_table"]
 
@@ -74,6 +84,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     ratio = args.ratio if args.ratio is not None else SERConfig.default_ratio(ser)
     if ser is not None and ratio == 0:
         raise CLIError("--ser with --ratio 0 gives SER no images; use --ratio > 0")
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_new_run(args.out, args.resume)  # before any work; never over an old run
     seed_everything(args.seed)  # the same initial weights in every process
     encoder = SSLViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim,
                      depth=args.depth, heads=args.heads,
@@ -95,7 +107,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             warnings.filterwarnings("ignore", message="no patch-aligned scale")
             views = default_views(encoder, ratio) if ratio > 0 else None
             history = pretrain(method, data, config, out_dir=out, resume=args.resume,
-                               views=views, progress=not args.no_progress)
+                               views=views, progress=show_progress(args))
     except FileExistsError as err:
         raise CLIError(f"{err} (add --resume)") from None
     except CheckpointError as err:
@@ -160,6 +172,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
     if not path.exists():
         raise CLIError(f"no checkpoint {str(path)!r}; pass the last.pt written by "
                        "`equivision pretrain`")
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the probes run
     encoder, info = load_pretrained(path)
     size = encoder.image_size
     tr = load_images(args.data, "train", size, args.images, seed=1)
@@ -233,7 +247,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
-    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bars")
     p.set_defaults(func=cmd_pretrain)
 
     q = sub.add_parser(

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import save_png, write_atomic
+from ..io import png_bytes, save_png, write_atomic, write_report_set
 from .parts import PARTS
 
 #: Metrics in the order tables and CSV files show them.
@@ -131,8 +131,12 @@ class Report:
             "parts": self.part_summary(),
         }
 
+    def json_text(self) -> str:
+        """The report as indented JSON (what :meth:`save_json` writes)."""
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
     def save_json(self, path: str | Path) -> Path:
-        write_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        write_atomic(path, self.json_text())
         return Path(path)
 
     @classmethod
@@ -146,6 +150,11 @@ class Report:
             raise ValueError(f"{path} is not an equivision report JSON file: {err}") from None
 
     def save_csv(self, path: str | Path) -> Path:
+        write_atomic(path, self.csv_text())
+        return Path(path)
+
+    def csv_text(self) -> str:
+        """One CSV row per (transformation, layer) (what :meth:`save_csv` writes)."""
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["transform", "index", "layer", "part", "module", "shape", "stride", "exact",
@@ -155,8 +164,7 @@ class Report:
                         "x".join(map(str, r.shape)), "x".join(f"{s:g}" for s in r.stride),
                         int(r.exact), *[_csv(r.metrics.get(m)) for m in METRICS],
                         r.n_channels, r.n_constant, r.note])
-        write_atomic(path, buf.getvalue())
-        return Path(path)
+        return buf.getvalue()
 
     def plot(
         self, path: str | Path, metrics: Sequence[str] = ("invariance", "equivariance"),
@@ -164,6 +172,13 @@ class Report:
     ) -> Path:
         """Measures against depth, one panel per transformation, parts shaded
         (like figures 4-7 of the learned-equivariance paper). Writes a PNG."""
+        return save_png(self.figure(metrics, transforms, title), path)
+
+    def figure(
+        self, metrics: Sequence[str] = ("invariance", "equivariance"),
+        transforms: Sequence[str] | None = None, title: str | None = None,
+    ) -> Any:
+        """The matplotlib figure of :meth:`plot`."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -199,16 +214,23 @@ class Report:
         fig.suptitle(title or f"{self.model}: measures per layer ({self.n_images} images)",
                      fontsize=10)
         fig.tight_layout()
-        return save_png(fig, path)
+        return fig
 
     def save(self, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
-        """Write ``report.json``, ``report.csv`` and ``report.png`` into ``out_dir``."""
-        out = Path(out_dir)
-        files = {"json": self.save_json(out / "report.json"),
-                 "csv": self.save_csv(out / "report.csv")}
+        """Write ``report.json``, ``report.csv`` and ``report.png`` into ``out_dir`` as one
+        set (:func:`equivision.io.write_report_set`): after a failure (disk full,
+        read-only folder) the folder holds the old set unchanged, never old and new
+        files mixed. Other files in ``out_dir`` are left alone."""
+        json_name, csv_name, png_name = REPORT_FILES
+        content = {json_name: self.json_text().encode(), csv_name: self.csv_text().encode()}
         if plot:
-            files["png"] = self.plot(out / "report.png")
-        return files
+            content[png_name] = png_bytes(self.figure())
+        paths = write_report_set(out_dir, content)
+        return {name.split(".")[1]: path for name, path in paths.items()}
+
+
+#: the files :meth:`Report.save` writes
+REPORT_FILES = ("report.json", "report.csv", "report.png")
 
 
 def _fmt(v: float | None) -> str:

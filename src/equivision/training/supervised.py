@@ -44,6 +44,7 @@ from .batches import (
 )
 from .config import TrainConfig, TrainError
 from .optim import make_optimizer, make_scheduler
+from .resume import config_differences
 from .runner import RunOptions, TrainingTask, run
 
 __all__ = ["train", "evaluate", "SupervisedTask", "HISTORY_KEYS"]
@@ -52,6 +53,8 @@ __all__ = ["train", "evaluate", "SupervisedTask", "HISTORY_KEYS"]
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time")
 #: Config fields that may change between an interrupted run and its resumption silently.
 _RESUME_FREE = ("epochs", "device", "num_workers", "eval_batch_size")
+#: ``run_info`` keys that a resumed run must share with its checkpoint
+_RUN_INFO_FIXED = ("augment", "data", "input_shape")
 _TRAIN_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "config")
 
 
@@ -207,12 +210,14 @@ class SupervisedTask(TrainingTask):
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None,
                  config: TrainConfig, augment: Callable[..., Any] | None,
-                 progress: bool) -> None:
+                 progress: bool, run_info: dict[str, Any] | None = None) -> None:
         n_train = num_items(train_set, "training")
         if val_set is not None:
             num_items(val_set, "validation")
         self.model, self.val_set, self.config = model, val_set, config
         self.augment, self.progress = augment, progress
+        self.run_info = dict(run_info or {})
+        check_weights_only_safe(self.run_info, "run_info")
         self.device = resolve_device(config.device)
         self.steps_per_epoch = math.ceil(n_train / config.batch_size)
         self.model_name, self.model_kwargs = _model_identity(model)
@@ -232,9 +237,15 @@ class SupervisedTask(TrainingTask):
 
     def check_resume(self, ckpt: dict[str, Any], where: str) -> list[str]:
         old = ckpt["config"]
+        changes = []
         if isinstance(old, dict) and old.get("optimizer") != self.config.optimizer:
-            return [f"optimizer: {old.get('optimizer')!r} -> {self.config.optimizer!r}"]
-        return []
+            changes.append(f"optimizer: {old.get('optimizer')!r} -> {self.config.optimizer!r}")
+        saved = ckpt.get("run_info")
+        if isinstance(saved, dict):  # what the run was trained on (augmentation, data)
+            changes += config_differences(
+                {k: v for k, v in saved.items() if k in _RUN_INFO_FIXED},
+                {k: v for k, v in self.run_info.items() if k in _RUN_INFO_FIXED})
+        return changes
 
     def restore(self, ckpt: dict[str, Any], where: str) -> None:
         _check_resume_model(self.model, ckpt, where)
@@ -317,6 +328,7 @@ class SupervisedTask(TrainingTask):
             "scheduler": self.scheduler.state_dict(),
             "steps_per_epoch": self.steps_per_epoch,
             "config": self.config.to_dict(),
+            "run_info": self.run_info,
         }
 
     def summary(self, row: dict[str, Any]) -> dict[str, str]:
@@ -336,6 +348,7 @@ def train(
     callbacks: Iterable[Any] = (),
     augment: Callable[..., Any] | None = None,
     progress: bool = True,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, list[Any]]:
     """Train ``model`` (in place) as a classifier or segmenter with cross-entropy.
 
@@ -373,6 +386,11 @@ def train(
             ``train_acc`` counts predictions equal to the targets' argmax (the class with the
             largest share of the mixed image).
         progress: show tqdm progress bars.
+        run_info: plain values stored with the checkpoint under ``"run_info"``: what the
+            run was trained on, e.g. ``{"augment": "crop,flip", "data": "digits",
+            "input_shape": [1, 28, 28], "normalization": ...}``. Resuming with a different
+            ``augment`` or ``data`` is refused (:class:`CheckpointError`), like a different
+            optimizer.
 
     Returns:
         The history: a dict of equal-length lists keyed by :data:`HISTORY_KEYS` (``epoch``
@@ -387,6 +405,6 @@ def train(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    task = SupervisedTask(model, train_set, val_set, config, augment, progress)
+    task = SupervisedTask(model, train_set, val_set, config, augment, progress, run_info)
     return run(task, RunOptions(epochs=config.epochs, out_dir=out_dir, resume=resume,
                                 callbacks=list(callbacks), progress=progress))
