@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import ImageDataset, get_dataset
+from ..data import resolve_dataset
 from ..io import check_writable_dir, write_atomic
 from ..models import create_model
 
@@ -158,18 +158,6 @@ def distributed_session(device: torch.device) -> Iterator[int]:
 
 #: environment variable naming the default ``--data-root``
 DATA_ROOT_ENV = "EQUIVISION_DATA"
-
-
-def resolve_dataset(spec: str, split: str, root: str | None = None, size: int | None = None,
-                    seed: int = 0) -> ImageDataset:
-    """The dataset ``--data SPEC`` names, split ``split`` (images at ``size`` px).
-
-    TEMPORARY: replaced by ``equivision.data.resolve_dataset`` at merge (which also takes
-    paths, ``module:attr`` and the real datasets under ``root``); this stand-in knows
-    the built-in names only and ignores ``root``.
-    """
-    del root  # the stand-in has no files to look for
-    return get_dataset(spec, split=split, size=size, seed=seed)
 
 
 def add_data_options(p: argparse.ArgumentParser, dest: str = "data",

@@ -28,6 +28,7 @@ from ..ssl.views import patch_aligned_scales
 from ..utils import seed_everything
 from .common import (
     CLIError,
+    add_data_options,
     check_new_run,
     finite,
     names,
@@ -39,7 +40,6 @@ from .common import (
 
 __all__ = ["add_parsers", "cmd_pretrain", "cmd_probe", "probe_table"]
 
-PROBE_DATA = ("digits", "photos")
 
 
 def _ser_layer(text: str) -> int | str | None:
@@ -96,7 +96,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                             warmup_epochs=min(args.warmup_epochs, args.epochs),
                             weight_decay=args.weight_decay, ratio=ratio, seed=args.seed,
                             device=args.device, amp=args.amp)
-    data = load_images(args.data, "train", args.image_size, args.images, seed=args.data_seed)
+    data = load_images(args.data, "train", args.image_size, args.images, seed=args.data_seed,
+                       root=args.data_root)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # before torchrun's group exists
     if rank0 and ratio > 0 and patch_aligned_scales(args.image_size, args.patch_size) == [1.0]:
         print(f"note: {args.image_size} px images with {args.patch_size} px patches have no "
@@ -176,8 +177,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
         check_writable_file(args.json, "--json")  # before the probes run
     encoder, info = load_pretrained(path)
     size = encoder.image_size
-    tr = load_images(args.data, "train", size, args.images, seed=1)
-    te = load_images(args.data, "test", size, args.test_images, seed=1)
+    tr = load_images(args.data, "train", size, args.images, seed=1, root=args.data_root)
+    te = load_images(args.data, "test", size, args.test_images, seed=1, root=args.data_root)
     steps = {"steps": args.steps}
     options: dict[str, dict[str, Any]] = {
         "linear": steps, "mlp": steps, "transform_prediction": steps,
@@ -238,7 +239,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--heads", type=positive_int, default=3)
     p.add_argument("--cls-layer", type=int, default=None,
                    help="insert [CLS] after this block (default depth // 2)")
-    p.add_argument("--data", default="photos", help="photos (default) or a built-in dataset")
+    add_data_options(p, required=False, default="photos")
     p.add_argument("--images", "--max-images", dest="images", type=positive_int,
                    default=None, help="use at most N pretraining images")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the photo patches")
@@ -256,8 +257,7 @@ def add_parsers(sub: Any) -> None:
         description="Load the encoder of an `equivision pretrain` checkpoint and run probes; "
         "prints a summary and optionally writes all numbers as JSON.")
     q.add_argument("--checkpoint", required=True, help="OUT/last.pt of `equivision pretrain`")
-    q.add_argument("--data", default="digits", choices=PROBE_DATA,
-                   help="digits (10 classes, fitted to the encoder) or photos (8 classes)")
+    add_data_options(q, required=False, default="digits")
     q.add_argument("--probes", default="linear,knn",
                    help="comma list of linear,knn,mlp,equivariance,transform_prediction,"
                    "corruptions (default linear,knn)")

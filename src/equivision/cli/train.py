@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     kwargs = parse_kwargs(args.model_args)
     build_augment(args.augment)  # a bad spec fails before the data are built
     train_set = resolve_dataset(args.data, "train", root=args.data_root, size=args.size)
-    val_set = resolve_dataset(args.data, "test", root=args.data_root, size=args.size)
+    val_set = resolve_dataset(args.data, "val", root=args.data_root, size=args.size)
     kwargs.setdefault("num_classes", train_set.num_classes)
     kwargs.setdefault("in_channels", train_set.image_shape[0])
     if "image_size" in model_defaults(args.model):  # ViT / Mixer: fixed input size

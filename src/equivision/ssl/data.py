@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..data import ImageDataset, get_dataset, photos
+from ..data import ImageDataset, photos, resolve_dataset
 from ..data.builtin import DEFAULT_PHOTOS
 from ..data.seeding import derived_generator
 from .probe import fit_dataset
@@ -16,17 +16,21 @@ __all__ = ["load_images"]
 
 
 def load_images(name: str, split: str, size: int, images: int | None = None, seed: int = 0,
-                channels: int = 3) -> ImageDataset:
+                channels: int = 3, root: str | None = None) -> ImageDataset:
     """A built-in dataset as an :class:`~equivision.data.ImageDataset` of
     ``(N, channels, size, size)`` images in ``[0, 1]`` (at most ``images`` of them).
 
-    ``photos`` cuts ``size`` px patches of the bundled photographs (``images`` spread evenly
-    over them; default 80 per photograph for train, 20 for test); any other registered
-    dataset (e.g. ``digits``) is built at its own size and fitted with
+    ``name`` is anything :func:`equivision.data.resolve_dataset` takes (a built-in or
+    real dataset name such as ``fashion-mnist``, a dataset folder, ``module:attr``;
+    ``root`` is where named datasets are looked for). ``photos`` cuts ``size`` px
+    patches of the bundled photographs (``images`` spread evenly over them; default 80
+    per photograph for train, 20 for test); any other dataset (e.g. ``digits``) is
+    built at its own size and fitted with
     :func:`equivision.ssl.probe.fit_dataset` (zero-padded or resized, channels repeated).
 
     Raises:
-        ValueError: unknown dataset name or ``images < 1``.
+        ValueError: unknown dataset name, a dataset that is not images with class labels,
+            or ``images < 1``.
     """
     if images is not None and images < 1:
         raise ValueError(f"the number of images must be >= 1, got {images}")
@@ -35,7 +39,12 @@ def load_images(name: str, split: str, size: int, images: int | None = None, see
         ds = photos(split, size=size, patches_per_image=per, seed=seed,
                     grayscale=channels == 1)
     else:
-        ds = fit_dataset(get_dataset(name, split=split, seed=seed), size, channels)
+        found = resolve_dataset(name, split, root=root, seed=seed)
+        if not isinstance(found, ImageDataset):
+            raise ValueError(
+                f"dataset {name!r} gives {type(found).__name__} items, not images with class "
+                "labels; pretraining and probing need an image classification dataset")
+        ds = fit_dataset(found, size, channels)
     if images is not None and len(ds) > images:
         # a deterministic, class-balanced-ish subset: a seeded permutation
         idx = torch.randperm(len(ds), generator=derived_generator("cli-subset", seed, split))
