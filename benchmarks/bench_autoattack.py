@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from equivision.train import TrainConfig, evaluate, train
+from equivision.training import TrainConfig, evaluate, train
 from torch import Tensor, nn
 
 from equivision.data import get_dataset
