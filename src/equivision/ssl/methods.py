@@ -62,8 +62,9 @@ class SERConfig:
     hidden: int = 1024
     variant: Literal["ser", "augself", "equimod"] = "ser"
 
-    #: the fraction r of each batch given equivariant views when SER is on (paper);
-    #: without SER the default is 0 (every image gets the base policy T)
+    #: the fraction r of each batch given equivariant views with a SER config, the
+    #: lambda = 0 control included (paper); without one (``None``, the plain method)
+    #: the default is 0 (every image gets the base policy T)
     RATIO: ClassVar[float] = 0.25
 
     @classmethod
@@ -74,6 +75,22 @@ class SERConfig:
         tau = 0.5 if method.lower() == "dino" else 0.3
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(**{"weight": 0.5, "tau": tau, **given})  # type: ignore[arg-type]
+
+    @classmethod
+    def control(cls, method: str, **overrides: object) -> SERConfig:
+        """The lambda = 0 control: :meth:`paper` settings with ``weight = 0``. With the
+        same ratio r as SER (:meth:`default_ratio` gives :attr:`RATIO` for it) the
+        control and SER runs see the same views and differ only in the SER term, so
+        this, not ``None`` (no T_eq at all, r = 0), is the baseline that isolates SER."""
+        return cls.paper(method, **{**overrides, "weight": 0.0})
+
+    @classmethod
+    def arms(cls, method: str, **overrides: object) -> dict[str, SERConfig | None]:
+        """The three arms of a SER comparison, by name: ``"baseline"`` (the lambda = 0
+        control, :meth:`control`), ``"ser"`` (:meth:`paper`) and ``"plain"`` (``None``:
+        the base method without T_eq)."""
+        return {"baseline": cls.control(method, **overrides),
+                "ser": cls.paper(method, **overrides), "plain": None}
 
     @staticmethod
     def default_ratio(ser: SERConfig | None) -> float:
