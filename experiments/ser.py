@@ -140,7 +140,7 @@ def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None
             "corrupt geometric": "corruptions/mean_geometric"}
     out = {name: mean_std(get(path)) for name, path in keys.items()}
     for g in ("rot90", "hflip", "scale"):
-        vals = [(r.get("equivariance") or {}).get("scores", {}).get(g, [None])[-1]
+        vals = [(r.get("equivariance") or {}).get("centred", {}).get(g, [None])[-1]
                 for r in entry["runs"]]
         out[f"equiv {g} (last block)"] = mean_std(vals)
     for task in ("rotation", "flip"):

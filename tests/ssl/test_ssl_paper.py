@@ -8,8 +8,13 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
-from equivision.ssl import SERConfig
+from equivision.data import ImageDataset, photos
+from equivision.measure.compare import per_image_cosine
+from equivision.ssl import SERConfig, SSLViT
+from equivision.ssl.probe import centred_cosine, equivariance_scores
+from equivision.transforms import hflip, rot90
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,3 +52,46 @@ def test_experiment_baselines_are_the_lambda_zero_control():
         assert baselines, study
         for kw in baselines:  # never the plain method: the baseline keeps T_eq and r
             assert kw["ser"] is not None and kw["ser"]["weight"] == 0.0
+
+
+# ------------------------------------------------------- fix 4: the centred score
+def _photo_maps(g, n: int = 12):
+    torch.manual_seed(0)
+    enc = SSLViT(image_size=32, patch_size=4, dim=32, depth=2, heads=2, cls_layer=1).eval()
+    x = photos("test", size=32, patches_per_image=4, seed=0).images[:n]
+    with torch.no_grad():
+        return enc, x, enc(x, all_tokens=True).token_maps, enc(g(x), all_tokens=True).token_maps
+
+
+def test_centred_score_tells_the_right_action_from_a_wrong_one():
+    g = rot90(1)
+    _, _, maps, moved = _photo_maps(g)
+    for fx, fgx in zip(maps, moved):
+        right = float(centred_cosine(fgx, g.apply_map(fx)).mean())
+        for wrong in (rot90(3), hflip()):
+            bad = float(centred_cosine(fgx, wrong.apply_map(fx)).mean())
+            assert right > bad + 0.3, (right, bad)
+            # the global cosine cannot: both near 1, within a few hundredths
+            glob = per_image_cosine(fgx, g.apply_map(fx)).mean()
+            assert abs(glob - per_image_cosine(fgx, wrong.apply_map(fx)).mean()) < 0.05
+
+
+def test_centred_cosine_is_a_per_image_centred_cosine():
+    a, b = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    shift = torch.randn(3, 4, 1, 1) * 10  # per-image channel offsets do not count
+    torch.testing.assert_close(centred_cosine(a + shift, b), centred_cosine(a, b))
+    mask = torch.ones(5, 5, dtype=torch.bool)
+    mask[0] = False
+    ca = a[..., 1:, :] - a[..., 1:, :].mean((2, 3), keepdim=True)
+    cb = b[..., 1:, :] - b[..., 1:, :].mean((2, 3), keepdim=True)
+    torch.testing.assert_close(centred_cosine(a, b, mask), per_image_cosine(ca, cb))
+    torch.testing.assert_close(centred_cosine(a, a), torch.ones(3))
+
+
+def test_equivariance_scores_report_the_centred_score():
+    g = rot90(1)
+    enc, x, maps, moved = _photo_maps(g, n=6)
+    out = equivariance_scores(enc, ImageDataset(x, torch.zeros(6).long(), ["a"]), "rot90")
+    ref = [float(centred_cosine(b, g.apply_map(a)).mean()) for a, b in zip(maps, moved)]
+    assert out["centred"]["rot90"] == pytest.approx(ref, abs=1e-5)
+    assert min(out["scores"]["rot90"]) > max(out["centred"]["rot90"])  # global stays high
