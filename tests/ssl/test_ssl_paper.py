@@ -12,9 +12,12 @@ import torch
 
 from equivision.data import ImageDataset, photos
 from equivision.measure.compare import per_image_cosine
-from equivision.ssl import SERConfig, SSLViT
+from equivision.ssl import SERConfig, SSLViT, ViewBatch
+from equivision.ssl.losses import PatchNTXent
 from equivision.ssl.probe import centred_cosine, equivariance_scores
-from equivision.transforms import hflip, rot90
+from equivision.ssl.views import _clean, pair_valid_masks
+from equivision.transforms import Scale, hflip, rot90
+from equivision.transforms.elements import ElementBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,3 +98,37 @@ def test_equivariance_scores_report_the_centred_score():
     ref = [float(centred_cosine(b, g.apply_map(a)).mean()) for a, b in zip(maps, moved)]
     assert out["centred"]["rot90"] == pytest.approx(ref, abs=1e-5)
     assert min(out["scores"]["rot90"]) > max(out["centred"]["rot90"])  # global stays high
+
+
+# ------------------------------------------------ fix 2: no anchor from padding
+def _zoomed_out_batch() -> ViewBatch:
+    g1, g2 = [Scale(0.75), Scale(0.75, 1.0)], [Scale(0.75), Scale(1.0, 0.75)]
+    rel = [_clean(b @ a.inverse()) for a, b in zip(g1, g2)]
+    return ViewBatch([torch.zeros(2, 3, 32, 32)] * 2, torch.arange(2), g1, g2, rel)
+
+
+def test_pair_masks_drop_the_padding_of_either_view():
+    batch = _zoomed_out_batch()
+    masks = batch.valid_masks((8, 8))
+    centre = torch.zeros(8, 8, dtype=torch.bool)
+    centre[1:7, 1:7] = True
+    assert torch.equal(masks[0], centre)  # g = identity, yet both views are padded
+    assert ElementBatch(batch.relative[:1]).valid_masks((8, 8)).all()  # the old mask
+    # image 1: view 1 padded left/right, view 2 top/bottom: only the common centre
+    assert torch.equal(masks[1], centre)
+    assert torch.equal(pair_valid_masks(batch.g1, batch.g2, batch.relative, (8, 8)), masks)
+
+
+def test_ser_loss_ignores_the_padded_border():
+    torch.manual_seed(0)
+    head = PatchNTXent(8, proj_dim=8, hidden=16)
+    batch = _zoomed_out_batch()
+    t1, t2 = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8)
+    valid = batch.valid_masks((8, 8))
+    # each view's own padding, in its own frame
+    pad1, pad2 = (~ElementBatch(g).valid_masks((8, 8))[:, None].expand_as(t1)
+                  for g in (batch.g1, batch.g2))
+    n1, n2 = t1.masked_fill(pad1, 5.0), t2.masked_fill(pad2, -5.0)
+    ref = head(t1, t2, batch.relative, valid)
+    torch.testing.assert_close(head(n1, n2, batch.relative, valid), ref)
+    assert not torch.allclose(head(n1, n2, batch.relative), head(t1, t2, batch.relative))

@@ -64,8 +64,10 @@ class PatchNTXent(nn.Module):
     positive is ``z'_ij`` (same image and position of ``tokens2``); the negatives are
     all tokens ``z_mn`` and ``z'_mn`` of the other images ``m ≠ i`` of the global batch
     (all processes), never other positions of the same image.  Similarities are
-    cosines divided by ``tau``.  Positions that ``g`` fills from outside the map
-    (zoom-out borders) are neither anchors nor negatives.
+    cosines divided by ``tau``.  Positions marked invalid (``valid``; by default those
+    that ``g`` fills from outside the map; :meth:`ViewBatch.valid_masks
+    <equivision.ssl.views.ViewBatch.valid_masks>` also drops each view's own padding)
+    are neither anchors nor negatives.
 
     The returned value is the mean over all valid anchors of the global batch,
     multiplied by the number of processes over the sum of valid anchors (so that the
@@ -81,8 +83,10 @@ class PatchNTXent(nn.Module):
         self.tau = tau
         self.projector = mlp(dim, hidden, proj_dim)
 
-    def forward(self, tokens1: Tensor, tokens2: Tensor, relative: Sequence[Transform]) -> Tensor:
-        """``tokens1, tokens2 (M, D, h, w)``, ``relative``: M elements -> 0-dim loss."""
+    def forward(self, tokens1: Tensor, tokens2: Tensor, relative: Sequence[Transform],
+                valid: Tensor | None = None) -> Tensor:
+        """``tokens1, tokens2 (M, D, h, w)``, ``relative``: M elements, ``valid (M, h, w)``
+        bool usable positions (default: those ``g`` fills from inside) -> 0-dim loss."""
         if tokens1.shape != tokens2.shape or tokens1.dim() != 4:
             raise ValueError(f"expected two token maps (M, D, h, w) of the same shape, got "
                              f"{tuple(tokens1.shape)} and {tuple(tokens2.shape)}")
@@ -90,7 +94,9 @@ class PatchNTXent(nn.Module):
         n = h * w
         elements = ElementBatch(relative)
         z = elements.apply_map(tokens1)
-        valid = elements.valid_masks((h, w), device=tokens1.device).reshape(m, n)
+        if valid is None:
+            valid = elements.valid_masks((h, w), device=tokens1.device)
+        valid = valid.to(tokens1.device).reshape(m, n)
         p1 = F.normalize(self.projector(z.flatten(2).transpose(1, 2)), dim=-1)  # (M, N, E)
         p2 = F.normalize(self.projector(tokens2.flatten(2).transpose(1, 2)), dim=-1)
         all1, all2 = gather_with_grad(p1), gather_with_grad(p2)  # (G, N, E)

@@ -189,6 +189,9 @@ class SSLMethod(nn.Module):
         for head, (t1, t2) in zip(self.ser_heads, pairs):
             if isinstance(head, AugSelfHead):
                 losses.append(head(t1, t2, batch.g1, batch.g2))
+            elif isinstance(head, PatchNTXent):
+                valid = batch.valid_masks(tuple(t1.shape[-2:]), t1.device)
+                losses.append(head(t1, t2, batch.relative, valid))
             else:
                 losses.append(head(t1, t2, batch.relative))
         return torch.stack(losses).mean()

@@ -37,7 +37,7 @@ from ..transforms.elements import ElementBatch
 
 __all__ = [
     "BasePolicy", "EquivariantPolicy", "Photometric", "ViewBatch", "ViewSampler",
-    "check_patch_aligned", "geometric_params", "patch_aligned_scales",
+    "check_patch_aligned", "geometric_params", "pair_valid_masks", "patch_aligned_scales",
 ]
 
 
@@ -267,6 +267,24 @@ def geometric_params(t: Transform) -> tuple[int, bool, float, float]:
     return k, flip, sx, sy
 
 
+def pair_valid_masks(g1: Sequence[Transform], g2: Sequence[Transform],
+                     relative: Sequence[Transform], shape: tuple[int, int],
+                     device: torch.device | str | None = None) -> Tensor:
+    """``(M, h, w)`` bool: positions ``j`` of ``g·map1`` (``g = g2 ∘ g1⁻¹``) where both
+    ``(g·map1)_j`` and ``map2_j`` come from image content, on token maps of ``shape``.
+
+    A view zoomed out on a fixed canvas is zero-padded at its border; view ``v``'s
+    content mask is ``g_v``'s valid mask. View 1's mask is moved by ``g`` (which also
+    drops the positions ``g`` fills from outside the map) and intersected with view 2's,
+    so no anchor or positive is built from padding."""
+    if not len(relative):
+        return torch.zeros(0, *shape, dtype=torch.bool, device=device)
+    content1 = ElementBatch(g1).valid_masks(shape, device=device)
+    content2 = ElementBatch(g2).valid_masks(shape, device=device)
+    moved = ElementBatch(relative).apply_map(content1[:, None].float())[:, 0]
+    return (moved > 1.0 - 1e-3) & content2
+
+
 # ---------------------------------------------------------------------------------
 # the batch partition
 # ---------------------------------------------------------------------------------
@@ -286,6 +304,12 @@ class ViewBatch:
     g1: list[Transform] = field(default_factory=list)
     g2: list[Transform] = field(default_factory=list)
     relative: list[Transform] = field(default_factory=list)
+
+    def valid_masks(self, shape: tuple[int, int],
+                    device: torch.device | str | None = None) -> Tensor:
+        """``(M, h, w)`` bool: positions of ``g·map(view 1)`` usable as SER anchors and
+        positives on token maps of spatial ``shape`` (see :func:`pair_valid_masks`)."""
+        return pair_valid_masks(self.g1, self.g2, self.relative, shape, device)
 
     def to(self, device: torch.device | str) -> ViewBatch:
         """The same batch with its tensors on ``device``."""
