@@ -15,7 +15,12 @@ from equivision.measure.compare import per_image_cosine
 from equivision.ssl import SERConfig, SSLViT, ViewBatch
 from equivision.ssl.losses import PatchNTXent
 from equivision.ssl.probe import centred_cosine, equivariance_scores
-from equivision.ssl.views import _clean, pair_valid_masks
+from equivision.ssl.views import (
+    _clean,
+    canvas_grids,
+    pair_valid_masks,
+    patch_aligned_scales,
+)
 from equivision.transforms import Scale, hflip, rot90
 from equivision.transforms.elements import ElementBatch
 
@@ -132,3 +137,34 @@ def test_ser_loss_ignores_the_padded_border():
     ref = head(t1, t2, batch.relative, valid)
     torch.testing.assert_close(head(n1, n2, batch.relative, valid), ref)
     assert not torch.allclose(head(n1, n2, batch.relative), head(t1, t2, batch.relative))
+
+
+# ------------------------------------ fix 3: canvases without cropping, any grid
+def test_canvas_grids_follow_the_released_code():
+    grids = canvas_grids(8)
+    assert (8, 8) in grids and (6, 8) in grids and (10, 8) in grids
+    for h, w in grids:
+        assert 0.7 * 64 <= h * w <= 1.3 * 64 and 3 / 4 <= w / h <= 4 / 3
+    assert (6, 6) not in grids and (6, 10) not in grids  # area / aspect out of range
+    scales = {h / 8 for h, _ in grids}
+    assert len(scales) > len(patch_aligned_scales(32, 4))  # more than {0.75, 1, 1.25}
+    assert canvas_grids(4) and all(h * w >= 0.7 * 16 for h, w in canvas_grids(4))
+
+
+def test_vit_encodes_any_patch_aligned_canvas():
+    torch.manual_seed(0)
+    enc = SSLViT(image_size=32, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1).eval()
+    assert enc.positions((8, 8)) is enc.pos_embed  # the native size is unchanged
+    x = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        out = enc(x, all_tokens=True)
+    assert out.cls.shape == (2, 16) and out.tokens.shape == (2, 16, 6, 10)
+    assert [m.shape[-2:] for m in out.token_maps] == [(6, 10)] * 2
+    pos = enc.positions((6, 10))
+    assert pos.shape == (1, 60, 16) and torch.isfinite(pos).all()
+    # interpolating to the native grid's own size gives the learned embedding back
+    back = torch.nn.functional.interpolate(
+        enc.pos_embed.reshape(1, 8, 8, 16).permute(0, 3, 1, 2), size=(8, 8), mode="bicubic")
+    torch.testing.assert_close(back.flatten(2).transpose(1, 2), enc.pos_embed)
+    with pytest.raises(ValueError, match="multiple"):
+        enc(torch.rand(1, 3, 30, 32))

@@ -37,7 +37,8 @@ from ..transforms.elements import ElementBatch
 
 __all__ = [
     "BasePolicy", "EquivariantPolicy", "Photometric", "ViewBatch", "ViewSampler",
-    "check_patch_aligned", "geometric_params", "pair_valid_masks", "patch_aligned_scales",
+    "canvas_grids", "check_patch_aligned", "geometric_params", "pair_valid_masks",
+    "patch_aligned_scales",
 ]
 
 
@@ -168,6 +169,27 @@ def patch_aligned_scales(
         raise ValueError(f"scale_range must contain 1 and be positive, got {scale_range}")
     ks = range(-(side // 2), side + 1)
     return [(side + 2 * k) / side for k in ks if lo - 1e-9 <= (side + 2 * k) / side <= hi + 1e-9]
+
+
+def canvas_grids(
+    side: int | tuple[int, int], area: tuple[float, float] = (0.7, 1.3),
+    aspect: tuple[float, float] = (3 / 4, 4 / 3),
+) -> list[tuple[int, int]]:
+    """Token grids ``(h, w)`` of the resized canvases of T_eq without cropping (the
+    paper's "anisotropic scaling without cropping", as in its released code): token
+    area ``h·w`` in ``area`` times ``N`` (the native grid's) and aspect ``w / h`` in
+    ``aspect``.  E.g. an 8 x 8 grid (32 px, 4 px patches) gives 13 canvases with per-axis
+    scales 6/8 .. 10/8, against ``{0.75, 1, 1.25}`` on a fixed canvas."""
+    h0, w0 = (side, side) if isinstance(side, int) else side
+    n = h0 * w0
+    lo, hi = area
+    out = []
+    for h in range(1, 2 * h0 + 1):
+        for w in range(1, 2 * w0 + 1):
+            if lo * n - 1e-9 <= h * w <= hi * n + 1e-9 and \
+                    aspect[0] - 1e-9 <= w / h <= aspect[1] + 1e-9:
+                out.append((h, w))
+    return out
 
 
 def check_patch_aligned(scale: float, image_size: int, patch_size: int) -> None:
