@@ -91,28 +91,34 @@ class PatchNTXent(nn.Module):
             raise ValueError(f"expected two token maps (M, D, h, w) of the same shape, got "
                              f"{tuple(tokens1.shape)} and {tuple(tokens2.shape)}")
         m, d, h, w = tokens1.shape
-        n = h * w
         elements = ElementBatch(relative)
         z = elements.apply_map(tokens1)
         if valid is None:
             valid = elements.valid_masks((h, w), device=tokens1.device)
-        valid = valid.to(tokens1.device).reshape(m, n)
-        p1 = F.normalize(self.projector(z.flatten(2).transpose(1, 2)), dim=-1)  # (M, N, E)
-        p2 = F.normalize(self.projector(tokens2.flatten(2).transpose(1, 2)), dim=-1)
-        all1, all2 = gather_with_grad(p1), gather_with_grad(p2)  # (G, N, E)
-        all_valid = gather_no_grad(valid.float()) > 0.5  # (G, N)
-        g = all1.shape[0]
-        start = _offset(m, tokens1.device)
-        anchors = p1.reshape(m * n, -1)
-        pos = (p1 * p2).sum(-1).reshape(m * n) / self.tau
-        keys = torch.cat([all1.reshape(g * n, -1), all2.reshape(g * n, -1)])
-        sim = anchors @ keys.T / self.tau  # (M N, 2 G N)
-        key_img = torch.arange(g, device=z.device).repeat_interleave(n).repeat(2)
-        anchor_img = (start + torch.arange(m, device=z.device)).repeat_interleave(n)
-        allowed = (key_img[None] != anchor_img[:, None]) & all_valid.reshape(-1).repeat(2)[None]
+        image = torch.arange(m, device=tokens1.device).repeat_interleave(h * w)
+        return self.forward_flat(z.flatten(2).transpose(1, 2).reshape(m * h * w, d),
+                                 tokens2.flatten(2).transpose(1, 2).reshape(m * h * w, d),
+                                 image, valid.to(tokens1.device).reshape(-1), m)
+
+    def forward_flat(self, z1: Tensor, z2: Tensor, image: Tensor, valid: Tensor,
+                     n_images: int) -> Tensor:
+        """The loss on flattened positions: ``z1 = (g·tokens1)`` and ``z2 = tokens2`` as
+        ``(T, D)`` (the positions of all ``n_images`` local images, which may have token
+        maps of different sizes), ``image (T,)`` the local image index ``0..n_images-1``
+        of each position and ``valid (T,)`` bool -> 0-dim loss."""
+        p1 = F.normalize(self.projector(z1), dim=-1)  # (T, E)
+        p2 = F.normalize(self.projector(z2), dim=-1)
+        start = _offset(n_images, z1.device)
+        anchor_img = image + start
+        all1, all2 = gather_with_grad(p1), gather_with_grad(p2)  # (G_T, E)
+        all_valid = gather_no_grad(valid.float()) > 0.5  # (G_T,)
+        key_img = gather_no_grad(anchor_img).repeat(2)
+        pos = (p1 * p2).sum(-1) / self.tau
+        sim = p1 @ torch.cat([all1, all2]).T / self.tau  # (T, 2 G_T)
+        allowed = (key_img[None] != anchor_img[:, None]) & all_valid.repeat(2)[None]
         sim = sim.masked_fill(~allowed, float("-inf"))
         per = torch.logsumexp(torch.cat([pos[:, None], sim], 1), 1) - pos
-        keep = valid.reshape(-1)
+        keep = valid
         _, world = rank_and_world()
         total = all_reduce_sum(keep.sum().to(per.dtype))
         if float(total) == 0:

@@ -38,12 +38,15 @@ class ViTOutput:
             ``n_last`` blocks (oldest first), each normed with the final LayerNorm.
         token_maps: with ``all_tokens=True``, ``depth`` raw (un-normed) patch-token
             maps ``(B, D, h, w)``, one after every block; else ``None``.
+        parts: per-image outputs (batch 1 each) of views whose sizes differ (T_eq's
+            resized canvases, first in the batch; ``cls`` covers them too), else ``None``.
     """
 
     cls: Tensor
     tokens: Tensor
     last_cls: list[Tensor] = field(default_factory=list)
     token_maps: list[Tensor] | None = None
+    parts: list[ViTOutput] | None = None
 
 
 class SSLViT(nn.Module):
