@@ -12,16 +12,28 @@ import torch
 
 from equivision.data import ImageDataset, photos
 from equivision.measure.compare import per_image_cosine
-from equivision.ssl import SERConfig, SSLViT, ViewBatch
+from equivision.ssl import (
+    BasePolicy,
+    EquivariantPolicy,
+    Photometric,
+    SERConfig,
+    SSLViT,
+    ViewBatch,
+    ViewSampler,
+    build_method,
+)
 from equivision.ssl.losses import PatchNTXent
 from equivision.ssl.probe import centred_cosine, equivariance_scores
 from equivision.ssl.views import (
     _clean,
+    act_on_canvas,
     canvas_grids,
+    canvas_shape,
+    geometric_params,
     pair_valid_masks,
     patch_aligned_scales,
 )
-from equivision.transforms import Scale, hflip, rot90
+from equivision.transforms import Dihedral, Scale, hflip, rot90
 from equivision.transforms.elements import ElementBatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,3 +180,68 @@ def test_vit_encodes_any_patch_aligned_canvas():
     torch.testing.assert_close(back.flatten(2).transpose(1, 2), enc.pos_embed)
     with pytest.raises(ValueError, match="multiple"):
         enc(torch.rand(1, 3, 30, 32))
+
+
+def _smooth(b: int = 6, size: int = 32) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+                            indexing="ij")
+    f = torch.arange(1, b + 1, dtype=torch.float32)[:, None, None]
+    chans = [torch.sin(f * xx + yy), torch.cos(2 * yy - f * xx), f * xx * yy / b]
+    return torch.stack(chans, 1) * 0.4 + 0.5
+
+
+def test_resized_views_keep_the_whole_image():
+    eq = EquivariantPolicy(32, 4, canvas="resize", photometric=Photometric.off())
+    x = _smooth()
+    sampler = ViewSampler(BasePolicy(), eq, 1.0)
+    sizes = set()
+    for seed in range(4):
+        batch = sampler(x, torch.Generator().manual_seed(seed))
+        assert batch.views[0].shape[0] == 0 and batch.batch_size == 6
+        for g1, g2, a, b in zip(batch.g1, batch.g2, *batch.eq_views):
+            sizes.update(a.shape[-2:])
+            assert a.shape[-2] % 4 == 0 and a.shape[-1] % 4 == 0
+            # g = g2 g1^-1 maps view 1 onto view 2 everywhere: nothing cropped or padded
+            moved = act_on_canvas(g1, g2, a[None], tuple(b.shape[-2:]))
+            assert (moved[0] - b).abs().mean() < 0.01
+            h, w = canvas_shape(g1, 32)  # the whole image resized, then rotated / flipped
+            assert tuple(a.shape[-2:]) == ((w, h) if geometric_params(g1)[0] % 2 else (h, w))
+            assert canvas_shape(g1, 32) in {(h * 4, w * 4) for h, w in canvas_grids(8)}
+    assert len(sizes) > 3  # more scales than the fixed canvas's {24, 32, 40} px
+    only_one = EquivariantPolicy(32, 4, canvas="resize", scales=[1.0])
+    assert only_one.grids == [(8, 8)]
+
+
+def test_canvas_loss_matches_the_fixed_canvas_loss_without_scaling():
+    """With native-size canvases (rotations and flips only) both layouts give one loss."""
+    torch.manual_seed(0)
+    enc = SSLViT(image_size=16, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1)
+    method = build_method("mocov3", enc, SERConfig(weight=0.5, proj_dim=8, hidden=16),
+                          proj_dim=8, hidden=16).eval()
+    x = _smooth(4, 16)
+    g1 = [Dihedral(1), Dihedral(0, True), Dihedral(2), Dihedral(0)]
+    g2 = [Dihedral(0), Dihedral(3), Dihedral(1, True), Dihedral(2)]
+    rel = [_clean(b @ a.inverse()) for a, b in zip(g1, g2)]
+    v1 = ElementBatch(g1).apply_image(x)
+    v2 = ElementBatch(g2).apply_image(x)
+    base = torch.rand(2, 3, 16, 16)
+    fixed = ViewBatch([torch.cat([v1, base]), torch.cat([v2, base])], torch.arange(4),
+                      g1, g2, rel)
+    canvas = ViewBatch([base, base], torch.arange(4), g1, g2, rel,
+                       [list(v1), list(v2)])
+    with torch.no_grad():
+        a, b = method(fixed), method(canvas)
+    for key in ("loss", "loss_ssl", "loss_equiv"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mocov3", "dino", "barlow"])
+def test_every_method_trains_on_resized_canvases(name):
+    torch.manual_seed(0)
+    enc = SSLViT(image_size=32, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1)
+    method = build_method(name, enc, SERConfig(weight=0.5, proj_dim=8, hidden=16))
+    sampler = ViewSampler(BasePolicy(), EquivariantPolicy(32, 4, canvas="resize"), 0.5)
+    out = method(sampler(_smooth(), torch.Generator().manual_seed(0)))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss_equiv"]) and float(out["loss_equiv"].detach()) > 0
+    assert enc.patch_embed.weight.grad.abs().sum() > 0

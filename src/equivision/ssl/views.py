@@ -213,7 +213,8 @@ class EquivariantPolicy:
         image_size, patch_size: the encoder's input and patch size (for snapping).
         scale_range: range of the per-axis scale factors; they are drawn from the
             patch-aligned factors in it (:func:`patch_aligned_scales`).
-        scales: explicit per-axis factors instead (each must be patch aligned).
+        scales: explicit per-axis factors instead (each must be patch aligned); with
+            ``canvas="resize"`` they select the canvases whose sides they give.
         flip_p: probability of a horizontal flip.
         rotations: allow 90° rotations (k uniform in 0..3).
         photometric: the photometric jitter (default as in T; ``Photometric.off()``).
@@ -237,6 +238,12 @@ class EquivariantPolicy:
         self.canvas = canvas
         side = image_size // patch_size
         self.grids = canvas_grids(side, area, aspect) if canvas == "resize" else [(side, side)]
+        if canvas == "resize" and scales is not None:  # keep the canvases of these factors
+            sides = {round(float(f) * side) for f in scales}
+            self.grids = [(h, w) for h, w in self.grids if h in sides and w in sides]
+            if not self.grids:
+                raise ValueError(f"no canvas of {canvas_grids(side, area, aspect)} has sides "
+                                 f"{sorted(sides)} (scales {list(scales)} of {side} tokens)")
         if canvas == "resize":
             self.scales = [1.0]
         elif scales is None:
