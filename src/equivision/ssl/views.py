@@ -229,7 +229,7 @@ class EquivariantPolicy:
         self, image_size: int, patch_size: int,
         scale_range: tuple[float, float] = (0.7, 1.3), scales: Sequence[float] | None = None,
         flip_p: float = 0.5, rotations: bool = True, photometric: Photometric | None = None,
-        canvas: str = "fixed", area: tuple[float, float] = (0.7, 1.3),
+        canvas: str = "resize", area: tuple[float, float] = (0.7, 1.3),
         aspect: tuple[float, float] = (3 / 4, 4 / 3),
     ) -> None:
         self.image_size, self.patch_size = image_size, patch_size
