@@ -19,8 +19,9 @@ out-of-domain like the paper's 3DIEBench) or photograph identity (``photos``, 8 
 
 ``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
 numbers mean little; about 20 s of CPU per configuration). ``--size N`` overrides the image
-size of the preset; the quick preset uses 32 px because at 16 px with 4 px patches T_eq has
-no patch-aligned scale (``--quick --size 16`` is about half the cost, without scaling).
+size of the preset. T_eq resizes whole images to patch-aligned canvases (token area 0.7-1.3
+of N, aspect 3/4-4/3; at 32 px / 4 px patches 13 canvases from 24 to 40 px a side, at 16 px
+five), so ``--quick --size 16`` (about half the cost) scales too.
 Results: ``runs/ser[-quick][-SIZEpx]/<study>.json`` and ``.md``; checkpoints
 under ``runs/ser[-quick]/<study>/<run>/`` (an existing finished run is reused).
 Example: ``python experiments/ser.py lambda0 --quick``; on several processes:
@@ -61,8 +62,7 @@ FULL = {
     "probe_steps": 500,
 }
 QUICK = {
-    # 32 px: the smallest size whose T_eq has patch-aligned scales (0.75, 1.25) with 4 px
-    # patches; at 16 px (``--size 16``, about half the cost) T_eq cannot scale
+    # 32 px: 13 T_eq canvases with 4 px patches (16 px, ``--size 16``, has 5)
     "encoder": dict(image_size=32, patch_size=4, dim=32, depth=3, heads=2, cls_layer=1),
     "patches_per_image": 24, "seeds": (0,),
     "pretrain": dict(epochs=2, batch_size=64, lr=1e-3, warmup_epochs=1, ratio=0.05),

@@ -23,7 +23,7 @@ from equivision.ssl import (
     build_method,
 )
 from equivision.ssl.losses import PatchNTXent
-from equivision.ssl.probe import centred_cosine, equivariance_scores
+from equivision.ssl.probe import KNNMonitor, centred_cosine, equivariance_scores
 from equivision.ssl.views import (
     _clean,
     act_on_canvas,
@@ -245,3 +245,28 @@ def test_every_method_trains_on_resized_canvases(name):
     out["loss"].backward()
     assert torch.isfinite(out["loss_equiv"]) and float(out["loss_equiv"].detach()) > 0
     assert enc.patch_embed.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------- online k-NN monitor
+def test_knn_monitor_runs_as_a_runner_callback():
+    from equivision.ssl.pretrain import PretrainConfig, PretrainTask
+    from equivision.training import RunOptions, run
+
+    torch.manual_seed(0)
+    enc = SSLViT(image_size=16, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1)
+    method = build_method("mocov3", enc, SERConfig.control("mocov3", proj_dim=8, hidden=16),
+                          proj_dim=8, hidden=16)
+    x = _smooth(24, 16)
+    labels = torch.arange(24) % 3
+    held = ImageDataset(x[:12], labels[:12], ["a", "b", "c"])
+    probe = ImageDataset(x[12:], labels[12:], ["a", "b", "c"])
+    monitor = KNNMonitor(held, probe, every=2, k=5)
+    cfg = PretrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_epochs=0, ratio=0.25)
+    task = PretrainTask(method, x, cfg, None, {}, False)
+    run(task, RunOptions(epochs=3, stop_after=2, progress=False, callbacks=[monitor]))
+    assert monitor.history["epoch"] == [2]  # epochs 1, 2: every 2nd
+    top1 = monitor.history["knn_top1"][-1]  # measured on the encoder as it is now
+    assert top1 == pytest.approx(monitor.measure(enc)) and 0 <= top1 <= 1
+    assert enc.training  # the encoder's mode is restored
+    with pytest.raises(ValueError, match="every"):
+        KNNMonitor(held, probe, every=0)

@@ -183,9 +183,7 @@ def section_ser(ctx: Any, sizes: SERDemoSizes | None = None) -> str:
         "differences of a few points are within run-to-run noise. The section shows the "
         "mechanics (the SER term is optimised next to MoCo-v3's loss and the scores are "
         "measured), not the paper's gains, which come from ImageNet-scale pretraining."
-        + (" At 16 px with 4 px patches there is no patch-aligned scale, so T_eq used only "
-           "90° rotations and flips; the 'scale' score is measured anyway."
-           if sizes.image_size // sizes.patch_size <= 4 else ""),
+        + " T_eq resized whole images to patch-aligned canvases (no cropping, no padding).",
         "",
         f"({'Reused the cached checkpoints' if cached else 'Pretrained'} under "
         f"`{out.name}/`; {time.perf_counter() - t0:.0f} s.)", ""]

@@ -46,6 +46,7 @@ __all__ = [
     "linear_probe",
     "mlp_probe",
     "knn_probe",
+    "KNNMonitor",
     "centred_cosine",
     "equivariance_scores",
     "transformation_prediction",
@@ -360,6 +361,43 @@ def knn_probe(
         hits1 += scores["top1"] * len(q)
         hits5 += scores["top5"] * len(q)
     return {"top1": hits1 / len(test_x), "top5": hits5 / len(test_x)}
+
+
+class KNNMonitor:
+    """Online k-NN monitor for pretraining: every ``every`` epochs, the weighted k-NN
+    top-1 (:func:`knn_probe`, final [CLS]) of the encoder on a held-out slice.
+
+    A callback with ``on_epoch_end(epoch, model, history)`` for
+    :func:`equivision.training.run` (``RunOptions(callbacks=[monitor])``; ``model`` is the
+    SSL method, its ``backbone`` the encoder); results accumulate in :attr:`history` as
+    ``{"epoch": [...], "knn_top1": [...]}``.
+
+    Args:
+        train, test: labelled datasets (the memory bank and the held-out queries).
+        every: run after epochs ``every, 2·every, ...`` (1-based, as the runner counts).
+        k, n_last: neighbours and [CLS] layers (see :func:`extract_features`).
+    """
+
+    def __init__(self, train: Any, test: Any, every: int = 1, k: int = 20,
+                 n_last: int = 0) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.train, self.test, self.every, self.k, self.n_last = train, test, every, k, n_last
+        self.history: dict[str, list[float]] = {"epoch": [], "knn_top1": []}
+
+    def measure(self, encoder: nn.Module) -> float:
+        """k-NN top-1 of ``encoder`` now (its train / eval mode is restored)."""
+        tr = extract_features(encoder, self.train, n_last=self.n_last)
+        te = extract_features(encoder, self.test, n_last=self.n_last)
+        return knn_probe(*tr, *te, k=min(self.k, len(tr[0])))["top1"]
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
+        """Measure after (1-based) ``epoch`` when it is a multiple of ``every``."""
+        if epoch % self.every:
+            return
+        encoder = getattr(model, "backbone", model)
+        self.history["epoch"].append(epoch)
+        self.history["knn_top1"].append(self.measure(encoder))
 
 
 # ----------------------------------------------------------------------------- equivariance

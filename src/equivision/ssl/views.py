@@ -3,10 +3,17 @@
 * :class:`BasePolicy` (T): random resized crop, horizontal flip, colour jitter,
   grayscale, Gaussian blur, solarization — the usual invariance pipeline, with
   parameters suited to small images.
-* :class:`EquivariantPolicy` (T_eq): no crop; anisotropic scaling (factors snapped
-  so that the scaled image stays on the patch grid), horizontal flip, 90° rotations,
-  then the same photometric jitter as T.  Every view records its geometric element
-  ``g`` (an :class:`equivision.transforms.Transform`: ``Dihedral ∘ Scale``).
+* :class:`EquivariantPolicy` (T_eq): no crop; anisotropic scaling, horizontal flip,
+  90° rotations, then the same photometric jitter as T.  Every view records its
+  geometric element ``g`` (an :class:`equivision.transforms.Transform`: ``Dihedral ∘
+  Scale``).  By default (``canvas="resize"``, the paper's "anisotropic scaling without
+  cropping" as its released code does it) the whole image is resized to a
+  patch-aligned canvas (:func:`canvas_grids`: token area 0.7-1.3 N, aspect 3/4-4/3), so
+  views have different sizes (:attr:`ViewBatch.eq_views`) and the relative element
+  acts on token maps by resizing the whole map (:func:`act_on_canvas`);
+  ``canvas="fixed"`` scales on the input's own canvas instead (zoom-out pads, zoom-in
+  crops; factors snapped so that the content stays on the patch grid), with
+  :func:`pair_valid_masks` keeping padding out of SER.
 * :class:`ViewSampler` partitions a batch: the first ``M = round(r·B)`` images use
   T_eq (both views), the rest T; it returns a :class:`ViewBatch` with
   ``relative = g2 ∘ g1⁻¹`` per equivariant image, so that ``g(view1) ≈ view2``.
