@@ -4,10 +4,13 @@ Pretraining: patches of the built-in photographs (``equivision.data.photos``); p
 the built-in digits fitted to the encoder's input (``--probe-data digits``, 10 classes,
 out-of-domain like the paper's 3DIEBench) or photograph identity (``photos``, 8 classes).
 
-    table2       MoCo-v3 / DINO / Barlow Twins, each without and with SER (Tables 2, 3):
+    table2       MoCo-v3 / DINO / Barlow Twins, each as the baseline (the lambda = 0
+                 control with the same r, so baseline and SER differ only in the SER
+                 term) and with SER (Tables 2, 3):
                  linear (concatenated [CLS] of the last blocks), k-NN, MLP probes and
                  accuracy under generated corruptions (Tables 12, 13 in spirit)
-    lambda0      the control of Table 5: MoCo-v3, SER with lambda = 0, SER with lambda 0.5
+    lambda0      the control of Table 5: plain MoCo-v3 (no T_eq, r = 0), SER with
+                 lambda = 0 (the baseline of the other studies), SER with lambda 0.5
     layers       the SER layer from first to last block (Table 4 / figure 3): linear
                  accuracy, per-block equivariance scores, transformation prediction (Table 7)
     sensitivity  partition ratio r and loss weight lambda (Table 8)
@@ -16,8 +19,9 @@ out-of-domain like the paper's 3DIEBench) or photograph identity (``photos``, 8 
 
 ``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
 numbers mean little; about 20 s of CPU per configuration). ``--size N`` overrides the image
-size of the preset; the quick preset uses 32 px because at 16 px with 4 px patches T_eq has
-no patch-aligned scale (``--quick --size 16`` is about half the cost, without scaling).
+size of the preset. T_eq resizes whole images to patch-aligned canvases (token area 0.7-1.3
+of N, aspect 3/4-4/3; at 32 px / 4 px patches 13 canvases from 24 to 40 px a side, at 16 px
+five), so ``--quick --size 16`` (about half the cost) scales too.
 Results: ``runs/ser[-quick][-SIZEpx]/<study>.json`` and ``.md``; checkpoints
 under ``runs/ser[-quick]/<study>/<run>/`` (an existing finished run is reused).
 Example: ``python experiments/ser.py lambda0 --quick``; on several processes:
@@ -58,8 +62,7 @@ FULL = {
     "probe_steps": 500,
 }
 QUICK = {
-    # 32 px: the smallest size whose T_eq has patch-aligned scales (0.75, 1.25) with 4 px
-    # patches; at 16 px (``--size 16``, about half the cost) T_eq cannot scale
+    # 32 px: 13 T_eq canvases with 4 px patches (16 px, ``--size 16``, has 5)
     "encoder": dict(image_size=32, patch_size=4, dim=32, depth=3, heads=2, cls_layer=1),
     "patches_per_image": 24, "seeds": (0,),
     "pretrain": dict(epochs=2, batch_size=64, lr=1e-3, warmup_epochs=1, ratio=0.05),
@@ -70,6 +73,10 @@ SMALL_HEADS = {"mocov3": dict(proj_dim=64, hidden=256), "barlow": dict(proj_dim=
                "dino": dict(out_dim=256, hidden=256, bottleneck=64)}
 TAU = {"mocov3": 0.3, "barlow": 0.3, "dino": 0.5}  # the paper's SER temperatures
 LAMBDAS = (0.0, 0.5, 1.0, 5.0, 10.0)
+#: the baseline arm of every study: the lambda = 0 control (SERConfig.control) with the
+#: same ratio r as SER, so that the comparison isolates the SER term (``ser=None`` is the
+#: plain method without T_eq, kept in ``lambda0``)
+BASELINE = {"weight": 0.0}
 
 
 def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
@@ -133,7 +140,7 @@ def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None
             "corrupt geometric": "corruptions/mean_geometric"}
     out = {name: mean_std(get(path)) for name, path in keys.items()}
     for g in ("rot90", "hflip", "scale"):
-        vals = [(r.get("equivariance") or {}).get("scores", {}).get(g, [None])[-1]
+        vals = [(r.get("equivariance") or {}).get("centred", {}).get(g, [None])[-1]
                 for r in entry["runs"]]
         out[f"equiv {g} (last block)"] = mean_std(vals)
     for task in ("rotation", "flip"):
@@ -162,19 +169,20 @@ def write(args, study: str, entries: list[dict[str, Any]]) -> None:
 def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
     """(label, keyword arguments of :func:`run`) of every configuration of the study."""
     ser = {"weight": 0.5}
+    base = BASELINE
     depth = scale["encoder"]["depth"]
     s = args.study
     if s == "table2":
         which = ("linear", "knn", "mlp", "corruptions")
-        return [(f"{m}{' + SER' if on else ''}", dict(method=m, ser=ser if on else None,
-                                                       which=which))
+        return [(f"{m}{' + SER' if on else ' (lambda=0)'}", dict(method=m, ser=ser if on else base,
+                                                                   which=which))
                 for m in ("mocov3", "dino", "barlow") for on in (False, True)]
     if s == "lambda0":
-        return [("MoCo-v3", dict(ser=None)), ("SER lambda=0", dict(ser={"weight": 0.0})),
+        return [("MoCo-v3 (plain, r=0)", dict(ser=None)), ("SER lambda=0", dict(ser=BASELINE)),
                 ("SER lambda=0.5", dict(ser=ser))]
     if s == "layers":
         which = ("linear", "knn", "equivariance", "transform_prediction")
-        return [("MoCo-v3", dict(ser=None, which=which))] + [
+        return [("MoCo-v3 (lambda=0)", dict(ser=base, which=which))] + [
             (f"SER layer {layer}", dict(ser={**ser, "layer": layer}, which=which))
             for layer in range(1, depth + 1)]
     if s == "sensitivity":
@@ -185,7 +193,7 @@ def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
                 ("- rot90", dict(ser=ser, views={"rotations": False})),
                 ("- rot90 - hflip", dict(ser=ser, views={"rotations": False, "flip_p": 0.0})),
                 ("- rot90 - scale", dict(ser=ser, views={"rotations": False, "scales": [1.0]}))]
-    return [("MoCo-v3", dict(ser=None)), ("SER ([CLS] layer)", dict(ser=ser)),
+    return [("MoCo-v3 (lambda=0)", dict(ser=base)), ("SER ([CLS] layer)", dict(ser=ser)),
             ("SER (all layers)", dict(ser={**ser, "layer": "all"}))]
 
 

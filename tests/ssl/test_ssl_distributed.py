@@ -37,18 +37,23 @@ def grads(*modules):
                       if p.grad is not None])
 
 
+def both_grads(vit, head, proj, equiv, barlow):
+    """Gradients of the SER loss (encoder, head) and of Barlow Twins (encoder, projector)."""
+    equiv.backward(retain_graph=True)
+    g_equiv = grads(vit, head)
+    for m in (vit, head, proj):
+        m.zero_grad()
+    barlow.backward()
+    return g_equiv, grads(vit, proj)
+
+
 def worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         vit, head, proj, x1, x2 = setup()
         equiv, barlow = losses(vit, head, proj, x1, x2, slice(*SHARDS[rank]))
-        equiv.backward(retain_graph=True)
-        g_equiv = grads(vit, head)
-        for m in (vit, head, proj):
-            m.zero_grad()
-        barlow.backward()
-        g_barlow = grads(vit, proj)
+        g_equiv, g_barlow = both_grads(vit, head, proj, equiv, barlow)
         # what DistributedDataParallel does: average the gradients over processes
         for g in (g_equiv, g_barlow):
             dist.all_reduce(g)
@@ -78,12 +83,7 @@ def test_two_gloo_processes_match_one(tmp_path, one_thread):
     mp.spawn(worker, args=(2, init, out), nprocs=2, join=True)
     vit, head, proj, x1, x2 = setup()
     equiv, barlow = losses(vit, head, proj, x1, x2, slice(0, 5))
-    equiv.backward(retain_graph=True)
-    g_equiv = grads(vit, head)
-    for m in (vit, head, proj):
-        m.zero_grad()
-    barlow.backward()
-    g_barlow = grads(vit, proj)
+    g_equiv, g_barlow = both_grads(vit, head, proj, equiv, barlow)
     assert g_equiv.abs().sum() > 0
     for rank in range(2):
         res = torch.load(f"{out}.{rank}")

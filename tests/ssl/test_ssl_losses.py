@@ -40,7 +40,7 @@ def batch(b: int = 8, ratio: float = 0.5, seed: int = 0, size: int = 16):
     scales = [1.0] if size == 16 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eq = EquivariantPolicy(size, 4, scales=scales)
+        eq = EquivariantPolicy(size, 4, scales=scales, canvas="fixed")
     return ViewSampler(BasePolicy(), eq, ratio)(x, g)
 
 

@@ -41,9 +41,9 @@ def test_patch_aligned_scales():
     with pytest.raises(ValueError, match="scale 0.8 leaves the patch grid"):
         check_patch_aligned(0.8, 32, 4)
     with pytest.raises(ValueError, match="leaves the patch grid"):  # 7 patches of 8: odd offset
-        EquivariantPolicy(32, 4, scales=[0.875])
+        EquivariantPolicy(32, 4, scales=[0.875], canvas="fixed")
     with pytest.warns(UserWarning, match="no patch-aligned scale"):
-        EquivariantPolicy(16, 4)
+        EquivariantPolicy(16, 4, canvas="fixed")
 
 
 @pytest.mark.parametrize("size,scales", [(16, [1.0]), (32, [0.75, 1.0, 1.25])])
@@ -51,7 +51,8 @@ def test_relative_element_maps_view1_onto_view2(size, scales):
     """Jitter off: g(view1) == view2 exactly without scaling, and on the valid region
     up to resampling error with scaling."""
     x = smooth_images(6, size)
-    eq = EquivariantPolicy(size, 4, scales=scales, photometric=Photometric.off())
+    eq = EquivariantPolicy(size, 4, scales=scales, photometric=Photometric.off(),
+                           canvas="fixed")
     sampler = ViewSampler(BasePolicy(), eq, ratio=0.5)
     vb = sampler(x, gen(1))
     assert vb.eq_index.tolist() == [0, 1, 2]
@@ -74,7 +75,7 @@ def test_relative_element_maps_view1_onto_view2(size, scales):
 
 
 def test_relative_elements_cover_the_group_and_scales_are_anisotropic():
-    eq = EquivariantPolicy(32, 4, photometric=Photometric.off())
+    eq = EquivariantPolicy(32, 4, photometric=Photometric.off(), canvas="fixed")
     gs = eq.sample(200, gen(2))
     params = [geometric_params(g) for g in gs]
     assert {p[0] for p in params} == {0, 1, 2, 3}

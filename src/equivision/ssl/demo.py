@@ -129,12 +129,12 @@ def ser_demo_runs(out: Path, sizes: SERDemoSizes | None = None, device: str = "a
 
 
 def _markdown(results: dict[str, dict[str, Any]], sizes: SERDemoSizes) -> list[str]:
-    groups = list(next(iter(results.values()))["equivariance"]["scores"])
+    groups = list(next(iter(results.values()))["equivariance"]["centred"])
     head = ["run", "20-NN top-1 (digits)", "SER loss (last epoch)"] + [
         f"equiv. {g} (blocks 1..{sizes.depth})" for g in groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        scores = [" / ".join(f"{v:.3f}" for v in r["equivariance"]["scores"][g])
+        scores = [" / ".join(f"{v:.3f}" for v in r["equivariance"]["centred"][g])
                   for g in groups]
         loss = "-" if r["loss_equiv"] is None else f"{r['loss_equiv']:.3f}"
         lines.append(f"| {name} | {r['knn']['top1']:.3f} | {loss} | "
@@ -153,8 +153,8 @@ def section_ser(ctx: Any, sizes: SERDemoSizes | None = None) -> str:
     init = results["random init (no pretraining)"]
     d_knn = 100 * (ser["knn"]["top1"] - base["knn"]["top1"])
     d_init = 100 * (max(base["knn"]["top1"], ser["knn"]["top1"]) - init["knn"]["top1"])
-    eq_b = base["equivariance"]["scores"]
-    eq_s = ser["equivariance"]["scores"]
+    eq_b = base["equivariance"]["centred"]
+    eq_s = ser["equivariance"]["centred"]
     d_eq = {g: sum(eq_s[g]) / len(eq_s[g]) - sum(eq_b[g]) / len(eq_b[g]) for g in eq_b}
     cached = base["cached"] and ser["cached"]
     steps = (sizes.images // sizes.batch_size) * sizes.epochs
@@ -166,8 +166,8 @@ def section_ser(ctx: Any, sizes: SERDemoSizes | None = None) -> str:
         f"images, {sizes.ratio:g} of each batch with equivariant views), the same seed, data "
         f"and views; the second adds SER with lambda = {sizes.weight:g} on the [CLS]-insertion "
         "layer. Probes: weighted 20-NN on frozen [CLS] features of the digits (fitted to the "
-        "encoder, out of domain); equivariance = cosine between f(g x) and g f(x) per block "
-        f"on {sizes.eq_images} test digits.", "",
+        "encoder, out of domain); equivariance = centred cosine between f(g x) and g f(x) per "
+        f"block on {sizes.eq_images} test digits.", "",
         *_markdown(results, sizes), "",
         f"In the SER run the SER loss went from {ser['loss_equiv_first']:.3f} (first epoch) "
         f"to {ser['loss_equiv']:.3f} (last). "
@@ -183,9 +183,7 @@ def section_ser(ctx: Any, sizes: SERDemoSizes | None = None) -> str:
         "differences of a few points are within run-to-run noise. The section shows the "
         "mechanics (the SER term is optimised next to MoCo-v3's loss and the scores are "
         "measured), not the paper's gains, which come from ImageNet-scale pretraining."
-        + (" At 16 px with 4 px patches there is no patch-aligned scale, so T_eq used only "
-           "90° rotations and flips; the 'scale' score is measured anyway."
-           if sizes.image_size // sizes.patch_size <= 4 else ""),
+        + " T_eq resized whole images to patch-aligned canvases (no cropping, no padding).",
         "",
         f"({'Reused the cached checkpoints' if cached else 'Pretrained'} under "
         f"`{out.name}/`; {time.perf_counter() - t0:.0f} s.)", ""]

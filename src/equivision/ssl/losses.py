@@ -64,8 +64,10 @@ class PatchNTXent(nn.Module):
     positive is ``z'_ij`` (same image and position of ``tokens2``); the negatives are
     all tokens ``z_mn`` and ``z'_mn`` of the other images ``m ≠ i`` of the global batch
     (all processes), never other positions of the same image.  Similarities are
-    cosines divided by ``tau``.  Positions that ``g`` fills from outside the map
-    (zoom-out borders) are neither anchors nor negatives.
+    cosines divided by ``tau``.  Positions marked invalid (``valid``; by default those
+    that ``g`` fills from outside the map; :meth:`ViewBatch.valid_masks
+    <equivision.ssl.views.ViewBatch.valid_masks>` also drops each view's own padding)
+    are neither anchors nor negatives.
 
     The returned value is the mean over all valid anchors of the global batch,
     multiplied by the number of processes over the sum of valid anchors (so that the
@@ -81,32 +83,42 @@ class PatchNTXent(nn.Module):
         self.tau = tau
         self.projector = mlp(dim, hidden, proj_dim)
 
-    def forward(self, tokens1: Tensor, tokens2: Tensor, relative: Sequence[Transform]) -> Tensor:
-        """``tokens1, tokens2 (M, D, h, w)``, ``relative``: M elements -> 0-dim loss."""
+    def forward(self, tokens1: Tensor, tokens2: Tensor, relative: Sequence[Transform],
+                valid: Tensor | None = None) -> Tensor:
+        """``tokens1, tokens2 (M, D, h, w)``, ``relative``: M elements, ``valid (M, h, w)``
+        bool usable positions (default: those ``g`` fills from inside) -> 0-dim loss."""
         if tokens1.shape != tokens2.shape or tokens1.dim() != 4:
             raise ValueError(f"expected two token maps (M, D, h, w) of the same shape, got "
                              f"{tuple(tokens1.shape)} and {tuple(tokens2.shape)}")
         m, d, h, w = tokens1.shape
-        n = h * w
         elements = ElementBatch(relative)
         z = elements.apply_map(tokens1)
-        valid = elements.valid_masks((h, w), device=tokens1.device).reshape(m, n)
-        p1 = F.normalize(self.projector(z.flatten(2).transpose(1, 2)), dim=-1)  # (M, N, E)
-        p2 = F.normalize(self.projector(tokens2.flatten(2).transpose(1, 2)), dim=-1)
-        all1, all2 = gather_with_grad(p1), gather_with_grad(p2)  # (G, N, E)
-        all_valid = gather_no_grad(valid.float()) > 0.5  # (G, N)
-        g = all1.shape[0]
-        start = _offset(m, tokens1.device)
-        anchors = p1.reshape(m * n, -1)
-        pos = (p1 * p2).sum(-1).reshape(m * n) / self.tau
-        keys = torch.cat([all1.reshape(g * n, -1), all2.reshape(g * n, -1)])
-        sim = anchors @ keys.T / self.tau  # (M N, 2 G N)
-        key_img = torch.arange(g, device=z.device).repeat_interleave(n).repeat(2)
-        anchor_img = (start + torch.arange(m, device=z.device)).repeat_interleave(n)
-        allowed = (key_img[None] != anchor_img[:, None]) & all_valid.reshape(-1).repeat(2)[None]
+        if valid is None:
+            valid = elements.valid_masks((h, w), device=tokens1.device)
+        image = torch.arange(m, device=tokens1.device).repeat_interleave(h * w)
+        return self.forward_flat(z.flatten(2).transpose(1, 2).reshape(m * h * w, d),
+                                 tokens2.flatten(2).transpose(1, 2).reshape(m * h * w, d),
+                                 image, valid.to(tokens1.device).reshape(-1), m)
+
+    def forward_flat(self, z1: Tensor, z2: Tensor, image: Tensor, valid: Tensor,
+                     n_images: int) -> Tensor:
+        """The loss on flattened positions: ``z1 = (g·tokens1)`` and ``z2 = tokens2`` as
+        ``(T, D)`` (the positions of all ``n_images`` local images, which may have token
+        maps of different sizes), ``image (T,)`` the local image index ``0..n_images-1``
+        of each position and ``valid (T,)`` bool -> 0-dim loss."""
+        p1 = F.normalize(self.projector(z1), dim=-1)  # (T, E)
+        p2 = F.normalize(self.projector(z2), dim=-1)
+        start = _offset(n_images, z1.device)
+        anchor_img = image + start
+        all1, all2 = gather_with_grad(p1), gather_with_grad(p2)  # (G_T, E)
+        all_valid = gather_no_grad(valid.float()) > 0.5  # (G_T,)
+        key_img = gather_no_grad(anchor_img).repeat(2)
+        pos = (p1 * p2).sum(-1) / self.tau
+        sim = p1 @ torch.cat([all1, all2]).T / self.tau  # (T, 2 G_T)
+        allowed = (key_img[None] != anchor_img[:, None]) & all_valid.repeat(2)[None]
         sim = sim.masked_fill(~allowed, float("-inf"))
         per = torch.logsumexp(torch.cat([pos[:, None], sim], 1), 1) - pos
-        keep = valid.reshape(-1)
+        keep = valid
         _, world = rank_and_world()
         total = all_reduce_sum(keep.sum().to(per.dtype))
         if float(total) == 0:

@@ -33,11 +33,11 @@ from .losses import (
     infonce,
     mlp,
 )
-from .views import ViewBatch
+from .views import ViewBatch, act_on_canvas
 from .vit import SSLViT, ViTOutput
 
 __all__ = ["DINO", "SSL_METHODS", "BarlowTwins", "MoCoV3", "SERConfig", "SSLMethod",
-           "build_method", "cosine_momentum"]
+           "build_method", "cosine_momentum", "encode_sized", "encode_view"]
 
 
 @dataclass
@@ -62,8 +62,9 @@ class SERConfig:
     hidden: int = 1024
     variant: Literal["ser", "augself", "equimod"] = "ser"
 
-    #: the fraction r of each batch given equivariant views when SER is on (paper);
-    #: without SER the default is 0 (every image gets the base policy T)
+    #: the fraction r of each batch given equivariant views with a SER config, the
+    #: lambda = 0 control included (paper); without one (``None``, the plain method)
+    #: the default is 0 (every image gets the base policy T)
     RATIO: ClassVar[float] = 0.25
 
     @classmethod
@@ -75,11 +76,60 @@ class SERConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(**{"weight": 0.5, "tau": tau, **given})  # type: ignore[arg-type]
 
+    @classmethod
+    def control(cls, method: str, **overrides: object) -> SERConfig:
+        """The lambda = 0 control: :meth:`paper` settings with ``weight = 0``. With the
+        same ratio r as SER (:meth:`default_ratio` gives :attr:`RATIO` for it) the
+        control and SER runs see the same views and differ only in the SER term, so
+        this, not ``None`` (no T_eq at all, r = 0), is the baseline that isolates SER."""
+        return cls.paper(method, **{**overrides, "weight": 0.0})
+
+    @classmethod
+    def arms(cls, method: str, **overrides: object) -> dict[str, SERConfig | None]:
+        """The three arms of a SER comparison, by name: ``"baseline"`` (the lambda = 0
+        control, :meth:`control`), ``"ser"`` (:meth:`paper`) and ``"plain"`` (``None``:
+        the base method without T_eq)."""
+        return {"baseline": cls.control(method, **overrides),
+                "ser": cls.paper(method, **overrides), "plain": None}
+
     @staticmethod
     def default_ratio(ser: SERConfig | None) -> float:
         """The partition ratio r to use with ``ser`` when none is given: :attr:`RATIO`
         with SER, 0 without."""
         return SERConfig.RATIO if ser is not None else 0.0
+
+
+def encode_sized(backbone: nn.Module, images: list[Tensor],
+                 all_tokens: bool = False) -> list[ViTOutput]:
+    """Encode images of different sizes ``(C, H_i, W_i)``, one forward pass per size;
+    one :class:`ViTOutput` (batch 1) per image, in order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    out: list[ViTOutput | None] = [None] * len(images)
+    for idx in groups.values():
+        o = backbone(torch.stack([images[i] for i in idx]), all_tokens=all_tokens)
+        for j, i in enumerate(idx):
+            maps = None if o.token_maps is None else [t[j : j + 1] for t in o.token_maps]
+            out[i] = ViTOutput(o.cls[j : j + 1], o.tokens[j : j + 1], [], maps)
+    return out  # type: ignore[return-value]
+
+
+def encode_view(backbone: nn.Module, batch: ViewBatch, v: int,
+                all_tokens: bool = False) -> ViTOutput:
+    """``backbone`` on view ``v`` of ``batch``: ``cls (B, D)`` in batch order; with
+    resized canvases (``batch.eq_views``) the equivariant images' outputs are also in
+    ``parts`` and ``tokens`` / ``token_maps`` cover the base images only."""
+    if batch.eq_views is None:
+        return backbone(batch.views[v], all_tokens=all_tokens)
+    parts = encode_sized(backbone, batch.eq_views[v], all_tokens)
+    cls = [p.cls for p in parts]
+    base = batch.views[v]
+    rest = backbone(base, all_tokens=all_tokens) if base.shape[0] else None
+    if rest is not None:
+        cls.append(rest.cls)
+    return ViTOutput(torch.cat(cls), base if rest is None else rest.tokens, [],
+                     None if rest is None else rest.token_maps, parts)
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
@@ -148,6 +198,8 @@ class SSLMethod(nn.Module):
         """Student outputs for both views (one forward pass over the concatenation)."""
         if len(batch.views) != 2:
             raise ValueError(f"expected 2 views, got {len(batch.views)}")
+        if batch.eq_views is not None:
+            return [encode_view(self.backbone, batch, v, self._all_tokens) for v in range(2)]
         b = batch.views[0].shape[0]
         out = self.backbone(torch.cat(batch.views), all_tokens=self._all_tokens)
         maps = out.token_maps
@@ -160,6 +212,8 @@ class SSLMethod(nn.Module):
         zero = outs[0].cls.new_zeros(())
         if self.ser is None or batch.eq_index.numel() == 0:
             return zero
+        if batch.eq_views is not None:
+            return self._canvas_equivariance_loss(outs, batch)
         idx = batch.eq_index
         layer = self.ser.layer
         if layer is None:
@@ -172,8 +226,49 @@ class SSLMethod(nn.Module):
         for head, (t1, t2) in zip(self.ser_heads, pairs):
             if isinstance(head, AugSelfHead):
                 losses.append(head(t1, t2, batch.g1, batch.g2))
+            elif isinstance(head, PatchNTXent):
+                valid = batch.valid_masks(tuple(t1.shape[-2:]), t1.device)
+                losses.append(head(t1, t2, batch.relative, valid))
             else:
                 losses.append(head(t1, t2, batch.relative))
+        return torch.stack(losses).mean()
+
+    def _layer_maps(self, out: ViTOutput) -> list[Tensor]:
+        """The token maps ``(1, D, h, w)`` of one image the SER heads read, one per head."""
+        layer = self.ser.layer if self.ser is not None else None
+        if layer is None:
+            return [out.tokens]
+        if layer == "all":
+            return list(out.token_maps or [])
+        return [(out.token_maps or [])[layer - 1]]
+
+    def _canvas_equivariance_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
+        """The equivariance term when the two views have canvases of different sizes:
+        view 1's map of each image is moved onto view 2's by :func:`act_on_canvas`
+        (every position is image content), then the heads see the positions of all
+        images flattened (SER) or the mean-pooled maps (AugSelf / EquiMod)."""
+        parts1, parts2 = outs[0].parts or [], outs[1].parts or []
+        per1 = [self._layer_maps(o) for o in parts1]
+        per2 = [self._layer_maps(o) for o in parts2]
+        losses = []
+        for h, head in enumerate(self.ser_heads):
+            t2 = [p[h] for p in per2]
+            z = [act_on_canvas(a, b, p[h], tuple(t.shape[-2:]))
+                 for a, b, p, t in zip(batch.g1, batch.g2, per1, t2)]
+            if isinstance(head, PatchNTXent):
+                flat1 = torch.cat([x.flatten(2)[0].T for x in z])  # (T, D)
+                flat2 = torch.cat([x.flatten(2)[0].T for x in t2])
+                image = torch.cat([torch.full((x[0, 0].numel(),), i, device=flat1.device)
+                                   for i, x in enumerate(t2)])
+                valid = torch.ones(flat1.shape[0], dtype=torch.bool, device=flat1.device)
+                losses.append(head.forward_flat(flat1, flat2, image, valid, len(t2)))
+                continue
+            pooled1 = torch.cat([p[h].mean((2, 3), keepdim=True) for p in per1])
+            pooled2 = torch.cat([x.mean((2, 3), keepdim=True) for x in t2])  # (M, D, 1, 1)
+            if isinstance(head, AugSelfHead):
+                losses.append(head(pooled1, pooled2, batch.g1, batch.g2))
+            else:
+                losses.append(head(pooled1, pooled2, batch.relative))
         return torch.stack(losses).mean()
 
     def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
@@ -214,7 +309,8 @@ class MoCoV3(SSLMethod):
     def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
         q = [self.predictor(self.projector(o.cls)) for o in outs]
         with torch.no_grad():
-            k = [self.momentum_projector(self.momentum_backbone(v).cls) for v in batch.views]
+            k = [self.momentum_projector(encode_view(self.momentum_backbone, batch, v).cls)
+                 for v in range(2)]
         return infonce(q[0], k[1], self.tau) + infonce(q[1], k[0], self.tau)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
@@ -262,7 +358,8 @@ class DINO(SSLMethod):
     def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
         student = [self.head(o.cls) for o in outs]
         with torch.no_grad():
-            teacher = [self.teacher_head(self.teacher_backbone(v).cls) for v in batch.views]
+            teacher = [self.teacher_head(encode_view(self.teacher_backbone, batch, v).cls)
+                       for v in range(2)]
         return self.criterion(student, teacher)
 
     def on_step_end(self, step: int, total_steps: int) -> None:

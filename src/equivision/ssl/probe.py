@@ -7,7 +7,8 @@ All functions work on an encoder with the :class:`~equivision.ssl.vit.SSLViT` in
 * :func:`extract_features` -- concatenated [CLS] of the last ``n_last`` blocks ``(N, n*D)``;
 * :func:`linear_probe`, :func:`mlp_probe` -- classifiers trained on fixed features;
 * :func:`knn_probe` -- weighted k-NN (k=20, T=0.07, cosine) as in DINO;
-* :func:`equivariance_scores` -- per-block cosine between ``f(g x)`` and ``g f(x)``;
+* :func:`equivariance_scores` -- per-block centred cosine between ``f(g x)`` and ``g f(x)``
+  (:func:`centred_cosine`);
 * :func:`transformation_prediction` -- per-block linear probes predicting the applied
   rotation (4 classes) or flip (2 classes) from pooled tokens;
 * :func:`corruption_robustness` -- accuracy of a linear probe under generated corruptions;
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import ImageDataset
-from ..measure.compare import Comparator
-from ..measure.stats import PairStats
+from ..measure.compare import Comparator, per_image_cosine
+from ..measure.stats import PairStats, per_image
 from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
 from ..transforms.layout import as_stride
@@ -45,6 +46,8 @@ __all__ = [
     "linear_probe",
     "mlp_probe",
     "knn_probe",
+    "KNNMonitor",
+    "centred_cosine",
     "equivariance_scores",
     "transformation_prediction",
     "corruption_robustness",
@@ -360,6 +363,43 @@ def knn_probe(
     return {"top1": hits1 / len(test_x), "top5": hits5 / len(test_x)}
 
 
+class KNNMonitor:
+    """Online k-NN monitor for pretraining: every ``every`` epochs, the weighted k-NN
+    top-1 (:func:`knn_probe`, final [CLS]) of the encoder on a held-out slice.
+
+    A callback with ``on_epoch_end(epoch, model, history)`` for
+    :func:`equivision.training.run` (``RunOptions(callbacks=[monitor])``; ``model`` is the
+    SSL method, its ``backbone`` the encoder); results accumulate in :attr:`history` as
+    ``{"epoch": [...], "knn_top1": [...]}``.
+
+    Args:
+        train, test: labelled datasets (the memory bank and the held-out queries).
+        every: run after epochs ``every, 2·every, ...`` (1-based, as the runner counts).
+        k, n_last: neighbours and [CLS] layers (see :func:`extract_features`).
+    """
+
+    def __init__(self, train: Any, test: Any, every: int = 1, k: int = 20,
+                 n_last: int = 0) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.train, self.test, self.every, self.k, self.n_last = train, test, every, k, n_last
+        self.history: dict[str, list[float]] = {"epoch": [], "knn_top1": []}
+
+    def measure(self, encoder: nn.Module) -> float:
+        """k-NN top-1 of ``encoder`` now (its train / eval mode is restored)."""
+        tr = extract_features(encoder, self.train, n_last=self.n_last)
+        te = extract_features(encoder, self.test, n_last=self.n_last)
+        return knn_probe(*tr, *te, k=min(self.k, len(tr[0])))["top1"]
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
+        """Measure after (1-based) ``epoch`` when it is a multiple of ``every``."""
+        if epoch % self.every:
+            return
+        encoder = getattr(model, "backbone", model)
+        self.history["epoch"].append(epoch)
+        self.history["knn_top1"].append(self.measure(encoder))
+
+
 # ----------------------------------------------------------------------------- equivariance
 
 
@@ -368,6 +408,19 @@ def _default_transforms(grid: tuple[int, int]) -> dict[str, Transform]:
     image spans ``h + 2`` patches, so its edges fall on patch boundaries (as in T_eq)."""
     h = grid[0]
     return {"rot90": rot90(1), "hflip": hflip(), "scale": Scale((h + 2) / h)}
+
+
+def centred_cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-image centred cosine of two maps ``a, b (B, C, h, w)`` over the valid positions
+    ``mask (h, w)``: each image's per-channel spatial mean is subtracted first, then one
+    cosine over the ``C x n_valid`` entries; ``(B,)``.
+
+    Centring removes what every position shares (a global cosine of raw token maps is
+    dominated by it and scores a wrong action almost as high as the right one)."""
+    ra, rb = per_image(a, mask), per_image(b, mask)  # (B, C, n)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    return per_image_cosine(ra, rb)
 
 
 @torch.no_grad()
@@ -383,12 +436,16 @@ def equivariance_scores(
 
     For every block ``l`` (``token_maps`` of the encoder, 1-based), the patch-token maps of
     ``g x`` and of ``x`` are compared after ``g`` acts on the latter's map (rot90 and flips
-    permute tokens exactly; scaling resamples the map bilinearly); the score is the mean over
-    images of one global cosine over the ``D x h x w`` valid entries (positions filled with
-    zeros by the action are left out), compared by the comparison core
-    (:class:`~equivision.measure.compare.Comparator`) and accumulated with
-    :class:`~equivision.measure.stats.PairStats`. ``"cls"`` holds the cosine between the final
-    [CLS] of ``x`` and of ``g x`` (its action is the identity, so this is its invariance).
+    permute tokens exactly; scaling resamples the map bilinearly), aligned and masked by the
+    comparison core (:class:`~equivision.measure.compare.Comparator`; positions filled with
+    zeros by the action are left out). ``"centred"`` is the score to read: the mean over
+    images of :func:`centred_cosine` (per-image, per-channel spatial mean removed), which
+    tells the right action from a wrong one. ``"scores"`` keeps the mean per-image global
+    cosine over the ``D x h x w`` entries (accumulated with
+    :class:`~equivision.measure.stats.PairStats`): positions share most of a token map, so
+    it is near 1 for the right and a wrong action alike and is kept for comparison only.
+    ``"cls"`` holds the cosine between the final [CLS] of ``x`` and of ``g x`` (its action
+    is the identity, so this is its invariance).
 
     Args:
         transforms: name -> Transform, a list of transformations or a spec string (named
@@ -397,8 +454,8 @@ def equivariance_scores(
         max_images: use at most this many images (None: all).
 
     Returns:
-        ``{"layers": [1..depth], "scores": {name: [score per block]}, "cls": {name: score},
-        "n_images": N}``.
+        ``{"layers": [1..depth], "centred": {name: [score per block]}, "scores": {name:
+        [global cosine per block]}, "cls": {name: score}, "n_images": N}``.
     """
     dev = model_device(encoder) if device is None else resolve_device(device)
     encoder.to(dev)
@@ -411,6 +468,7 @@ def equivariance_scores(
         transforms = {t.name: t for t in as_transforms(transforms)}
     transforms = transforms or _default_transforms(grid)  # type: ignore[arg-type]
     stats: dict[str, list[PairStats]] = {}
+    centred: dict[str, list[float]] = {}
     cls_stats: dict[str, PairStats] = {}
     compare = Comparator()
     layout = Layout("map", as_stride(patch))
@@ -424,13 +482,17 @@ def equivariance_scores(
                 if name not in stats:
                     stats[name] = [PairStats(m.shape[1]) for m in maps]
                     cls_stats[name] = PairStats(base.cls.shape[1])
-                for st, fx, fgx in zip(stats[name], maps, moved.token_maps or []):
+                    centred[name] = [0.0] * len(maps)
+                for j, (st, fx, fgx) in enumerate(zip(stats[name], maps, moved.token_maps or [])):
                     compare.accumulate(st, fgx.float(), fx.float(), g, layout)
+                    pair = compare.compare(fgx.float(), fx.float(), g, layout)
+                    centred[name][j] += float(centred_cosine(pair.a, pair.b, pair.mask).sum())
                 compare.accumulate(cls_stats[name], moved.cls.float(), base.cls.float(), g,
                                    Layout("vector"))
     depth = len(next(iter(stats.values()), []))
     return {
         "layers": list(range(1, depth + 1)),
+        "centred": {n: [c / max(1, len(images)) for c in v] for n, v in centred.items()},
         "scores": {n: [s.cos_sum / max(1.0, s.images) for s in v] for n, v in stats.items()},
         "cls": {n: s.cos_sum / max(1.0, s.images) for n, s in cls_stats.items()},
         "n_images": len(images),

@@ -3,10 +3,17 @@
 * :class:`BasePolicy` (T): random resized crop, horizontal flip, colour jitter,
   grayscale, Gaussian blur, solarization — the usual invariance pipeline, with
   parameters suited to small images.
-* :class:`EquivariantPolicy` (T_eq): no crop; anisotropic scaling (factors snapped
-  so that the scaled image stays on the patch grid), horizontal flip, 90° rotations,
-  then the same photometric jitter as T.  Every view records its geometric element
-  ``g`` (an :class:`equivision.transforms.Transform`: ``Dihedral ∘ Scale``).
+* :class:`EquivariantPolicy` (T_eq): no crop; anisotropic scaling, horizontal flip,
+  90° rotations, then the same photometric jitter as T.  Every view records its
+  geometric element ``g`` (an :class:`equivision.transforms.Transform`: ``Dihedral ∘
+  Scale``).  By default (``canvas="resize"``, the paper's "anisotropic scaling without
+  cropping" as its released code does it) the whole image is resized to a
+  patch-aligned canvas (:func:`canvas_grids`: token area 0.7-1.3 N, aspect 3/4-4/3), so
+  views have different sizes (:attr:`ViewBatch.eq_views`) and the relative element
+  acts on token maps by resizing the whole map (:func:`act_on_canvas`);
+  ``canvas="fixed"`` scales on the input's own canvas instead (zoom-out pads, zoom-in
+  crops; factors snapped so that the content stays on the patch grid), with
+  :func:`pair_valid_masks` keeping padding out of SER.
 * :class:`ViewSampler` partitions a batch: the first ``M = round(r·B)`` images use
   T_eq (both views), the rest T; it returns a :class:`ViewBatch` with
   ``relative = g2 ∘ g1⁻¹`` per equivariant image, so that ``g(view1) ≈ view2``.
@@ -30,6 +37,7 @@ import kornia.enhance as KE
 import kornia.filters as KF
 import kornia.geometry.transform as KT
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..transforms import Compose, Dihedral, Scale, Transform, check_image
@@ -37,7 +45,8 @@ from ..transforms.elements import ElementBatch
 
 __all__ = [
     "BasePolicy", "EquivariantPolicy", "Photometric", "ViewBatch", "ViewSampler",
-    "check_patch_aligned", "geometric_params", "patch_aligned_scales",
+    "act_on_canvas", "canvas_grids", "canvas_shape", "check_patch_aligned",
+    "geometric_params", "pair_valid_masks", "patch_aligned_scales", "resize_view",
 ]
 
 
@@ -170,6 +179,27 @@ def patch_aligned_scales(
     return [(side + 2 * k) / side for k in ks if lo - 1e-9 <= (side + 2 * k) / side <= hi + 1e-9]
 
 
+def canvas_grids(
+    side: int | tuple[int, int], area: tuple[float, float] = (0.7, 1.3),
+    aspect: tuple[float, float] = (3 / 4, 4 / 3),
+) -> list[tuple[int, int]]:
+    """Token grids ``(h, w)`` of the resized canvases of T_eq without cropping (the
+    paper's "anisotropic scaling without cropping", as in its released code): token
+    area ``h·w`` in ``area`` times ``N`` (the native grid's) and aspect ``w / h`` in
+    ``aspect``.  E.g. an 8 x 8 grid (32 px, 4 px patches) gives 13 canvases with per-axis
+    scales 6/8 .. 10/8, against ``{0.75, 1, 1.25}`` on a fixed canvas."""
+    h0, w0 = (side, side) if isinstance(side, int) else side
+    n = h0 * w0
+    lo, hi = area
+    out = []
+    for h in range(1, 2 * h0 + 1):
+        for w in range(1, 2 * w0 + 1):
+            if lo * n - 1e-9 <= h * w <= hi * n + 1e-9 and \
+                    aspect[0] - 1e-9 <= w / h <= aspect[1] + 1e-9:
+                out.append((h, w))
+    return out
+
+
 def check_patch_aligned(scale: float, image_size: int, patch_size: int) -> None:
     """Raise ``ValueError`` unless ``scale`` keeps the scaled image on the patch grid."""
     side = image_size // patch_size
@@ -190,19 +220,40 @@ class EquivariantPolicy:
         image_size, patch_size: the encoder's input and patch size (for snapping).
         scale_range: range of the per-axis scale factors; they are drawn from the
             patch-aligned factors in it (:func:`patch_aligned_scales`).
-        scales: explicit per-axis factors instead (each must be patch aligned).
+        scales: explicit per-axis factors instead (each must be patch aligned); with
+            ``canvas="resize"`` they select the canvases whose sides they give.
         flip_p: probability of a horizontal flip.
         rotations: allow 90° rotations (k uniform in 0..3).
         photometric: the photometric jitter (default as in T; ``Photometric.off()``).
+        canvas: ``"fixed"`` scales on the input's own canvas (zoom-out pads the border,
+            zoom-in crops it; factors from ``scales`` / ``scale_range``); ``"resize"``
+            resizes the whole image to a canvas of :func:`canvas_grids` (token area in
+            ``area``, aspect in ``aspect``), without cropping or padding (the paper's
+            T_eq): views then have different sizes and come back as lists.
     """
 
     def __init__(
         self, image_size: int, patch_size: int,
         scale_range: tuple[float, float] = (0.7, 1.3), scales: Sequence[float] | None = None,
         flip_p: float = 0.5, rotations: bool = True, photometric: Photometric | None = None,
+        canvas: str = "resize", area: tuple[float, float] = (0.7, 1.3),
+        aspect: tuple[float, float] = (3 / 4, 4 / 3),
     ) -> None:
         self.image_size, self.patch_size = image_size, patch_size
-        if scales is None:
+        if canvas not in ("fixed", "resize"):
+            raise ValueError(f"canvas must be 'fixed' or 'resize', got {canvas!r}")
+        self.canvas = canvas
+        side = image_size // patch_size
+        self.grids = canvas_grids(side, area, aspect) if canvas == "resize" else [(side, side)]
+        if canvas == "resize" and scales is not None:  # keep the canvases of these factors
+            sides = {round(float(f) * side) for f in scales}
+            self.grids = [(h, w) for h, w in self.grids if h in sides and w in sides]
+            if not self.grids:
+                raise ValueError(f"no canvas of {canvas_grids(side, area, aspect)} has sides "
+                                 f"{sorted(sides)} (scales {list(scales)} of {side} tokens)")
+        if canvas == "resize":
+            self.scales = [1.0]
+        elif scales is None:
             self.scales = patch_aligned_scales(image_size, patch_size, scale_range)
             if len(self.scales) == 1 and scale_range[0] < scale_range[1]:
                 warnings.warn(
@@ -218,28 +269,81 @@ class EquivariantPolicy:
         self.photometric = Photometric() if photometric is None else photometric
 
     def sample(self, n: int, gen: torch.Generator | None = None) -> list[Transform]:
-        """``n`` geometric elements ``Dihedral(k, flip) ∘ Scale(sx, sy)``."""
-        nsc = len(self.scales)
-        ix = torch.randint(nsc, (n,), generator=gen)
-        iy = torch.randint(nsc, (n,), generator=gen)
+        """``n`` geometric elements ``Dihedral(k, flip) ∘ Scale(sx, sy)``; with
+        ``canvas="resize"`` the scale is the canvas's ``(w / w0, h / h0)``."""
+        if self.canvas == "resize":
+            side = self.image_size // self.patch_size
+            pick = torch.randint(len(self.grids), (n,), generator=gen)
+            factors = [(self.grids[i][1] / side, self.grids[i][0] / side) for i in pick.tolist()]
+        else:
+            nsc = len(self.scales)
+            ix = torch.randint(nsc, (n,), generator=gen).tolist()
+            iy = torch.randint(nsc, (n,), generator=gen).tolist()
+            factors = [(self.scales[a], self.scales[b]) for a, b in zip(ix, iy)]
         flip = _coin(n, self.flip_p, gen)
         ks = torch.randint(4 if self.rotations else 1, (n,), generator=gen)
-        out = []
-        for i in range(n):
-            d = Dihedral(int(ks[i]), bool(flip[i]))
-            out.append(_clean(d @ Scale(self.scales[ix[i]], self.scales[iy[i]])))
-        return out
+        return [_clean(Dihedral(int(ks[i]), bool(flip[i])) @ Scale(*factors[i]))
+                for i in range(n)]
 
     def __call__(
         self, x: Tensor, gen: torch.Generator | None = None
-    ) -> tuple[Tensor, list[Transform]]:
-        """One view of every image of ``x (B, C, H, W)`` and its geometric elements."""
+    ) -> tuple[Tensor | list[Tensor], list[Transform]]:
+        """One view of every image of ``x (B, C, H, W)`` and its geometric elements: a
+        ``(B, C, H, W)`` tensor, or with ``canvas="resize"`` a list of ``B`` views
+        ``(C, H_i, W_i)`` (patch-aligned sizes)."""
         check_image(x)
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"T_eq was built for {self.image_size} px images, got "
                              f"{tuple(x.shape[-2:])}")
         gs = self.sample(x.shape[0], gen)
-        return self.photometric(ElementBatch(gs).apply_image(x), gen), gs
+        if self.canvas == "fixed":
+            return self.photometric(ElementBatch(gs).apply_image(x), gen), gs
+        views = [resize_view(x[i : i + 1], g, self.image_size) for i, g in enumerate(gs)]
+        return [self.photometric(v, gen)[0] for v in views], gs
+
+
+def canvas_shape(g: Transform, size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` of the canvas ``g = Dihedral ∘ Scale(sx, sy)`` resizes a ``size`` map or
+    image to (before its dihedral part, which may swap the axes afterwards)."""
+    h0, w0 = (size, size) if isinstance(size, int) else size
+    _, _, sx, sy = geometric_params(g)
+    return round(h0 * sy), round(w0 * sx)
+
+
+def resize_view(x: Tensor, g: Transform, size: int | tuple[int, int]) -> Tensor:
+    """Act with ``g = Dihedral ∘ Scale(sx, sy)`` without cropping: resize the whole of
+    ``x (B, C, H, W)`` to the canvas :func:`canvas_shape`, then rotate / flip; returns
+    ``(B, C, H', W')``.  On token maps this is the action of T_eq with
+    ``canvas="resize"``."""
+    k, flip, _, _ = geometric_params(g)
+    shape = canvas_shape(g, size)
+    if tuple(x.shape[-2:]) != shape:
+        x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False,
+                          antialias=shape[0] < x.shape[-2] or shape[1] < x.shape[-1])
+    return _dihedral(x, k, flip)
+
+
+def _dihedral(x: Tensor, k: int, flip: bool) -> Tensor:
+    """``Dihedral(k, flip)`` on a map ``(..., h, w)`` of any shape (rectangular too;
+    odd ``k`` swaps the axes): flip left-right, then ``torch.rot90`` by ``k``."""
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
+
+
+def act_on_canvas(g1: Transform, g2: Transform, x: Tensor, target: tuple[int, int]) -> Tensor:
+    """``g = g2 ∘ g1⁻¹`` acting on view 1's token map ``x (B, D, h, w)`` when both views
+    were made by :func:`resize_view` (``g_v = D_v ∘ S_v``) and view 2's map is ``target =
+    (h', w')``: undo ``D_1``, resize the whole map to ``D_2⁻¹(target)`` (bilinear, no
+    cropping or padding, as the released code does), apply ``D_2``; ``(B, D, h', w')``."""
+    k1, f1, _, _ = geometric_params(g1)
+    k2, f2, _, _ = geometric_params(g2)
+    inv = Dihedral(k1, f1).inverse()
+    x = _dihedral(x, inv.k, inv.flip)
+    pre = (target[1], target[0]) if k2 % 2 else tuple(target)
+    if tuple(x.shape[-2:]) != pre:
+        x = F.interpolate(x, size=pre, mode="bilinear", align_corners=False)
+    return _dihedral(x, k2, f2)
 
 
 def _clean(t: Transform) -> Transform:
@@ -267,6 +371,24 @@ def geometric_params(t: Transform) -> tuple[int, bool, float, float]:
     return k, flip, sx, sy
 
 
+def pair_valid_masks(g1: Sequence[Transform], g2: Sequence[Transform],
+                     relative: Sequence[Transform], shape: tuple[int, int],
+                     device: torch.device | str | None = None) -> Tensor:
+    """``(M, h, w)`` bool: positions ``j`` of ``g·map1`` (``g = g2 ∘ g1⁻¹``) where both
+    ``(g·map1)_j`` and ``map2_j`` come from image content, on token maps of ``shape``.
+
+    A view zoomed out on a fixed canvas is zero-padded at its border; view ``v``'s
+    content mask is ``g_v``'s valid mask. View 1's mask is moved by ``g`` (which also
+    drops the positions ``g`` fills from outside the map) and intersected with view 2's,
+    so no anchor or positive is built from padding."""
+    if not len(relative):
+        return torch.zeros(0, *shape, dtype=torch.bool, device=device)
+    content1 = ElementBatch(g1).valid_masks(shape, device=device)
+    content2 = ElementBatch(g2).valid_masks(shape, device=device)
+    moved = ElementBatch(relative).apply_map(content1[:, None].float())[:, 0]
+    return (moved > 1.0 - 1e-3) & content2
+
+
 # ---------------------------------------------------------------------------------
 # the batch partition
 # ---------------------------------------------------------------------------------
@@ -279,6 +401,9 @@ class ViewBatch:
         eq_index: ``(M,)`` long, the images that used T_eq (the first M).
         g1, g2: ``M`` geometric elements of view 1 / view 2 of those images.
         relative: ``M`` elements ``g = g2 ∘ g1⁻¹`` (``g(view1) ≈ view2``).
+        eq_views: with T_eq's ``canvas="resize"``, two lists of ``M`` views ``(C, H_i,
+            W_i)`` of the equivariant images (sizes differ); ``views`` then hold only the
+            ``B - M`` base images.  ``None``: every view is in ``views``.
     """
 
     views: list[Tensor]
@@ -286,11 +411,26 @@ class ViewBatch:
     g1: list[Transform] = field(default_factory=list)
     g2: list[Transform] = field(default_factory=list)
     relative: list[Transform] = field(default_factory=list)
+    eq_views: list[list[Tensor]] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        """``B``, the number of images (equivariant ones included)."""
+        extra = 0 if self.eq_views is None else len(self.eq_views[0])
+        return self.views[0].shape[0] + extra
+
+    def valid_masks(self, shape: tuple[int, int],
+                    device: torch.device | str | None = None) -> Tensor:
+        """``(M, h, w)`` bool: positions of ``g·map(view 1)`` usable as SER anchors and
+        positives on token maps of spatial ``shape`` (see :func:`pair_valid_masks`)."""
+        return pair_valid_masks(self.g1, self.g2, self.relative, shape, device)
 
     def to(self, device: torch.device | str) -> ViewBatch:
         """The same batch with its tensors on ``device``."""
+        eq = None if self.eq_views is None else [[t.to(device) for t in v]
+                                                  for v in self.eq_views]
         return ViewBatch([v.to(device) for v in self.views], self.eq_index.to(device),
-                         self.g1, self.g2, self.relative)
+                         self.g1, self.g2, self.relative, eq)
 
 
 class ViewSampler:
@@ -327,14 +467,19 @@ class ViewSampler:
             )
             self._warned = True
         views, g1, g2 = [], [], []
+        eq_views: list[list[Tensor]] = []
         for v in range(2):
             parts = []
             if m:
                 eq, gs = self.equivariant(images[:m], generator)  # type: ignore[misc]
-                parts.append(eq)
+                if isinstance(eq, list):
+                    eq_views.append(eq)
+                else:
+                    parts.append(eq)
                 (g1 if v == 0 else g2).extend(gs)
-            if m < b:
-                parts.append(self.base(images[m:], generator))
+            if m < b or not parts:
+                parts.append(self.base(images[m:], generator) if m < b else images[:0])
             views.append(torch.cat(parts) if len(parts) > 1 else parts[0])
         relative = [_clean(b2 @ b1.inverse()) for b1, b2 in zip(g1, g2)]
-        return ViewBatch(views, torch.arange(m, device=images.device), g1, g2, relative)
+        return ViewBatch(views, torch.arange(m, device=images.device), g1, g2, relative,
+                         eq_views or None)

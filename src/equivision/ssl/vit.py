@@ -6,6 +6,10 @@ block L is a clean spatial map ``(B, D, h, w)`` on which a geometric action can 
 defined; the [CLS] token is inserted afterwards and blocks L+1..depth (``f2``)
 produce the invariant embedding.  Positional embeddings are added to the patches
 only; the token map at L gets its own LayerNorm (``norm_l``).
+
+Inputs may be any patch-aligned size ``(H, W)`` (T_eq's resized canvases): the
+positional embedding, learned on the ``image_size`` grid, is interpolated bicubically
+to the ``(H/p, W/p)`` grid (unchanged at the native size).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.vit import ViTBlock
@@ -33,12 +38,15 @@ class ViTOutput:
             ``n_last`` blocks (oldest first), each normed with the final LayerNorm.
         token_maps: with ``all_tokens=True``, ``depth`` raw (un-normed) patch-token
             maps ``(B, D, h, w)``, one after every block; else ``None``.
+        parts: per-image outputs (batch 1 each) of views whose sizes differ (T_eq's
+            resized canvases, first in the batch; ``cls`` covers them too), else ``None``.
     """
 
     cls: Tensor
     tokens: Tensor
     last_cls: list[Tensor] = field(default_factory=list)
     token_maps: list[Tensor] | None = None
+    parts: list[ViTOutput] | None = None
 
 
 class SSLViT(nn.Module):
@@ -102,7 +110,7 @@ class SSLViT(nn.Module):
         b, c, h, w = x.shape
         if c != self.in_channels:
             raise ValueError(f"the model expects {self.in_channels} channel(s), got {c}")
-        if (h, w) != (self.image_size, self.image_size):
+        if h % self.patch_size or w % self.patch_size or not (h and w):
             hint = (f"{h}x{w} is not a multiple of the patch size {self.patch_size}; "
                     if h % self.patch_size or w % self.patch_size else "")
             raise ValueError(
@@ -110,13 +118,28 @@ class SSLViT(nn.Module):
                 f"resize the images or build SSLViT(image_size=...) for this size"
             )
 
+    def grid_of(self, x: Tensor) -> tuple[int, int]:
+        """Token grid ``(H/p, W/p)`` of images ``x (B, C, H, W)``."""
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def positions(self, grid: tuple[int, int]) -> Tensor:
+        """Positional embedding ``(1, h·w, D)`` for a ``grid = (h, w)`` token grid: the
+        learned one at the native grid, else its bicubic interpolation."""
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        side = self.grid
+        pos = self.pos_embed.reshape(1, side[0], side[1], -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=tuple(grid), mode="bicubic", align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
     def embed(self, x: Tensor, positions: bool = True) -> Tensor:
         """Patch embedding ``(B, C, H, W)`` -> tokens ``(B, N, D)`` (+ positions)."""
         t = map_to_tokens(self.patch_embed(x))
-        return t + self.pos_embed if positions else t
+        return t + self.positions(self.grid_of(x)) if positions else t
 
     def forward(self, x: Tensor, n_last: int = 0, all_tokens: bool = False) -> ViTOutput:
-        """Encode ``x (B, C, H, W)``; see :class:`ViTOutput` for what comes back.
+        """Encode ``x (B, C, H, W)`` (``H, W`` multiples of the patch size; see
+        :meth:`positions`); see :class:`ViTOutput` for what comes back.
 
         Raises:
             ValueError: wrong image size/channels, or ``n_last`` above the number of
@@ -129,21 +152,21 @@ class SSLViT(nn.Module):
                 f"[CLS] token (cls_layer={self.cls_layer}, depth={self.depth})"
             )
         t = self.embed(x)
-        b = t.shape[0]
+        b, grid = t.shape[0], self.grid_of(x)
         prefix = 0
         tokens: Tensor | None = None
         maps: list[Tensor] = []
         last: list[Tensor] = []
         for i in range(self.depth + 1):
             if i == self.cls_layer:  # tokens leaving block i (0 = the embedding)
-                tokens = tokens_to_map(self.norm_l(t[:, prefix:]), self.grid)
+                tokens = tokens_to_map(self.norm_l(t[:, prefix:]), grid)
                 t = torch.cat([self.cls_token.expand(b, -1, -1), t], dim=1)
                 prefix = 1
             if i == self.depth:
                 break
             t = self.blocks[i](t)
             if all_tokens:
-                maps.append(tokens_to_map(t, self.grid, prefix))
+                maps.append(tokens_to_map(t, grid, prefix))
             if prefix and i >= self.depth - n_last:
                 last.append(self.norm(t[:, 0]))
         assert tokens is not None
