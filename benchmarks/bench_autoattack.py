@@ -30,7 +30,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from equivision.training import TrainConfig, evaluate, train
 from torch import Tensor, nn
 
 from equivision.data import get_dataset
@@ -39,6 +38,7 @@ from equivision.robust.apgd import APGD, APGDT
 from equivision.robust.attacks import PGD
 from equivision.robust.ensemble import AutoAttackEnsemble
 from equivision.robust.square import Square
+from equivision.training import TrainConfig, evaluate, train
 
 
 def import_torchattacks(venv: str) -> ModuleType | None:

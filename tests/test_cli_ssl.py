@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from equivision.checkpoint import load_checkpoint
-from equivision.cli import main
+from equivision.cli import CLIError, main
 from equivision.ssl import SSLViT, build_method
 from equivision.ssl.pretrain import load_method
 
@@ -66,7 +66,7 @@ def test_probe_prints_a_table_and_writes_json(pretrained, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "mocov3 + SER, epoch 1" in text
-    assert "knn top1 / top5" in text and "equivariance rot90 (blocks 1..3)" in text
+    assert "knn top1 / top5" in text and "equivariance (centred) rot90 (blocks 1..3)" in text
     d = json.loads(out.read_text())
     assert d["n_train"] == 48 and d["n_test"] == 24 and d["method"] == "mocov3"
     for name in ("linear", "knn"):
@@ -150,3 +150,21 @@ def test_section_ser_tiny(tmp_path):
     res2 = ctx.artifacts["ser"]["results"]
     for name in res:
         assert res2[name]["knn"] == res[name]["knn"]
+
+
+def test_default_baseline_is_the_lambda_zero_control():
+    """Without --ser the run keeps SER's views and ratio with lambda = 0 (the control that
+    isolates SER); --plain is the base method without equivariant views."""
+    from equivision.cli.main import make_parser
+    from equivision.cli.ssl import _ser_config
+    from equivision.ssl import SERConfig
+
+    parser = make_parser()
+    base = ["pretrain", "--method", "mocov3", "--out", "unused"]
+    control = _ser_config(parser.parse_args(base))
+    assert control is not None and control.weight == 0.0
+    assert SERConfig.default_ratio(control) == SERConfig.default_ratio(
+        _ser_config(parser.parse_args(base + ["--ser"])))
+    assert _ser_config(parser.parse_args(base + ["--plain"])) is None
+    with pytest.raises(CLIError, match="exclude each other"):
+        _ser_config(parser.parse_args(base + ["--plain", "--ser"]))

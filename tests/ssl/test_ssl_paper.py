@@ -249,8 +249,7 @@ def test_every_method_trains_on_resized_canvases(name):
 
 # ----------------------------------------------------------- online k-NN monitor
 def test_knn_monitor_runs_as_a_runner_callback():
-    from equivision.ssl.pretrain import PretrainConfig, PretrainTask
-    from equivision.training import RunOptions, run
+    from equivision.ssl.pretrain import PretrainConfig, pretrain
 
     torch.manual_seed(0)
     enc = SSLViT(image_size=16, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1)
@@ -262,8 +261,7 @@ def test_knn_monitor_runs_as_a_runner_callback():
     probe = ImageDataset(x[12:], labels[12:], ["a", "b", "c"])
     monitor = KNNMonitor(held, probe, every=2, k=5)
     cfg = PretrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_epochs=0, ratio=0.25)
-    task = PretrainTask(method, x, cfg, None, {}, False)
-    run(task, RunOptions(epochs=3, stop_after=2, progress=False, callbacks=[monitor]))
+    pretrain(method, x, cfg, stop_after=2, progress=False, callbacks=[monitor])
     assert monitor.history["epoch"] == [2]  # epochs 1, 2: every 2nd
     top1 = monitor.history["knn_top1"][-1]  # measured on the encoder as it is now
     assert top1 == pytest.approx(monitor.measure(enc)) and 0 <= top1 <= 1

@@ -59,13 +59,19 @@ def _ser_layer(text: str) -> int | str | None:
 
 
 def _ser_config(args: argparse.Namespace) -> SERConfig | None:
-    """``--ser*`` -> the SER settings (the paper's defaults, :meth:`SERConfig.paper`)."""
+    """``--ser*`` -> the SER settings (the paper's defaults, :meth:`SERConfig.paper`).
+
+    Without ``--ser`` the run is the lambda = 0 control (:meth:`SERConfig.control`: the
+    same views and ratio r as SER, no SER term), the baseline that isolates SER;
+    ``--plain`` is the base method without equivariant views (r = 0)."""
     options = {"weight": args.ser_weight, "layer": args.ser_layer,
                "variant": args.ser_variant, "tau": args.ser_tau}
+    if args.ser and args.plain:
+        raise CLIError("--ser and --plain exclude each other: --plain trains without T_eq")
     if not args.ser:
         if any(v is not None for v in options.values()):
             raise CLIError("--ser-weight/--ser-layer/--ser-variant/--ser-tau need --ser")
-        return None
+        return None if args.plain else SERConfig.control(args.method)
     return SERConfig.paper(args.method, **options)
 
 
@@ -82,7 +88,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     _check_sizes(args)
     ser = _ser_config(args)
     ratio = args.ratio if args.ratio is not None else SERConfig.default_ratio(ser)
-    if ser is not None and ratio == 0:
+    if args.ser and ratio == 0:
         raise CLIError("--ser with --ratio 0 gives SER no images; use --ratio > 0")
     if int(os.environ.get("RANK", "0")) == 0:
         check_new_run(args.out, args.resume)  # before any work; never over an old run
@@ -141,9 +147,9 @@ def probe_table(results: dict[str, Any]) -> str:
             rows.append((f"{name} top1 / top5", f"{_fmt(r.get('top1'))} / {_fmt(r.get('top5'))}"))
     eq = results.get("equivariance")
     if eq:
-        for g, scores in eq["scores"].items():
+        for g, scores in eq["centred"].items():
             cells = " ".join(f"{s:.3f}" for s in scores)
-            rows.append((f"equivariance {g} (blocks 1..{len(scores)})", cells))
+            rows.append((f"equivariance (centred) {g} (blocks 1..{len(scores)})", cells))
             rows.append((f"[CLS] invariance {g}", _fmt(eq["cls"].get(g))))
     tp = results.get("transform_prediction")
     if tp:
@@ -216,7 +222,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--method", required=True, choices=SSL_METHODS.list())
     p.add_argument("--method-args", help="method constructor arguments, e.g. "
                    "proj_dim=64,hidden=256")
-    p.add_argument("--ser", action="store_true", help="add the SER term")
+    p.add_argument("--ser", action="store_true", help="add the SER term (without it: the "
+                   "lambda = 0 control with the same views, the baseline that isolates SER)")
+    p.add_argument("--plain", action="store_true",
+                   help="the base method without equivariant views (r = 0)")
     p.add_argument("--ser-weight", type=finite, default=None,
                    help=f"lambda (default {SERConfig.paper('mocov3').weight})")
     p.add_argument("--ser-layer", type=_ser_layer, default=None,
@@ -226,7 +235,8 @@ def add_parsers(sub: Any) -> None:
                    help="SER temperature (default 0.5 for dino, else 0.3)")
     p.add_argument("--ratio", type=finite, default=None,
                    help="fraction r of each batch with equivariant views (default "
-                   f"{SERConfig.RATIO} with --ser, else 0)")
+                   f"{SERConfig.RATIO} with --ser and for its lambda = 0 control, 0 with "
+                   "--plain)")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=finite, default=5e-4)

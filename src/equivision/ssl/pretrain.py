@@ -41,7 +41,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
 
@@ -526,6 +526,7 @@ def pretrain(
     stop_after: int | None = None,
     progress: bool = True,
     method_kwargs: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, list[Any]]:
     """Pretrain ``method`` (in place) on the images of ``dataset``.
 
@@ -552,6 +553,8 @@ def pretrain(
             SER config), recorded so that :func:`load_method` can rebuild it; they update
             the method's own ``method_kwargs`` attribute (which the built-in methods fill
             with all their constructor arguments), so they are rarely needed.
+        callbacks: objects with ``on_epoch_end(epoch, model, history)``, run by the shared
+            runner after each epoch (e.g. :class:`~equivision.ssl.probe.KNNMonitor`).
 
     Returns:
         The history: a dict of equal-length lists keyed by :data:`EPOCH_KEYS` (epoch means of
@@ -582,7 +585,8 @@ def pretrain(
                             f"{config.batch_size}; lower batch_size")
     task = PretrainTask(method, images, config, views, method_kwargs, progress)
     return run(task, RunOptions(epochs=config.epochs, out_dir=out_dir, resume=resume,
-                                stop_after=stop_after, progress=progress, desc="pretrain"))
+                                stop_after=stop_after, progress=progress, desc="pretrain",
+                                callbacks=tuple(callbacks)))
 
 
 # ----------------------------------------------------------------------------- loading
