@@ -215,7 +215,15 @@ def test_upsample_cannot_be_verified():
 
 
 def test_unknown_leaf_and_resampling_function():
+    # an unknown leaf is looked into: its slice is read by the slice rule (1 pixel dropped at
+    # the start, none at the end: misaligned) ...
     net = nn.Sequential(sym_conv(2, 3, 3), Crop())
+    report = analyze_exactness(net, 10)
+    assert report.verdict == NOT_EXACT and report.layers[1].name == "1:__getitem__()"
+    assert report.layers[1].kind == "slice" and report.layers[1].exact is False
+    assert error(net, 10) > 0.1
+    # ... and a size change it cannot read stays unverified
+    net = nn.Sequential(sym_conv(2, 3, 3), nn.PixelUnshuffle(2))
     report = analyze_exactness(net, 10)
     assert report.verdict == CANNOT_VERIFY
     assert report.layers[1].kind == "unknown" and report.layers[1].exact is None
@@ -366,8 +374,9 @@ def test_table_and_dict():
     assert all(isinstance(r, LayerExactness) for r in report.layers)
     table = report.table()
     lines = table.splitlines()
-    assert lines[0].split()[:10] == ["layer", "type", "in", "out", "k", "s", "p", "d", "r",
-                                     "exact"]
+    assert lines[0].split()[:11] == ["layer", "type", "in", "out", "k", "s", "p", "d", "r",
+                                     "grid", "weights"]
+    assert "sampling geometry: misaligned" in table and "weights: constrained" in table
     assert "MaxPool2d" in table and "11x11" in table and "NO" in table
     assert "misaligned" in table and "verdict:" in lines[-1] and NOT_EXACT in lines[-1]
     # columns are aligned: every row starts its "type" column at the same offset
@@ -381,6 +390,7 @@ def test_table_and_dict():
 
     data = json.loads(json.dumps(report.to_dict()))
     assert data["verdict"] == NOT_EXACT and data["input_size"] == [13, 13]
+    assert data["geometry"] == "misaligned" and data["weights"] == "constrained"
     assert data["group"] == "p4" and len(data["layers"]) == len(report.layers)
     pool = data["layers"][2]
     assert pool["kernel_size"] == [2, 2] and pool["remainder"] == [1, 1] and pool["exact"] is False

@@ -49,10 +49,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..measure.compare import align, per_image_error
-from ..transforms import Dihedral, Layout, group_elements, hflip, infer_layout
+from ..transforms import Layout, infer_layout
+from .norm_pool import GroupBatchNorm2d, GroupGlobalPool, GroupPool
+from .weights import WeightJudge, elements, tensor_is_invariant
 
 __all__ = [
-    "CANNOT_VERIFY", "EXACT", "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
+    "ALIGNED", "CANNOT_VERIFY", "CONSTRAINED", "EXACT", "MISALIGNED", "UNCONSTRAINED",
+    "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
     "analyze_exactness", "empirical_equivariance_error", "exact_sizes", "infer_in_channels",
     "nearest_exact_size", "subsampling_remainder",
 ]
@@ -60,6 +63,10 @@ __all__ = [
 EXACT = "exact"
 NOT_EXACT = "not exact"
 CANNOT_VERIFY = "cannot verify"
+ALIGNED = "aligned"
+MISALIGNED = "misaligned"
+CONSTRAINED = "constrained"
+UNCONSTRAINED = "unconstrained"
 #: groups the analyzer understands: p4 (rotations by 90°), p4m (rotations and flips) and
 #: "flip" (horizontal reflection only, which looks at the width axis alone)
 GROUPS = ("p4", "p4m", "flip")
@@ -76,6 +83,15 @@ def subsampling_remainder(size: int, kernel: int, stride: int, padding: int = 0,
     """
     k_eff = dilation * (kernel - 1) + 1
     return (size + 2 * padding - k_eff) % stride
+
+
+def _tri(values: Iterator[bool | None]) -> str:
+    """``"misaligned"`` if any value is False, else ``"cannot verify"`` if any is None, else
+    ``"aligned"``."""
+    seen = list(values)
+    if any(v is False for v in seen):
+        return MISALIGNED
+    return CANNOT_VERIFY if any(v is None for v in seen) else ALIGNED
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -97,9 +113,14 @@ class LayerExactness:
             is the padding before the map (top, left) when the two sides differ.
         remainder: ``(r_h, r_w)``, ``(i + 2p - k_eff) mod s`` per axis (for slices: the
             pixels left out at the end minus those left out at the start).
-        exact: ``True`` (keeps exact equivariance), ``False`` (breaks it) or ``None``
-            (cannot verify).
+        exact: the sampling geometry: ``True`` (aligned: keeps exact equivariance given
+            equivariant weights), ``False`` (misaligned: breaks it) or ``None`` (cannot
+            verify).
         reason: why, in words.
+        weights: the weights: ``True`` (constrained to the group, or no weights),
+            ``False`` (unconstrained: a plain kernel that is not symmetric) or ``None``
+            (cannot verify); see :mod:`equivision.gcnn.weights`.
+        weights_reason: why, in words; empty for a layer without weights.
     """
 
     name: str
@@ -114,6 +135,8 @@ class LayerExactness:
     remainder: Pair | None = None
     exact: bool | None = True
     reason: str = ""
+    weights: bool | None = True
+    weights_reason: str = ""
 
 
 @dataclass
@@ -133,14 +156,28 @@ class ExactnessReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def geometry(self) -> str:
+        """The sampling geometry: ``"aligned"`` if every layer's grid is, ``"misaligned"`` if
+        any layer's is not (even when others cannot be verified), else ``"cannot verify"``."""
+        return _tri(row.exact for row in self.layers)
+
+    @property
+    def weights(self) -> str:
+        """The weights: ``"constrained"`` if every layer's are (or it has none),
+        ``"unconstrained"`` if any layer's are not, else ``"cannot verify"``."""
+        return {ALIGNED: CONSTRAINED, MISALIGNED: UNCONSTRAINED}.get(
+            _tri(row.weights for row in self.layers), CANNOT_VERIFY)
+
+    @property
     def verdict(self) -> str:
-        """``"exact"`` if every layer is exact, ``"not exact"`` if any layer breaks exactness
-        (even when others cannot be verified), else ``"cannot verify"``."""
-        if any(row.exact is False for row in self.layers):
+        """``"exact"`` when the geometry is aligned and the weights constrained; ``"not
+        exact"`` when the geometry is misaligned or the weights unconstrained (even when other
+        layers cannot be verified); else ``"cannot verify"``."""
+        if self.geometry == MISALIGNED or self.weights == UNCONSTRAINED:
             return NOT_EXACT
-        if any(row.exact is None for row in self.layers):
-            return CANNOT_VERIFY
-        return EXACT
+        if self.geometry == ALIGNED and self.weights == CONSTRAINED:
+            return EXACT
+        return CANNOT_VERIFY
 
     @property
     def exact(self) -> bool | None:
@@ -149,24 +186,24 @@ class ExactnessReport:
 
     @property
     def breaking(self) -> list[LayerExactness]:
-        """The layers that break exact equivariance."""
-        return [row for row in self.layers if row.exact is False]
+        """The layers whose sampling grid is misaligned or whose weights are unconstrained."""
+        return [row for row in self.layers if row.exact is False or row.weights is False]
 
     @property
     def unverified(self) -> list[LayerExactness]:
-        """The layers the analyzer cannot reason about."""
-        return [row for row in self.layers if row.exact is None]
+        """The layers the analyzer cannot reason about (geometry or weights)."""
+        return [row for row in self.layers if row not in self.breaking
+                and (row.exact is None or row.weights is None)]
 
     def summary(self) -> str:
-        """One line: the verdict and the layers responsible for it."""
+        """One line: the verdict, its two parts and the layers responsible for it."""
         h, w = self.input_size
-        head = f"{self.group} equivariance at input {h}x{w}: {self.verdict}"
-        if self.breaking:
-            return head + " (broken by " + ", ".join(r.name for r in self.breaking[:6]) + (
-                ", ..." if len(self.breaking) > 6 else "") + ")"
-        if self.unverified:
-            return head + " (unverified: " + ", ".join(r.name for r in self.unverified[:6]) + (
-                ", ..." if len(self.unverified) > 6 else "") + ")"
+        head = (f"{self.group} equivariance at input {h}x{w}: {self.verdict} (sampling "
+                f"geometry: {self.geometry}; weights: {self.weights})")
+        for word, rows in (("broken by ", self.breaking), ("unverified: ", self.unverified)):
+            if rows:
+                return head + f" ({word}" + ", ".join(r.name for r in rows[:6]) + (
+                    ", ..." if len(rows) > 6 else "") + ")"
         return head
 
     def table(self, all_layers: bool = True) -> str:
@@ -186,14 +223,18 @@ class ExactnessReport:
             return "-" if v is None else f"{v[0]}x{v[1]}"
 
         mark = {True: "yes", False: "NO", None: "?"}
-        header = ("layer", "type", "in", "out", "k", "s", "p", "d", "r", "exact", "reason")
+        header = ("layer", "type", "in", "out", "k", "s", "p", "d", "r", "grid", "weights",
+                  "reason")
         rows = [header]
         for row in self.layers:
-            if not all_layers and row.kind == "pointwise" and row.exact is True:
+            if not all_layers and row.kind == "pointwise" and row.exact is True and (
+                    row.weights is True):
                 continue
+            why = "; ".join(r for r in (row.reason, row.weights_reason) if r)
             rows.append((row.name, row.type, size(row.input_size), size(row.output_size),
                          pair(row.kernel_size), pair(row.stride), pair(row.padding),
-                         pair(row.dilation), pair(row.remainder), mark[row.exact], row.reason))
+                         pair(row.dilation), pair(row.remainder), mark[row.exact],
+                         mark[row.weights] if row.weights_reason else "-", why))
         widths = [max(len(r[c]) for r in rows) for c in range(len(header) - 1)]
         lines = []
         for n, r in enumerate(rows):
@@ -202,6 +243,8 @@ class ExactnessReport:
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
         lines = [line.rstrip() for line in lines]
+        lines.append(f"sampling geometry: {self.geometry}")
+        lines.append(f"weights: {self.weights}")
         lines.append(f"verdict: {self.summary()}")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -222,6 +265,8 @@ class ExactnessReport:
             "input_size": list(self.input_size),
             "group": self.group,
             "verdict": self.verdict,
+            "geometry": self.geometry,
+            "weights": self.weights,
             "notes": list(self.notes),
             "layers": [plain(asdict(row)) for row in self.layers],
         }
@@ -342,6 +387,25 @@ _PAD_MODULES = tuple(getattr(nn, n) for n in (
 
 _RESAMPLING_MODULES = (nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold,
                        nn.FractionalMaxPool2d, nn.MaxUnpool2d)
+
+#: leaf modules analysed as one unit without watching their tensor functions: pointwise
+#: activations, per-channel normalisation, dropout, reshapes, and the layers with rules
+_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Sigmoid, nn.LogSigmoid, nn.Tanh, nn.Tanhshrink, nn.Hardtanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardshrink, nn.Softshrink, nn.Softplus, nn.Softsign,
+    nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax2d,
+    nn.Flatten, nn.Unflatten, GroupBatchNorm2d, GroupPool, GroupGlobalPool,
+)
+
+
+def _is_trusted_leaf(module: nn.Module) -> bool:
+    """Leaf modules whose effect the analyzer knows from their type; every other leaf module
+    is looked into: the tensor functions its ``forward`` calls are watched one by one."""
+    return isinstance(module, _POINTWISE_MODULES + _PAD_MODULES + _RESAMPLING_MODULES) or (
+        _is_adaptive(module) or _is_transposed(module))
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
@@ -546,12 +610,63 @@ def _bind(names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]) 
     return bound
 
 
+#: functions that act on each pixel alone (elementwise maths, per-channel normalisation,
+#: dtype / memory changes, channel-wise concatenation and splitting, same-size reshapes);
+#: in-place variants (``relu_``) are matched without their trailing underscore
+_POINTWISE_FUNCS = {
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
+    "remainder", "fmod", "pow", "float_power", "neg", "abs", "exp", "exp2", "log", "log2",
+    "log10", "log1p", "expm1", "sqrt", "rsqrt", "square", "reciprocal", "sign", "sigmoid",
+    "tanh", "sin", "cos", "erf", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu",
+    "silu", "mish", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "threshold",
+    "prelu", "rrelu", "logsigmoid", "tanhshrink", "hardshrink", "softshrink", "clamp", "clip",
+    "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin", "where", "masked_fill",
+    "lerp", "addcmul", "addcdiv", "nan_to_num", "batch_norm", "instance_norm", "group_norm",
+    "layer_norm", "local_response_norm", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout", "contiguous", "clone", "detach", "to", "float",
+    "double", "half", "bfloat16", "type", "type_as", "cat", "concat", "concatenate", "stack",
+    "chunk", "split", "tensor_split", "unbind", "narrow", "view", "reshape", "flatten",
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as", "reshape_as",
+    "zeros_like", "ones_like", "empty_like", "full_like", "requires_grad", "copy", "sum", "mean",
+    "amax", "amin", "max", "min", "gt", "lt", "ge", "le", "eq", "ne", "logical_and",
+    "logical_or", "logical_not", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+    "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__",
+    "__itruediv__", "__floordiv__", "__pow__", "__rpow__", "__neg__", "__abs__", "__and__",
+    "__or__", "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__",
+}
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+def _leading_index(index: Any, ndim: int) -> bool:
+    """Whether ``x[index]`` indexes only axes before the two spatial ones."""
+    parts = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis not in parts:
+        return len([p for p in parts if p is not None]) <= ndim - 2
+    tail = parts[parts.index(Ellipsis) + 1:]
+    return all(isinstance(p, slice) and p == slice(None) for p in tail)
+
+
+def _keeps_spatial_axes(fname: str, args: tuple, kwargs: dict, ndim: int) -> bool:
+    """Whether a transpose / permute / movedim leaves the two spatial axes where they are."""
+    dims = [a for a in args[1:] if isinstance(a, int)] + [
+        a for v in list(args[1:]) + list(kwargs.values()) if isinstance(v, (tuple, list))
+        for a in v]
+    if fname == "permute":
+        order = [d % ndim for d in dims]
+        return order[-2:] == [ndim - 2, ndim - 1]
+    return not {d % ndim for d in dims if isinstance(d, int)} & {ndim - 2, ndim - 1}
+
+
 class _Tracer(TorchFunctionMode):
     """Forward hooks on every module plus a watch on tensor functions called between them."""
 
-    def __init__(self, model: nn.Module, group: str) -> None:
+    def __init__(self, model: nn.Module, group: str, judge: WeightJudge | None = None) -> None:
         super().__init__()
         self.model = model
+        self.judge = judge or WeightJudge(model, group)
         self.rules = _Rules(group)
         self.rows: list[LayerExactness] = []
         self.depth = 0          # > 0 inside a module analysed as one layer
@@ -565,7 +680,8 @@ class _Tracer(TorchFunctionMode):
     # -- hooks --
     def attach(self) -> None:
         for name, module in self.model.named_modules():
-            unit = _is_conv_like(module) or not any(True for _ in module.children())
+            unit = _is_conv_like(module) or (not any(True for _ in module.children())
+                                             and _is_trusted_leaf(module))
             self.handles.append(module.register_forward_pre_hook(
                 self._pre(name or "model", unit), with_kwargs=True))
             self.handles.append(module.register_forward_hook(
@@ -606,8 +722,12 @@ class _Tracer(TorchFunctionMode):
                     if x is not None and _hw(x) is not None:
                         count = self.calls[name] = self.calls.get(name, 0) + 1
                         label = name if count == 1 else f"{name} (call {count})"
-                        self.rows.append(self.rules.finish(
-                            self._module_row(label, module, x, output)))
+                        row = self._module_row(label, module, x, output)
+                        if row.kernel_size is not None and row.exact is not None:
+                            row.weights, row.weights_reason = self.judge.module(
+                                name, module, x, row.kernel_size, row.stride, row.padding,
+                                row.dilation)
+                        self.rows.append(self.rules.finish(row))
             finally:
                 self.paused = False
 
@@ -679,8 +799,8 @@ class _Tracer(TorchFunctionMode):
                     self.mark(t)
                 if self.depth == 0:
                     x = next((t for t in inputs if t.dim() in (4, 5)), None)
-                    y = _first_tensor(out)
-                    if x is not None and y is not None and y.is_floating_point():
+                    y = args[0] if _name(func) == "__setitem__" else _first_tensor(out)
+                    if x is not None and isinstance(y, Tensor) and y.is_floating_point():
                         self.paused = True
                         try:
                             row = self._function_row(func, args, kwargs, x, y)
@@ -692,7 +812,7 @@ class _Tracer(TorchFunctionMode):
 
     def _function_row(self, func: Any, args: tuple, kwargs: dict, x: Tensor,
                       y: Tensor) -> LayerExactness | None:
-        fname = getattr(func, "__name__", str(func))
+        fname = _name(func)
         owner = self.owners[-1] if self.owners else "model"
         name = f"{owner}:{fname}()"
         in_hw = _hw(x)
@@ -711,8 +831,10 @@ class _Tracer(TorchFunctionMode):
                 stride = _spatial_pair(p.get("stride", 1), "stride", ndim, 1)
                 dilation = _spatial_pair(p.get("dilation", 1), "dilation", ndim, 1)
                 before, after = _padding(p.get("padding", 0), kernel, dilation, ndim)
-                return rules.strided(name, "function", "conv", in_hw, out_hw, kernel, stride,
-                                     before, after, dilation, out_is_map=out_hw is not None)
+                row = rules.strided(name, "function", "conv", in_hw, out_hw, kernel, stride,
+                                    before, after, dilation, out_is_map=out_hw is not None)
+                row.weights, row.weights_reason = self.judge.kernel(weight)
+                return row
             if fname in _POOL_ARGS and first_is_x:
                 p = _bind(_POOL_ARGS[fname], args, kwargs)
                 kernel = _spatial_pair(p["kernel_size"], "kernel_size", ndim, 1)
@@ -756,13 +878,46 @@ class _Tracer(TorchFunctionMode):
                 if not spatial and out_hw == in_hw:
                     return None
         if out_hw is not None and out_hw == in_hw:
-            return None
+            return self._same_size(name, fname, args, kwargs, in_hw, ndim)
         if out_hw is None and y.dim() < 4:
             return rules.reshape(name, "function", x, y)
         got = "?" if out_hw is None else f"{out_hw[0]}x{out_hw[1]}"
         return LayerExactness(name, "function", "unknown", in_hw, out_hw, exact=None,
                               reason=f"{fname} changes the map from {in_hw[0]}x{in_hw[1]} to "
                                      f"{got}; cannot verify")
+
+    def _same_size(self, name: str, fname: str, args: tuple, kwargs: dict, in_hw: Pair,
+                   ndim: int) -> LayerExactness | None:
+        """A function whose output map has the input's size: ``None`` when it acts pixel by
+        pixel (and every tensor it mixes in is invariant), else a row saying why not."""
+        base = fname if fname.startswith("__") else fname.rstrip("_")
+        spatial = {ndim - 2, ndim - 1}
+        moves = None
+        if base in ("__getitem__", "__setitem__") and len(args) > 1:
+            moves = not _leading_index(args[1], ndim)
+        elif base in ("transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis"):
+            moves = not _keeps_spatial_axes(base, args, kwargs, ndim)
+        elif base in ("softmax", "log_softmax", "softmin"):
+            dim = _bind(("dim",), args, kwargs).get("dim")
+            moves = not isinstance(dim, int) or dim % ndim in spatial
+        elif base in _POINTWISE_FUNCS:
+            moves = False
+        if moves is not False:
+            return LayerExactness(name, "function", "unknown", in_hw, in_hw, exact=None,
+                                  reason=f"{fname}() keeps the {in_hw[0]}x{in_hw[1]} size but "
+                                         "is not known to act pixel by pixel (it may move "
+                                         "pixels); cannot verify")
+        for t in _tensors((args, kwargs)):
+            if id(t) in self.active or t.dim() < 2 or tuple(t.shape[-2:]) == (1, 1):
+                continue
+            ok, why = tensor_is_invariant(self.judge.value(t), self.rules.group)
+            if ok is not True:
+                return LayerExactness(
+                    name, "function", "positional", in_hw, in_hw, exact=ok,
+                    reason=f"{fname}() mixes in a position-dependent tensor of shape "
+                           f"{tuple(t.shape)} ({why})" + ("" if ok is False else
+                                                          "; cannot verify"))
+        return None
 
     def _slice_row(self, name: str, in_hw: Pair, out_hw: Pair | None, ndim: int, index: Any,
                    y: Tensor) -> LayerExactness | None:
@@ -847,12 +1002,12 @@ def infer_in_channels(model: nn.Module) -> int:
 
 
 def _trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
-           device: torch.device | None = None, dtype: torch.dtype | None = None
-           ) -> ExactnessReport:
+           device: torch.device | None = None, dtype: torch.dtype | None = None,
+           judge: WeightJudge | None = None) -> ExactnessReport:
     dev, dt = _device_dtype(model)
     device, dtype = device or dev, dtype or dt
     modes = {m: m.training for m in model.modules()}
-    tracer = _Tracer(model, group)
+    tracer = _Tracer(model, group, judge)
     x = torch.zeros(1, in_channels, *hw, device=device, dtype=dtype)
     tracer.mark(x)
     model.eval()
@@ -915,9 +1070,11 @@ class _SizeProbe:
         self.model = model
         self.group = _check_group(group)
         self.in_channels = infer_in_channels(model) if in_channels is None else in_channels
+        self.judge = WeightJudge(model, group)
         self.meta: nn.Module | None = None
         try:
             self.meta = copy.deepcopy(model).to("meta")
+            self.judge.link(self.meta)
         except Exception:  # any failure just disables the fast path
             self.meta = None
 
@@ -926,11 +1083,12 @@ class _SizeProbe:
         if self.meta is not None:
             try:
                 return _trace(self.meta, (size, size), self.in_channels, self.group,
-                              torch.device("meta"))
+                              torch.device("meta"), judge=self.judge)
             except Exception:  # retried on the real model below
                 pass
         try:
-            report = _trace(self.model, (size, size), self.in_channels, self.group)
+            report = _trace(self.model, (size, size), self.in_channels, self.group,
+                            judge=self.judge)
         except (RuntimeError, ValueError, IndexError, AssertionError):
             return None
         self.meta = None  # the meta copy failed where the model works: stop using it
@@ -971,13 +1129,6 @@ def nearest_exact_size(model: nn.Module, size: int, in_channels: int | None = No
 
 
 # ---- empirical check -------------------------------------------------------------------------
-def _elements(group: str) -> list[Dihedral]:
-    """The non-identity elements whose equivariance is checked."""
-    if group == "flip":
-        return [hflip()]
-    return [g for g in group_elements(group) if not g.is_identity]
-
-
 def _output_layout(y: Tensor) -> Layout:
     """The layout of a model output ``(B, C)``, ``(B, C, H, W)`` or ``(B, C, G, H, W)``."""
     if y.dim() == 3:
@@ -1020,7 +1171,7 @@ def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, 
         scale = float(torch.linalg.vector_norm(y))
         layout = _output_layout(y)
         worst = 0.0
-        for g in _elements(group):
+        for g in elements(group):
             yg = _first_tensor(net(g.apply_image(x)))
             assert yg is not None
             diff = float(torch.linalg.vector_norm(per_image_error(*align(yg, y, g, layout))))
