@@ -175,10 +175,11 @@ def test_padding_modes_and_string_padding():
     assert analyze_exactness(valid, 16).layers[0].padding == (0, 0)
     assert agrees(valid, 16) == EXACT and agrees(valid, 15) == NOT_EXACT
 
-    # an even kernel with "same" pads 0 before and 1 after: the analyzer does not vouch for it
+    # an even kernel with "same" pads 0 before and 1 after: at stride 1 the windows are not
+    # mirror-symmetric ((i + 1 - 2) mod 1 = 0, not 1 - 0), so it is not exact
     even = nn.Sequential(sym_conv(2, 3, 2, padding="same"))
     report = analyze_exactness(even, 16)
-    assert report.verdict == CANNOT_VERIFY and "asymmetric" in report.layers[0].reason
+    assert report.verdict == NOT_EXACT and "asymmetric" in report.layers[0].reason
     assert error(even, 16) > TOL  # indeed broken, here
 
 
@@ -271,12 +272,14 @@ def test_adaptive_pooling():
 # ---- non-square inputs and flips ------------------------------------------------------------
 def test_non_square_input():
     net = nn.Sequential(sym_conv(2, 3, 3, 2, 1, group="p4m"), *gap_head())
+    # a non-square input: a 90° rotation turns 33x31 into 31x33 and f(R x) = R f(x) holds
+    # when each layer's rule holds on both axes
     report = analyze_exactness(net, (33, 31))
-    assert report.verdict == NOT_EXACT
-    assert "non-square" in report.layers[0].reason and report.notes
+    assert report.verdict == EXACT and "not square" in report.notes[0]
     assert report.input_size == (33, 31)
-    with pytest.raises(ShapeError):
-        error(net, (33, 31))
+    assert agrees(net, (33, 31)) == EXACT and agrees(net, (33, 32)) == NOT_EXACT
+    with pytest.raises(ShapeError):   # a fixed non-square output cannot be rotated back
+        error(nn.Sequential(net[0], nn.AdaptiveAvgPool2d((2, 3))), (33, 31))
     # a horizontal flip looks at the width axis only
     assert agrees(net, (32, 33), group="flip") == EXACT
     assert agrees(net, (33, 32), group="flip") == NOT_EXACT

@@ -209,3 +209,44 @@ def test_channel_operations_stay_exact():
     net = nn.Sequential(ChannelOnly(), nn.AdaptiveAvgPool2d(3))
     assert analyze_exactness(net, 9, in_channels=2).verdict == EXACT
     assert error(net, 9, in_channels=2) < TOL
+
+
+# ---- fix 4: padding and stride judged together; non-square inputs -----------------------------
+class BlurPool(nn.Module):
+    """antialiased-cnns' BlurPool: reflection padding [1, 2, 1, 2], then a stride-2 depthwise
+    4x4 binomial filter."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        a = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=DT)
+        filt = (a[:, None] * a[None, :]) / (a.sum() ** 2)
+        self.register_buffer("filt", filt[None, None].repeat(channels, 1, 1, 1))
+        self.pad = nn.ReflectionPad2d([1, 2, 1, 2])
+        self.channels = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.pad(x), self.filt, stride=2, groups=self.channels)
+
+
+@pytest.mark.parametrize("size", [8, 9, 10, 11, 12, 13])
+def test_blurpool_is_exact_at_even_sizes(size):
+    net = nn.Sequential(BlurPool(2), nn.ReLU(inplace=True))
+    report = analyze_exactness(net, size, in_channels=2)
+    assert report.verdict == (EXACT if size % 2 == 0 else NOT_EXACT), report.table()
+    assert report.weights == CONSTRAINED
+    assert (error(net, size, in_channels=2) < TOL) == (size % 2 == 0)
+
+
+def test_fully_convolutional_net_on_a_non_square_input():
+    convs = []
+    for cin, cout, stride in ((2, 4, 1), (4, 4, 2), (4, 3, 1)):
+        conv = nn.Conv2d(cin, cout, 3, stride, 1, dtype=DT)
+        with torch.no_grad():
+            conv.weight.copy_(symmetric(conv.weight))
+        convs += [conv, nn.ReLU(inplace=True)]
+    net = nn.Sequential(*convs)
+    report = analyze_exactness(net, (15, 17))
+    assert report.verdict == EXACT and report.notes, report.table()
+    assert error(net, (15, 17)) < TOL
+    assert analyze_exactness(net, (15, 16)).verdict == NOT_EXACT
+    assert error(net, (15, 16)) > 1e-3

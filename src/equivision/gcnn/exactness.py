@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..measure.compare import align, per_image_error
-from ..transforms import Layout, infer_layout
+from ..transforms import Dihedral, Layout, ShapeError, infer_layout
 from .norm_pool import GroupBatchNorm2d, GroupGlobalPool, GroupPool
 from .weights import WeightJudge, elements, tensor_is_invariant
 
@@ -459,21 +459,16 @@ class _Rules:
                           "convolution / pooling with these sizes; the layer does something "
                           "else")
             return row
-        asym = [a for a in self.axes if before[a] != after[a]]
-        if asym:
-            row.exact = None
-            row.reason = ("asymmetric padding " + ", ".join(
-                f"{'HW'[a]}: {before[a]} before / {after[a]} after" for a in asym)
-                + " shifts the map by half a pixel; cannot verify")
-            return row
         if _rotations(self.group):
             aniso = [n for n, v in (("kernel", kernel), ("stride", stride), ("padding", before),
-                                    ("dilation", dilation)) if v[0] != v[1]]
+                                    ("padding", after), ("dilation", dilation)) if v[0] != v[1]]
             if aniso:
                 row.exact = False
-                row.reason = ("anisotropic " + ", ".join(aniso)
+                row.reason = ("anisotropic " + ", ".join(dict.fromkeys(aniso))
                               + ": a 90° rotation swaps the axes")
                 return row
+        if any(before[a] != after[a] for a in self.axes):
+            return self._asymmetric(row, before, after, stride, remainder, ceil_mode)
         bad = [a for a in self.axes if remainder[a] != 0]
         extra = "" if padding_mode in ("zeros", "") else f"; {padding_mode} padding"
         if ceil_mode:
@@ -486,6 +481,27 @@ class _Rules:
             row.reason = "stride 1" + extra
         else:
             row.reason = "(i + 2p - k_eff) mod s = 0" + extra
+        return row
+
+    def _asymmetric(self, row: LayerExactness, before: Pair, after: Pair, stride: Pair,
+                    remainder: Pair, ceil_mode: bool) -> LayerExactness:
+        """Padding ``b`` before and ``a`` after: the windows, from ``-b`` to ``-b + (o - 1) s
+        + k_eff - 1``, are mirror-symmetric iff ``(o - 1) s = i + 2b - k_eff``, i.e. iff the
+        remainder ``(i + b + a - k_eff) mod s`` equals ``a - b`` (BlurPool: ``b = 1, a = 2,
+        k = 4, s = 2`` at even sizes). Padding values (zeros, reflection, replication,
+        circular) sit mirror-symmetrically around the map, so the rule is the whole story."""
+        sides = ", ".join(f"{'HW'[a]}: {before[a]} before / {after[a]} after" for a in self.axes
+                          if before[a] != after[a])
+        if ceil_mode:
+            row.exact = None
+            row.reason = f"asymmetric padding ({sides}) in ceil mode; cannot verify"
+            return row
+        bad = [a for a in self.axes if remainder[a] != after[a] - before[a]]
+        row.exact = not bad
+        row.reason = (f"asymmetric padding ({sides}): (i + p_before + p_after - k_eff) mod s "
+                      + ("= p_after - p_before: windows mirror-symmetric" if not bad else
+                         "!= p_after - p_before on " + ", ".join('HW'[a] for a in bad)
+                         + ": sampling grid misaligned"))
         return row
 
     def adaptive(self, name: str, type_: str, in_hw: Pair, out: Tensor | None,
@@ -572,12 +588,15 @@ class _Rules:
         return row
 
     def finish(self, row: LayerExactness) -> LayerExactness:
-        """Apply the square-map requirement of 90° rotations."""
-        h, w = row.input_size
-        if _rotations(self.group) and h != w and row.exact is not False:
-            row.exact = False
-            row.reason = (f"non-square input {h}x{w}: a 90° rotation does not map it onto "
-                          "itself" + (f" ({row.reason})" if row.reason else ""))
+        """Hook for network-wide requirements on a row; none at present.
+
+        A non-square map needs no special case under 90° rotations: the rotated input
+        ``W x H`` goes through the same layers with the axes swapped, and each layer's rule,
+        isotropic in its kernel, stride, padding and dilation, holds on both axes or not at
+        all; layers with a fixed non-square output (adaptive pooling to ``(2, 3)``) are caught
+        by their own rule. So ``exact`` on an ``H x W`` input means ``f(R x) = R f(x)`` for a
+        network that takes both sizes.
+        """
         return row
 
 
@@ -676,6 +695,7 @@ class _Tracer(TorchFunctionMode):
         self.active: dict[int, Tensor] = {}   # tensors computed from the input
         self.calls: dict[str, int] = {}
         self.handles: list[Any] = []
+        self.pads: dict[int, LayerExactness] = {}   # asymmetric padding, by output tensor
 
     # -- hooks --
     def attach(self) -> None:
@@ -728,6 +748,7 @@ class _Tracer(TorchFunctionMode):
                                 name, module, x, row.kernel_size, row.stride, row.padding,
                                 row.dilation)
                         self.rows.append(self.rules.finish(row))
+                        self._remember_pad(row, _first_tensor(output))
             finally:
                 self.paused = False
 
@@ -773,7 +794,7 @@ class _Tracer(TorchFunctionMode):
             except _Unverifiable as err:
                 return LayerExactness(name, type_, kind, in_hw, out_hw, exact=None,
                                       reason=f"{err}; cannot verify")
-            return rules.strided(name, type_, kind, in_hw, out_hw, kernel, stride, before,
+            return self._strided(x, name, type_, kind, in_hw, out_hw, kernel, stride, before,
                                  after, dilation, bool(getattr(module, "ceil_mode", False)),
                                  str(getattr(module, "padding_mode", "zeros")),
                                  out_is_map=out_hw is not None)
@@ -787,6 +808,33 @@ class _Tracer(TorchFunctionMode):
         return LayerExactness(name, type_, "unknown", in_hw, out_hw, exact=None,
                               reason=f"unknown layer changes the size from {in_hw[0]}x"
                                      f"{in_hw[1]} to {out_hw[0]}x{out_hw[1]}; cannot verify")
+
+    # -- padding judged with the layer that reads it --
+    def _remember_pad(self, row: LayerExactness, out: Tensor | None) -> None:
+        """Keep an asymmetric padding row until the strided layer that reads its output."""
+        if row.kind == "padding" and row.exact is False and out is not None:
+            self.pads[id(out)] = row
+
+    def _strided(self, x: Tensor, name: str, type_: str, kind: str, in_hw: Pair,
+                 out_hw: Pair | None, kernel: Pair, stride: Pair, before: Pair, after: Pair,
+                 dilation: Pair, ceil_mode: bool = False, padding_mode: str = "zeros",
+                 out_is_map: bool = True) -> LayerExactness:
+        """:meth:`_Rules.strided`, with an asymmetric padding right before it folded in: the
+        two are one layer with padding ``before`` / ``after`` on the unpadded map."""
+        pad = self.pads.pop(id(x), None)
+        if pad is not None and pad.padding is not None and pad.remainder is not None:
+            in_hw = pad.input_size
+            before = (before[0] + pad.padding[0], before[1] + pad.padding[1])
+            after = (after[0] + pad.padding[0] + pad.remainder[0],
+                     after[1] + pad.padding[1] + pad.remainder[1])
+        row = self.rules.strided(name, type_, kind, in_hw, out_hw, kernel, stride, before,
+                                 after, dilation, ceil_mode, padding_mode, out_is_map)
+        if pad is not None:
+            row.reason += f" (padding of {pad.name} included)"
+            if row.exact is not False:
+                pad.exact = row.exact
+                pad.reason += f"; judged together with {name}"
+        return row
 
     # -- tensor functions --
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -808,6 +856,7 @@ class _Tracer(TorchFunctionMode):
                             self.paused = False
                         if row is not None:
                             self.rows.append(self.rules.finish(row))
+                            self._remember_pad(row, y)
         return out
 
     def _function_row(self, func: Any, args: tuple, kwargs: dict, x: Tensor,
@@ -831,7 +880,7 @@ class _Tracer(TorchFunctionMode):
                 stride = _spatial_pair(p.get("stride", 1), "stride", ndim, 1)
                 dilation = _spatial_pair(p.get("dilation", 1), "dilation", ndim, 1)
                 before, after = _padding(p.get("padding", 0), kernel, dilation, ndim)
-                row = rules.strided(name, "function", "conv", in_hw, out_hw, kernel, stride,
+                row = self._strided(x, name, "function", "conv", in_hw, out_hw, kernel, stride,
                                     before, after, dilation, out_is_map=out_hw is not None)
                 row.weights, row.weights_reason = self.judge.kernel(weight)
                 return row
@@ -843,7 +892,7 @@ class _Tracer(TorchFunctionMode):
                     raw, "stride", ndim, 1)
                 dilation = _spatial_pair(p.get("dilation", 1), "dilation", ndim, 1)
                 before, after = _padding(p.get("padding", 0), kernel, dilation, ndim)
-                return rules.strided(name, "function", "pool", in_hw, out_hw, kernel, stride,
+                return self._strided(x, name, "function", "pool", in_hw, out_hw, kernel, stride,
                                      before, after, dilation, bool(p.get("ceil_mode", False)),
                                      out_is_map=out_hw is not None)
         except _Unverifiable as err:
@@ -1021,9 +1070,9 @@ def _trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
             m.training = training
     report = ExactnessReport(hw, group, tracer.rows)
     if _rotations(group) and hw[0] != hw[1]:
-        report.notes.append(f"the input {hw[0]}x{hw[1]} is not square: 90° rotations do not map "
-                            "it onto itself, so no network is exactly rotation-equivariant on "
-                            "it; use a square input or group='flip'")
+        report.notes.append(f"the input {hw[0]}x{hw[1]} is not square: a 90° rotation turns it "
+                            f"into {hw[1]}x{hw[0]}; the verdict is about f(R x) = R f(x) with "
+                            "both sizes going through the network")
     if not report.layers:
         report.notes.append("no spatial layer was found")
     return report
@@ -1137,6 +1186,19 @@ def _output_layout(y: Tensor) -> Layout:
     return infer_layout(y)
 
 
+def _rotate_any(g: Dihedral, t: Tensor) -> Tensor:
+    """``g`` acting on a possibly non-square ``(B, C)`` / ``(B, C, H, W)`` / ``(B, C, G, H,
+    W)`` tensor: an odd rotation turns ``H x W`` into ``W x H`` (the transforms refuse such a
+    map because its shape changes; here both shapes are the network's own outputs)."""
+    if t.dim() < 4:
+        return t
+    out = torch.rot90(torch.flip(t, (-1,)) if g.flip else t, g.k, (-2, -1))
+    if t.dim() == 5:
+        perm = g.group_permutation({4: "p4", 8: "p4m"}[int(t.shape[2])])
+        out = out[:, :, perm]
+    return out
+
+
 def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, int],
                                  group: str = "p4", in_channels: int | None = None,
                                  dtype: torch.dtype = torch.float64, seed: int = 0,
@@ -1153,8 +1215,12 @@ def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, 
     G = 8); the comparison is :func:`~equivision.measure.compare.align` and
     :func:`~equivision.measure.compare.per_image_error`.
 
+    A non-square input ``H x W`` is compared with the network's output on the rotated ``W x
+    H`` input (the outputs' shapes must agree after the rotation).
+
     Raises:
-        ShapeError: 90° rotations of a non-square input.
+        ShapeError: f(g x) and g·f(x) differ in shape (a network with a fixed non-square
+            output under 90° rotations).
         InexactActionError: flips of a p4 group map (p4 has no reflections).
     """
     _check_group(group)
@@ -1171,10 +1237,18 @@ def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, 
         scale = float(torch.linalg.vector_norm(y))
         layout = _output_layout(y)
         worst = 0.0
+        square = hw[0] == hw[1]
         for g in elements(group):
-            yg = _first_tensor(net(g.apply_image(x)))
+            yg = _first_tensor(net(g.apply_image(x) if square else _rotate_any(g, x)))
             assert yg is not None
-            diff = float(torch.linalg.vector_norm(per_image_error(*align(yg, y, g, layout))))
+            if square:
+                diff = float(torch.linalg.vector_norm(per_image_error(*align(yg, y, g,
+                                                                             layout))))
+            elif yg.shape != _rotate_any(g, y).shape:
+                raise ShapeError(f"f(g x) has shape {tuple(yg.shape)}, g·f(x) has "
+                                 f"{tuple(_rotate_any(g, y).shape)}")
+            else:
+                diff = float(torch.linalg.vector_norm(yg - _rotate_any(g, y)))
             if scale == 0.0:
                 err = 0.0 if diff == 0.0 else math.inf
             else:
