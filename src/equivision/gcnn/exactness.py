@@ -504,6 +504,75 @@ class _Rules:
                          + ": sampling grid misaligned"))
         return row
 
+    def transposed(self, name: str, type_: str, in_hw: Pair, out_hw: Pair | None,
+                   kernel: Any, stride: Any, padding: Any, dilation: Any,
+                   ndim: int) -> LayerExactness:
+        """A transposed convolution scatters input ``i`` to ``i s - p + d t`` (``t < k``).
+        Mirroring input ``i`` to ``n - 1 - i`` mirrors these positions onto themselves iff
+        the output has ``o = (n - 1) s - 2p + d (k - 1) + 1`` pixels, i.e. iff the output
+        padding (read off the actual output size) is 0, at every input size."""
+        row = LayerExactness(name, type_, "transposed conv", in_hw, out_hw)
+        try:
+            k = _spatial_pair(kernel, "kernel_size", ndim, 1)
+            s = _spatial_pair(stride, "stride", ndim, 1)
+            p = _spatial_pair(padding, "padding", ndim, 0)
+            d = _spatial_pair(dilation, "dilation", ndim, 1)
+        except _Unverifiable as err:
+            row.exact, row.reason = None, f"{err}; cannot verify"
+            return row
+        if out_hw is None:
+            row.exact, row.reason = None, "output is not a feature map; cannot verify"
+            return row
+        extra = tuple(o - ((n - 1) * s_ - 2 * p_ + d_ * (k_ - 1) + 1)
+                      for o, n, k_, s_, p_, d_ in zip(out_hw, in_hw, k, s, p, d))
+        row.kernel_size, row.stride, row.padding, row.dilation = k, s, p, d
+        row.remainder = extra  # type: ignore[assignment]
+        aniso = [n_ for n_, v in (("kernel", k), ("stride", s), ("padding", p),
+                                  ("dilation", d)) if v[0] != v[1]]
+        bad = [a for a in self.axes if extra[a] != 0]
+        if _rotations(self.group) and aniso:
+            row.exact = False
+            row.reason = "anisotropic " + ", ".join(aniso) + ": a 90° rotation swaps the axes"
+        elif bad:
+            row.exact = False
+            row.reason = ("output padding " + ", ".join(f"{extra[a]} on {'HW'[a]}" for a in bad)
+                          + ": the scattered grid is not mirror-symmetric")
+        else:
+            row.reason = "no output padding: the scattered grid is mirror-symmetric"
+        return row
+
+    def upsample(self, name: str, type_: str, in_hw: Pair, out_hw: Pair | None,
+                 scale_factor: Any, recompute: Any, mode: Any, ndim: int) -> LayerExactness:
+        """Upsampling by an integer factor ``f``: output ``j`` reads around
+        ``(j + 1/2) / f - 1/2`` (bilinear, bicubic; clamped at both ends), ``floor(j / f)``
+        (nearest) or averages a window (area), all mirror-symmetric when the output has
+        exactly ``n f`` pixels; ``align_corners=True`` maps ``j`` to ``j (n - 1) / (o - 1)``,
+        symmetric too. A non-integer factor is not vouched for (nearest sampling with it is
+        not symmetric, and PyTorch reads with ``1 / scale_factor``, not ``n / o``)."""
+        row = LayerExactness(name, type_, "upsample", in_hw, out_hw)
+        if ndim != 4 or out_hw is None or mode not in _UPSAMPLING_MODES:
+            row.exact = None
+            row.reason = f"{mode} resampling of this map; cannot verify"
+            return row
+        factors = [o / i for o, i in zip(out_hw, in_hw)]
+        if scale_factor is not None and recompute is not True:
+            given = scale_factor if isinstance(scale_factor, (tuple, list)) else (
+                scale_factor, scale_factor)
+            factors = [float(f) for f in given[-2:]]
+        whole = all(float(f).is_integer() and f >= 1 and o == i * int(f)
+                    for f, o, i in zip(factors, out_hw, in_hw))
+        row.stride = tuple(int(f) if float(f).is_integer() else 0 for f in factors)  # type: ignore
+        if not whole:
+            row.exact = None
+            row.reason = (f"{mode} resampling by {factors[0]:g}x{factors[1]:g} (not an integer "
+                          "upsampling factor); cannot verify")
+        elif _rotations(self.group) and factors[0] != factors[1]:
+            row.exact = False
+            row.reason = "anisotropic upsampling: a 90° rotation swaps the axes"
+        else:
+            row.reason = f"{mode} upsampling by an integer factor is mirror-symmetric"
+        return row
+
     def adaptive(self, name: str, type_: str, in_hw: Pair, out: Tensor | None,
                  output_size: Any, ndim: int) -> LayerExactness:
         """Adaptive pooling: window ``j`` spans ``[floor(j i / o), ceil((j + 1) i / o))``,
@@ -618,6 +687,7 @@ _RESAMPLING_FUNCS = {"interpolate", "upsample", "upsample_nearest", "upsample_bi
                      "grid_sample", "pixel_shuffle", "pixel_unshuffle", "fold", "unfold",
                      "conv_transpose2d", "conv_transpose3d", "fractional_max_pool2d",
                      "max_unpool2d"}
+_UPSAMPLING_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "logsumexp", "nansum", "nanmean",
                "norm", "std", "var", "prod", "median", "nanmedian"}
 
@@ -770,8 +840,11 @@ class _Tracer(TorchFunctionMode):
                                   reason=f"changes the group axis from {x.shape[2]} to "
                                          f"{y.shape[2]}; cannot verify")
         if _is_transposed(module):
-            return LayerExactness(name, type_, "conv", in_hw, out_hw, exact=None,
-                                  reason="transposed convolution (upsampling); cannot verify")
+            return rules.transposed(name, type_, in_hw, out_hw, module.kernel_size,
+                                    module.stride, module.padding, module.dilation, ndim)
+        if isinstance(module, nn.Upsample):
+            return rules.upsample(name, type_, in_hw, out_hw, module.scale_factor,
+                                  module.recompute_scale_factor, module.mode, ndim)
         if _is_adaptive(module):
             return rules.adaptive(name, type_, in_hw, y, getattr(module, "output_size", None),
                                   ndim)
@@ -901,6 +974,22 @@ class _Tracer(TorchFunctionMode):
         if fname in _ADAPTIVE_FUNCS and first_is_x:
             size = _bind(("output_size",), args, kwargs).get("output_size")
             return rules.adaptive(name, "function", in_hw, y, size, ndim)
+        if fname == "interpolate" and first_is_x:
+            p = _bind(("size", "scale_factor", "mode", "align_corners",
+                       "recompute_scale_factor"), args, kwargs)
+            return rules.upsample(name, "function", in_hw, out_hw, p.get("scale_factor"),
+                                  p.get("recompute_scale_factor"), p.get("mode", "nearest"),
+                                  ndim)
+        if fname == "conv_transpose2d" and first_is_x:
+            p = _bind(("weight", "bias", "stride", "padding", "output_padding", "groups",
+                       "dilation"), args, kwargs)
+            weight = p["weight"]
+            row = rules.transposed(name, "function", in_hw, out_hw,
+                                   tuple(weight.shape[-2:]), p.get("stride", 1),
+                                   p.get("padding", 0), p.get("dilation", 1), ndim)
+            if row.exact is not None:
+                row.weights, row.weights_reason = self.judge.kernel(weight)
+            return row
         if fname in _RESAMPLING_FUNCS:
             return LayerExactness(name, "function", "unknown", in_hw, out_hw, exact=None,
                                   reason="resampling function; cannot verify")

@@ -163,8 +163,8 @@ class WeightJudge:
         weight = getattr(module, "weight", None)
         if not any(True for _ in module.parameters()):
             return True, ""
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)) and isinstance(weight, Tensor) and (
-                weight.dim() == 4 or weight.shape[2] == 1):
+        if isinstance(module, nn.modules.conv._ConvNd) and isinstance(weight, Tensor) and (
+                weight.dim() == 4 or (weight.dim() == 5 and weight.shape[2] == 1)):
             ok, why = kernel_is_symmetric(weight, self.group)
             return ok, why or f"kernels {self.group}-symmetric"
         return layer_is_equivariant(module, x, self.group, kernel, stride, pad, dilation)
