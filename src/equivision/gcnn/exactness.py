@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from ..measure.compare import align, per_image_error
 from ..transforms import Dihedral, Layout, ShapeError, infer_layout
 from .norm_pool import GroupBatchNorm2d, GroupGlobalPool, GroupPool
-from .weights import WeightJudge, elements, tensor_is_invariant
+from .weights import WeightJudge, elements, is_lowpass
 
 __all__ = [
     "ALIGNED", "CANNOT_VERIFY", "CONSTRAINED", "EXACT", "MISALIGNED", "UNCONSTRAINED",
@@ -121,6 +121,10 @@ class LayerExactness:
             ``False`` (unconstrained: a plain kernel that is not symmetric) or ``None``
             (cannot verify); see :mod:`equivision.gcnn.weights`.
         weights_reason: why, in words; empty for a layer without weights.
+        lowpass: for convolutions, whether the kernel is a fixed blur (depthwise,
+            non-negative, each kernel summing to 1: antialiased-cnns' BlurPool), which
+            subsamples without aliasing; ``None`` when not known. Used by the translation
+            mode (:mod:`equivision.gcnn.translation`).
     """
 
     name: str
@@ -137,6 +141,7 @@ class LayerExactness:
     reason: str = ""
     weights: bool | None = True
     weights_reason: str = ""
+    lowpass: bool | None = None
 
 
 @dataclass
@@ -817,6 +822,10 @@ class _Tracer(TorchFunctionMode):
                             row.weights, row.weights_reason = self.judge.module(
                                 name, module, x, row.kernel_size, row.stride, row.padding,
                                 row.dilation)
+                            weight = getattr(self.judge.modules.get(name, module), "weight",
+                                             None)
+                            if isinstance(weight, Tensor):
+                                row.lowpass = is_lowpass(weight)
                         self.rows.append(self.rules.finish(row))
                         self._remember_pad(row, _first_tensor(output))
             finally:
@@ -956,6 +965,7 @@ class _Tracer(TorchFunctionMode):
                 row = self._strided(x, name, "function", "conv", in_hw, out_hw, kernel, stride,
                                     before, after, dilation, out_is_map=out_hw is not None)
                 row.weights, row.weights_reason = self.judge.kernel(weight)
+                row.lowpass = is_lowpass(self.judge.value(weight))
                 return row
             if fname in _POOL_ARGS and first_is_x:
                 p = _bind(_POOL_ARGS[fname], args, kwargs)
@@ -1048,7 +1058,7 @@ class _Tracer(TorchFunctionMode):
         for t in _tensors((args, kwargs)):
             if id(t) in self.active or t.dim() < 2 or tuple(t.shape[-2:]) == (1, 1):
                 continue
-            ok, why = tensor_is_invariant(self.judge.value(t), self.rules.group)
+            ok, why = self.judge.invariant(t)
             if ok is not True:
                 return LayerExactness(
                     name, "function", "positional", in_hw, in_hw, exact=ok,

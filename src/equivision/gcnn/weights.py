@@ -30,7 +30,8 @@ from ..measure.compare import align, per_image_error
 from ..transforms import Dihedral, group_elements, hflip, infer_layout
 from .layers import GroupConv2d
 
-__all__ = ["SYMMETRY_TOL", "WeightJudge", "elements", "kernel_is_symmetric", "tensor_is_invariant"]
+__all__ = ["SYMMETRY_TOL", "WeightJudge", "elements", "is_lowpass", "kernel_is_symmetric",
+           "tensor_is_invariant"]
 
 #: relative tolerance of the numerical symmetry and equivariance checks
 SYMMETRY_TOL = 1e-6
@@ -73,6 +74,19 @@ def kernel_is_symmetric(weight: Tensor, group: str) -> tuple[bool | None, str]:
     if ok is False:
         why = f"kernels not {group}-symmetric ({why})"
     return ok, why
+
+
+def is_lowpass(weight: Tensor) -> bool | None:
+    """Whether ``weight`` ``(C, 1, kh, kw)`` is a fixed blur: depthwise, non-negative, each
+    kernel summing to 1 and at least 2 taps wide (a low-pass filter before subsampling, as
+    in antialiased-cnns); ``None`` for a meta tensor."""
+    if weight.device.type == "meta":
+        return None
+    if weight.dim() != 4 or weight.shape[1] != 1 or min(weight.shape[-2:]) < 2:
+        return False
+    w = weight.detach().double()
+    sums = w.sum((1, 2, 3))
+    return bool((w >= 0).all()) and bool(((sums - 1).abs() < SYMMETRY_TOL).all())
 
 
 def _aligned_size(kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
@@ -168,6 +182,10 @@ class WeightJudge:
             ok, why = kernel_is_symmetric(weight, self.group)
             return ok, why or f"kernels {self.group}-symmetric"
         return layer_is_equivariant(module, x, self.group, kernel, stride, pad, dilation)
+
+    def invariant(self, t: Tensor) -> tuple[bool | None, str]:
+        """Whether a tensor mixed into a map (a positional map, coordinates) is invariant."""
+        return tensor_is_invariant(self.value(t), self.group)
 
     def kernel(self, weight: Tensor) -> tuple[bool | None, str]:
         """``(constrained, reason)`` of a kernel passed to a functional convolution."""
