@@ -145,8 +145,10 @@ def test_sizes_where_the_forward_fails_are_skipped():
     assert exact_sizes(net, 12, 3) == []
     assert nearest_exact_size(net, 7) == (6, 8)
     assert nearest_exact_size(net, 5, max_distance=0) == (None, None)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="layer '1' failed.*input size"):
         analyze_exactness(net, 5)
+    with pytest.raises(ValueError, match="pass in_channels"):   # wrong channel count
+        analyze_exactness(net, 8, in_channels=3)
 
 
 def test_ceil_mode_and_pooling_padding():

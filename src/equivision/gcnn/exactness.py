@@ -57,7 +57,7 @@ __all__ = [
     "ALIGNED", "CANNOT_VERIFY", "CONSTRAINED", "EXACT", "MISALIGNED", "UNCONSTRAINED",
     "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
     "analyze_exactness", "empirical_equivariance_error", "exact_sizes", "infer_in_channels",
-    "nearest_exact_size", "subsampling_remainder",
+    "nearest_exact_size", "subsampling_remainder", "TraceError",
 ]
 
 EXACT = "exact"
@@ -282,6 +282,10 @@ class ExactnessReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+class TraceError(RuntimeError, ValueError):
+    """The model could not run on the trace input; the message names the failing layer."""
 
 
 # ---- geometry helpers ------------------------------------------------------------------------
@@ -1163,6 +1167,13 @@ def _trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
     try:
         with torch.no_grad(), tracer:
             model(x)
+    except Exception as err:
+        layer = tracer.owners[-1] if tracer.owners else "model"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise TraceError(
+            f"cannot trace {type(model).__name__} at input {hw[0]}x{hw[1]} with {in_channels} "
+            f"channels: layer '{layer}' failed ({type(err).__name__}: {first}); try another "
+            "input size (exact_sizes lists the sizes that run) or pass in_channels") from err
     finally:
         tracer.detach()
         for m, training in modes.items():
@@ -1201,7 +1212,9 @@ def analyze_exactness(model: nn.Module, input_size: int | tuple[int, int],
         ``"cannot verify"``.
 
     Raises:
-        ValueError / RuntimeError: from the model when the input is too small.
+        TraceError: (a RuntimeError and a ValueError) the model failed on the trace input;
+            one line naming the failing layer and what to do.
+        ValueError: an unknown group, a bad input size, no way to infer in_channels.
     """
     _check_group(group)
     hw = _size(input_size)
