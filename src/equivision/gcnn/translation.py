@@ -38,9 +38,9 @@ from .exactness import (
     EXACT,
     NOT_EXACT,
     LayerExactness,
-    _size,
-    _trace,
     infer_in_channels,
+    parse_size,
+    trace,
 )
 from .weights import WeightJudge
 
@@ -207,7 +207,7 @@ def analyze_translation(model: nn.Module, input_size: int | tuple[int, int],
         A :class:`TranslationReport`: ``verdict``, ``shifts``, ``aliasing`` and ``table()``.
     """
     channels = infer_in_channels(model) if in_channels is None else in_channels
-    traced = _trace(model, _size(input_size), channels, "flip",
+    traced = trace(model, parse_size(input_size), channels, "flip",
                     judge=_ShiftJudge(model, "flip"))
     report = TranslationReport(traced.input_size)
     total = (Fraction(1), Fraction(1))
