@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from equivision.gcnn import P4ConvZ2
 from equivision.gcnn.exactness import (
     ALIGNED,
     CANNOT_VERIFY,
@@ -331,3 +332,25 @@ def test_small_unet_gets_a_verdict(transposed):
         report = analyze_exactness(net, size)
         assert report.verdict in (EXACT, NOT_EXACT), report.table()
         assert (error(net, size) < TOL) == (report.verdict == EXACT)
+
+
+class FlatHead(nn.Module):
+    """A p4 group map flattened to (B, C·4, H, W), then a plain 1x1 conv mixing the group
+    channels: its kernels are trivially symmetric, the layer is not equivariant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = P4ConvZ2(2, 3, 3).double()
+        self.mix = nn.Conv2d(12, 4, 1, dtype=DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.lift(x)
+        return self.mix(y.reshape(y.shape[0], -1, y.shape[-2], y.shape[-1]))
+
+
+def test_plain_weights_on_a_flattened_group_map_are_not_vouched_for():
+    torch.manual_seed(0)
+    net = FlatHead()
+    report = analyze_exactness(net, 9)
+    assert report.weights == CANNOT_VERIFY and report.verdict == CANNOT_VERIFY, report.table()
+    assert error(net, 9) > 1e-3

@@ -91,6 +91,11 @@ _POINTWISE_FUNCS = {
 }
 
 
+_RESHAPES = {"view", "reshape", "flatten", "view_as", "reshape_as"}
+_FLAT = ("reads a map whose channels hold a flattened group axis (B, C·G, H, W): plain "
+         "weights there must be tied across the group, which is not checked; cannot verify")
+
+
 def _name(func: Any) -> str:
     return getattr(func, "__name__", str(func))
 
@@ -132,6 +137,7 @@ class Tracer(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.handles: list[Any] = []
         self.pads: dict[int, LayerExactness] = {}   # asymmetric padding, by output tensor
+        self.flat: set[int] = set()   # 4-D maps whose channels hide a group axis (C·G)
 
     # -- hooks --
     def attach(self) -> None:
@@ -172,6 +178,8 @@ class Tracer(TorchFunctionMode):
                 self.owners.pop()
                 for t in iter_tensors(output):
                     self.mark(t)
+                x_in = self.inputs[-1] if unit and self.inputs else None
+                self._propagate_flat([x_in] if x_in is not None else [], output)
                 if unit:
                     self.depth -= 1
                     x = self.inputs.pop()
@@ -187,6 +195,8 @@ class Tracer(TorchFunctionMode):
                                              None)
                             if isinstance(weight, Tensor):
                                 row.lowpass = is_lowpass(weight)
+                        if id(x) in self.flat and any(True for _ in module.parameters()):
+                            row.weights, row.weights_reason = None, _FLAT
                         self.rows.append(self.rules.finish(row))
                         self._remember_pad(row, first_tensor(output))
             finally:
@@ -252,6 +262,20 @@ class Tracer(TorchFunctionMode):
                               reason=f"unknown layer changes the size from {in_hw[0]}x"
                                      f"{in_hw[1]} to {out_hw[0]}x{out_hw[1]}; cannot verify")
 
+    # -- group axes flattened into channels --
+    def _propagate_flat(self, inputs: list[Tensor], out: Any, fname: str = "") -> None:
+        """Mark 4-D outputs that carry a group axis in their channels: a reshape of a
+        ``(B, C, G, H, W)`` map to ``(B, C·G, H, W)``, and anything computed from one."""
+        for y in iter_tensors(out):
+            if y.dim() != 4:
+                continue
+            for x in inputs:
+                reshaped = (fname in _RESHAPES and x.dim() == 5
+                            and y.shape[1] == x.shape[1] * x.shape[2])
+                if reshaped or id(x) in self.flat:
+                    self.flat.add(id(y))
+                    break
+
     # -- padding judged with the layer that reads it --
     def _remember_pad(self, row: LayerExactness, out: Tensor | None) -> None:
         """Keep an asymmetric padding row until the strided layer that reads its output."""
@@ -288,6 +312,7 @@ class Tracer(TorchFunctionMode):
             if inputs:
                 for t in iter_tensors(out):
                     self.mark(t)
+                self._propagate_flat(inputs, out, _name(func))
                 if self.depth == 0:
                     x = next((t for t in inputs if t.dim() in (4, 5)), None)
                     y = args[0] if _name(func) == "__setitem__" else first_tensor(out)
@@ -325,7 +350,8 @@ class Tracer(TorchFunctionMode):
                 before, after = padding_pair(p.get("padding", 0), kernel, dilation, ndim)
                 row = self._strided(x, name, "function", "conv", in_hw, out_hw, kernel, stride,
                                     before, after, dilation, out_is_map=out_hw is not None)
-                row.weights, row.weights_reason = self.judge.kernel(weight)
+                row.weights, row.weights_reason = (None, _FLAT) if id(x) in self.flat else (
+                    self.judge.kernel(weight))
                 row.lowpass = is_lowpass(self.judge.value(weight))
                 return row
             if fname in _POOL_ARGS and first_is_x:
@@ -416,7 +442,13 @@ class Tracer(TorchFunctionMode):
                                   reason=f"{fname}() keeps the {in_hw[0]}x{in_hw[1]} size but "
                                          "is not known to act pixel by pixel (it may move "
                                          "pixels); cannot verify")
-        for t in iter_tensors((args, kwargs)):
+        tensors = list(iter_tensors((args, kwargs)))
+        if any(id(t) in self.flat for t in tensors) and any(
+                id(t) not in self.active and t.numel() > 1 for t in tensors):
+            return LayerExactness(name, "function", "unknown", in_hw, in_hw, exact=True,
+                                  reason=f"{fname}() with parameters", weights=None,
+                                  weights_reason=_FLAT)
+        for t in tensors:
             if id(t) in self.active or t.dim() < 2 or tuple(t.shape[-2:]) == (1, 1):
                 continue
             ok, why = self.judge.invariant(t)
