@@ -145,8 +145,10 @@ def test_sizes_where_the_forward_fails_are_skipped():
     assert exact_sizes(net, 12, 3) == []
     assert nearest_exact_size(net, 7) == (6, 8)
     assert nearest_exact_size(net, 5, max_distance=0) == (None, None)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="layer '1' failed.*input size"):
         analyze_exactness(net, 5)
+    with pytest.raises(ValueError, match="pass in_channels"):   # wrong channel count
+        analyze_exactness(net, 8, in_channels=3)
 
 
 def test_ceil_mode_and_pooling_padding():
@@ -175,10 +177,11 @@ def test_padding_modes_and_string_padding():
     assert analyze_exactness(valid, 16).layers[0].padding == (0, 0)
     assert agrees(valid, 16) == EXACT and agrees(valid, 15) == NOT_EXACT
 
-    # an even kernel with "same" pads 0 before and 1 after: the analyzer does not vouch for it
+    # an even kernel with "same" pads 0 before and 1 after: at stride 1 the windows are not
+    # mirror-symmetric ((i + 1 - 2) mod 1 = 0, not 1 - 0), so it is not exact
     even = nn.Sequential(sym_conv(2, 3, 2, padding="same"))
     report = analyze_exactness(even, 16)
-    assert report.verdict == CANNOT_VERIFY and "asymmetric" in report.layers[0].reason
+    assert report.verdict == NOT_EXACT and "asymmetric" in report.layers[0].reason
     assert error(even, 16) > TOL  # indeed broken, here
 
 
@@ -199,23 +202,31 @@ class Crop(nn.Module):
         return x[..., 1:, 1:]
 
 
-def test_upsample_cannot_be_verified():
-    net = nn.Sequential(sym_conv(2, 3, 3, padding=1), nn.Upsample(scale_factor=2),
+def test_non_integer_upsample_cannot_be_verified():
+    net = nn.Sequential(sym_conv(2, 3, 3, padding=1), nn.Upsample(scale_factor=1.5),
                         sym_conv(3, 3, 3, 1, 1))
     report = analyze_exactness(net, 9)
     assert report.verdict == CANNOT_VERIFY and report.exact is None
     assert [r.name for r in report.unverified] == ["1"]
-    assert report.layers[1].output_size == (18, 18) and report.layers[2].input_size == (18, 18)
+    assert report.layers[1].output_size == (13, 13) and report.layers[2].input_size == (13, 13)
     assert "unverified: 1" in report.summary()
     # a misaligned layer elsewhere decides: "not exact" even with an unverified layer
-    bad = nn.Sequential(nn.Upsample(scale_factor=2), nn.MaxPool2d(2), nn.MaxPool2d(2))
-    report = analyze_exactness(bad, 5, in_channels=1)
+    bad = nn.Sequential(nn.Upsample(scale_factor=1.5), nn.MaxPool2d(2), nn.MaxPool2d(2))
+    report = analyze_exactness(bad, 4, in_channels=1)
     assert report.verdict == NOT_EXACT
     assert [r.exact for r in report.layers] == [None, True, False]
 
 
 def test_unknown_leaf_and_resampling_function():
+    # an unknown leaf is looked into: its slice is read by the slice rule (1 pixel dropped at
+    # the start, none at the end: misaligned) ...
     net = nn.Sequential(sym_conv(2, 3, 3), Crop())
+    report = analyze_exactness(net, 10)
+    assert report.verdict == NOT_EXACT and report.layers[1].name == "1:__getitem__()"
+    assert report.layers[1].kind == "slice" and report.layers[1].exact is False
+    assert error(net, 10) > 0.1
+    # ... and a size change it cannot read stays unverified
+    net = nn.Sequential(sym_conv(2, 3, 3), nn.PixelUnshuffle(2))
     report = analyze_exactness(net, 10)
     assert report.verdict == CANNOT_VERIFY
     assert report.layers[1].kind == "unknown" and report.layers[1].exact is None
@@ -226,7 +237,7 @@ def test_unknown_leaf_and_resampling_function():
             self.conv = sym_conv(2, 3, 3)
 
         def forward(self, x: Tensor) -> Tensor:
-            return F.interpolate(self.conv(x), scale_factor=2.0)
+            return F.interpolate(self.conv(x), scale_factor=2.5)
 
     report = analyze_exactness(Interp(), 10)
     assert report.verdict == CANNOT_VERIFY
@@ -234,8 +245,11 @@ def test_unknown_leaf_and_resampling_function():
 
 
 def test_transposed_conv_and_group_axis_pooling():
+    # a transposed convolution has a rule (output padding 0), but random weights are not
+    # constrained
     net = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, 2, dtype=DT))
-    assert verdict(net, 8) == CANNOT_VERIFY
+    assert verdict(net, 8) == NOT_EXACT
+    assert analyze_exactness(net, 8).geometry == "aligned"
     # 3-D pooling of a (B, C, G, H, W) map: fine when it leaves the group axis alone
     lifted = [sym_conv(1, 4, 3), nn.Unflatten(1, (1, 4))]
     assert verdict(nn.Sequential(*lifted, nn.MaxPool3d((1, 2, 2))), 10) == EXACT
@@ -263,12 +277,14 @@ def test_adaptive_pooling():
 # ---- non-square inputs and flips ------------------------------------------------------------
 def test_non_square_input():
     net = nn.Sequential(sym_conv(2, 3, 3, 2, 1, group="p4m"), *gap_head())
+    # a non-square input: a 90° rotation turns 33x31 into 31x33 and f(R x) = R f(x) holds
+    # when each layer's rule holds on both axes
     report = analyze_exactness(net, (33, 31))
-    assert report.verdict == NOT_EXACT
-    assert "non-square" in report.layers[0].reason and report.notes
+    assert report.verdict == EXACT and "not square" in report.notes[0]
     assert report.input_size == (33, 31)
-    with pytest.raises(ShapeError):
-        error(net, (33, 31))
+    assert agrees(net, (33, 31)) == EXACT and agrees(net, (33, 32)) == NOT_EXACT
+    with pytest.raises(ShapeError):   # a fixed non-square output cannot be rotated back
+        error(nn.Sequential(net[0], nn.AdaptiveAvgPool2d((2, 3))), (33, 31))
     # a horizontal flip looks at the width axis only
     assert agrees(net, (32, 33), group="flip") == EXACT
     assert agrees(net, (33, 32), group="flip") == NOT_EXACT
@@ -366,8 +382,9 @@ def test_table_and_dict():
     assert all(isinstance(r, LayerExactness) for r in report.layers)
     table = report.table()
     lines = table.splitlines()
-    assert lines[0].split()[:10] == ["layer", "type", "in", "out", "k", "s", "p", "d", "r",
-                                     "exact"]
+    assert lines[0].split()[:11] == ["layer", "type", "in", "out", "k", "s", "p", "d", "r",
+                                     "grid", "weights"]
+    assert "sampling geometry: misaligned" in table and "weights: constrained" in table
     assert "MaxPool2d" in table and "11x11" in table and "NO" in table
     assert "misaligned" in table and "verdict:" in lines[-1] and NOT_EXACT in lines[-1]
     # columns are aligned: every row starts its "type" column at the same offset
@@ -381,6 +398,7 @@ def test_table_and_dict():
 
     data = json.loads(json.dumps(report.to_dict()))
     assert data["verdict"] == NOT_EXACT and data["input_size"] == [13, 13]
+    assert data["geometry"] == "misaligned" and data["weights"] == "constrained"
     assert data["group"] == "p4" and len(data["layers"]) == len(report.layers)
     pool = data["layers"][2]
     assert pool["kernel_size"] == [2, 2] and pool["remainder"] == [1, 1] and pool["exact"] is False

@@ -43,10 +43,12 @@ from .norm_pool import (
     GroupMaxPool2d,
     GroupPool,
 )
+from .translation import TranslationLayer, TranslationReport, analyze_translation
 
 __all__ = [
     "ExactnessReport", "LayerExactness", "analyze_exactness", "empirical_equivariance_error",
-    "exact_sizes", "nearest_exact_size",
+    "exact_sizes", "nearest_exact_size", "TranslationLayer", "TranslationReport",
+    "analyze_translation",
     "CosetGlobalPool", "CosetPool", "ExportError", "export", "export_batch_norm", "export_conv",
     "export_pool", "PADDING_MODES", "restrict",
     "GroupAvgPool2d", "GroupBatchNorm2d", "GroupConv2d", "GroupGlobalPool", "GroupMaxPool2d",

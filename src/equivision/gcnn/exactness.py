@@ -9,869 +9,68 @@ axis (effective kernel ``k_eff = d (k - 1) + 1``) that is the case iff the remai
     ``r = (i + 2p - k_eff) mod s``
 
 is 0 (Edixhoven et al. 2023, "Using and abusing equivariance", eq. 3, written there without
-padding and dilation). ``i`` is the layer's own input size, not the network input. A 90°
-rotation needs ``r = 0`` on both axes and a square map; a horizontal flip only looks at
-the width axis.
+padding and dilation). ``i`` is the layer's own input size, not the network input. With
+padding ``b`` before and ``a`` after (``padding="same"`` with an even kernel, or an explicit
+``ReflectionPad2d([1, 2, 1, 2])`` folded into the strided layer that reads it, as in
+BlurPool) the windows are mirror-symmetric iff ``(i + b + a - k_eff) mod s = a - b``. A 90°
+rotation needs the rule on both axes and isotropic layers; a horizontal flip looks at the
+width axis only. A non-square ``H x W`` input is fine under rotations: the rotated ``W x H``
+input goes through the same layers, so "exact" there means ``f(R x) = R f(x)``.
 
-:func:`analyze_exactness` traces a model once on a dummy input with forward hooks, finds
-the input size of every spatial layer and applies the rule layer by layer; it also watches
-the tensor functions called directly in ``forward`` methods (``F.max_pool2d``, slicing
-``x[..., ::2, ::2]``, ``F.pad``, ``F.interpolate``, ...), so subsampling written without
-modules is not missed. Adaptive pooling is exact for every size (its windows
-``[floor(j i / o), ceil((j + 1) i / o))`` are mirror-symmetric; to 1x1 it is global pooling),
-given a square output under rotations. Layers it cannot reason about (interpolation,
-transposed convolutions, asymmetric padding such as ``padding="same"`` with an even
-kernel, flattening a map, unknown layers that change the spatial size) are reported as
-*cannot verify*, never as exact. :func:`exact_sizes` and :func:`nearest_exact_size`
-search input sizes, and :func:`empirical_equivariance_error` measures
-``||f(g x) - g·f(x)|| / ||f(x)||`` in float64 to confirm a verdict.
+The verdict has two parts (:mod:`equivision.gcnn.verdict`): the **sampling geometry**
+(aligned / misaligned / cannot verify, the rule above) and the **weights** (constrained /
+unconstrained / cannot verify, :mod:`equivision.gcnn.weights`: group convolutions by their
+group, plain kernels by a numerical symmetry check, other conv-like layers by a numerical
+check of the layer alone). "exact" means both; a plain CNN at an aligned size is "not
+exact" because of its weights.
 
-The analysis assumes every layer is equivariant when it does not subsample (group
-convolutions, rotation-symmetric filters, pointwise layers): it checks the sampling
-geometry, not the weights. A verdict of *not exact* means the sampling grid of at least
-one layer is misaligned (or a map is not square under rotations), which breaks
-equivariance for generic weights and inputs; in degenerate cases on tiny maps (a misaligned
-layer whose input is 1x1, windows whose real pixels are mirror-symmetric anyway, a later
-global max over a misaligned max pool) the network can still be exact by accident.
+The tracer (:mod:`equivision.gcnn.tracing`) runs one forward pass with hooks on every module
+and watches every tensor function called between them and inside leaf modules whose type it
+does not know (a conv and an upsampling written in one module are two rows). A function
+that keeps the map size but is not known to act pixel by pixel (``torch.roll``, transposing
+the spatial axes) is "cannot verify"; a tensor with spatial extent mixed into a map
+(CoordConv coordinates, a positional parameter) is checked for invariance. Upsampling by an
+integer factor and transposed convolutions without output padding have rules
+(:mod:`equivision.gcnn.rules`). Unknown operations give "cannot verify", never "exact".
+:func:`exact_sizes` and :func:`nearest_exact_size` search input sizes, and
+:func:`empirical_equivariance_error` measures ``||f(g x) - g·f(x)|| / ||f(x)||`` in float64
+to confirm a verdict. In degenerate cases on tiny maps (a misaligned layer whose input is
+1x1, a later global max over a misaligned max pool) a "not exact" network can still be
+exact by accident.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ..measure.compare import align, per_image_error
-from ..transforms import Dihedral, Layout, group_elements, hflip, infer_layout
+from ..transforms import Dihedral, Layout, ShapeError, infer_layout
+from .rules import check_group, first_tensor, parse_size, subsampling_remainder
+from .tracing import TraceError, device_dtype, infer_in_channels, trace
+from .verdict import (
+    ALIGNED,
+    CANNOT_VERIFY,
+    CONSTRAINED,
+    EXACT,
+    GROUPS,
+    MISALIGNED,
+    NOT_EXACT,
+    UNCONSTRAINED,
+    ExactnessReport,
+    LayerExactness,
+)
+from .weights import WeightJudge, elements
 
 __all__ = [
-    "CANNOT_VERIFY", "EXACT", "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
+    "ALIGNED", "CANNOT_VERIFY", "CONSTRAINED", "EXACT", "MISALIGNED", "UNCONSTRAINED",
+    "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
     "analyze_exactness", "empirical_equivariance_error", "exact_sizes", "infer_in_channels",
-    "nearest_exact_size", "subsampling_remainder",
+    "nearest_exact_size", "subsampling_remainder", "TraceError",
 ]
-
-EXACT = "exact"
-NOT_EXACT = "not exact"
-CANNOT_VERIFY = "cannot verify"
-#: groups the analyzer understands: p4 (rotations by 90°), p4m (rotations and flips) and
-#: "flip" (horizontal reflection only, which looks at the width axis alone)
-GROUPS = ("p4", "p4m", "flip")
-
-Pair = tuple[int, int]
-
-
-def subsampling_remainder(size: int, kernel: int, stride: int, padding: int = 0,
-                          dilation: int = 1) -> int:
-    """``(size + 2 padding - k_eff) mod stride`` with ``k_eff = dilation (kernel - 1) + 1``.
-
-    0 means the layer's sampling grid is symmetric about the centre of its input along
-    this axis (exact under flips of the axis, and under 90° rotations when both axes give 0).
-    """
-    k_eff = dilation * (kernel - 1) + 1
-    return (size + 2 * padding - k_eff) % stride
-
-
-# ---- report ----------------------------------------------------------------------------------
-@dataclass
-class LayerExactness:
-    """One spatial layer (or tensor function) met during the trace, in forward order.
-
-    Attributes:
-        name: module name (``"features.conv1"``); a second call of a shared module gets
-            ``" (call 2)"``; tensor functions called in a ``forward`` are named
-            ``"<module>:<function>()"``.
-        type: class name of the module, or ``"function"``.
-        kind: ``"conv"``, ``"pool"``, ``"adaptive pool"``, ``"global pool"``, ``"padding"``,
-            ``"slice"``, ``"pointwise"`` (spatial size unchanged), ``"reshape"`` or
-            ``"unknown"``.
-        input_size: ``(H, W)`` of the layer's input.
-        output_size: ``(H, W)`` of its output, ``None`` when the output is not a map.
-        kernel_size, stride, padding, dilation: per axis ``(height, width)``; ``padding``
-            is the padding before the map (top, left) when the two sides differ.
-        remainder: ``(r_h, r_w)``, ``(i + 2p - k_eff) mod s`` per axis (for slices: the
-            pixels left out at the end minus those left out at the start).
-        exact: ``True`` (keeps exact equivariance), ``False`` (breaks it) or ``None``
-            (cannot verify).
-        reason: why, in words.
-    """
-
-    name: str
-    type: str
-    kind: str
-    input_size: Pair
-    output_size: Pair | None = None
-    kernel_size: Pair | None = None
-    stride: Pair | None = None
-    padding: Pair | None = None
-    dilation: Pair | None = None
-    remainder: Pair | None = None
-    exact: bool | None = True
-    reason: str = ""
-
-
-@dataclass
-class ExactnessReport:
-    """Result of :func:`analyze_exactness`.
-
-    Attributes:
-        input_size: ``(H, W)`` of the network input that was analysed.
-        group: ``"p4"``, ``"p4m"`` or ``"flip"``.
-        layers: one :class:`LayerExactness` per spatial layer, in forward order.
-        notes: network-level remarks (e.g. a non-square input under rotations).
-    """
-
-    input_size: Pair
-    group: str
-    layers: list[LayerExactness] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        """``"exact"`` if every layer is exact, ``"not exact"`` if any layer breaks exactness
-        (even when others cannot be verified), else ``"cannot verify"``."""
-        if any(row.exact is False for row in self.layers):
-            return NOT_EXACT
-        if any(row.exact is None for row in self.layers):
-            return CANNOT_VERIFY
-        return EXACT
-
-    @property
-    def exact(self) -> bool | None:
-        """``True`` / ``False`` / ``None`` for the verdicts exact / not exact / cannot verify."""
-        return {EXACT: True, NOT_EXACT: False}.get(self.verdict)
-
-    @property
-    def breaking(self) -> list[LayerExactness]:
-        """The layers that break exact equivariance."""
-        return [row for row in self.layers if row.exact is False]
-
-    @property
-    def unverified(self) -> list[LayerExactness]:
-        """The layers the analyzer cannot reason about."""
-        return [row for row in self.layers if row.exact is None]
-
-    def summary(self) -> str:
-        """One line: the verdict and the layers responsible for it."""
-        h, w = self.input_size
-        head = f"{self.group} equivariance at input {h}x{w}: {self.verdict}"
-        if self.breaking:
-            return head + " (broken by " + ", ".join(r.name for r in self.breaking[:6]) + (
-                ", ..." if len(self.breaking) > 6 else "") + ")"
-        if self.unverified:
-            return head + " (unverified: " + ", ".join(r.name for r in self.unverified[:6]) + (
-                ", ..." if len(self.unverified) > 6 else "") + ")"
-        return head
-
-    def table(self, all_layers: bool = True) -> str:
-        """Aligned text table, one row per layer.
-
-        Args:
-            all_layers: ``False`` keeps only the rows that matter for the verdict: layers
-                that change the spatial size, subsample, or are not exact.
-        """
-
-        def pair(v: Pair | None) -> str:
-            if v is None:
-                return "-"
-            return str(v[0]) if v[0] == v[1] else f"{v[0]},{v[1]}"
-
-        def size(v: Pair | None) -> str:
-            return "-" if v is None else f"{v[0]}x{v[1]}"
-
-        mark = {True: "yes", False: "NO", None: "?"}
-        header = ("layer", "type", "in", "out", "k", "s", "p", "d", "r", "exact", "reason")
-        rows = [header]
-        for row in self.layers:
-            if not all_layers and row.kind == "pointwise" and row.exact is True:
-                continue
-            rows.append((row.name, row.type, size(row.input_size), size(row.output_size),
-                         pair(row.kernel_size), pair(row.stride), pair(row.padding),
-                         pair(row.dilation), pair(row.remainder), mark[row.exact], row.reason))
-        widths = [max(len(r[c]) for r in rows) for c in range(len(header) - 1)]
-        lines = []
-        for n, r in enumerate(rows):
-            lines.append("  ".join(v.ljust(widths[c]) for c, v in enumerate(r[:-1]))
-                         + "  " + r[-1])
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
-        lines = [line.rstrip() for line in lines]
-        lines.append(f"verdict: {self.summary()}")
-        lines.extend(f"note: {note}" for note in self.notes)
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dictionary (tuples become lists)."""
-
-        def plain(v: Any) -> Any:
-            if isinstance(v, tuple):
-                return [plain(x) for x in v]
-            if isinstance(v, list):
-                return [plain(x) for x in v]
-            if isinstance(v, dict):
-                return {k: plain(x) for k, x in v.items()}
-            return v
-
-        return {
-            "input_size": list(self.input_size),
-            "group": self.group,
-            "verdict": self.verdict,
-            "notes": list(self.notes),
-            "layers": [plain(asdict(row)) for row in self.layers],
-        }
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """:meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-# ---- geometry helpers ------------------------------------------------------------------------
-class _Unverifiable(Exception):
-    """Raised while reading a layer's geometry that the analyzer cannot reason about."""
-
-
-def _check_group(group: str) -> str:
-    if group not in GROUPS:
-        raise ValueError(f"unknown group {group!r}; choose one of {', '.join(GROUPS)}")
-    return group
-
-
-def _rotations(group: str) -> bool:
-    return group in ("p4", "p4m")
-
-
-def _axes(group: str) -> tuple[int, ...]:
-    """Spatial axes (0 = height, 1 = width) whose sampling grid the group can mirror."""
-    return (0, 1) if _rotations(group) else (1,)
-
-
-def _size(input_size: int | Sequence[int]) -> Pair:
-    if isinstance(input_size, bool):
-        raise TypeError(f"input_size must be an int or (H, W), got {input_size!r}")
-    if isinstance(input_size, int):
-        pair: tuple[int, ...] = (input_size, input_size)
-    else:
-        pair = tuple(input_size)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
-                             for v in pair):
-        raise ValueError(f"input_size must be a positive int or a pair (H, W), got "
-                         f"{input_size!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _spatial_pair(value: Any, name: str, ndim: int, neutral: int) -> Pair:
-    """The (height, width) entries of an int or tuple layer argument.
-
-    A 3-element tuple (a 3-D layer on a ``(B, C, G, H, W)`` map) must leave the leading
-    (group) axis alone, i.e. hold ``neutral`` there.
-    """
-    if isinstance(value, bool):
-        raise _Unverifiable(f"{name}={value!r} is not a size")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                for v in value):
-        if len(value) == 1:
-            return (value[0], value[0])
-        if len(value) == 2:
-            return (value[0], value[1])
-        if len(value) == 3 and ndim == 5:
-            if value[0] != neutral:
-                raise _Unverifiable(f"{name}={tuple(value)} acts on the group axis")
-            return (value[1], value[2])
-    raise _Unverifiable(f"{name}={value!r} is not understood")
-
-
-def _padding(value: Any, kernel: Pair, dilation: Pair, ndim: int) -> tuple[Pair, Pair]:
-    """``(before, after)`` padding per axis from an int, a tuple or ``"same"`` / ``"valid"``."""
-    if isinstance(value, str):
-        if value == "valid":
-            return (0, 0), (0, 0)
-        if value == "same":
-            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
-            before = tuple(t // 2 for t in total)
-            after = tuple(t - b for t, b in zip(total, before))
-            return before, after  # type: ignore[return-value]
-        raise _Unverifiable(f"padding={value!r} is not understood")
-    pad = _spatial_pair(value, "padding", ndim, 0)
-    return pad, pad
-
-
-def _conv_out(size: int, k_eff: int, stride: int, before: int, after: int,
-              ceil_mode: bool) -> int:
-    """Output length of a conv / pool along one axis (PyTorch's rule, ceil mode included)."""
-    span = size + before + after - k_eff
-    if not ceil_mode:
-        return span // stride + 1
-    out = -(-span // stride) + 1
-    if (out - 1) * stride >= size + before:  # the last window must start inside the map
-        out -= 1
-    return out
-
-
-def _is_conv_like(module: nn.Module) -> bool:
-    """Convolutions and pooling layers, built-in or custom: ``kernel_size`` and ``stride``
-    attributes (``padding`` and ``dilation`` default to 0 and 1)."""
-    return hasattr(module, "kernel_size") and hasattr(module, "stride")
-
-
-def _is_transposed(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvTransposeNd) or (
-        getattr(module, "transposed", False) is True)
-
-
-def _is_adaptive(module: nn.Module) -> bool:
-    return isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d,
-                               nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
-                               nn.AdaptiveMaxPool1d))
-
-
-_PAD_MODULES = tuple(getattr(nn, n) for n in (
-    "ZeroPad2d", "ConstantPad2d", "ReflectionPad2d", "ReplicationPad2d", "CircularPad2d",
-    "ZeroPad3d", "ConstantPad3d", "ReflectionPad3d", "ReplicationPad3d", "CircularPad3d",
-) if hasattr(nn, n))
-
-_RESAMPLING_MODULES = (nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold,
-                       nn.FractionalMaxPool2d, nn.MaxUnpool2d)
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    """Every tensor in a nested structure of tuples, lists and dicts."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            yield from _tensors(item)
-
-
-def _first_tensor(obj: Any) -> Tensor | None:
-    return next(_tensors(obj), None)
-
-
-def _hw(t: Tensor | None) -> Pair | None:
-    """``(H, W)`` of a 4-D map or 5-D group map, else ``None``."""
-    if t is None or t.dim() not in (4, 5):
-        return None
-    return (int(t.shape[-2]), int(t.shape[-1]))
-
-
-# ---- per-layer rules -------------------------------------------------------------------------
-class _Rules:
-    """Turns the geometry of one layer call into a :class:`LayerExactness` row."""
-
-    def __init__(self, group: str) -> None:
-        self.group = group
-        self.axes = _axes(group)
-
-    def strided(self, name: str, type_: str, kind: str, in_hw: Pair, out_hw: Pair | None,
-                kernel: Pair, stride: Pair, before: Pair, after: Pair, dilation: Pair,
-                ceil_mode: bool = False, padding_mode: str = "zeros",
-                out_is_map: bool = True) -> LayerExactness:
-        """A convolution or pooling layer: the subsampling rule."""
-        k_eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
-        remainder = tuple((i + b + a - ke) % s for i, b, a, ke, s in
-                          zip(in_hw, before, after, k_eff, stride))
-        row = LayerExactness(name, type_, kind, in_hw, out_hw, kernel, stride, before, dilation,
-                             remainder)  # type: ignore[arg-type]
-        expected = tuple(_conv_out(i, ke, s, b, a, ceil_mode) for i, ke, s, b, a in
-                         zip(in_hw, k_eff, stride, before, after))
-        if not out_is_map or out_hw != expected:
-            got = "not a feature map" if not out_is_map or out_hw is None else \
-                f"{out_hw[0]}x{out_hw[1]}"
-            row.exact = None
-            row.reason = (f"output is {got}, not the {expected[0]}x{expected[1]} of a "
-                          "convolution / pooling with these sizes; the layer does something "
-                          "else")
-            return row
-        asym = [a for a in self.axes if before[a] != after[a]]
-        if asym:
-            row.exact = None
-            row.reason = ("asymmetric padding " + ", ".join(
-                f"{'HW'[a]}: {before[a]} before / {after[a]} after" for a in asym)
-                + " shifts the map by half a pixel; cannot verify")
-            return row
-        if _rotations(self.group):
-            aniso = [n for n, v in (("kernel", kernel), ("stride", stride), ("padding", before),
-                                    ("dilation", dilation)) if v[0] != v[1]]
-            if aniso:
-                row.exact = False
-                row.reason = ("anisotropic " + ", ".join(aniso)
-                              + ": a 90° rotation swaps the axes")
-                return row
-        bad = [a for a in self.axes if remainder[a] != 0]
-        extra = "" if padding_mode in ("zeros", "") else f"; {padding_mode} padding"
-        if ceil_mode:
-            extra += "; ceil mode"
-        if bad:
-            row.exact = False
-            row.reason = ("sampling grid misaligned: (i + 2p - k_eff) mod s = "
-                          + ", ".join(f"{remainder[a]} on {'HW'[a]}" for a in bad) + extra)
-        elif all(stride[a] == 1 for a in self.axes):
-            row.reason = "stride 1" + extra
-        else:
-            row.reason = "(i + 2p - k_eff) mod s = 0" + extra
-        return row
-
-    def adaptive(self, name: str, type_: str, in_hw: Pair, out: Tensor | None,
-                 output_size: Any, ndim: int) -> LayerExactness:
-        """Adaptive pooling: window ``j`` spans ``[floor(j i / o), ceil((j + 1) i / o))``,
-        which is mirror-symmetric for every ``i`` and ``o``."""
-        out_hw = _hw(out)
-        row = LayerExactness(name, type_, "adaptive pool", in_hw, out_hw)
-        try:
-            if isinstance(output_size, (tuple, list)) and len(output_size) in (2, 3):
-                target = tuple(output_size[-2:])
-                if len(output_size) == 3 and ndim != 5:
-                    raise _Unverifiable
-            elif output_size is None or isinstance(output_size, int):
-                target = (output_size, output_size)
-            else:
-                raise _Unverifiable
-        except _Unverifiable:
-            row.exact = None
-            row.reason = f"output_size={output_size!r} is not understood"
-            return row
-        target = tuple(i if t is None else t for t, i in zip(target, in_hw))
-        if out_hw is not None and out_hw != target:
-            row.exact = None
-            row.reason = (f"output {out_hw[0]}x{out_hw[1]} differs from output_size "
-                          f"{target[0]}x{target[1]}; the layer does something else")
-            return row
-        if out_hw is None and out is not None and target != (1, 1):
-            row.exact = None
-            row.reason = "output is not a feature map"
-            return row
-        if target == (1, 1):
-            row.kind = "global pool"
-            row.reason = "global pooling (adaptive to 1x1)"
-        elif _rotations(self.group) and target[0] != target[1]:
-            row.exact = False
-            row.reason = f"non-square output {target[0]}x{target[1]} under 90° rotations"
-        else:
-            row.reason = "adaptive pooling windows are mirror-symmetric"
-        return row
-
-    def pad(self, name: str, type_: str, in_hw: Pair, out_hw: Pair | None,
-            pads: Sequence[int], ndim: int) -> LayerExactness:
-        """Explicit padding ``(left, right, top, bottom[, front, back])``."""
-        row = LayerExactness(name, type_, "padding", in_hw, out_hw)
-        pads = list(pads) + [0] * (4 - len(pads))
-        left, right, top, bottom = pads[:4]
-        if any(pads[4:]):
-            row.exact = None
-            row.reason = f"pads dimensions other than H and W: {tuple(pads)}"
-            return row
-        row.padding = (top, left)
-        row.remainder = (bottom - top, right - left)
-        wrong = []
-        if right != left:
-            wrong.append(f"left {left} / right {right}")
-        if _rotations(self.group):
-            if bottom != top:
-                wrong.append(f"top {top} / bottom {bottom}")
-            if top != left:
-                wrong.append(f"top {top} / left {left}")
-        if wrong:
-            row.exact = False
-            row.reason = "asymmetric padding: " + ", ".join(wrong)
-        else:
-            row.reason = "symmetric padding"
-        return row
-
-    def reshape(self, name: str, type_: str, x: Tensor, out: Tensor | None) -> LayerExactness:
-        """A layer whose output is not a map (flatten, custom reductions)."""
-        in_hw = _hw(x)
-        assert in_hw is not None
-        row = LayerExactness(name, type_, "reshape", in_hw, None)
-        if in_hw == (1, 1) and x.dim() == 4:
-            row.reason = "turns a 1x1 map into a vector"
-        elif in_hw == (1, 1):
-            row.exact = None
-            row.reason = "flattens the group axis of a 1x1 group map into a vector"
-        else:
-            row.exact = None
-            row.reason = (f"turns a {in_hw[0]}x{in_hw[1]} map into a "
-                          f"{'non-tensor' if out is None else f'{out.dim()}-D tensor'}; "
-                          "position-dependent layers may follow")
-        return row
-
-    def finish(self, row: LayerExactness) -> LayerExactness:
-        """Apply the square-map requirement of 90° rotations."""
-        h, w = row.input_size
-        if _rotations(self.group) and h != w and row.exact is not False:
-            row.exact = False
-            row.reason = (f"non-square input {h}x{w}: a 90° rotation does not map it onto "
-                          "itself" + (f" ({row.reason})" if row.reason else ""))
-        return row
-
-
-# ---- tracing ---------------------------------------------------------------------------------
-_CONV_FUNCS = {"conv2d", "conv3d"}
-_POOL_ARGS = {
-    "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "max_pool2d_with_indices": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "max_pool3d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "max_pool3d_with_indices": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode"),
-    "avg_pool3d": ("kernel_size", "stride", "padding", "ceil_mode"),
-    "lp_pool2d": ("norm_type", "kernel_size", "stride", "ceil_mode"),
-}
-_ADAPTIVE_FUNCS = {"adaptive_avg_pool2d", "adaptive_max_pool2d",
-                   "adaptive_max_pool2d_with_indices", "adaptive_avg_pool3d",
-                   "adaptive_max_pool3d", "adaptive_max_pool3d_with_indices"}
-_RESAMPLING_FUNCS = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
-                     "grid_sample", "pixel_shuffle", "pixel_unshuffle", "fold", "unfold",
-                     "conv_transpose2d", "conv_transpose3d", "fractional_max_pool2d",
-                     "max_unpool2d"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "logsumexp", "nansum", "nanmean",
-               "norm", "std", "var", "prod", "median", "nanmedian"}
-
-
-def _bind(names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict:
-    """Positional arguments after the input, by name, merged with the keyword arguments."""
-    bound = dict(zip(names, args[1:]))
-    bound.update(kwargs)
-    return bound
-
-
-class _Tracer(TorchFunctionMode):
-    """Forward hooks on every module plus a watch on tensor functions called between them."""
-
-    def __init__(self, model: nn.Module, group: str) -> None:
-        super().__init__()
-        self.model = model
-        self.rules = _Rules(group)
-        self.rows: list[LayerExactness] = []
-        self.depth = 0          # > 0 inside a module analysed as one layer
-        self.paused = False     # True while our own hook code runs
-        self.owners: list[str] = []
-        self.inputs: list[Tensor | None] = []
-        self.active: dict[int, Tensor] = {}   # tensors computed from the input
-        self.calls: dict[str, int] = {}
-        self.handles: list[Any] = []
-
-    # -- hooks --
-    def attach(self) -> None:
-        for name, module in self.model.named_modules():
-            unit = _is_conv_like(module) or not any(True for _ in module.children())
-            self.handles.append(module.register_forward_pre_hook(
-                self._pre(name or "model", unit), with_kwargs=True))
-            self.handles.append(module.register_forward_hook(
-                self._post(name or "model", module, unit), with_kwargs=True))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def mark(self, t: Tensor) -> None:
-        if t.is_floating_point():
-            self.active[id(t)] = t
-
-    def _pre(self, name: str, unit: bool):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.paused = True
-            try:
-                self.owners.append(name)
-                if unit:
-                    self.depth += 1
-                    self.inputs.append(_first_tensor((args, kwargs)))
-            finally:
-                self.paused = False
-
-        return hook
-
-    def _post(self, name: str, module: nn.Module, unit: bool):
-        def hook(module_: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            self.paused = True
-            try:
-                self.owners.pop()
-                for t in _tensors(output):
-                    self.mark(t)
-                if unit:
-                    self.depth -= 1
-                    x = self.inputs.pop()
-                    if x is not None and _hw(x) is not None:
-                        count = self.calls[name] = self.calls.get(name, 0) + 1
-                        label = name if count == 1 else f"{name} (call {count})"
-                        self.rows.append(self.rules.finish(
-                            self._module_row(label, module, x, output)))
-            finally:
-                self.paused = False
-
-        return hook
-
-    # -- modules --
-    def _module_row(self, name: str, module: nn.Module, x: Tensor,
-                    output: Any) -> LayerExactness:
-        type_ = type(module).__name__
-        in_hw = _hw(x)
-        assert in_hw is not None
-        y = _first_tensor(output)
-        out_hw = _hw(y)
-        ndim = x.dim()
-        rules = self.rules
-        if (y is not None and ndim == 5 and y.dim() == 5
-                and y.shape[2] not in (x.shape[2], 1) and not _is_conv_like(module)):
-            return LayerExactness(name, type_, "unknown", in_hw, out_hw, exact=None,
-                                  reason=f"changes the group axis from {x.shape[2]} to "
-                                         f"{y.shape[2]}; cannot verify")
-        if _is_transposed(module):
-            return LayerExactness(name, type_, "conv", in_hw, out_hw, exact=None,
-                                  reason="transposed convolution (upsampling); cannot verify")
-        if _is_adaptive(module):
-            return rules.adaptive(name, type_, in_hw, y, getattr(module, "output_size", None),
-                                  ndim)
-        if isinstance(module, _RESAMPLING_MODULES):
-            return LayerExactness(name, type_, "unknown", in_hw, out_hw, exact=None,
-                                  reason="resampling layer; cannot verify")
-        if _is_conv_like(module):
-            kind = "pool" if "pool" in type_.lower() else "conv"
-            if y is not None and ndim == 5 and y.dim() == 5 and y.shape[2] != x.shape[2]:
-                return LayerExactness(name, type_, kind, in_hw, out_hw, exact=None,
-                                      reason=f"changes the group axis from {x.shape[2]} to "
-                                             f"{y.shape[2]}; cannot verify")
-            try:
-                kernel = _spatial_pair(module.kernel_size, "kernel_size", ndim, 1)
-                raw_stride = module.stride
-                stride = kernel if raw_stride is None or raw_stride == () else _spatial_pair(
-                    raw_stride, "stride", ndim, 1)
-                dilation = _spatial_pair(getattr(module, "dilation", 1), "dilation", ndim, 1)
-                before, after = _padding(getattr(module, "padding", 0), kernel, dilation, ndim)
-            except _Unverifiable as err:
-                return LayerExactness(name, type_, kind, in_hw, out_hw, exact=None,
-                                      reason=f"{err}; cannot verify")
-            return rules.strided(name, type_, kind, in_hw, out_hw, kernel, stride, before,
-                                 after, dilation, bool(getattr(module, "ceil_mode", False)),
-                                 str(getattr(module, "padding_mode", "zeros")),
-                                 out_is_map=out_hw is not None)
-        if isinstance(module, _PAD_MODULES):
-            return rules.pad(name, type_, in_hw, out_hw, module.padding, ndim)
-        if out_hw is None:
-            return rules.reshape(name, type_, x, y)
-        if out_hw == in_hw:
-            return LayerExactness(name, type_, "pointwise", in_hw, out_hw,
-                                  reason="spatial size unchanged")
-        return LayerExactness(name, type_, "unknown", in_hw, out_hw, exact=None,
-                              reason=f"unknown layer changes the size from {in_hw[0]}x"
-                                     f"{in_hw[1]} to {out_hw[0]}x{out_hw[1]}; cannot verify")
-
-    # -- tensor functions --
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not self.paused and self.active:
-            inputs = [t for t in _tensors((args, kwargs)) if id(t) in self.active]
-            if inputs:
-                for t in _tensors(out):
-                    self.mark(t)
-                if self.depth == 0:
-                    x = next((t for t in inputs if t.dim() in (4, 5)), None)
-                    y = _first_tensor(out)
-                    if x is not None and y is not None and y.is_floating_point():
-                        self.paused = True
-                        try:
-                            row = self._function_row(func, args, kwargs, x, y)
-                        finally:
-                            self.paused = False
-                        if row is not None:
-                            self.rows.append(self.rules.finish(row))
-        return out
-
-    def _function_row(self, func: Any, args: tuple, kwargs: dict, x: Tensor,
-                      y: Tensor) -> LayerExactness | None:
-        fname = getattr(func, "__name__", str(func))
-        owner = self.owners[-1] if self.owners else "model"
-        name = f"{owner}:{fname}()"
-        in_hw = _hw(x)
-        assert in_hw is not None
-        out_hw = _hw(y)
-        ndim = x.dim()
-        rules = self.rules
-        first_is_x = bool(args) and args[0] is x
-        try:
-            if fname in _CONV_FUNCS and first_is_x:
-                p = _bind(("weight", "bias", "stride", "padding", "dilation"), args, kwargs)
-                weight = p["weight"]
-                if weight.dim() == 5 and weight.shape[2] != 1:
-                    raise _Unverifiable(f"a {tuple(weight.shape[2:])} kernel mixes the group axis")
-                kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
-                stride = _spatial_pair(p.get("stride", 1), "stride", ndim, 1)
-                dilation = _spatial_pair(p.get("dilation", 1), "dilation", ndim, 1)
-                before, after = _padding(p.get("padding", 0), kernel, dilation, ndim)
-                return rules.strided(name, "function", "conv", in_hw, out_hw, kernel, stride,
-                                     before, after, dilation, out_is_map=out_hw is not None)
-            if fname in _POOL_ARGS and first_is_x:
-                p = _bind(_POOL_ARGS[fname], args, kwargs)
-                kernel = _spatial_pair(p["kernel_size"], "kernel_size", ndim, 1)
-                raw = p.get("stride")
-                stride = kernel if raw is None or raw == () or raw == [] else _spatial_pair(
-                    raw, "stride", ndim, 1)
-                dilation = _spatial_pair(p.get("dilation", 1), "dilation", ndim, 1)
-                before, after = _padding(p.get("padding", 0), kernel, dilation, ndim)
-                return rules.strided(name, "function", "pool", in_hw, out_hw, kernel, stride,
-                                     before, after, dilation, bool(p.get("ceil_mode", False)),
-                                     out_is_map=out_hw is not None)
-        except _Unverifiable as err:
-            return LayerExactness(name, "function", "unknown", in_hw, out_hw, exact=None,
-                                  reason=f"{err}; cannot verify")
-        if fname in _ADAPTIVE_FUNCS and first_is_x:
-            size = _bind(("output_size",), args, kwargs).get("output_size")
-            return rules.adaptive(name, "function", in_hw, y, size, ndim)
-        if fname in _RESAMPLING_FUNCS:
-            return LayerExactness(name, "function", "unknown", in_hw, out_hw, exact=None,
-                                  reason="resampling function; cannot verify")
-        if fname == "pad" and first_is_x:
-            pads = _bind(("pad",), args, kwargs).get("pad")
-            if isinstance(pads, (tuple, list)):
-                return rules.pad(name, "function", in_hw, out_hw, pads, ndim)
-        if fname == "__getitem__" and first_is_x and len(args) > 1:
-            row = self._slice_row(name, in_hw, out_hw, ndim, args[1], y)
-            if row is not None:
-                return row
-        if fname in _REDUCTIONS and first_is_x:
-            dims = _bind(("dim",), args, kwargs).get("dim", kwargs.get("axis"))
-            if dims is None and len(args) == 1:
-                dims = tuple(range(ndim))
-            if isinstance(dims, int):
-                dims = (dims,)
-            if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
-                reduced = {d % ndim for d in dims}
-                spatial = reduced & {ndim - 2, ndim - 1}
-                if spatial == {ndim - 2, ndim - 1}:
-                    return LayerExactness(name, "function", "global pool", in_hw, out_hw,
-                                          reason=f"global {fname} over H and W")
-                if not spatial and out_hw == in_hw:
-                    return None
-        if out_hw is not None and out_hw == in_hw:
-            return None
-        if out_hw is None and y.dim() < 4:
-            return rules.reshape(name, "function", x, y)
-        got = "?" if out_hw is None else f"{out_hw[0]}x{out_hw[1]}"
-        return LayerExactness(name, "function", "unknown", in_hw, out_hw, exact=None,
-                              reason=f"{fname} changes the map from {in_hw[0]}x{in_hw[1]} to "
-                                     f"{got}; cannot verify")
-
-    def _slice_row(self, name: str, in_hw: Pair, out_hw: Pair | None, ndim: int, index: Any,
-                   y: Tensor) -> LayerExactness | None:
-        """``x[..., a:b:s, c:d:t]``: exact iff the kept positions are centred on each axis."""
-        parts = list(index) if isinstance(index, tuple) else [index]
-        if any(p is None or not isinstance(p, (slice, int, type(Ellipsis))) or isinstance(
-                p, bool) for p in parts):
-            return None
-        if parts.count(Ellipsis) > 1:
-            return None
-        if Ellipsis in parts:
-            at = parts.index(Ellipsis)
-            fill = ndim - (len(parts) - 1)
-            parts = parts[:at] + [slice(None)] * fill + parts[at + 1:]
-        parts = parts + [slice(None)] * (ndim - len(parts))
-        if len(parts) != ndim or y.dim() != ndim:
-            return None
-        spatial = parts[-2:]
-        if not all(isinstance(p, slice) for p in spatial):
-            return None
-        steps, firsts, gaps = [], [], []
-        for p, n in zip(spatial, in_hw):
-            start, stop, step = p.indices(n)
-            kept = range(start, stop, step)
-            if step < 0 or len(kept) == 0:
-                return LayerExactness(name, "function", "slice", in_hw, out_hw, exact=None,
-                                      reason=f"slice {p} reverses or empties an axis; "
-                                             "cannot verify")
-            steps.append(step)
-            firsts.append(kept[0])
-            gaps.append(n - 1 - kept[-1] - kept[0])
-        if out_hw == in_hw:
-            return None
-        row = LayerExactness(name, "function", "slice", in_hw, out_hw, (1, 1), tuple(steps),
-                             None, (1, 1), tuple(gaps))  # type: ignore[arg-type]
-        axes = self.rules.axes
-        bad = [a for a in axes if gaps[a] != 0]
-        if _rotations(self.rules.group) and (steps[0] != steps[1] or (
-                firsts[0] != firsts[1] and not bad)):
-            row.exact = False
-            row.reason = "anisotropic slicing: a 90° rotation swaps the axes"
-        elif bad:
-            row.exact = False
-            row.reason = "kept positions not centred: " + ", ".join(
-                f"{gaps[a]} more left out at the end than at the start of {'HW'[a]}"
-                for a in bad)
-        else:
-            row.reason = "kept positions centred on the map"
-        row.reason += f" (first kept: {firsts[0]}, {firsts[1]})"
-        return row
-
-
-# ---- model helpers ---------------------------------------------------------------------------
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device, torch.get_default_dtype()
-    return torch.device("cpu"), torch.get_default_dtype()
-
-
-def infer_in_channels(model: nn.Module) -> int:
-    """Input channels of a model: its ``in_channels`` attribute if it is an int, else those of
-    the first convolution (its ``in_channels`` attribute, or ``weight.shape[1] * groups``).
-
-    Raises:
-        ValueError: when neither exists; pass ``in_channels`` explicitly.
-    """
-    own = getattr(model, "in_channels", None)
-    if isinstance(own, int) and not isinstance(own, bool):
-        return own
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, Tensor) and weight.dim() >= 4 and _is_conv_like(module):
-            c = getattr(module, "in_channels", None)
-            if isinstance(c, int) and not isinstance(c, bool):
-                return c
-            return int(weight.shape[1]) * int(getattr(module, "groups", 1))
-    raise ValueError(f"cannot infer the input channels of {type(model).__name__}: it has no "
-                     "convolution with a weight; pass in_channels=")
-
-
-def _trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
-           device: torch.device | None = None, dtype: torch.dtype | None = None
-           ) -> ExactnessReport:
-    dev, dt = _device_dtype(model)
-    device, dtype = device or dev, dtype or dt
-    modes = {m: m.training for m in model.modules()}
-    tracer = _Tracer(model, group)
-    x = torch.zeros(1, in_channels, *hw, device=device, dtype=dtype)
-    tracer.mark(x)
-    model.eval()
-    tracer.attach()
-    try:
-        with torch.no_grad(), tracer:
-            model(x)
-    finally:
-        tracer.detach()
-        for m, training in modes.items():
-            m.training = training
-    report = ExactnessReport(hw, group, tracer.rows)
-    if _rotations(group) and hw[0] != hw[1]:
-        report.notes.append(f"the input {hw[0]}x{hw[1]} is not square: 90° rotations do not map "
-                            "it onto itself, so no network is exactly rotation-equivariant on "
-                            "it; use a square input or group='flip'")
-    if not report.layers:
-        report.notes.append("no spatial layer was found")
-    return report
 
 
 def analyze_exactness(model: nn.Module, input_size: int | tuple[int, int],
@@ -898,12 +97,14 @@ def analyze_exactness(model: nn.Module, input_size: int | tuple[int, int],
         ``"cannot verify"``.
 
     Raises:
-        ValueError / RuntimeError: from the model when the input is too small.
+        TraceError: (a RuntimeError and a ValueError) the model failed on the trace input;
+            one line naming the failing layer and what to do.
+        ValueError: an unknown group, a bad input size, no way to infer in_channels.
     """
-    _check_group(group)
-    hw = _size(input_size)
+    check_group(group)
+    hw = parse_size(input_size)
     channels = infer_in_channels(model) if in_channels is None else in_channels
-    return _trace(model, hw, channels, group)
+    return trace(model, hw, channels, group)
 
 
 # ---- size search -----------------------------------------------------------------------------
@@ -913,11 +114,13 @@ class _SizeProbe:
 
     def __init__(self, model: nn.Module, in_channels: int | None, group: str) -> None:
         self.model = model
-        self.group = _check_group(group)
+        self.group = check_group(group)
         self.in_channels = infer_in_channels(model) if in_channels is None else in_channels
+        self.judge = WeightJudge(model, group)
         self.meta: nn.Module | None = None
         try:
             self.meta = copy.deepcopy(model).to("meta")
+            self.judge.link(self.meta)
         except Exception:  # any failure just disables the fast path
             self.meta = None
 
@@ -925,12 +128,13 @@ class _SizeProbe:
         """The report at ``size`` x ``size``, or ``None`` if the forward pass fails."""
         if self.meta is not None:
             try:
-                return _trace(self.meta, (size, size), self.in_channels, self.group,
-                              torch.device("meta"))
+                return trace(self.meta, (size, size), self.in_channels, self.group,
+                              torch.device("meta"), judge=self.judge)
             except Exception:  # retried on the real model below
                 pass
         try:
-            report = _trace(self.model, (size, size), self.in_channels, self.group)
+            report = trace(self.model, (size, size), self.in_channels, self.group,
+                            judge=self.judge)
         except (RuntimeError, ValueError, IndexError, AssertionError):
             return None
         self.meta = None  # the meta copy failed where the model works: stop using it
@@ -971,19 +175,25 @@ def nearest_exact_size(model: nn.Module, size: int, in_channels: int | None = No
 
 
 # ---- empirical check -------------------------------------------------------------------------
-def _elements(group: str) -> list[Dihedral]:
-    """The non-identity elements whose equivariance is checked."""
-    if group == "flip":
-        return [hflip()]
-    return [g for g in group_elements(group) if not g.is_identity]
-
-
 def _output_layout(y: Tensor) -> Layout:
     """The layout of a model output ``(B, C)``, ``(B, C, H, W)`` or ``(B, C, G, H, W)``."""
     if y.dim() == 3:
         raise ValueError(f"cannot act on an output of shape {tuple(y.shape)}; expected (B, C), "
                          "(B, C, H, W) or (B, C, G, H, W)")
     return infer_layout(y)
+
+
+def _rotate_any(g: Dihedral, t: Tensor) -> Tensor:
+    """``g`` acting on a possibly non-square ``(B, C)`` / ``(B, C, H, W)`` / ``(B, C, G, H,
+    W)`` tensor: an odd rotation turns ``H x W`` into ``W x H`` (the transforms refuse such a
+    map because its shape changes; here both shapes are the network's own outputs)."""
+    if t.dim() < 4:
+        return t
+    out = torch.rot90(torch.flip(t, (-1,)) if g.flip else t, g.k, (-2, -1))
+    if t.dim() == 5:
+        perm = g.group_permutation({4: "p4", 8: "p4m"}[int(t.shape[2])])
+        out = out[:, :, perm]
+    return out
 
 
 def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, int],
@@ -1002,28 +212,40 @@ def empirical_equivariance_error(model: nn.Module, input_size: int | tuple[int, 
     G = 8); the comparison is :func:`~equivision.measure.compare.align` and
     :func:`~equivision.measure.compare.per_image_error`.
 
+    A non-square input ``H x W`` is compared with the network's output on the rotated ``W x
+    H`` input (the outputs' shapes must agree after the rotation).
+
     Raises:
-        ShapeError: 90° rotations of a non-square input.
+        ShapeError: f(g x) and g·f(x) differ in shape (a network with a fixed non-square
+            output under 90° rotations).
         InexactActionError: flips of a p4 group map (p4 has no reflections).
     """
-    _check_group(group)
-    hw = _size(input_size)
+    check_group(group)
+    hw = parse_size(input_size)
     channels = infer_in_channels(model) if in_channels is None else in_channels
-    device, _ = _device_dtype(model)
+    device, _ = device_dtype(model)
     net = copy.deepcopy(model).to(dtype=dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, channels, *hw, generator=gen, dtype=dtype).to(device)
     with torch.no_grad():
-        y = _first_tensor(net(x))
+        y = first_tensor(net(x))
         if y is None:
             raise ValueError(f"{type(model).__name__} returned no tensor")
         scale = float(torch.linalg.vector_norm(y))
         layout = _output_layout(y)
         worst = 0.0
-        for g in _elements(group):
-            yg = _first_tensor(net(g.apply_image(x)))
+        square = hw[0] == hw[1]
+        for g in elements(group):
+            yg = first_tensor(net(g.apply_image(x) if square else _rotate_any(g, x)))
             assert yg is not None
-            diff = float(torch.linalg.vector_norm(per_image_error(*align(yg, y, g, layout))))
+            if square:
+                diff = float(torch.linalg.vector_norm(per_image_error(*align(yg, y, g,
+                                                                             layout))))
+            elif yg.shape != _rotate_any(g, y).shape:
+                raise ShapeError(f"f(g x) has shape {tuple(yg.shape)}, g·f(x) has "
+                                 f"{tuple(_rotate_any(g, y).shape)}")
+            else:
+                diff = float(torch.linalg.vector_norm(yg - _rotate_any(g, y)))
             if scale == 0.0:
                 err = 0.0 if diff == 0.0 else math.inf
             else:
