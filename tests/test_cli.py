@@ -178,3 +178,20 @@ def test_no_import_cycle_between_command_groups():
         siblings = {node.module for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom) and node.level == 1}
         assert siblings <= {"common"}, (path.name, siblings)
+
+
+def test_exactness_translation_mode_and_in_channels(tmp_path, capsys):
+    """--translation prints the shift table and writes its JSON; --in-channels lets the
+    analyzer run a model whose first layer has no convolution weight to read them from."""
+    out = tmp_path / "tr.json"
+    assert main(["exactness", "--model", "cnn7", "--input-size", "28", "--translation",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "aliasing at features.maxpool2" in text and text.strip().endswith("verdict: exact")
+    data = json.loads(out.read_text())
+    assert data["shifts"] == [2, 2] and data["aliasing"] == ["features.maxpool2"]
+    assert main(["exactness", "--model", "cnn7", "--input-size", "28", "--in-channels", "1"]) == 0
+    assert "weights: unconstrained" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        main(["exactness", "--model", "cnn7", "--input-size", "28", "--in-channels", "0"])
+    assert bad.value.code == 2

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..gcnn import analyze_exactness, exact_sizes, nearest_exact_size
+from ..gcnn import analyze_exactness, analyze_translation, exact_sizes, nearest_exact_size
+from ..gcnn.exactness import TraceError
 from ..io import check_writable_file
-from .common import CLIError, load_model, write_json
+from .common import CLIError, load_model, positive_int, write_json
 
 __all__ = ["add_parsers", "cmd_exactness", "parse_size"]
 
@@ -47,15 +48,26 @@ def cmd_exactness(args: argparse.Namespace) -> None:
     if args.json:
         check_writable_file(args.json, "--json")  # before the analysis
     model, name = load_model(args.model, args.model_args, args.checkpoint)
-    report = analyze_exactness(model, size, group=args.group)
+    ch = args.in_channels
+    try:
+        if args.translation:
+            shifts = analyze_translation(model, size, in_channels=ch)
+            print(shifts.table())
+            if args.json:
+                write_json(args.json, {"model": name, **shifts.to_dict()})
+            print(f"verdict: {shifts.verdict}")
+            return
+        report = analyze_exactness(model, size, in_channels=ch, group=args.group)
+    except TraceError as err:
+        raise CLIError(str(err)) from None
     print(report.table())
     lines = []
     if size[0] == size[1]:
-        below, above = nearest_exact_size(model, size[0], group=args.group)
+        below, above = nearest_exact_size(model, size[0], in_channels=ch, group=args.group)
         lines.append(f"nearest exact sizes to {size[0]}: below {below}, above {above}")
     if span:
         lo, hi = span
-        sizes = exact_sizes(model, lo, hi, group=args.group)
+        sizes = exact_sizes(model, lo, hi, in_channels=ch, group=args.group)
         lines.append(f"exact sizes in {lo}..{hi}: {', '.join(map(str, sizes)) or 'none'}")
     for line in lines:
         print(line)
@@ -75,5 +87,11 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--input-size", required=True, help="N or HxW")
     e.add_argument("--group", default="p4", choices=["p4", "p4m", "flip"])
     e.add_argument("--range", help="A:B, list the exact square sizes in this range")
+    e.add_argument("--in-channels", type=positive_int, default=None,
+                   help="input channels, for models without a convolution weight to read "
+                   "them from")
+    e.add_argument("--translation", action="store_true",
+                   help="translation mode: the integer shifts each layer is exactly "
+                   "equivariant to, and the subsampling layers that alias")
     e.add_argument("--json", help="write the report as JSON to this path")
     e.set_defaults(func=cmd_exactness)

@@ -110,6 +110,25 @@ class TranslationReport:
         """The layers that subsample without a low-pass filter."""
         return [row for row in self.layers if row.aliasing]
 
+    def to_dict(self) -> dict:
+        """Plain values for JSON: input size, verdict, exact shifts, aliasing layer names
+        and one dict per layer (strides as strings such as ``"1/2"``)."""
+
+        def plain(row: TranslationLayer) -> dict:
+            out = {k: getattr(row, k) for k in ("name", "type", "kind", "exact", "reason",
+                                                 "aliasing")}
+            out["input_size"] = list(row.input_size)
+            out["output_size"] = None if row.output_size is None else list(row.output_size)
+            out["stride"] = [str(v) for v in row.stride]
+            out["cumulative"] = [str(v) for v in row.cumulative]
+            out["shifts"] = None if row.shifts is None else list(row.shifts)
+            return out
+
+        return {"input_size": list(self.input_size), "verdict": self.verdict,
+                "shifts": None if self.shifts is None else list(self.shifts),
+                "aliasing": [row.name for row in self.aliasing],
+                "layers": [plain(row) for row in self.layers]}
+
     def summary(self) -> str:
         """One line: the verdict, the exact shifts and the aliasing layers."""
         h, w = self.input_size
