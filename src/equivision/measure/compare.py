@@ -136,8 +136,9 @@ def pairwise_cosines(aligned: Sequence[Tensor], pairing: str = "identity") -> Te
     # clamping the squared norm (not the norm) keeps the gradient finite at zero
     norm = (feats * feats).sum(-1).clamp_min(1e-16).sqrt()  # (B, V)
     if pairing == "identity":
-        dots = (feats[:, 1:] * feats[:, :1]).sum(-1)  # (B, K)
-        return dots / (norm[:, 1:] * norm[:, :1])
+        # v_0 taken as it is, not sliced from the stack: no zero-filled slice gradients
+        dots = (feats * aligned[0].flatten(1)[:, None]).sum(-1)  # (B, V), 0 = |v_0|^2
+        return dots[:, 1:] / (norm[:, 1:] * norm[:, :1])
     i, j = (list(k) for k in zip(*itertools.combinations(range(len(aligned)), 2)))
     gram = torch.bmm(feats, feats.transpose(1, 2))  # (B, V, V)
     return gram[:, i, j] / (norm[:, i] * norm[:, j])
