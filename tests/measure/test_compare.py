@@ -105,6 +105,28 @@ def test_pairwise_cosines_reference():
         pairwise_cosines(views_, "all")
 
 
+def test_pairwise_cosines_gradients_match_normalized_views_and_stay_finite_at_zero():
+    g = torch.Generator().manual_seed(4)
+    base = [torch.randn(3, 2, 4, 4, generator=g) + 2 for _ in range(4)]
+    base[2] = torch.zeros(3, 2, 4, 4)  # a view with zero features
+    for pairing in ("identity", "pairs"):
+        ours = [t.clone().requires_grad_(True) for t in base]
+        ref = [t.clone().requires_grad_(True) for t in base]
+        unit = [r.flatten(1) / r.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-8)
+                for r in ref]
+        pairs = [(k, 0) for k in range(1, 4)] if pairing == "identity" else \
+            [(i, j) for i in range(4) for j in range(i + 1, 4)]
+        expected = torch.stack([(unit[i] * unit[j]).sum(1) for i, j in pairs], 1)
+        got = pairwise_cosines(ours, pairing)
+        torch.testing.assert_close(got, expected)
+        w = torch.arange(1.0, len(pairs) + 1)
+        grads = torch.autograd.grad((got * w).sum(), ours)
+        want = torch.autograd.grad((expected * w).sum(), ref)
+        for a, b in zip(grads, want):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def _spy(monkeypatch, owner, name):
     calls = []
     real = getattr(owner, name)

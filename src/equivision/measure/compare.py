@@ -131,14 +131,17 @@ def pairwise_cosines(aligned: Sequence[Tensor], pairing: str = "identity") -> Te
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    # one (V, B, D) tensor of unit vectors
-    unit = torch.stack([a.flatten(1) for a in aligned])
-    unit = unit / unit.norm(dim=2, keepdim=True).clamp_min(1e-8)
+    # no normalized copy of the views: dot products and norms, then a (B, P) division
+    feats = torch.stack([a.flatten(1) for a in aligned], dim=1)  # (B, V, D)
+    # clamping the squared norm (not the norm) keeps the gradient finite at zero
+    norm = (feats * feats).sum(-1).clamp_min(1e-16).sqrt()  # (B, V)
     if pairing == "identity":
-        return (unit[1:] * unit[:1]).sum(dim=2).T
-    gram = torch.einsum("vbd,wbd->bvw", unit, unit)
-    i, j = zip(*itertools.combinations(range(len(aligned)), 2))
-    return gram[:, list(i), list(j)]
+        # v_0 taken as it is, not sliced from the stack: no zero-filled slice gradients
+        dots = (feats * aligned[0].flatten(1)[:, None]).sum(-1)  # (B, V), 0 = |v_0|^2
+        return dots[:, 1:] / (norm[:, 1:] * norm[:, :1])
+    i, j = (list(k) for k in zip(*itertools.combinations(range(len(aligned)), 2)))
+    gram = torch.bmm(feats, feats.transpose(1, 2))  # (B, V, V)
+    return gram[:, i, j] / (norm[:, i] * norm[:, j])
 
 
 class Comparator:

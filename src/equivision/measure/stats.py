@@ -11,12 +11,17 @@ the number of images) and partial results of several processes add up:
 * ``cos_sum, images``: per-image global cosine (defense paper Eq. 2) summed, and
   the number of images.
 
-Each batch's cross-product is computed on centred float32 data and turned back into
-raw sums in float64, which keeps the correlation accurate when means are large.
+Each chunk of a batch is summed in float32 on data shifted by a per-channel reference
+(the first batch's mean) and turned back into raw sums in float64, which keeps the
+correlation accurate when means are large; one ``bmm`` gives the cross-products and
+the per-channel sums together (see :func:`workspace`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,18 +42,57 @@ def per_image(x: Tensor, mask: Tensor | None) -> Tensor:
         mask: ``(h, w)`` boolean mask of valid positions, or ``None``.
 
     Returns:
-        ``(B, C', n_valid)`` float32 (a view when nothing is dropped).
+        ``(B, C', h, w)`` when every position is valid (a view of ``x``, strides kept:
+        the reductions read it as it is), else ``(B, C', n_valid)``; ``(B, C, 1)`` for
+        vectors. The dtype is kept.
     """
     if x.dim() == 2:
-        return x.float()[..., None]
+        return x[..., None]
     if x.dim() == 5:
         b, c, g, h, w = x.shape
         x = x.reshape(b, c * g, h, w)
-    b, c, h, w = x.shape
-    flat = x.reshape(b, c, h * w).float()
     if mask is not None and not bool(mask.all()):
-        flat = flat[:, :, mask.reshape(-1)]
-    return flat
+        return x[:, :, mask]
+    return x
+
+
+#: Intra-op threads for the statistics of CPU tensors. Their ops are memory-bound and
+#: short, so a second thread costs more in synchronisation than it gains: on two
+#: cores the statistics took 2.5x longer with two threads than with one (more under
+#: load); the forward passes keep every thread.
+STATS_THREADS = 1
+
+
+@contextmanager
+def threads_for(device: torch.device) -> Iterator[None]:
+    """Run the block with at most :data:`STATS_THREADS` intra-op threads when ``device``
+    is the CPU (other devices are left alone); the previous count is restored."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= STATS_THREADS:
+        yield
+        return
+    torch.set_num_threads(STATS_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+#: Reused float32 work buffers, keyed by (images, channels, positions, device).
+_WORKSPACES: dict[tuple, Tensor] = {}
+
+
+def workspace(bsz: int, c: int, m: int, device: torch.device) -> Tensor:
+    """A reused float32 buffer ``(B, 3, C, m)``: slot 0 takes ``a - shift_a``, slot 1
+    ``b - shift_b`` and slot 2 ``a - b``, so that each pass below is one op over all
+    three."""
+    key = (bsz, c, m, str(device))
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        if len(_WORKSPACES) > 32:
+            _WORKSPACES.clear()
+        buf = _WORKSPACES[key] = torch.empty(bsz, 3, c, m, device=device)
+    return buf
 
 
 @dataclass
@@ -73,68 +117,93 @@ class PairStats:
         self._vec = torch.zeros(6, c, dtype=torch.float64)
         self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse = self._vec.unbind(0)
         self.sab = torch.zeros(c, c, dtype=torch.float64)
+        self._shift: Tensor | None = None  # (2, C) float32 reference of a and b
 
     def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> bool:
         """Add a batch. ``a = f(gX)`` and ``b = g·f(X)`` have the same shape: ``(B, C)``,
         ``(B, C, h, w)`` or ``(B, C, G, h, w)``; ``mask`` ``(h, w)`` marks valid positions.
 
-        Statistics are first taken per image on data centred per image and channel
-        (float32, on the input's device), then turned into raw sums in float64: this
-        keeps the correlation accurate when means are large compared to deviations.
+        Statistics are taken in float32 on the input's device on data shifted by a
+        per-channel reference (the mean of the first batch), then turned into raw sums
+        in float64: shifted sums keep the correlation accurate when means are large
+        compared to deviations (Chan et al.'s shift-invariant sums).
 
         Returns:
             False if the batch contained NaN or Inf (nothing is added then).
         """
-        ra, rb = per_image(a, mask), per_image(b, mask)
-        bsz, c, m = ra.shape
-        if m == 0:
-            return True
-        # chunks of images small enough to stay in cache through the passes below
-        step = max(1, CHUNK_ELEMENTS // max(1, c * m))
-        return all(self._update(ra[i : i + step], rb[i : i + step]) for i in range(0, bsz, step))
+        with threads_for(a.device):
+            return self._update_all(per_image(a, mask), per_image(b, mask))
 
-    def _update(self, ra: Tensor, rb: Tensor) -> bool:
-        """:meth:`update` on ``(B, C, N)`` float32 tensors: a few passes over the data,
-        then every per-channel sum from one stacked float64 tensor."""
-        bsz, _, m = ra.shape
-        sa_i, sb_i = ra.sum(-1), rb.sum(-1)  # (B, C)
-        if not bool(torch.isfinite(torch.stack((sa_i, sb_i))).all()):
+    def _update_all(self, ra: Tensor, rb: Tensor) -> bool:
+        """:meth:`update` on ``(B, C, ...)`` tensors (:func:`per_image`), chunk by chunk."""
+        bsz, c = ra.shape[:2]
+        m = math.prod(ra.shape[2:])
+        if m == 0 or bsz == 0:
+            return True
+        if self._shift is None:
+            dims = tuple(d for d in range(ra.dim()) if d != 1)
+            shift = torch.stack((ra.float().mean(dims), rb.float().mean(dims)))  # (2, C)
+            if not bool(torch.isfinite(shift).all()):
+                return False
+            self._shift = shift
+        # chunks of images small enough to stay in cache through the passes below
+        step = min(bsz, max(1, CHUNK_ELEMENTS // max(1, c * m)))
+        buf = workspace(step, c, m, ra.device)
+        return all(self._update(ra[i : i + step], rb[i : i + step], buf)
+                   for i in range(0, bsz, step))
+
+    def _update(self, ra: Tensor, rb: Tensor, buf: Tensor) -> bool:
+        """:meth:`update` on ``(B, C, ...)`` chunks with the work buffer ``buf``
+        (:func:`workspace`): three subtractions into it, then one norm, one sum and one
+        ``bmm``; every sum is then formed from small float64 tensors."""
+        bsz, c = ra.shape[:2]
+        buf = buf[:bsz]
+        m = buf.shape[-1]
+        shift = self._shift[(...,) + (None,) * (ra.dim() - 2)]  # (2, C, 1[, 1])
+        torch.sub(ra, shift[0], out=buf[:, 0].view(ra.shape))
+        torch.sub(rb, shift[1], out=buf[:, 1].view(ra.shape))
+        torch.sub(ra, rb, out=buf[:, 2].view(ra.shape))
+        # (B, 3, C): shifted squares of a and b, squared differences
+        sq = torch.linalg.vector_norm(buf, dim=-1)
+        gram = torch.bmm(buf[:, 0], buf[:, 1].transpose(1, 2))  # (B, C, C) shifted
+        torch.abs(buf[:, 2], out=buf[:, 2])
+        sums = buf.sum(-1)  # (B, 3, C): shifted sums of a and b, sums of |a - b|
+        if not bool(torch.isfinite(sq).all()):
             return False
-        ma, mb = sa_i / m, sb_i / m
-        ca, cb = ra - ma[..., None], rb - mb[..., None]
-        gram = torch.bmm(ca, cb.transpose(1, 2))  # (B, C, C) centred cross-products
-        diff = ra - rb
-        # (6, B, C): centred squares, squared and absolute differences, centred sums
-        per = torch.stack((
-            torch.linalg.vector_norm(ca, dim=-1).square(),
-            torch.linalg.vector_norm(cb, dim=-1).square(),
-            torch.linalg.vector_norm(diff, dim=-1).square(),
-            torch.linalg.vector_norm(diff, ord=1, dim=-1),
-            ca.sum(-1), cb.sum(-1)))
-        caa, cbb = per[0], per[1]
-        # per-image global cosine over the valid C x h x w entries
-        dot = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) + m * (ma * mb).sum(-1)
-        na = caa.sum(-1) + m * (ma * ma).sum(-1)
-        nb = cbb.sum(-1) + m * (mb * mb).sum(-1)
-        cos = dot / torch.sqrt(na * nb).clamp_min(1e-24)
-        # raw sums from centred ones: sum(ab) = sum(ca cb) + ma sum(cb) + mb sum(ca) + m ma mb,
-        # keeping sum(ca) (not exactly 0, since ma is rounded) for full accuracy
-        p64 = per.double()
-        ma64, mb64 = ma.double(), mb.double()
-        sca, scb = p64[4], p64[5]
-        # sum over images of ma (x) (scb + m mb) + sca (x) mb, as one (C, 2B) @ (2B, C)
-        left = torch.cat((ma64, sca)).T
-        right = torch.cat((scb + m * mb64, mb64))
-        self.sab += (gram.double().sum(0) + left @ right).cpu()
-        self._vec += torch.stack((
-            sca + m * ma64, scb + m * mb64,
-            p64[0] + 2 * ma64 * sca + m * ma64 * ma64,
-            p64[1] + 2 * mb64 * scb + m * mb64 * mb64,
-            p64[3], p64[2])).sum(1).cpu()
-        self.n += bsz * m
-        self.cos_sum += float(cos.double().sum())
-        self.images += bsz
+        self._add(gram.double(), sq.double().square(), sums.double(), m)
         return True
+
+    def _add(self, gram: Tensor, sq: Tensor, sums: Tensor, m: int) -> None:
+        """Turn one chunk's shifted float64 sums into raw sums and add them.
+
+        Args:
+            gram: ``(B, C, C)`` per-image shifted cross-products.
+            sq: ``(B, 3, C)`` shifted squares of ``a``, ``b`` and squares of ``a - b``.
+            sums: ``(B, 3, C)`` shifted sums of ``a``, ``b`` and sums of ``|a - b|``.
+            m: positions per image.
+        """
+        bsz = gram.shape[0]
+        ka, kb = self._shift.double()  # (C,) each
+        sa_i, sb_i = sums[:, 0], sums[:, 1]  # (B, C) shifted sums per image
+        # per-image global cosine over the valid C x positions entries, from raw sums:
+        # sum(ab) = sum(sa sb) + ka sum(sb) + kb sum(sa) + m ka kb (all per channel)
+        dot = (torch.diagonal(gram, dim1=1, dim2=2) + ka * sb_i + kb * sa_i
+               + m * ka * kb).sum(-1)
+        na = (sq[:, 0] + 2 * ka * sa_i + m * ka * ka).sum(-1)
+        nb = (sq[:, 1] + 2 * kb * sb_i + m * kb * kb).sum(-1)
+        cos = dot / torch.sqrt(na * nb).clamp_min(1e-24)
+        s, t, n = sq.sum(0), sums.sum(0), bsz * m
+        sca, scb = t[0], t[1]
+        self.sab += (gram.sum(0) + torch.outer(ka, scb) + torch.outer(sca, kb)
+                     + n * torch.outer(ka, kb)).cpu()
+        self._vec += torch.stack((
+            sca + n * ka, scb + n * kb,
+            s[0] + 2 * ka * sca + n * ka * ka,
+            s[1] + 2 * kb * scb + n * kb * kb,
+            t[2], s[2])).cpu()
+        self.n += n
+        self.cos_sum += float(cos.sum())
+        self.images += bsz
 
     # ---- reduction across processes ------------------------------------------
     def flat(self) -> Tensor:
