@@ -417,7 +417,7 @@ def centred_cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Centring removes what every position shares (a global cosine of raw token maps is
     dominated by it and scores a wrong action almost as high as the right one)."""
-    ra, rb = per_image(a, mask), per_image(b, mask)  # (B, C, n)
+    ra, rb = per_image(a, mask).flatten(2), per_image(b, mask).flatten(2)  # (B, C, n)
     ra = ra - ra.mean(-1, keepdim=True)
     rb = rb - rb.mean(-1, keepdim=True)
     return per_image_cosine(ra, rb)
