@@ -42,6 +42,16 @@ def test_toml_config_sets_options_and_flags_win(tmp_path):
     assert args.epochs == 7  # the command line wins
 
 
+def test_yaml_config_sets_options(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: cnn-small\ndata: digits\nbatch-size: 16\ndeterministic: true\n")
+    parser = make_parser()
+    apply_config(subparsers_of(parser)["train"], cfg)
+    args = parser.parse_args(["train", "--out", "o"])
+    assert (args.model, args.data, args.batch_size, args.deterministic) == \
+        ("cnn-small", "digits", 16, True)
+
+
 def subparsers_of(parser):
     return next(a for a in parser._actions if hasattr(a, "choices") and a.choices).choices
 
@@ -61,6 +71,7 @@ def test_json_config_runs_a_command(tmp_path, capsys):
     ('optimizer = "rmsprop"\n', ".toml", "'rmsprop' is not one of"),
     ('epochs = [1, 2\n', ".toml", "is not valid TOML"),
     ('[1, 2]', ".json", "must hold a table"),
+    ('epochs: [1, 2\n', ".yaml", "is not valid YAML"),
     ('a: 1', ".ini", "use a"),
 ])
 def test_bad_config_is_one_line(tmp_path, capsys, text, suffix, needle):

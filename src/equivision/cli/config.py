@@ -16,16 +16,12 @@ try:  # TOML configs from Python 3.11 on (tomllib is in the standard library the
     import tomllib
 except ImportError:  # pragma: no cover - Python 3.10
     tomllib = None
-try:  # YAML configs only where PyYAML happens to be installed
-    import yaml
-except ImportError:  # pragma: no cover - depends on the environment
-    yaml = None
+import yaml
 
 __all__ = ["CONFIG_FORMATS", "apply_config", "finish_parser", "load_config"]
 
 #: config file suffixes read by :func:`load_config`
-CONFIG_FORMATS = ((".toml",) if tomllib is not None else ()) + (".json",) + (
-    (".yaml", ".yml") if yaml is not None else ())
+CONFIG_FORMATS = ((".toml",) if tomllib is not None else ()) + (".json", ".yaml", ".yml")
 
 _SILENT = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 
@@ -57,8 +53,7 @@ def finish_parser(p: argparse.ArgumentParser) -> None:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """The options of a ``--config`` file as ``{key: value}`` (TOML, JSON, or YAML when
-    PyYAML is installed).
+    """The options of a ``--config`` file as ``{key: value}`` (TOML, YAML or JSON).
 
     Raises:
         CLIError: a missing or unreadable file, an unsupported suffix, a syntax error or
@@ -67,8 +62,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in CONFIG_FORMATS:
-        extra = "" if yaml is not None else " (YAML needs PyYAML, which is not installed)"
-        raise CLIError(f"--config {str(path)!r}: use a {', '.join(CONFIG_FORMATS)} file{extra}")
+        raise CLIError(f"--config {str(path)!r}: use a {', '.join(CONFIG_FORMATS)} file")
     try:
         text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
@@ -79,7 +73,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except OSError as err:
         raise CLIError(f"--config {str(path)!r} cannot be read: {err.strerror or err}") from None
-    except (ValueError, getattr(yaml, "YAMLError", ValueError)) as err:
+    except (ValueError, yaml.YAMLError) as err:
         raise CLIError(f"--config {str(path)!r} is not valid {suffix[1:].upper()}: "
                        f"{str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
