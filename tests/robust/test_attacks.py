@@ -434,3 +434,37 @@ def test_normalize_wrapper():
         Normalize(inner, [0.5, 0.5], [0.2, 0.0])
     with pytest.raises(ValueError, match="one value per channel"):
         Normalize(inner, [0.5, 0.5], [0.2, 0.2, 0.2])
+
+
+def test_houdini_gradient_survives_confident_models():
+    """Margins of hundreds of logits: the erf-based probit gave exactly zero gradient."""
+    torch.manual_seed(0)
+    lin = nn.Linear(2 * 6 * 6, 3)
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = images(8)
+    with torch.no_grad():
+        lin.weight.mul_(10000.0)
+        y = model(x).argmax(1)
+    margins = -attack_objective(model(x), y, "cw")
+    assert bool((margins > 15).all())  # float32 erf: exactly 0 gradient beyond ~13
+    for targeted, labels in ((False, y), (True, (y + 1) % 3)):
+        xr = x.clone().requires_grad_(True)
+        obj = attack_objective(model(xr), labels, "houdini", targeted=targeted)
+        (g,) = torch.autograd.grad(obj.sum(), xr)
+        assert bool((g.flatten(1).abs().sum(1) > 0).all()) and bool(torch.isfinite(g).all())
+    adv = Houdini(model, 0.5, steps=10)(x, y)
+    pgd = PGD(model, 0.5, steps=10)(x, y)
+    assert accuracy(model(adv), y) <= accuracy(model(pgd), y) + 1e-9
+    assert accuracy(model(adv), y) < 0.5
+
+
+def test_houdini_segmentation_gradient_survives_confident_models():
+    model = pixel_segmenter()
+    with torch.no_grad():
+        model.weight.mul_(500.0)
+    x = images(2).requires_grad_(True)
+    y = model(x).argmax(1)
+    y[0, 0, 0] = 255
+    obj = attack_objective(model(x), y, "houdini")
+    (g,) = torch.autograd.grad(obj.sum(), x)
+    assert bool((g.flatten(1).abs().sum(1) > 0).all()) and bool(torch.isfinite(g).all())

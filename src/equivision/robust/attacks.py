@@ -135,11 +135,36 @@ def attack_objective(output: Tensor, labels: Tensor, loss: str = "ce", targeted:
     if loss == "cw":
         per = (margin if targeted else -margin).clamp_max(kappa)
     elif loss == "houdini":
-        normal_cdf = 0.5 * (1.0 + torch.erf(margin / math.sqrt(2.0)))
-        per = normal_cdf - 1.0 if targeted else 1.0 - normal_cdf
+        return _houdini(margin, labels, targeted, ignore_index)
     else:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     return _per_image(per, labels, ignore_index)
+
+
+def _houdini(margin: Tensor, labels: Tensor, targeted: bool, ignore_index: int) -> Tensor:
+    """Houdini's per-image value ``(B,)`` from margins ``(B,)`` / ``(B, H, W)``, with a
+    gradient that does not underflow.
+
+    The value is ``E = mean Phi(-m)`` over the valid pixels (targeted: ``mean Phi(m) - 1``).
+    On a confident model ``Phi(-m)`` and its derivative underflow (float32 ``erf`` gives
+    exactly 0 gradient beyond ``m ~ 13``), so the value is computed in float64 log-space
+    (``log_ndtr``, ``logsumexp`` over pixels) and its gradient is that of ``log E``: per
+    image the same direction as the gradient of ``E`` (a positive rescaling), but finite
+    and non-zero at any margin.
+    """
+    log_p = torch.special.log_ndtr(margin.double() if targeted else -margin.double())
+    if log_p.dim() == 1:
+        log_e = log_p
+        count = torch.ones_like(log_p)
+    else:
+        valid = (labels != ignore_index).flatten(1)
+        count = valid.sum(1).to(log_p.dtype)
+        flat = log_p.flatten(1).masked_fill(~valid, float("-inf"))
+        flat = flat.masked_fill((count == 0).unsqueeze(1), 0.0)  # no valid pixel: no NaN
+        log_e = torch.logsumexp(flat, 1) - count.clamp_min(1).log()
+    value = log_e.exp() - 1.0 if targeted else log_e.exp()
+    surrogate = value.detach() + (log_e - log_e.detach())
+    return torch.where(count > 0, surrogate, torch.zeros_like(surrogate)).to(margin.dtype)
 
 
 def _derived_seed(*parts: Any) -> int:
