@@ -468,3 +468,62 @@ def test_houdini_segmentation_gradient_survives_confident_models():
     obj = attack_objective(model(x), y, "houdini")
     (g,) = torch.autograd.grad(obj.sum(), x)
     assert bool((g.flatten(1).abs().sum(1) > 0).all()) and bool(torch.isfinite(g).all())
+
+
+def train_mode_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).train()
+
+
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("cls", ATTACKS)
+def test_attacks_leave_train_mode_model_exactly_as_found(cls):
+    model = train_mode_net()
+    model[3].eval()  # a submodule in its own mode must get it back
+    before = state_of(model)
+    modes = [m.training for m in model.modules()]
+    x, y = images(4), torch.tensor([0, 1, 2, 0])
+    cls(model, 0.1, steps=2)(x, y)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN buffers bit-identical
+    assert [m.training for m in model.modules()] == modes
+    # eval mode: deterministic despite Dropout (same seed, same result)
+    model2 = train_mode_net()
+    assert torch.equal(cls(model2, 0.1, steps=2)(x, y), cls(model2, 0.1, steps=2)(x, y))
+
+
+def test_eval_mode_false_runs_the_model_as_it_is():
+    model = train_mode_net()
+    before = state_of(model)
+    PGD(model, 0.1, steps=2, eval_mode=False)(images(4), torch.tensor([0, 1, 2, 0]))
+    assert not torch.equal(before["1.running_mean"], model.state_dict()["1.running_mean"])
+    assert model.training
+
+
+def test_sweep_lambda_scores_in_eval_mode():
+    model = train_mode_net()
+    before = state_of(model)
+
+    class Tiny(nn.Module):
+        randomized = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.model(x)
+
+        def purify(self, x: Tensor, generator=None, differentiable=False) -> Tensor:
+            return x
+
+        def equivariance_loss(self, x: Tensor) -> Tensor:
+            return (x ** 2).flatten(1).sum(1)
+
+    sweep_lambda(Tiny(), images(4), torch.tensor([0, 1, 2, 0]), lambdas=(0.0, 1.0), steps=2)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import IGNORE_INDEX, per_image_score
-from .attacks import IterativeAttack, _flat_norm, _per_image
+from .attacks import IterativeAttack, _flat_norm, _per_image, evaluating
 
 __all__ = [
     "APGD",
@@ -260,24 +259,6 @@ def merge_worst(best: tuple[Tensor, Tensor, Tensor] | None, idx: Tensor,
     for full, value in zip(out, part):
         full[idx] = value
     return out  # type: ignore[return-value]
-
-
-@contextmanager
-def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Run the block with ``model`` (an ``nn.Module``) and all its submodules in eval mode,
-    then restore each submodule's own mode: an attack leaves the model as it found it
-    (BatchNorm statistics and dropout untouched). Other callables, or ``enabled=False``,
-    run as they are."""
-    if not enabled or not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # ---------------------------------------------------------------------- attack

@@ -44,7 +44,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,7 @@ __all__ = [
     "PGD",
     "SweepResult",
     "attack_objective",
+    "evaluating",
     "is_defense",
     "sweep_lambda",
 ]
@@ -167,6 +169,24 @@ def _houdini(margin: Tensor, labels: Tensor, targeted: bool, ignore_index: int) 
     return torch.where(count > 0, surrogate, torch.zeros_like(surrogate)).to(margin.dtype)
 
 
+@contextmanager
+def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Run the block with ``model`` (an ``nn.Module``) and all its submodules in eval mode,
+    then restore each submodule's own mode: an attack leaves the model as it found it
+    (BatchNorm statistics and dropout untouched). Other callables, or ``enabled=False``,
+    run as they are."""
+    if not enabled or not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _derived_seed(*parts: Any) -> int:
     key = "\x1f".join(map(str, parts)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
@@ -186,8 +206,12 @@ class IterativeAttack:
     ``ignore_index`` are ignored), or target labels when ``targeted``. Returns detached
     adversarial images of the same shape in ``[0, 1]`` within the ``eps`` ball.
 
-    The model's train/eval mode is left as it is (evaluate in eval mode) and no parameter
-    gradient is accumulated: gradients are taken with respect to the input only.
+    A call attacks the model in eval mode and leaves it exactly as found: each submodule's
+    own mode is restored and no buffer changes (BatchNorm statistics; :func:`evaluating`),
+    unless ``eval_mode=False``. No parameter gradient is accumulated: gradients are taken
+    with respect to the input only. The pieces (:meth:`predict`, :meth:`score`,
+    :meth:`run_once`) run the model in the mode it is in (APGD and Square call them inside
+    their own :func:`evaluating` block).
 
     Args:
         model: a network mapping ``(B, C, H, W)`` in [0, 1] to logits ``(B, K)`` or
@@ -210,6 +234,8 @@ class IterativeAttack:
             ``"full"``.
         eot_samples: draws of the defense's randomness averaged per gradient (EOT).
         lambda_e: weight of the adaptive equivariance term (needs a defense).
+        eval_mode: attack in eval mode and restore the modes afterwards; False runs the
+            model in the mode it is in.
 
     Raises:
         ValueError: bad settings; at call time images outside [0, 1], labels that do not
@@ -236,6 +262,7 @@ class IterativeAttack:
         through: str = "plain",
         eot_samples: int = 1,
         lambda_e: float = 0.0,
+        eval_mode: bool = True,
     ) -> None:
         name = type(self).__name__
 
@@ -279,6 +306,7 @@ class IterativeAttack:
         self.decay = number(decay, "decay", False)
         self.eot_samples = integer(eot_samples, "eot_samples")
         self.lambda_e = number(lambda_e, "lambda_e", False)
+        self.eval_mode = bool(eval_mode)
         self.defense = model if is_defense(model) else None
         if self.defense is None and (through != "plain" or self.lambda_e > 0):
             what = f"through={through!r}" if through != "plain" else "lambda_e > 0"
@@ -293,7 +321,7 @@ class IterativeAttack:
 
     def __repr__(self) -> str:
         keys = ("eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "loss",
-                "decay", "through", "eot_samples", "lambda_e")
+                "decay", "through", "eot_samples", "lambda_e", "eval_mode")
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     # ------------------------------------------------------------------ forward paths
@@ -429,6 +457,11 @@ class IterativeAttack:
         """Adversarial images ``(B, C, H, W)`` in [0, 1] for ``images`` with ``labels``
         (also inside ``torch.no_grad()``: the attack turns gradients on for itself)."""
         x0, labels = self._check_images(images, labels)
+        with evaluating(self.model, self.eval_mode):
+            return self._restarts(x0, labels)
+
+    def _restarts(self, x0: Tensor, labels: Tensor) -> Tensor:
+        """All restarts; per image the worst case ``(B, C, H, W)``."""
         gen = torch.Generator(device=x0.device).manual_seed(self.seed)
         best: Tensor | None = None
         best_score = best_obj = None
@@ -566,7 +599,8 @@ def sweep_lambda(defense: nn.Module, images: Tensor, labels: Tensor,
     for lam in lambdas:
         atk = attack(defense, eps, lambda_e=float(lam), **kwargs)
         adv = atk(images, labels)
-        score, obj = atk.score(adv, labels.to(adv.device))
+        with evaluating(defense, atk.eval_mode):
+            score, obj = atk.score(adv, labels.to(adv.device))
         scores[float(lam)] = score
         lam_t = torch.full_like(score, float(lam))
         if best is None:
