@@ -430,3 +430,39 @@ def test_equivariance_defense_warns_on_vector_features():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EquivarianceDefense(model, steps=1, feature_layer="features.relu3").purify(x)
+
+
+class _Identity(nn.Module):
+    """Identity features: exactly equivariant (up to interpolation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _smooth_images(n: int = 3, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    coarse = torch.rand(n, 3, 6, 6, generator=g) + 0.5
+    return nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
+                                     align_corners=False).clamp(0, 1)
+
+
+@pytest.mark.parametrize("pairing", ["identity", "pairs"])
+def test_identity_features_score_one_under_rotation_views(pairing):
+    """Only positions valid in both views count: the zero corners do not."""
+    x = _smooth_images()
+    gs = [Rotation(15.0), Rotation(-15.0), hflip()]
+    score = equivariance_score(_Identity(), x, gs, feature_layer="output", pairing=pairing)
+    assert bool((score > 0.999).all()), score
+
+
+def test_rotation_view_corners_do_not_drive_the_purifier():
+    x = _smooth_images(2).requires_grad_(True)
+    defense = EquivarianceDefense(_Identity(), transforms=[Rotation(15.0)],
+                                  feature_layer="output", batched=False)
+    (g,) = torch.autograd.grad(defense._loss(x).sum(), x)
+    corner = g[..., :3, :3].abs().mean()
+    centre = g[..., 12:20, 12:20].abs().mean()
+    assert corner <= centre + 1e-12
+    batched = EquivarianceDefense(_Identity(), transforms=[Rotation(15.0)],
+                                  feature_layer="output", batched=True)
+    assert torch.allclose(batched._loss(x), defense._loss(x), atol=1e-6)

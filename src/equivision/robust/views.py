@@ -16,13 +16,16 @@ invariance defenses and by :func:`~equivision.robust.defenses.equivariance_score
    :class:`~equivision.transforms.Resize` land on the reference size), and with
    ``pooled=True`` maps are global-average-pooled instead (the invariance objective).
 4. :func:`view_cosines` gives one global cosine per image and compared pair
-   (flattened ``C x h x w``, the paper's Eq. 2; norms clamped at 1e-8).
+   (flattened ``C x h x w``, the paper's Eq. 2; norms clamped at 1e-8) over the
+   positions valid in both views (:func:`view_mask`): an aligned rotated view has
+   zero-filled corners that say nothing about the image and are left out.
 
 Steps 3 and 4 are the comparison core of :mod:`equivision.measure.compare`.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 
@@ -30,12 +33,18 @@ import torch
 from torch import Tensor, nn
 
 from ..measure.capture import first_tensor
-from ..measure.compare import PAIRINGS, align_back, pairwise_cosines
+from ..measure.compare import (
+    PAIRINGS,
+    Comparator,
+    align_back,
+    pairwise_cosines,
+    per_image_cosine,
+)
 from ..transforms import Layout, Transform, size_stride
 
 __all__ = [
-    "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view", "resolve_max_batch",
-    "view_cosines", "view_features",
+    "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view", "masked_pairwise_cosines",
+    "resolve_max_batch", "view_cosines", "view_features", "view_mask",
 ]
 
 #: Images per forward pass on the CPU with ``max_batch="auto"``: beyond about this many
@@ -204,6 +213,42 @@ def align_view(
     return align_back(g, feat, layout)
 
 
+#: valid masks of aligned views, cached per (inverse element, layout, size, device)
+_MASKS = Comparator()
+
+
+def view_mask(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
+              input_hw: tuple[int, int], pooled: bool = False) -> Tensor | None:
+    """Valid positions ``(h, w)`` of the aligned view ``g^-1 · F(g x)`` (those whose value
+    comes from inside ``F(g x)``), or None when every entry is valid (the untransformed
+    view, vectors, pooled features, and elements such as rot90 or flips)."""
+    if g is None or pooled or feat.dim() != 4 or ref_hw is None:
+        return None
+    layout = Layout("map", size_stride(input_hw, ref_hw), size=(int(ref_hw[0]), int(ref_hw[1])))
+    mask = _MASKS.mask(g.inverse(), layout, ref_hw, feat.device)
+    return None if bool(mask.all()) else mask
+
+
+def masked_pairwise_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | None],
+                            pairing: str = "identity") -> Tensor:
+    """:func:`~equivision.measure.compare.pairwise_cosines` over the positions valid in
+    both views of each pair: ``aligned`` are ``(B, ...)`` views, ``masks`` their ``(h, w)``
+    valid masks (None: all valid). Returns ``(B, P)``, differentiable."""
+    if all(m is None for m in masks):
+        return pairwise_cosines(aligned, pairing)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    n = len(aligned)
+    pairs = [(0, k) for k in range(1, n)] if pairing == "identity" \
+        else list(itertools.combinations(range(n), 2))
+    cols = []
+    for i, j in pairs:
+        mi, mj = masks[i], masks[j]
+        mask = mi if mj is None else mj if mi is None else mi & mj
+        cols.append(per_image_cosine(aligned[i], aligned[j], mask))
+    return torch.stack(cols, dim=1)
+
+
 def view_cosines(
     extractor: FeatureExtractor,
     x: Tensor,
@@ -219,7 +264,8 @@ def view_cosines(
     ``pairing="identity"``: ``cos(g_k^-1 F(g_k x), F(x))`` for k = 1..K (paper Eq. 2);
     ``"pairs"``: ``cos(g_i^-1 F(g_i x), g_j^-1 F(g_j x))`` for all ``i < j`` over the
     ``K + 1`` views including the identity (the released code); see
-    :func:`~equivision.measure.compare.pairwise_cosines`.
+    :func:`~equivision.measure.compare.pairwise_cosines`. Each cosine is taken over the
+    positions valid in both views (:func:`view_mask`; rotations' zero corners are out).
 
     ``batched`` and ``max_batch`` are passed to :func:`view_features`. ``warn_vector``:
     warn when the features are vectors ``(B, C)``, on which every transformation acts
@@ -244,4 +290,5 @@ def view_cosines(
     input_hw = (x.shape[-2], x.shape[-1])
     gs: list[Transform | None] = [None, *transforms]
     aligned = [align_view(g, f, ref_hw, input_hw, pooled) for g, f in zip(gs, feats)]
-    return pairwise_cosines(aligned, pairing)
+    masks = [view_mask(g, f, ref_hw, input_hw, pooled) for g, f in zip(gs, feats)]
+    return masked_pairwise_cosines(aligned, masks, pairing)
