@@ -21,7 +21,8 @@ from .capture import (
     is_global_pool,
     select_layers,
     to_measurable,
-    trace_strides,
+    trace_layers,
+    unknown_layout,
 )
 from .compare import AlignmentError, Comparator
 from .parts import assign_parts
@@ -127,7 +128,8 @@ def measure(
         results=session.results(pool_index, cap.repeated),
         n_images=session.seen,
         meta={"world_size": world,
-              "pool_layer": session.order[pool_index] if pool_index is not None else None},
+              "pool_layer": session.order[pool_index] if pool_index is not None else None,
+              "skipped": dict(session.skipped)},
     )
 
 
@@ -167,7 +169,10 @@ class _Session:
         self.inexact: dict[tuple[str, int], str] = {}
         self.info: dict[str, Captured] = {}
         self.order: list[str] = []
+        self.skipped: dict[str, str] = {}
         self.layer_strides: dict = {}
+        self.token_counts: set[int] = set()
+        self.spatial: set[str] = set()
         self.seen = 0
 
     def _grid(self, name: str) -> TokenGrid | None:
@@ -177,6 +182,18 @@ class _Session:
     def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
         return {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
                 for name in self.order}
+
+    def _choose(self, called: Sequence[str], raw: Mapping[str, Tensor]) -> None:
+        """The measured layers in forward order: the called ones whose layout can be
+        known (:func:`~.capture.unknown_layout`); the others go to ``skipped``."""
+        for name in called:
+            reason = unknown_layout(raw[name], self.token_counts, name in self.spatial)
+            if reason is None:
+                self.order.append(name)
+            else:
+                self.skipped[name] = reason
+        if not self.order:
+            raise MeasureError(f"no measurable layer: {self.skipped}")
 
     def step(self, cap: LayerCapture, x: Tensor, max_images: int | None) -> bool:
         """Measure one batch ``x (B, C, H, W)``; False once ``max_images`` are measured."""
@@ -188,11 +205,14 @@ class _Session:
             if len(x) == 0:
                 return False
         hw = (x.shape[-2], x.shape[-1])
-        if not self.order:
-            self.layer_strides = {**trace_strides(self.model, x), **(self.strides or {})}
+        first = not self.order and not self.skipped
+        if first:
+            trace = trace_layers(self.model, x)
+            self.layer_strides = {**trace.strides, **(self.strides or {})}
+            self.token_counts, self.spatial = trace.token_counts, trace.spatial
         base_raw = cap.run(x)
-        if not self.order:
-            self.order = list(cap.order)
+        if first:
+            self._choose(cap.order, base_raw)
         base = self._capture(base_raw, hw)
         for ti, t in enumerate(self.ts):
             try:
