@@ -3,7 +3,7 @@ maps, scale-free constant channels, attention maps."""
 
 import pytest
 import torch
-from others_models import TinyResNet, TinyViT
+from others_models import ScaledConv, TinyResNet, TinyViT
 from torch.utils.data import TensorDataset
 
 from equivision.measure import LayerCapture, measure
@@ -67,3 +67,21 @@ def test_attention_maps_of_a_token_model_are_skipped_with_a_note():
 ])
 def test_unknown_layout_rule(shape, counts, skip):
     assert (unknown_layout(torch.zeros(shape), counts) is not None) == skip
+
+
+def scaled_net(scale):
+    torch.manual_seed(0)
+    conv1, conv2 = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Conv2d(6, 6, 3, padding=1)
+    return torch.nn.Sequential(conv1, torch.nn.ReLU(), ScaledConv(conv2, scale)).eval()
+
+
+def test_constant_channels_do_not_depend_on_the_layers_scale():
+    one = measure(scaled_net(1.0), noise(), "rot90:1,shift:1", ["2"], progress=False)
+    tiny = measure(scaled_net(1e-5), noise(), "rot90:1,shift:1", ["2"], progress=False)
+    for a, b in zip(one.results, tiny.results, strict=True):
+        assert b.n_constant == a.n_constant == 0
+        for k in ("invariance", "equivariance", "cosine", "nmse"):
+            assert b.metrics[k] == pytest.approx(a.metrics[k], rel=1e-4, abs=1e-6), k
+        assert b.metrics["mse"] == pytest.approx(a.metrics["mse"] * 1e-10, rel=1e-3)
+        assert b.metrics["l1"] == pytest.approx(a.metrics["l1"] * 1e-5, rel=1e-3)
+        assert b.metrics["activation"] == pytest.approx(a.metrics["activation"] * 1e-5, rel=1e-3)

@@ -103,7 +103,7 @@ def measure(
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
     loader, max_images = _loader(data, batch_size, max_images, rank, world)
     session = _Session(model, ts, select_layers(model, layers), token_grid, strides,
-                       margin, device)
+                       margin, device, use_dist)
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
@@ -156,7 +156,7 @@ class _Session:
     def __init__(self, model: nn.Module, ts: list[Transform], names: list[str],
                  token_grid: TokenGrid | Mapping[str, TokenGrid] | None,
                  strides: Mapping[str, float] | None, margin: int,
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, use_dist: bool = False) -> None:
         self.model = model
         self.ts = ts
         self.names = names
@@ -173,6 +173,8 @@ class _Session:
         self.layer_strides: dict = {}
         self.token_counts: set[int] = set()
         self.spatial: set[str] = set()
+        self.scale: dict[str, float] = {}
+        self.use_dist = use_dist
         self.seen = 0
 
     def _grid(self, name: str) -> TokenGrid | None:
@@ -180,8 +182,27 @@ class _Session:
         return tg.get(name) if isinstance(tg, Mapping) else tg
 
     def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
-        return {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
-                for name in self.order}
+        out = {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
+               for name in self.order}
+        for name, c in out.items():
+            c.value = c.value * self.scale[name]
+        return out
+
+    def _choose_scales(self, raw: Mapping[str, Tensor]) -> None:
+        """A power of two per layer that brings the mean square of its output on the
+        first batch near 1 (the same on every process).
+
+        The statistics see scaled outputs, so that which channels are constant does
+        not depend on the layer's scale (a layer times 1e-5 gives the correlations of
+        the layer itself); a power of two changes no float, and :meth:`results`
+        scales ``mse``, ``l1`` and ``activation`` back.
+        """
+        ms = torch.stack([raw[n].detach().double().square().mean().cpu() for n in self.order])
+        exps = torch.where(ms > 0, torch.round(-0.5 * torch.log2(ms)), torch.zeros_like(ms))
+        if self.use_dist:
+            exps = exps.cuda() if dist.get_backend() == "nccl" else exps
+            dist.all_reduce(exps, op=dist.ReduceOp.MAX)
+        self.scale = {n: float(2.0 ** e) for n, e in zip(self.order, exps.tolist())}
 
     def _choose(self, called: Sequence[str], raw: Mapping[str, Tensor]) -> None:
         """The measured layers in forward order: the called ones whose layout can be
@@ -213,6 +234,7 @@ class _Session:
         base_raw = cap.run(x)
         if first:
             self._choose(cap.order, base_raw)
+            self._choose_scales(base_raw)
         base = self._capture(base_raw, hw)
         for ti, t in enumerate(self.ts):
             try:
@@ -287,7 +309,7 @@ class _Session:
                     note = self.inexact.get(key, "no valid positions left; lower the margin")
                     out.append(LayerResult(exact=False, note=note, **common))
                     continue
-                m = st.metrics()
+                m = _unscale(st.metrics(), self.scale[name])
                 per = m.pop("per_channel")
                 n_const = m.pop("n_constant")
                 out.append(LayerResult(
@@ -296,6 +318,16 @@ class _Session:
                     note="called more than once per forward; first call measured"
                     if name in repeated else "", **common))
         return out
+
+
+def _unscale(metrics: dict, scale: float) -> dict:
+    """Metrics of outputs multiplied by ``scale`` as metrics of the outputs themselves:
+    ``mse`` / scale^2, ``l1`` and ``activation`` / scale (the others are scale-free)."""
+    out = dict(metrics)
+    out["mse"] = metrics["mse"] / scale**2
+    for k in ("l1", "activation"):
+        out[k] = metrics[k] / scale
+    return out
 
 
 def _all_reduce(stats: dict[tuple[str, int], PairStats], order: list[str],
