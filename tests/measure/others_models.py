@@ -60,20 +60,19 @@ class TinyResNet(nn.Module):
 
 
 class MeanPoolCNN(nn.Module):
-    """Global pooling written as ``x.mean((2, 3))`` in ``forward``; ``scale`` multiplies
-    the output of ``conv2`` (e.g. 1e-5 for a badly scaled layer)."""
+    """Global pooling written as ``x.mean((2, 3))`` in ``forward``.
+    ``(B, 3, H, W)`` -> ``(B, classes)``."""
 
-    def __init__(self, classes: int = 5, scale: float = 1.0) -> None:
+    def __init__(self, classes: int = 5) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.fc = nn.Linear(8, classes)
-        self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv2(self.act(self.conv1(x)))
-        return self.fc((x * self.scale).mean((2, 3)) / self.scale)
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
 
 
 class ScaledConv(nn.Module):

@@ -3,7 +3,7 @@ maps, scale-free constant channels, attention maps."""
 
 import pytest
 import torch
-from others_models import ScaledConv, TinyResNet, TinyViT
+from others_models import MeanPoolCNN, ScaledConv, TinyResNet, TinyViT
 from torch.utils.data import TensorDataset
 
 from equivision.measure import LayerCapture, measure
@@ -48,14 +48,28 @@ def test_pooled_1x1_output_is_a_vector_measurable_under_every_shift():
 
 def test_attention_maps_of_a_token_model_are_skipped_with_a_note():
     torch.manual_seed(0)
-    rep = measure(TinyViT(), noise(), "rot90:1",
-                  ["patch_embed", "blocks.*.attn.softmax", "blocks.*.norm1"],
-                  token_grid=(4, 4, 1), progress=False)
+    rep = measure(TinyViT(), noise(), "rot90:1", token_grid=(4, 4, 1), progress=False)
     skipped = rep.meta["skipped"]
     assert set(skipped) == {"blocks.0.attn.softmax", "blocks.1.attn.softmax"}
     assert not any("softmax" in layer for layer in rep.layers)
+    assert {"patch_embed", "blocks.0.norm1", "blocks.1.mlp.2", "head"} <= set(rep.layers)
+    assert rep.get("rot90", "blocks.0.norm1").shape == [16, 4, 4]  # [CLS] dropped
     assert all(r.exact for r in rep.results)
-    assert "not measured" in rep.table()
+    assert rep.table().count("not measured") == 2
+
+
+def test_inplace_relu_after_conv_in_a_functional_pool_model():
+    torch.manual_seed(0)
+    model = MeanPoolCNN().eval()
+    x = noise()[:][0]
+    with LayerCapture(model, ["conv2"]) as cap:
+        got = cap.run(x)["conv2"]
+    with torch.no_grad():
+        ref = model.conv2(torch.relu(model.conv1(x)))
+    assert (ref < 0).any()
+    torch.testing.assert_close(got, ref)
+    rep = measure(model, noise(), "shift:1-2", progress=False)
+    assert all(r.exact for r in rep.results)
 
 
 @pytest.mark.parametrize("shape, counts, skip", [
