@@ -90,6 +90,11 @@ def measure(
         distributed: under ``torchrun`` each process measures its shard of a dataset
             and the sums are all-reduced (default: when a process group exists).
 
+    Outputs whose layout cannot be known (token x token maps such as attention,
+    :func:`~.capture.unknown_layout`) are not measured; ``report.meta["skipped"]``
+    says why, per layer. Which channels count as constant does not depend on a
+    layer's scale (:meth:`_Session._choose_scales`).
+
     Returns:
         A :class:`~equivision.measure.report.Report`.
     """
@@ -184,8 +189,9 @@ class _Session:
     def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
         out = {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
                for name in self.order}
-        for name, c in out.items():
-            c.value = c.value * self.scale[name]
+        for name, c in out.items():  # in place: the capture's own copy
+            if self.scale[name] != 1.0:
+                c.value.mul_(self.scale[name])
         return out
 
     def _choose_scales(self, raw: Mapping[str, Tensor]) -> None:
@@ -198,7 +204,8 @@ class _Session:
         scales ``mse``, ``l1`` and ``activation`` back.
         """
         ms = torch.stack([raw[n].detach().double().square().mean().cpu() for n in self.order])
-        exps = torch.where(ms > 0, torch.round(-0.5 * torch.log2(ms)), torch.zeros_like(ms))
+        ok = (ms > 0) & torch.isfinite(ms)
+        exps = torch.where(ok, torch.round(-0.5 * torch.log2(ms)), torch.zeros_like(ms))
         if self.use_dist:
             exps = exps.cuda() if dist.get_backend() == "nccl" else exps
             dist.all_reduce(exps, op=dist.ReduceOp.MAX)
