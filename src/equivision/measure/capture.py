@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..transforms.layout import Layout, LayoutError, TokenGrid, as_map, infer_layout, infer_strides
+from ..transforms.layout import (
+    Layout,
+    LayoutError,
+    TokenGrid,
+    as_map,
+    as_stride,
+    infer_layout,
+    infer_strides,
+)
 
 #: Leaf modules skipped by default: in evaluation mode their output is their input.
 PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.Identity, nn.Flatten)
@@ -92,6 +100,25 @@ class Captured:
     layout: Layout
 
 
+def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool = False
+                   ) -> str | None:
+    """Why the spatial layout of a raw output cannot be known, or ``None`` when it can.
+
+    The rule: in a model with token sequences (``token_counts``: the ``N`` of every
+    ``(B, N, C)`` output), a 4-D output whose last two axes both have a token count as
+    their length, e.g. an attention map ``(B, heads, N, N)``, indexes tokens, not image
+    positions, unless its module's input is a spatial descendant of the image
+    (``spatial_input``, :attr:`Trace.spatial`): no transformation acts on it as on an
+    image.
+    """
+    counts = set(token_counts)
+    if (out.dim() == 4 and not spatial_input
+            and int(out.shape[-2]) in counts and int(out.shape[-1]) in counts):
+        return (f"skipped: {tuple(out.shape[1:])} indexes tokens x tokens (e.g. attention), "
+                "not image positions")
+    return None
+
+
 def to_measurable(
     name: str,
     out: Tensor,
@@ -104,8 +131,13 @@ def to_measurable(
 
     Token sequences ``(B, N, C)`` keep only their patch tokens, as a ``(B, C, h, w)`` map
     (:func:`~equivision.transforms.layout.as_map`); prefix tokens ([CLS]) are dropped.
+    A ``(B, C, 1, 1)`` map (global pooling) is the vector ``(B, C)``: it has no
+    positions, so every transformation acts on it as on a pooled vector.
     The stride is the given or traced one (``strides[name]``), else the size ratio.
     """
+    pooled = out.dim() == 4 and out.shape[-2:] == (1, 1)
+    if pooled:
+        out = out.flatten(1)
     if not out.is_floating_point():
         raise MeasureError(
             f"layer {name!r} returns a {out.dtype} tensor; only floating-point outputs can be "
@@ -115,6 +147,8 @@ def to_measurable(
         layout = infer_layout(out, input_hw, token_grid, (strides or {}).get(name))
     except LayoutError as err:
         raise MeasureError(f"layer {name!r}: {err}") from None
+    if pooled and strides and name in strides:  # the stride it was traced at, for the record
+        layout = replace(layout, stride=as_stride(strides[name]))
     value, layout = as_map(out, layout)
     return Captured(value, layout)
 
@@ -157,7 +191,9 @@ class LayerCapture:
                     f"layer {name!r} ({type(module).__name__}) returned no tensor "
                     f"({type(output).__name__}); leave it out with --layers"
                 )
-            self.outputs[name] = t.detach()
+            # a copy: the output may be a buffer that a later in-place op (a
+            # ``ReLU(inplace=True)``, a residual ``+=``) overwrites in the same forward
+            self.outputs[name] = t.detach().clone()
             self.order.append(name)
             first = first_tensor(inputs)
             self.input_hw[name] = (
@@ -190,9 +226,25 @@ class LayerCapture:
         return self.outputs
 
 
-def trace_strides(model: nn.Module, x: Tensor) -> dict[str, tuple[float, float]]:
-    """Stride of every leaf module's output, from one forward pass on ``x[:1]`` with
-    every leaf hooked (so that layers between the measured ones are seen too)."""
+@dataclass
+class Trace:
+    """What one forward pass with every leaf hooked tells about a model's outputs.
+
+    ``strides``: stride of every spatial leaf output; ``token_counts``: the ``N`` of
+    every token output ``(B, N, C)``; ``spatial``: the leaves whose input is a spatial
+    descendant of the image (its size is the image's or that of an output of such a
+    leaf, seen earlier in the forward pass).
+    """
+
+    strides: dict[str, tuple[float, float]]
+    token_counts: set[int]
+    spatial: set[str]
+
+
+def trace_layers(model: nn.Module, x: Tensor) -> Trace:
+    """Trace every leaf module on ``x[:1]`` (so that layers between the measured ones
+    are seen too): strides (:func:`~equivision.transforms.layout.infer_strides`) and
+    token counts."""
     names = select_layers(model, "all", include_pass_through=True)
     with LayerCapture(model, names) as tracer:
         outs = tracer.run(x[:1], strict=False)
@@ -200,7 +252,15 @@ def trace_strides(model: nn.Module, x: Tensor) -> dict[str, tuple[float, float]]
         order = list(tracer.order)
     out_hw = {n: (t.shape[-2], t.shape[-1]) if t.dim() >= 4 else None for n, t in outs.items()}
     modules = dict(model.named_modules())
-    return infer_strides(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
+    strides = infer_strides(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
+    reached, spatial = {(x.shape[-2], x.shape[-1])}, set()
+    for name in order:
+        hi, ho = in_hw.get(name), out_hw.get(name)
+        if hi is not None and tuple(hi) in reached:
+            spatial.add(name)
+            if ho is not None:
+                reached.add(tuple(ho))
+    return Trace(strides, {int(t.shape[1]) for t in outs.values() if t.dim() == 3}, spatial)
 
 
 def is_global_pool(module: nn.Module, value: Captured) -> bool:

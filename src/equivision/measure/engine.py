@@ -21,7 +21,8 @@ from .capture import (
     is_global_pool,
     select_layers,
     to_measurable,
-    trace_strides,
+    trace_layers,
+    unknown_layout,
 )
 from .compare import AlignmentError, Comparator
 from .parts import assign_parts
@@ -89,6 +90,11 @@ def measure(
         distributed: under ``torchrun`` each process measures its shard of a dataset
             and the sums are all-reduced (default: when a process group exists).
 
+    Outputs whose layout cannot be known (token x token maps such as attention,
+    :func:`~.capture.unknown_layout`) are not measured; ``report.meta["skipped"]``
+    says why, per layer. Which channels count as constant does not depend on a
+    layer's scale (:meth:`_Session._choose_scales`).
+
     Returns:
         A :class:`~equivision.measure.report.Report`.
     """
@@ -102,7 +108,7 @@ def measure(
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
     loader, max_images = _loader(data, batch_size, max_images, rank, world)
     session = _Session(model, ts, select_layers(model, layers), token_grid, strides,
-                       margin, device)
+                       margin, device, use_dist)
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
@@ -127,7 +133,8 @@ def measure(
         results=session.results(pool_index, cap.repeated),
         n_images=session.seen,
         meta={"world_size": world,
-              "pool_layer": session.order[pool_index] if pool_index is not None else None},
+              "pool_layer": session.order[pool_index] if pool_index is not None else None,
+              "skipped": dict(session.skipped)},
     )
 
 
@@ -154,7 +161,7 @@ class _Session:
     def __init__(self, model: nn.Module, ts: list[Transform], names: list[str],
                  token_grid: TokenGrid | Mapping[str, TokenGrid] | None,
                  strides: Mapping[str, float] | None, margin: int,
-                 device: torch.device | str | None) -> None:
+                 device: torch.device | str | None, use_dist: bool = False) -> None:
         self.model = model
         self.ts = ts
         self.names = names
@@ -167,7 +174,12 @@ class _Session:
         self.inexact: dict[tuple[str, int], str] = {}
         self.info: dict[str, Captured] = {}
         self.order: list[str] = []
+        self.skipped: dict[str, str] = {}
         self.layer_strides: dict = {}
+        self.token_counts: set[int] = set()
+        self.spatial: set[str] = set()
+        self.scale: dict[str, float] = {}
+        self.use_dist = use_dist
         self.seen = 0
 
     def _grid(self, name: str) -> TokenGrid | None:
@@ -175,8 +187,41 @@ class _Session:
         return tg.get(name) if isinstance(tg, Mapping) else tg
 
     def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
-        return {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
-                for name in self.order}
+        out = {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
+               for name in self.order}
+        for name, c in out.items():  # in place: the capture's own copy
+            if self.scale[name] != 1.0:
+                c.value.mul_(self.scale[name])
+        return out
+
+    def _choose_scales(self, raw: Mapping[str, Tensor]) -> None:
+        """A power of two per layer that brings the mean square of its output on the
+        first batch near 1 (the same on every process).
+
+        The statistics see scaled outputs, so that which channels are constant does
+        not depend on the layer's scale (a layer times 1e-5 gives the correlations of
+        the layer itself); a power of two changes no float, and :meth:`results`
+        scales ``mse``, ``l1`` and ``activation`` back.
+        """
+        ms = torch.stack([raw[n].detach().double().square().mean().cpu() for n in self.order])
+        ok = (ms > 0) & torch.isfinite(ms)
+        exps = torch.where(ok, torch.round(-0.5 * torch.log2(ms)), torch.zeros_like(ms))
+        if self.use_dist:
+            exps = exps.cuda() if dist.get_backend() == "nccl" else exps
+            dist.all_reduce(exps, op=dist.ReduceOp.MAX)
+        self.scale = {n: float(2.0 ** e) for n, e in zip(self.order, exps.tolist())}
+
+    def _choose(self, called: Sequence[str], raw: Mapping[str, Tensor]) -> None:
+        """The measured layers in forward order: the called ones whose layout can be
+        known (:func:`~.capture.unknown_layout`); the others go to ``skipped``."""
+        for name in called:
+            reason = unknown_layout(raw[name], self.token_counts, name in self.spatial)
+            if reason is None:
+                self.order.append(name)
+            else:
+                self.skipped[name] = reason
+        if not self.order:
+            raise MeasureError(f"no measurable layer: {self.skipped}")
 
     def step(self, cap: LayerCapture, x: Tensor, max_images: int | None) -> bool:
         """Measure one batch ``x (B, C, H, W)``; False once ``max_images`` are measured."""
@@ -188,11 +233,15 @@ class _Session:
             if len(x) == 0:
                 return False
         hw = (x.shape[-2], x.shape[-1])
-        if not self.order:
-            self.layer_strides = {**trace_strides(self.model, x), **(self.strides or {})}
+        first = not self.order and not self.skipped
+        if first:
+            trace = trace_layers(self.model, x)
+            self.layer_strides = {**trace.strides, **(self.strides or {})}
+            self.token_counts, self.spatial = trace.token_counts, trace.spatial
         base_raw = cap.run(x)
-        if not self.order:
-            self.order = list(cap.order)
+        if first:
+            self._choose(cap.order, base_raw)
+            self._choose_scales(base_raw)
         base = self._capture(base_raw, hw)
         for ti, t in enumerate(self.ts):
             try:
@@ -267,7 +316,7 @@ class _Session:
                     note = self.inexact.get(key, "no valid positions left; lower the margin")
                     out.append(LayerResult(exact=False, note=note, **common))
                     continue
-                m = st.metrics()
+                m = _unscale(st.metrics(), self.scale[name])
                 per = m.pop("per_channel")
                 n_const = m.pop("n_constant")
                 out.append(LayerResult(
@@ -276,6 +325,16 @@ class _Session:
                     note="called more than once per forward; first call measured"
                     if name in repeated else "", **common))
         return out
+
+
+def _unscale(metrics: dict, scale: float) -> dict:
+    """Metrics of outputs multiplied by ``scale`` as metrics of the outputs themselves:
+    ``mse`` / scale^2, ``l1`` and ``activation`` / scale (the others are scale-free)."""
+    out = dict(metrics)
+    out["mse"] = metrics["mse"] / scale**2
+    for k in ("l1", "activation"):
+        out[k] = metrics[k] / scale
+    return out
 
 
 def _all_reduce(stats: dict[tuple[str, int], PairStats], order: list[str],

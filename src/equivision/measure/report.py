@@ -116,6 +116,8 @@ class Report:
                 row += f"  {r.n_constant}/{r.n_channels}" if r.n_channels else ""
                 lines.append(row)
             lines.append("")
+        for layer, why in self.meta.get("skipped", {}).items():
+            lines.append(f"note: layer {layer} not measured ({why})")
         summary = self.part_summary(metrics)
         lines.append("== mean per part over all transformations")
         lines.append(f"{'part':<8}" + "".join(f" {m[:12]:>12}" for m in metrics))

@@ -1,0 +1,141 @@
+"""Models written the way other people write them (torchvision / timm style), for testing
+that capture holds on models the project did not write."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv-bn-relu(inplace)-conv-bn, residual add, relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, cin, H, W)`` -> ``(B, cout, H / stride, W / stride)``."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """A torchvision-style ResNet: stem, two stages, ``AdaptiveAvgPool2d(1)``,
+    ``torch.flatten(x, 1)``, ``fc``. ``(B, 3, H, W)`` -> ``(B, classes)``."""
+
+    def __init__(self, classes: int = 5, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = BasicBlock(width, width)
+        self.layer2 = BasicBlock(width, 2 * width, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+        for m in self.modules():  # non-trivial BN statistics so that bn differs from relu
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.bias, 0.0, 1.0)
+                m.running_mean.normal_(0.0, 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+class MeanPoolCNN(nn.Module):
+    """Global pooling written as ``x.mean((2, 3))`` in ``forward``.
+    ``(B, 3, H, W)`` -> ``(B, classes)``."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class ScaledConv(nn.Module):
+    """A convolution whose output is multiplied by ``scale``."""
+
+    def __init__(self, conv: nn.Conv2d, scale: float) -> None:
+        super().__init__()
+        self.conv = conv
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) * self.scale
+
+
+class Attention(nn.Module):
+    """timm-style multi-head self-attention with a ``Softmax`` module on the scores."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.softmax = nn.Softmax(dim=-1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, N, D)`` -> ``(B, N, D)``; the softmax outputs ``(B, heads, N, N)``."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = self.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """A ViT with a [CLS] token: patch conv, flatten to tokens, blocks, head on ``x[:, 0]``.
+    ``(B, 3, H, W)`` -> ``(B, classes)``."""
+
+    def __init__(self, size: int = 16, patch: int = 4, dim: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        n = (size // patch) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
