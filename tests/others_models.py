@@ -1,5 +1,5 @@
 """Models written the way other people write them (torchvision / timm style), for testing
-that capture holds on models the project did not write."""
+that capture and the exactness analyzer hold on models the project did not write."""
 
 from __future__ import annotations
 
