@@ -7,7 +7,8 @@ input size: the sampling geometry (aligned or not), the weights (constrained or 
 verdict, and next to each the equivariance error measured in float64. Then it exports
 P4CNN to plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` layers (:func:`~equivision.gcnn.export`)
 and shows the largest output difference on random images and the inference time of both.
-About 5 s on two busy cores with the default :class:`ExactnessDemoSizes`.
+About 8 s at one thread on the heavily loaded two-core machine (2026-11-30) with the
+default :class:`ExactnessDemoSizes`.
 """
 
 from __future__ import annotations
