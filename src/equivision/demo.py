@@ -17,14 +17,14 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import get_dataset
-from .gcnn import analyze_exactness, empirical_equivariance_error
+from .gcnn.demo import section_exactness
 from .io import write_atomic
 from .measure import Report, measure
 from .models import create_model
 from .robust.demo import section_defense
 from .ssl.demo import section_ser
 from .training import TrainConfig, evaluate, train
-from .utils import model_device, resolve_device, seed_everything
+from .utils import model_device, resolve_device
 
 
 @dataclass
@@ -115,48 +115,6 @@ def _part_table(report: Report) -> str:
 
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def section_exactness(ctx: DemoContext) -> str:
-    """The exactness analyzer on P4CNN at an inexact (29) and an exact (28) size, and the
-    equivariance error measured at both."""
-    seed_everything(0)
-    model = create_model("p4cnn", in_channels=1, num_classes=10).eval()
-    lines = [
-        "## Exact and approximate rotation equivariance of P4CNN",
-        "",
-        "`equivision exactness --model p4cnn --input-size N` traces every conv and pooling "
-        "layer and checks `(i + 2p - k_eff) mod s == 0` with each layer's own input size. "
-        "P4CNN (p4 group convolutions, one 2x2 max pool after layer 2, randomly "
-        "initialised with seed 0) at 29 and 28 px (only the subsampling layers shown):",
-        "",
-    ]
-    rows = ["| size | layer | input | k | s | p | remainder | exact |",
-            "|---|---|---|---|---|---|---|---|"]
-    verdicts = {}
-    for size in (29, 28):
-        rep = analyze_exactness(model, size)
-        verdicts[size] = rep.verdict
-        for r in rep.layers:
-            if r.stride is not None and max(r.stride) > 1:
-                rows.append(f"| {size} | {r.name} | {r.input_size[0]}x{r.input_size[1]} | "
-                            f"{r.kernel_size[0]} | {r.stride[0]} | {r.padding[0]} | "
-                            f"{r.remainder[0]} | {'yes' if r.exact else 'no'} |")
-    lines += rows + ["", "Measured: relative output error max over g of "
-                     "||f(gx) - g·f(x)|| / ||f(x)|| (float64, random inputs), and the mean "
-                     "MSE between f(gX) and g·f(X) over every layer on the test digits "
-                     "(float32, rotations by 90/180/270):", "",
-                     "| size | analyzer verdict | output error (float64) | mean layer MSE |",
-                     "|---|---|---|---|"]
-    for size in (29, 28):
-        err = empirical_equivariance_error(model, size)
-        data = get_dataset("digits", split="test", size=size)
-        rep = measure(model, data, "rot90", max_images=128, progress=False)
-        mses = [r.metrics["mse"] for r in rep.results if r.exact]
-        lines.append(f"| {size} | {verdicts[size]} | {err:.2e} | {sum(mses) / len(mses):.2e} |")
-    lines += ["", "At 29 px the pooling grid is misaligned (remainder 1) and equivariance is "
-              "only approximate; at 28 px it is exact to float precision."]
-    return "\n".join(lines)
 
 
 def section_studies(ctx: DemoContext) -> str:

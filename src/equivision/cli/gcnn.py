@@ -6,8 +6,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..gcnn import analyze_exactness, analyze_translation, exact_sizes, nearest_exact_size
-from ..gcnn.exactness import TraceError
+from ..gcnn import (
+    aligned_sizes,
+    analyze_exactness,
+    analyze_translation,
+    exact_sizes,
+    nearest_aligned_size,
+    nearest_exact_size,
+)
+from ..gcnn.exactness import CONSTRAINED, ExactnessReport, TraceError
 from ..io import check_writable_file
 from .common import CLIError, load_model, positive_int, write_json
 
@@ -61,19 +68,48 @@ def cmd_exactness(args: argparse.Namespace) -> None:
     except TraceError as err:
         raise CLIError(str(err)) from None
     print(report.table())
-    lines = []
-    if size[0] == size[1]:
-        below, above = nearest_exact_size(model, size[0], in_channels=ch, group=args.group)
-        lines.append(f"nearest exact sizes to {size[0]}: below {below}, above {above}")
-    if span:
-        lo, hi = span
-        sizes = exact_sizes(model, lo, hi, in_channels=ch, group=args.group)
-        lines.append(f"exact sizes in {lo}..{hi}: {', '.join(map(str, sizes)) or 'none'}")
+    lines, sizes = _size_lines(model, report, size, span, ch, args.group)
     for line in lines:
         print(line)
     if args.json:
-        write_json(args.json, {"model": name, **report.to_dict(), "notes_cli": lines})
+        write_json(args.json, {"model": name, **report.to_dict(), **sizes, "notes_cli": lines})
     print(f"verdict: {report.verdict}")
+
+
+def _size_lines(model: Any, report: ExactnessReport, size: tuple[int, int],
+                span: tuple[int, int] | None, ch: int | None, group: str
+                ) -> tuple[list[str], dict[str, Any]]:
+    """The size-search lines printed under the table, and the same as JSON fields.
+
+    The nearest exact sizes (square inputs) and, with ``--range``, the exact sizes in it.
+    When the weights are not constrained (a plain CNN: no size is exact) the nearest
+    aligned sizes and the aligned sizes in the range too, marked as the sampling geometry
+    alone."""
+    plain = report.weights != CONSTRAINED
+    caveat = (f" (sampling geometry only: the weights are {report.weights}, so these sizes "
+              "are not exact)")
+    lines: list[str] = []
+    sizes: dict[str, Any] = {}
+    if size[0] == size[1]:
+        below, above = nearest_exact_size(model, size[0], in_channels=ch, group=group)
+        lines.append(f"nearest exact sizes to {size[0]}: below {below}, above {above}")
+        sizes["nearest_exact"] = [below, above]
+        if plain:
+            below, above = nearest_aligned_size(model, size[0], in_channels=ch, group=group)
+            lines.append(f"nearest aligned sizes to {size[0]}: below {below}, above {above}"
+                         + caveat)
+            sizes["nearest_aligned"] = [below, above]
+    if span:
+        lo, hi = span
+        found = exact_sizes(model, lo, hi, in_channels=ch, group=group)
+        lines.append(f"exact sizes in {lo}..{hi}: {', '.join(map(str, found)) or 'none'}")
+        sizes["exact_sizes"] = found
+        if plain:
+            found = aligned_sizes(model, lo, hi, in_channels=ch, group=group)
+            lines.append(f"aligned sizes in {lo}..{hi}: "
+                         f"{', '.join(map(str, found)) or 'none'}" + caveat)
+            sizes["aligned_sizes"] = found
+    return lines, sizes
 
 
 def add_parsers(sub: Any) -> None:
@@ -86,7 +122,8 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--checkpoint", help="weights (not needed for the analysis)")
     e.add_argument("--input-size", required=True, help="N or HxW")
     e.add_argument("--group", default="p4", choices=["p4", "p4m", "flip"])
-    e.add_argument("--range", help="A:B, list the exact square sizes in this range")
+    e.add_argument("--range", help="A:B, list the exact square sizes in this range (and, "
+                   "for a model with unconstrained weights, the aligned ones)")
     e.add_argument("--in-channels", type=positive_int, default=None,
                    help="input channels, for models without a convolution weight to read "
                    "them from")

@@ -10,9 +10,11 @@ Group feature maps are ``(B, C, G, H, W)`` with the group axis ordered as
 from .exactness import (
     ExactnessReport,
     LayerExactness,
+    aligned_sizes,
     analyze_exactness,
     empirical_equivariance_error,
     exact_sizes,
+    nearest_aligned_size,
     nearest_exact_size,
 )
 from .export import (
@@ -47,7 +49,8 @@ from .translation import TranslationLayer, TranslationReport, analyze_translatio
 
 __all__ = [
     "ExactnessReport", "LayerExactness", "analyze_exactness", "empirical_equivariance_error",
-    "exact_sizes", "nearest_exact_size", "TranslationLayer", "TranslationReport",
+    "exact_sizes", "nearest_exact_size", "aligned_sizes", "nearest_aligned_size",
+    "TranslationLayer", "TranslationReport",
     "analyze_translation",
     "CosetGlobalPool", "CosetPool", "ExportError", "export", "export_batch_norm", "export_conv",
     "export_pool", "PADDING_MODES", "restrict",

@@ -32,7 +32,9 @@ the spatial axes) is "cannot verify"; a tensor with spatial extent mixed into a 
 (CoordConv coordinates, a positional parameter) is checked for invariance. Upsampling by an
 integer factor and transposed convolutions without output padding have rules
 (:mod:`equivision.gcnn.rules`). Unknown operations give "cannot verify", never "exact".
-:func:`exact_sizes` and :func:`nearest_exact_size` search input sizes, and
+:func:`exact_sizes` and :func:`nearest_exact_size` search input sizes;
+:func:`aligned_sizes` and :func:`nearest_aligned_size` search them for the geometry alone
+(for a plain CNN, whose weights are unconstrained, no size is exact); and
 :func:`empirical_equivariance_error` measures ``||f(g x) - g·f(x)|| / ||f(x)||`` in float64
 to confirm a verdict. In degenerate cases on tiny maps (a misaligned layer whose input is
 1x1, a later global max over a misaligned max pool) a "not exact" network can still be
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +71,9 @@ from .weights import WeightJudge, elements
 __all__ = [
     "ALIGNED", "CANNOT_VERIFY", "CONSTRAINED", "EXACT", "MISALIGNED", "UNCONSTRAINED",
     "GROUPS", "NOT_EXACT", "ExactnessReport", "LayerExactness",
-    "analyze_exactness", "empirical_equivariance_error", "exact_sizes", "infer_in_channels",
-    "nearest_exact_size", "subsampling_remainder", "TraceError",
+    "aligned_sizes", "analyze_exactness", "empirical_equivariance_error", "exact_sizes",
+    "infer_in_channels", "nearest_aligned_size", "nearest_exact_size", "subsampling_remainder",
+    "TraceError",
 ]
 
 
@@ -141,18 +145,55 @@ class _SizeProbe:
         return report
 
     def exact(self, size: int) -> bool:
+        """Whether the model is exact (aligned geometry, constrained weights) at ``size``."""
         report = self(size) if size >= 1 else None
         return report is not None and report.verdict == EXACT
+
+    def aligned(self, size: int) -> bool:
+        """Whether the sampling geometry is aligned at ``size``, whatever the weights."""
+        report = self(size) if size >= 1 else None
+        return report is not None and report.geometry == ALIGNED
+
+
+def _nearest(test: Callable[[int], bool], size: int, max_distance: int | None
+             ) -> tuple[int | None, int | None]:
+    """The nearest sizes ``(below, above)`` passing ``test`` within ``max_distance`` pixels
+    (default ``max(size // 2, 8)``), both ``size`` if it passes; ``None`` where none does."""
+    if test(size):
+        return size, size
+    reach = max(size // 2, 8) if max_distance is None else max_distance
+    below = next((n for n in range(size - 1, max(0, size - reach - 1), -1) if test(n)), None)
+    above = next((n for n in range(size + 1, size + reach + 1) if test(n)), None)
+    return below, above
 
 
 def exact_sizes(model: nn.Module, start: int, stop: int, in_channels: int | None = None,
                 group: str = "p4") -> list[int]:
     """The square input sizes ``n`` in ``[start, stop]`` (inclusive) at which ``model`` is
-    exactly ``group``-equivariant; sizes at which the forward pass fails are left out."""
+    exactly ``group``-equivariant; sizes at which the forward pass fails are left out.
+
+    Empty for a model whose weights are not constrained (a plain CNN): see
+    :func:`aligned_sizes` for the sizes at which its sampling geometry is aligned."""
     if stop < start:
         return []
     probe = _SizeProbe(model, in_channels, group)
     return [n for n in range(max(1, start), stop + 1) if probe.exact(n)]
+
+
+def aligned_sizes(model: nn.Module, start: int, stop: int, in_channels: int | None = None,
+                  group: str = "p4") -> list[int]:
+    """The square input sizes ``n`` in ``[start, stop]`` (inclusive) at which every layer's
+    sampling grid is aligned for ``group`` (the geometry half of the verdict); sizes at
+    which the forward pass fails are left out.
+
+    The weights are not looked at: for a plain CNN these are the sizes at which a network
+    with ``group``-constrained kernels would be exact, and at which data augmentation or
+    learned equivariance is not fought by the subsampling. They are not "exact" sizes
+    unless the weights are constrained too (then they equal :func:`exact_sizes`)."""
+    if stop < start:
+        return []
+    probe = _SizeProbe(model, in_channels, group)
+    return [n for n in range(max(1, start), stop + 1) if probe.aligned(n)]
 
 
 def nearest_exact_size(model: nn.Module, size: int, in_channels: int | None = None,
@@ -162,16 +203,18 @@ def nearest_exact_size(model: nn.Module, size: int, in_channels: int | None = No
     above`` (both equal ``size`` if it is exact).
 
     Searches up to ``max_distance`` pixels away (default ``max(size // 2, 8)``); ``None``
-    where no exact size lies in that window.
+    where no exact size lies in that window (always, for unconstrained weights).
     """
-    probe = _SizeProbe(model, in_channels, group)
-    if probe.exact(size):
-        return size, size
-    reach = max(size // 2, 8) if max_distance is None else max_distance
-    below = next((n for n in range(size - 1, max(0, size - reach - 1), -1) if probe.exact(n)),
-                 None)
-    above = next((n for n in range(size + 1, size + reach + 1) if probe.exact(n)), None)
-    return below, above
+    return _nearest(_SizeProbe(model, in_channels, group).exact, size, max_distance)
+
+
+def nearest_aligned_size(model: nn.Module, size: int, in_channels: int | None = None,
+                         group: str = "p4", max_distance: int | None = None
+                         ) -> tuple[int | None, int | None]:
+    """As :func:`nearest_exact_size`, for the sampling geometry alone (see
+    :func:`aligned_sizes`): the nearest square sizes ``(below, above)`` at which every
+    layer's grid is aligned, whatever the weights."""
+    return _nearest(_SizeProbe(model, in_channels, group).aligned, size, max_distance)
 
 
 # ---- empirical check -------------------------------------------------------------------------

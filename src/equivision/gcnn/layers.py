@@ -50,8 +50,12 @@ def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def group_order(group: str) -> int:
-    """Number of elements G of ``"p4"`` (4) or ``"p4m"`` (8)."""
+def group_order(group: str, who: str = "") -> int:
+    """Number of elements G of ``"p4"`` (4) or ``"p4m"`` (8); ``ValueError`` naming the layer
+    ``who`` for any other group."""
+    if group not in ("p4", "p4m"):
+        raise ValueError(f"{who + ': ' if who else ''}unknown group {group!r}; choose 'p4' "
+                         "(rotations by 90°) or 'p4m' (rotations and reflections)")
     return len(group_elements(group))
 
 
@@ -203,7 +207,7 @@ class GroupConv2d(nn.Module):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"GroupConv2d: padding_mode must be one of {PADDING_MODES}, got "
                              f"{padding_mode!r}")
-        self.group_size = group_order(group)
+        self.group_size = group_order(group, type(self).__name__)
         if in_group == "same":
             in_group = group
         if in_group is not None and in_group != group:

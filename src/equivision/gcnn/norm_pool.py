@@ -63,7 +63,7 @@ class GroupBatchNorm2d(nn.BatchNorm3d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.group = group
-        self.group_size = group_order(group)
+        self.group_size = group_order(group, type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, G, H, W)`` -> ``(B, C, G, H, W)``."""

@@ -542,6 +542,22 @@ def infer_in_channels(model: nn.Module) -> int:
                      "convolution with a weight; pass in_channels=")
 
 
+def _failure(model: nn.Module, hw: Pair, in_channels: int, tracer: Tracer,
+             err: Exception) -> str:
+    """The one-line :class:`TraceError` message for ``model`` failing on the trace input:
+    the innermost layer running when it failed, the error's first line, what to do."""
+    layer = tracer.owners[-1] if tracer.owners else "model"
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    if layer == "model" and isinstance(err, TypeError):
+        advice = ("its forward must take one image batch (B, C, H, W); wrap the model in a "
+                  "module whose forward does")
+    else:
+        advice = ("try another input size (exact_sizes lists the sizes that run) or pass "
+                  "in_channels")
+    return (f"cannot trace {type(model).__name__} at input {hw[0]}x{hw[1]} with in_channels="
+            f"{in_channels}: layer '{layer}' failed ({type(err).__name__}: {first}); {advice}")
+
+
 def trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
            device: torch.device | None = None, dtype: torch.dtype | None = None,
            judge: WeightJudge | None = None) -> ExactnessReport:
@@ -555,18 +571,18 @@ def trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
     tracer.attach()
     try:
         with torch.no_grad(), tracer:
-            model(x)
+            out = model(x)
     except Exception as err:
-        layer = tracer.owners[-1] if tracer.owners else "model"
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise TraceError(
-            f"cannot trace {type(model).__name__} at input {hw[0]}x{hw[1]} with {in_channels} "
-            f"channels: layer '{layer}' failed ({type(err).__name__}: {first}); try another "
-            "input size (exact_sizes lists the sizes that run) or pass in_channels") from err
+        raise TraceError(_failure(model, hw, in_channels, tracer, err)) from err
     finally:
         tracer.detach()
         for m, training in modes.items():
             m.training = training
+    if first_tensor(out) is None:
+        raise TraceError(
+            f"cannot trace {type(model).__name__} at input {hw[0]}x{hw[1]}: it returned "
+            f"{type(out).__name__}, no tensor; the analyzer compares outputs, so wrap the model "
+            "in a module whose forward returns a tensor (or a tuple, list or dict holding one)")
     report = ExactnessReport(hw, group, tracer.rows)
     if rotations(group) and hw[0] != hw[1]:
         report.notes.append(f"the input {hw[0]}x{hw[1]} is not square: a 90° rotation turns it "
