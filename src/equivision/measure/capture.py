@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..transforms.layout import (
+    GROUP_OF_AXIS,
     Geometry,
     Layout,
     LayoutError,
@@ -146,13 +147,22 @@ def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool
                    ) -> str | None:
     """Why the spatial layout of a raw output cannot be known, or ``None`` when it can.
 
-    The rule: in a model with token sequences (``token_counts``: the ``N`` of every
+    Not floating point, not 2- to 5-D, or a 5-D output whose group axis is not 4 or 8:
+    no layout. Then the rule: in a model with token sequences (``token_counts``: the ``N`` of every
     ``(B, N, C)`` output), a 4-D output whose last two axes both have a token count as
     their length, e.g. an attention map ``(B, heads, N, N)``, indexes tokens, not image
     positions, unless its module's input is a spatial descendant of the image
     (``spatial_input``, :attr:`Trace.spatial`): no transformation acts on it as on an
     image.
     """
+    if not out.is_floating_point():
+        return f"skipped: returns a {out.dtype} tensor; only floating-point outputs are measured"
+    if out.dim() not in (2, 3, 4, 5):
+        return (f"skipped: a {out.dim()}-D output {tuple(out.shape)}; only (B, C), (B, N, C), "
+                "(B, C, H, W) and (B, C, G, H, W) are understood")
+    if out.dim() == 5 and int(out.shape[2]) not in GROUP_OF_AXIS:
+        return (f"skipped: a 5-D output {tuple(out.shape)} whose group axis has "
+                f"{out.shape[2]} elements; only p4 (4) and p4m (8) group maps are understood")
     counts = set(token_counts)
     if (out.dim() == 4 and not spatial_input
             and int(out.shape[-2]) in counts and int(out.shape[-1]) in counts):
