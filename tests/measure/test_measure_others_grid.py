@@ -178,3 +178,18 @@ def test_attention_is_skipped_when_the_token_count_equals_the_image_size():
     assert set(rep.meta["skipped"]) == {"blocks.0.attn.softmax", "blocks.1.attn.softmax"}
     assert rep.meta["pool_layer"] == "head:input"  # the mean of the tokens
     assert all(r.exact for r in rep.results)
+
+
+@pytest.mark.parametrize("size, aligned", [(28, True), (30, False)])
+def test_token_layers_take_the_grid_offset_of_their_patch_layer(size, aligned):
+    torch.manual_seed(0)
+    vit = TokenViT(size=size, patch=4).eval()  # 30 px: the 4x4 patches leave 2 px over
+    rep = measure(vit, noise(2, size=size), "rot90:1,hflip", ["patch_embed", "blocks.1"],
+                  progress=False)
+    for t in rep.transforms:
+        for name in rep.layers:
+            r = rep.get(t, name)
+            assert r.exact == aligned, (t, name, r.note)
+            assert r.shape == [16, 7, 7] and r.stride == [4.0, 4.0]
+            if not aligned:
+                assert "-1 px" in r.note and "'patch_embed.proj'" in r.note

@@ -187,7 +187,8 @@ def to_measurable(
     positions, so every transformation acts on it as on a pooled vector.
     The stride is the given or traced one (``strides[name]``: a stride or the traced
     :class:`~equivision.transforms.layout.Geometry`, whose grid offset the layout
-    keeps), else the size ratio.
+    keeps; a token layer may be given the geometry of the map its grid was made from),
+    else the size ratio.
     """
     pooled = out.dim() == 4 and out.shape[-2:] == (1, 1)
     if pooled:
@@ -206,7 +207,7 @@ def to_measurable(
         raise MeasureError(f"layer {name!r}: {err}") from None
     if pooled and stride is not None:  # the stride it was traced at, for the record
         layout = replace(layout, stride=as_stride(stride))
-    if geo is not None and layout.kind in ("map", "group"):
+    if geo is not None and layout.kind != "vector":
         layout = replace(layout, offset=geo.offset, offset_from=geo.offset_from)
     value, layout = as_map(out, layout)
     return Captured(value, layout, pooled)
@@ -356,7 +357,9 @@ class LayerCapture:
         except Exception as err:  # the model's own error, on this input
             raise MeasureError(
                 f"the forward pass of {type(self.model).__name__} failed on an input of shape "
-                f"{tuple(x.shape)}: {type(err).__name__}: {err}") from err
+                f"{tuple(x.shape)}: {type(err).__name__}: {err}; if a transformation changed "
+                "the image size, measure with size-preserving ones or fix the model to accept "
+                "that size") from err
         finally:
             self._runs += 1
         missing = [n for n in self.names if n not in self.outputs]

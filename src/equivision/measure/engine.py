@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..transforms import InexactActionError, ShapeError, Transform, as_transforms
-from ..transforms.layout import TokenGrid, infer_token_grid
+from ..transforms.layout import Geometry, TokenGrid, infer_token_grid
 from ..utils import model_device
 from .capture import (
     Captured,
@@ -206,9 +206,18 @@ class _Session:
         return grid
 
     def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
-        out = {name: to_measurable(name, raw[name], hw, self._grid(name, raw[name], hw),
-                                   self.layer_strides)
-               for name in self.order}
+        """Each measured layer's raw output as a :class:`~.capture.Captured`, scaled; a
+        token layer takes the traced geometry of the first map of its grid's size (the
+        patch layer's), so that its stride and grid offset are the traced ones."""
+        out = {}
+        for name in self.order:
+            grid = self._grid(name, raw[name], hw)
+            known = self.layer_strides
+            if grid is not None and raw[name].dim() == 3 and name not in known:
+                geo = next((g for g in known.values()
+                            if isinstance(g, Geometry) and g.size == tuple(grid[:2])), None)
+                known = {name: geo} if geo is not None else known
+            out[name] = to_measurable(name, raw[name], hw, grid, known)
         for name, c in out.items():  # in place: the capture's own copy
             self.modules.setdefault(name, FunctionalPool())  # a "NAME:input" point
             if self.scale[name] != 1.0:

@@ -300,11 +300,13 @@ def grid_shift(module: nn.Module, hw_in: Sequence[int], hw_out: Sequence[int]) -
 class Geometry:
     """Where a traced output sits on the image: ``stride`` (input pixels per position),
     ``offset`` (input pixels from the image's centre to the grid's centre, ``(dy, dx)``)
-    and ``offset_from`` (the first layer that moved it off centre, or "")."""
+    and ``offset_from`` (the first layer that moved it off centre, or ""); ``size``:
+    the output's ``(h, w)`` (``None``: the image's)."""
 
     stride: Stride = (1.0, 1.0)
     offset: Stride = (0.0, 0.0)
     offset_from: str = ""
+    size: Size | None = None
 
 
 def trace_geometry(
@@ -346,6 +348,7 @@ def trace_geometry(
             geo = Geometry((base.stride[0] * local[0], base.stride[1] * local[1]),
                            offset,  # type: ignore[arg-type]
                            name if moved else base.offset_from)
+        geo = replace(geo, size=(int(ho[0]), int(ho[1])))
         out[name] = geo
         by_size.setdefault(tuple(ho), geo)
     return out
