@@ -139,3 +139,62 @@ class TinyViT(nn.Module):
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
+
+
+class StagedResNet(nn.Module):
+    """A torchvision-style ResNet with three stride-2 stages (``layer2``..``layer4``):
+    at 28 px the maps are 28, 14, 7 and 4 pixels, so ``layer4`` has stride 8 although
+    28 / 4 rounds to 7. ``(B, 3, H, W)`` -> ``(B, classes)``."""
+
+    def __init__(self, classes: int = 5, width: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, width, stride=2))
+        self.layer3 = nn.Sequential(BasicBlock(width, width, stride=2))
+        self.layer4 = nn.Sequential(BasicBlock(width, 2 * width, stride=2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class PatchEmbed(nn.Module):
+    """timm-style patch embedding that returns tokens: conv, flatten, transpose.
+    ``(B, 3, H, W)`` -> ``(B, (H / patch) (W / patch), dim)``."""
+
+    def __init__(self, patch: int = 4, dim: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TokenViT(nn.Module):
+    """A ViT whose patch layer returns N tokens and whose blocks see N + 1 ([CLS] added in
+    ``forward``); head on ``x[:, 0]``, or on the mean of the tokens with ``cls=False``
+    (then the blocks see N tokens too). ``(B, 3, H, W)`` -> ``(B, classes)``."""
+
+    def __init__(self, size: int = 16, patch: int = 4, dim: int = 16, classes: int = 5,
+                 cls: bool = True) -> None:
+        super().__init__()
+        n = (size // patch) ** 2
+        self.patch_embed = PatchEmbed(patch, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if cls else None
+        self.pos_embed = nn.Parameter(torch.randn(1, n + int(cls), dim) * 0.02)
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x[:, 0] if self.cls_token is not None else x.mean(1))

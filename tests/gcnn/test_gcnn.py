@@ -369,6 +369,8 @@ def test_measure_p4cnn_is_equivariant_and_invariant_at_every_layer():
         assert r.metrics["invariance"] > 1 - 1e-4, (r.transform, r.layer)
     group_layers = [r for r in rep.results if len(r.shape) == 4]  # (C, G, h, w)
     assert len(group_layers) == 3 * 7
-    # at 29 (odd size before the max pool) equivariance is broken after the pool
+    # at 29 (odd size before the max pool) equivariance is broken after the pool: the
+    # pool's grid is off centre, so rot90 there is flagged inexact (issue 11), not measured
     bad = measure(model, TensorDataset(torch.rand(8, 1, 29, 29)), "rot90:1", progress=False)
-    assert bad.get("rot90", "features.relu7").metrics["invariance"] < 0.999
+    assert not bad.get("rot90", "features.relu7").exact
+    assert "(i + 2p - k_eff) mod s != 0" in bad.get("rot90", "features.relu7").note

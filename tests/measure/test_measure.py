@@ -160,8 +160,9 @@ class Wrap(nn.Module):
 
 def test_tokens_tuples_dicts_and_vectors():
     model = Wrap()
-    with pytest.raises(MeasureError, match="token_grid"):
-        measure(model, noise(8), "rot90:2", layers=["tok"], progress=False)
+    # issue 11: the grid is read from the token count and the image size when not given
+    inferred = measure(model, noise(8), "rot90:2", layers=["tok"], progress=False)
+    assert inferred.get("rot180", "tok").shape == [6, 4, 4]
     rep = measure(model, noise(8), "rot90:2", layers=["body", "body.embed", "tok"],
                   token_grid={"tok": (4, 4, 1)}, progress=False)
     tok = rep.get("rot180", "tok")

@@ -9,22 +9,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..transforms.layout import subsampling_remainder  # noqa: F401  (the one rule, re-exported)
 from .norm_pool import GroupBatchNorm2d, GroupGlobalPool, GroupPool
 from .verdict import GROUPS, LayerExactness, Pair
 
 #: interpolation modes whose sampling is mirror-symmetric for integer upsampling factors
 _UPSAMPLING_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
-
-
-def subsampling_remainder(size: int, kernel: int, stride: int, padding: int = 0,
-                          dilation: int = 1) -> int:
-    """``(size + 2 padding - k_eff) mod stride`` with ``k_eff = dilation (kernel - 1) + 1``.
-
-    0 means the layer's sampling grid is symmetric about the centre of its input along
-    this axis (exact under flips of the axis, and under 90° rotations when both axes give 0).
-    """
-    k_eff = dilation * (kernel - 1) + 1
-    return (size + 2 * padding - k_eff) % stride
 
 
 # ---- geometry helpers ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -11,23 +11,58 @@ import torch
 from torch import Tensor, nn
 
 from ..transforms.layout import (
+    GROUP_OF_AXIS,
+    Geometry,
     Layout,
     LayoutError,
     TokenGrid,
     as_map,
     as_stride,
     infer_layout,
-    infer_strides,
+    trace_geometry,
 )
 
 #: Leaf modules skipped by default: in evaluation mode their output is their input.
 PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.Identity, nn.Flatten)
-#: Modules treated as global pooling when their output is 1 x 1 (or a vector).
-GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d)
+#: Suffix of a measurement point that is a module's input, not its output: ``"fc:input"``.
+INPUT = ":input"
 
 
 class MeasureError(ValueError):
     """A layer or input that the measurement cannot handle; the message says what to do."""
+
+
+def layer_pattern(pattern: str) -> re.Pattern[str]:
+    """A layer-name pattern as a regular expression over dotted module names.
+
+    ``*`` matches within one name component (no dot), ``**`` any run of components
+    (dots included), ``?`` one character other than a dot, ``[...]`` a character class;
+    everything else is literal. So ``"blocks.*"`` is each direct child of ``blocks``
+    (``blocks.0``, ``blocks.1``), ``"blocks.*.attn"`` each block's attention,
+    ``"blocks.**"`` everything under ``blocks``, ``"**.conv1"`` every ``conv1`` at any
+    depth.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"[^.]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[^" + re.escape(body[1:]) + "]" if body.startswith("!")
+                       else "[" + re.escape(body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 def select_layers(
@@ -43,8 +78,11 @@ def select_layers(
             an ``equivision_layers`` attribute (built-in models list the output of each
             conv block, the global pooling and the classifier), else every leaf module;
             ``"all"`` for every leaf module (except dropout / identity / flatten unless
-            ``include_pass_through``); otherwise module names (shell patterns such as
-            ``"features.conv*"`` allowed) and/or module types.
+            ``include_pass_through``); otherwise module names, patterns
+            (:func:`layer_pattern`: ``"features.conv*"``, ``"blocks.*"`` for the blocks
+            themselves, ``"blocks.**"`` for everything in them), ``"NAME:input"`` for
+            the input of module ``NAME`` (e.g. a vector pooled in ``forward``), and/or
+            module types.
     """
     named = dict(model.named_modules())
     if layers is None and getattr(model, "equivision_layers", None):
@@ -62,13 +100,17 @@ def select_layers(
     for spec in layers:
         if isinstance(spec, type):
             found = [n for n, m in named.items() if n and isinstance(m, spec)]
+        elif spec.endswith(INPUT) and spec[: -len(INPUT)] in named:
+            found = [spec]
         else:
-            found = [n for n in named if n and fnmatch.fnmatchcase(n, spec)]
+            rx = layer_pattern(spec)
+            found = [n for n in named if n and rx.match(n)]
         if not found:
             sample = ", ".join(list(n for n in named if n)[:12])
             raise MeasureError(
                 f"no layer of {type(model).__name__} matches {spec!r}; layer names include: "
-                f"{sample}{', ...' if len(named) > 13 else ''}"
+                f"{sample}{', ...' if len(named) > 13 else ''} ('*' stays within one "
+                "dotted name part, '**' crosses them)"
             )
         out.extend(n for n in found if n not in out)
     return out
@@ -98,19 +140,29 @@ class Captured:
 
     value: Tensor
     layout: Layout
+    squeezed: bool = False  # the raw output was a (B, C, 1, 1) map
 
 
 def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool = False
                    ) -> str | None:
     """Why the spatial layout of a raw output cannot be known, or ``None`` when it can.
 
-    The rule: in a model with token sequences (``token_counts``: the ``N`` of every
+    Not floating point, not 2- to 5-D, or a 5-D output whose group axis is not 4 or 8:
+    no layout. Then the rule: in a model with token sequences (``token_counts``: the ``N`` of every
     ``(B, N, C)`` output), a 4-D output whose last two axes both have a token count as
     their length, e.g. an attention map ``(B, heads, N, N)``, indexes tokens, not image
     positions, unless its module's input is a spatial descendant of the image
     (``spatial_input``, :attr:`Trace.spatial`): no transformation acts on it as on an
     image.
     """
+    if not out.is_floating_point():
+        return f"skipped: returns a {out.dtype} tensor; only floating-point outputs are measured"
+    if out.dim() not in (2, 3, 4, 5):
+        return (f"skipped: a {out.dim()}-D output {tuple(out.shape)}; only (B, C), (B, N, C), "
+                "(B, C, H, W) and (B, C, G, H, W) are understood")
+    if out.dim() == 5 and int(out.shape[2]) not in GROUP_OF_AXIS:
+        return (f"skipped: a 5-D output {tuple(out.shape)} whose group axis has "
+                f"{out.shape[2]} elements; only p4 (4) and p4m (8) group maps are understood")
     counts = set(token_counts)
     if (out.dim() == 4 and not spatial_input
             and int(out.shape[-2]) in counts and int(out.shape[-1]) in counts):
@@ -124,7 +176,7 @@ def to_measurable(
     out: Tensor,
     input_hw: tuple[int, int],
     token_grid: TokenGrid | None,
-    strides: Mapping[str, float | tuple[float, float]] | None = None,
+    strides: Mapping[str, float | tuple[float, float] | Geometry] | None = None,
 ) -> Captured:
     """Interpret a raw layer output ``out`` and give it a :class:`Layout`
     (:func:`~equivision.transforms.layout.infer_layout`).
@@ -133,7 +185,10 @@ def to_measurable(
     (:func:`~equivision.transforms.layout.as_map`); prefix tokens ([CLS]) are dropped.
     A ``(B, C, 1, 1)`` map (global pooling) is the vector ``(B, C)``: it has no
     positions, so every transformation acts on it as on a pooled vector.
-    The stride is the given or traced one (``strides[name]``), else the size ratio.
+    The stride is the given or traced one (``strides[name]``: a stride or the traced
+    :class:`~equivision.transforms.layout.Geometry`, whose grid offset the layout
+    keeps; a token layer may be given the geometry of the map its grid was made from),
+    else the size ratio.
     """
     pooled = out.dim() == 4 and out.shape[-2:] == (1, 1)
     if pooled:
@@ -143,18 +198,43 @@ def to_measurable(
             f"layer {name!r} returns a {out.dtype} tensor; only floating-point outputs can be "
             "measured, leave this layer out with --layers"
         )
+    known = (strides or {}).get(name)
+    geo = known if isinstance(known, Geometry) else None
+    stride = geo.stride if geo is not None else known
     try:
-        layout = infer_layout(out, input_hw, token_grid, (strides or {}).get(name))
+        layout = infer_layout(out, input_hw, token_grid, stride)
     except LayoutError as err:
         raise MeasureError(f"layer {name!r}: {err}") from None
-    if pooled and strides and name in strides:  # the stride it was traced at, for the record
-        layout = replace(layout, stride=as_stride(strides[name]))
+    if pooled and stride is not None:  # the stride it was traced at, for the record
+        layout = replace(layout, stride=as_stride(stride))
+    if geo is not None and layout.kind != "vector":
+        layout = replace(layout, offset=geo.offset, offset_from=geo.offset_from)
     value, layout = as_map(out, layout)
-    return Captured(value, layout)
+    return Captured(value, layout, pooled)
+
+
+def _is_vector(t: Tensor) -> bool:
+    """A pooled vector: ``(B, C)`` or ``(B, C, 1, 1)``."""
+    return t.dim() == 2 or (t.dim() == 4 and tuple(t.shape[-2:]) == (1, 1))
+
+
+class FunctionalPool(nn.Module):
+    """Stands, in reports, for a measurement point that is a module's input
+    (``"fc:input"``): a vector pooled in ``forward`` (``x.mean((2, 3))``, ``x[:, 0]``)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - never called
+        return x
 
 
 class LayerCapture:
     """Context manager that records the first output of each named layer per forward.
+
+    Names ending in ``":input"`` record the first input of that module instead. With
+    ``pool_input`` (the default), the first forward also looks for the pool point that
+    no module returns: when the first vector-valued tensor after the spatial outputs
+    (maps, tokens) is the input of a captured module ``M`` (``x.mean((2, 3))`` or
+    ``x[:, 0]`` computed in ``forward``, not a flattened map), ``"M:input"`` is added
+    before ``M`` to this and every later forward.
 
     Example::
 
@@ -163,22 +243,78 @@ class LayerCapture:
         cap.outputs["fc"]  # tensor (B, K)
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, names: Iterable[str], pool_input: bool = True,
+                 require_tensor: bool = True) -> None:
         self.model = model
         self.names = list(names)
+        self.pool_input = pool_input
+        self.require_tensor = require_tensor
         self.outputs: dict[str, Tensor] = {}
         self.input_hw: dict[str, tuple[int, int] | None] = {}
         self.order: list[str] = []
         self.repeated: set[str] = set()
+        self.inputs_from: dict[str, int] = {}  # storage of each module's input (trace)
+        self.output_at: dict[str, int] = {}  # storage of each output before the copy
+        self._runs = 0
+        self._spatial_numel: int | None = None
+        self._vector_seen = False
         self._handles: list[Any] = []
 
     def __enter__(self) -> LayerCapture:
         modules = dict(self.model.named_modules())
         for name in self.names:
-            if name not in modules:
-                raise MeasureError(f"{type(self.model).__name__} has no layer named {name!r}")
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            base = name[: -len(INPUT)] if name.endswith(INPUT) else name
+            if base not in modules:
+                raise MeasureError(f"{type(self.model).__name__} has no layer named {base!r}")
+            if name != base:
+                self._handles.append(modules[base].register_forward_pre_hook(
+                    self._pre_hook(base)))
+            else:
+                if self.pool_input:
+                    self._handles.append(modules[name].register_forward_pre_hook(
+                        self._pre_hook(name)))
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
         return self
+
+    def _record(self, name: str, t: Tensor, inputs: Any) -> None:
+        # a copy: the output may be a buffer that a later in-place op (a
+        # ``ReLU(inplace=True)``, a residual ``+=``) overwrites in the same forward
+        self.output_at[name] = t.untyped_storage().data_ptr()
+        self.outputs[name] = t.detach().clone()
+        self.order.append(name)
+        first = first_tensor(inputs)
+        self.input_hw[name] = (
+            (first.shape[-2], first.shape[-1]) if first is not None and first.dim() >= 4
+            else None)
+        if first is not None:
+            self.inputs_from[name] = first.untyped_storage().data_ptr()
+        if t.dim() >= 3 and not _is_vector(t):
+            self._spatial_numel = t[0].numel()
+        elif _is_vector(t):
+            self._vector_seen = True
+
+    def _pre_hook(self, module_name: str):
+        point = module_name + INPUT
+
+        def hook(module: nn.Module, inputs: Any) -> None:
+            t = first_tensor(inputs)
+            if point in self.outputs or t is None:
+                return
+            wanted = point in self.names
+            if not wanted and self._runs == 0 and self._is_pool_point(t):
+                self.names.insert(self.names.index(module_name), point)
+                wanted = True
+            if wanted:
+                self._record(point, t, ())
+                self.input_hw[point] = None
+
+        return hook
+
+    def _is_pool_point(self, t: Tensor) -> bool:
+        """The first ``(B, C)`` vector after the spatial outputs, not a flattened map (a
+        ``(B, C, 1, 1)`` input is some module's output, measured as that module)."""
+        return (self._spatial_numel is not None and not self._vector_seen and t.dim() == 2
+                and t.is_floating_point() and t[0].numel() != self._spatial_numel)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -187,18 +323,13 @@ class LayerCapture:
                 return
             t = first_tensor(output)
             if t is None:
+                if not self.require_tensor:
+                    return
                 raise MeasureError(
                     f"layer {name!r} ({type(module).__name__}) returned no tensor "
                     f"({type(output).__name__}); leave it out with --layers"
                 )
-            # a copy: the output may be a buffer that a later in-place op (a
-            # ``ReLU(inplace=True)``, a residual ``+=``) overwrites in the same forward
-            self.outputs[name] = t.detach().clone()
-            self.order.append(name)
-            first = first_tensor(inputs)
-            self.input_hw[name] = (
-                (first.shape[-2], first.shape[-1]) if first is not None and first.dim() >= 4
-                else None)
+            self._record(name, t, inputs)
 
         return hook
 
@@ -206,6 +337,7 @@ class LayerCapture:
         self.outputs = {}
         self.input_hw = {}
         self.order = []
+        self._spatial_numel, self._vector_seen = None, False
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -214,10 +346,22 @@ class LayerCapture:
 
     def run(self, x: Tensor, strict: bool = True) -> dict[str, Tensor]:
         """Run the model on ``x`` and return the captured outputs (no gradients).
-        With ``strict``, a layer that was never called is an error."""
+        With ``strict``, a layer that was never called is an error; a forward that fails
+        is a :class:`MeasureError` that says so."""
         self.clear()
-        with torch.no_grad():
-            self.model(x)
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except MeasureError:
+            raise
+        except Exception as err:  # the model's own error, on this input
+            raise MeasureError(
+                f"the forward pass of {type(self.model).__name__} failed on an input of shape "
+                f"{tuple(x.shape)}: {type(err).__name__}: {err}; if a transformation changed "
+                "the image size, measure with size-preserving ones or fix the model to accept "
+                "that size") from err
+        finally:
+            self._runs += 1
         missing = [n for n in self.names if n not in self.outputs]
         if missing and strict:
             raise MeasureError(
@@ -228,44 +372,67 @@ class LayerCapture:
 
 @dataclass
 class Trace:
-    """What one forward pass with every leaf hooked tells about a model's outputs.
+    """What one forward pass with every module hooked tells about a model's outputs.
 
-    ``strides``: stride of every spatial leaf output; ``token_counts``: the ``N`` of
-    every token output ``(B, N, C)``; ``spatial``: the leaves whose input is a spatial
-    descendant of the image (its size is the image's or that of an output of such a
-    leaf, seen earlier in the forward pass).
+    ``strides``: the :class:`~equivision.transforms.layout.Geometry` (stride and grid
+    offset) of every spatial output, leaves and containers; ``token_counts``: the ``N``
+    of every token output ``(B, N, C)``; ``spatial``: the modules whose input is a
+    spatial descendant of the image (see :func:`trace_layers`).
     """
 
-    strides: dict[str, tuple[float, float]]
+    strides: dict[str, Geometry]
     token_counts: set[int]
     spatial: set[str]
 
 
 def trace_layers(model: nn.Module, x: Tensor) -> Trace:
-    """Trace every leaf module on ``x[:1]`` (so that layers between the measured ones
-    are seen too): strides (:func:`~equivision.transforms.layout.infer_strides`) and
-    token counts."""
-    names = select_layers(model, "all", include_pass_through=True)
-    with LayerCapture(model, names) as tracer:
+    """Trace every module on ``x[:1]`` (so that layers between the measured ones are seen
+    too): geometry (:func:`~equivision.transforms.layout.trace_geometry`) and token counts.
+
+    A module's input is a spatial descendant of the image when its size is the image's or
+    that of such an output seen earlier, and, when both of its sides are token counts
+    (a token x token attention map at 16 tokens on a 16 px image), it is also the very
+    tensor the image or such an output is stored in.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    with LayerCapture(model, names, pool_input=False, require_tensor=False) as tracer:
         outs = tracer.run(x[:1], strict=False)
-        in_hw = dict(tracer.input_hw)
-        order = list(tracer.order)
+        in_hw, order = dict(tracer.input_hw), list(tracer.order)
+        inputs_from, output_at = tracer.inputs_from, tracer.output_at
     out_hw = {n: (t.shape[-2], t.shape[-1]) if t.dim() >= 4 else None for n, t in outs.items()}
     modules = dict(model.named_modules())
-    strides = infer_strides(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
+    geometry = trace_geometry(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
+    counts = {int(t.shape[1]) for t in outs.values() if t.dim() == 3}
     reached, spatial = {(x.shape[-2], x.shape[-1])}, set()
+    stored = {x.untyped_storage().data_ptr()}
     for name in order:
         hi, ho = in_hw.get(name), out_hw.get(name)
-        if hi is not None and tuple(hi) in reached:
+        tokenish = hi is not None and hi[0] in counts and hi[1] in counts
+        if hi is not None and tuple(hi) in reached and (
+                not tokenish or inputs_from.get(name) in stored):
             spatial.add(name)
             if ho is not None:
                 reached.add(tuple(ho))
-    return Trace(strides, {int(t.shape[1]) for t in outs.values() if t.dim() == 3}, spatial)
+                stored.add(output_at[name])
+    return Trace(geometry, counts, spatial)
 
 
-def is_global_pool(module: nn.Module, value: Captured) -> bool:
-    """Whether a captured layer is the network's global pooling."""
-    if isinstance(module, GLOBAL_POOLS):
-        v = value.value
-        return v.dim() == 2 or (v.dim() >= 4 and v.shape[-1] == 1 and v.shape[-2] == 1)
-    return False
+def pool_point(values: Sequence[Captured], spatial_input: Sequence[bool] = ()) -> int | None:
+    """Index of the pool point among captured layers in forward order: the first
+    vector-valued one after a spatial one (map, group map or token grid), or whose
+    module read a spatial input (``spatial_input[i]``, :attr:`Trace.spatial`; when the
+    maps before it are not measured), however it was computed; ``None`` when there is
+    none. A ``(B, C, 1, 1)`` map directly followed by a vector of the same ``C`` (a
+    network whose last map is 1 x 1 at this size, then its global pooling) defers to
+    that vector."""
+    spatial = False
+    reads = list(spatial_input) + [False] * (len(values) - len(spatial_input))
+    for i, c in enumerate(values):
+        if c.layout.kind == "vector" and (spatial or reads[i]):
+            nxt = values[i + 1] if i + 1 < len(values) else None
+            if not (c.squeezed and nxt is not None and nxt.layout.kind == "vector"
+                    and nxt.value.shape[1:] == c.value.shape[1:]):
+                return i
+            spatial = True
+        spatial = spatial or c.layout.kind != "vector"
+    return None

@@ -13,8 +13,12 @@ Every equivariance check of equivision goes through this module:
 
 Alignment acts with ``g`` on ``f(x)`` according to its
 :class:`~equivision.transforms.layout.Layout` (maps, group maps, tokens; vectors are
-invariant). The valid mask ``(h, w)`` keeps the positions of ``g·f(x)`` whose value
-comes from inside the map, optionally eroded by a margin of input pixels.
+invariant). A flip or 90° rotation of a map whose sampling grid is off the image's
+centre (``layout.offset``, a strided layer with ``(i + 2p - k_eff) mod s != 0`` before
+it) has no exact action, like a shift that is not a multiple of the stride: both raise
+:class:`~equivision.transforms.InexactActionError`. The valid mask ``(h, w)`` keeps the
+positions of ``g·f(x)`` whose value comes from inside the map, optionally eroded by a
+margin of input pixels; a comparison left with none raises :class:`NoValidPositions`.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..transforms import Layout, Transform
+from ..transforms import Compose, Dihedral, InexactActionError, Layout, Transform, Translation
 from .stats import PairStats
 
 __all__ = [
-    "PAIRINGS", "AlignmentError", "Aligned", "Comparator", "align", "align_back", "erode",
-    "pairwise_cosines", "per_image_cosine", "per_image_error",
+    "PAIRINGS", "AlignmentError", "Aligned", "Comparator", "NoInverse", "NoValidPositions",
+    "align",
+    "align_back", "check_grid", "erode", "mirrored_axes", "pairwise_cosines",
+    "per_image_cosine", "per_image_error",
 ]
 
 #: How views are compared: each against the untransformed view, or all pairs.
@@ -42,6 +48,60 @@ PAIRINGS = ("identity", "pairs")
 class AlignmentError(ValueError):
     """``f(g x)`` and ``g·f(x)`` do not have the same shape (the output size depends on
     the content, or the transformation changes the size of this map)."""
+
+
+class NoInverse(InexactActionError, AlignmentError):
+    """A transformation that changes the image size, at a layer whose output size does
+    not follow the image's (a fixed-size resampling, a size set in ``forward``): there is
+    no known action of it on this layer."""
+
+
+class NoValidPositions(InexactActionError):
+    """No position of the map is left to compare under this transformation (a shift
+    that moves the whole map out of view, or a margin wider than the map)."""
+
+
+def mirrored_axes(g: Transform) -> set[int]:
+    """The spatial axes (0: height, 1: width) that ``g`` mirrors about the map's centre:
+    a flip of one axis, both for a 90° or 180° rotation; none for other transformations
+    (a composition: those of its parts)."""
+    if isinstance(g, Compose):
+        return set().union(*(mirrored_axes(t) for t in g.transforms))
+    if not isinstance(g, Dihedral) or g.is_identity:
+        return set()
+    if g.k % 2 == 1 or (g.k == 2 and not g.flip):
+        return {0, 1}
+    return {0} if g.k == 2 else {1}  # vflip = R^2 F, hflip = F
+
+
+def check_grid(g: Transform, layout: Layout) -> None:
+    """Raise :class:`~equivision.transforms.InexactActionError` when ``g`` mirrors an axis
+    on which the map's sampling grid is off the image's centre (``layout.offset``): the
+    exactness analyzer's rule, ``(i + 2p - k_eff) mod s = 0`` for every strided layer
+    (:func:`~equivision.transforms.layout.subsampling_remainder`), does not hold."""
+    if layout.kind not in ("map", "group"):
+        return
+    bad = [a for a in sorted(mirrored_axes(g)) if layout.offset[a] != 0]
+    if bad:
+        where = ", ".join(f"{layout.offset[a]:g} px on {'HW'[a]}" for a in bad)
+        since = f" from layer {layout.offset_from!r} on" if layout.offset_from else ""
+        raise InexactActionError(
+            f"{g.name} has no exact action on this map: its sampling grid is off the image's "
+            f"centre by {where}{since}, where (i + 2p - k_eff) mod s != 0; measure at an "
+            "input size where it is 0 for every strided layer (gcnn's nearest_exact_size)")
+
+
+def no_valid_positions(g: Transform, layout: Layout, hw: tuple[int, int]) -> str | None:
+    """Why a shift leaves no position of an ``hw`` map to compare, or ``None``: it moves
+    the map's whole extent out of view, or moves an axis that has a single position."""
+    if not isinstance(g, Translation) or layout.kind not in ("map", "group"):
+        return None
+    sy, sx = layout.stride
+    h, w = hw
+    if (g.dy and (h == 1 or abs(g.dy) >= h * sy)) or (g.dx and (w == 1 or abs(g.dx) >= w * sx)):
+        return (f"no valid positions: {g.name} moves every position of this {h}x{w} map "
+                f"(stride {sy:g}, {sx:g}) out of it")
+    return None
 
 
 @dataclass
@@ -76,11 +136,32 @@ def align(fgx: Tensor, fx: Tensor, g: Transform, layout: Layout) -> tuple[Tensor
             map, a shift that is not a multiple of the stride).
         AlignmentError: when the two do not have the same shape.
     """
+    check_grid(g, layout)
     gfx = g.act(fx, layout)
+    if fx.dim() >= 4 and gfx.shape[-2:] != fx.shape[-2:] and fgx.shape != gfx.shape:
+        gfx = _follow_size(fgx, fx, gfx, g, layout)
     if fgx.shape != gfx.shape:
         raise AlignmentError(
             f"f(gX) has shape {tuple(fgx.shape)} but g·f(X) {tuple(gfx.shape)} under {g.name}")
     return fgx, gfx
+
+
+def _follow_size(fgx: Tensor, fx: Tensor, gfx: Tensor, g: Transform, layout: Layout
+                 ) -> Tensor:
+    """``g·f(x)`` landing on the size of ``f(g x)`` when ``g`` changes the map size and the
+    network rounded it the other way (one position per axis at most).
+
+    Raises:
+        NoInverse: when the layer's size does not follow the image's (the same size as
+            before, or more than one position away from ``g``'s).
+    """
+    got, want, before = tuple(fgx.shape[-2:]), tuple(gfx.shape[-2:]), tuple(fx.shape[-2:])
+    if got != before and all(abs(a - b) <= 1 for a, b in zip(got, want)):
+        return g.act(fx, layout.with_size(got))
+    raise NoInverse(
+        f"{g.name} makes this {before[0]}x{before[1]} map {want[0]}x{want[1]}, but the layer "
+        f"gave {got[0]}x{got[1]}: its size does not follow the image's, so {g.name} has no "
+        "known action on it; not measured")
 
 
 def align_back(g: Transform | None, fgx: Tensor, layout: Layout) -> Tensor:
@@ -168,11 +249,25 @@ class Comparator:
         return self._masks[key]
 
     def compare(self, fgx: Tensor, fx: Tensor, g: Transform, layout: Layout) -> Aligned:
-        """Align (see :func:`align`) and attach the mask (None for vectors)."""
+        """Align (see :func:`align`) and attach the mask (None for vectors).
+
+        Raises:
+            NoValidPositions: when no position is left to compare (the message says
+                whether the transformation or the margin removed them).
+        """
+        hw = (int(fx.shape[-2]), int(fx.shape[-1]))
+        why = no_valid_positions(g, layout, hw) if fx.dim() >= 4 else None
+        if why is not None:
+            raise NoValidPositions(why)
         a, b = align(fgx, fx, g, layout)
         mask = None
         if fx.dim() >= 4:
-            mask = self.mask(g, layout, (fx.shape[-2], fx.shape[-1]), fx.device)
+            mask = self.mask(g, layout, hw, fx.device)
+            if not bool(mask.any()):
+                raise NoValidPositions(
+                    f"no valid positions left under {g.name} on this {hw[0]}x{hw[1]} map "
+                    f"with a margin of {self.margin} px; lower the margin" if self.margin
+                    else f"no valid positions under {g.name} on this {hw[0]}x{hw[1]} map")
         return Aligned(a, b, mask)
 
     def accumulate(self, stats: PairStats, fgx: Tensor, fx: Tensor, g: Transform,

@@ -12,13 +12,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..transforms import InexactActionError, ShapeError, Transform, as_transforms
-from ..transforms.layout import TokenGrid
+from ..transforms.layout import Geometry, TokenGrid, infer_token_grid
 from ..utils import model_device
 from .capture import (
     Captured,
+    FunctionalPool,
     LayerCapture,
     MeasureError,
-    is_global_pool,
+    layer_pattern,
+    pool_point,
     select_layers,
     to_measurable,
     trace_layers,
@@ -182,14 +184,42 @@ class _Session:
         self.use_dist = use_dist
         self.seen = 0
 
-    def _grid(self, name: str) -> TokenGrid | None:
+    def _grid(self, name: str, out: Tensor, hw: tuple[int, int]) -> TokenGrid | None:
+        """The token grid of layer ``name`` whose raw output is ``out``: for tokens
+        ``(B, N, C)``, the given grid (one for all, or a mapping from layer names or
+        patterns, :func:`~.capture.layer_pattern`) with the prefix its ``N`` leaves, else
+        one read from ``N`` and the image size ``hw``
+        (:func:`~equivision.transforms.layout.infer_token_grid`)."""
         tg = self.token_grid
-        return tg.get(name) if isinstance(tg, Mapping) else tg
+        if isinstance(tg, Mapping):
+            tg = tg.get(name) or next(
+                (g for k, g in tg.items() if layer_pattern(k).match(name)), None)
+        if out.dim() != 3:
+            return tg
+        grid = infer_token_grid(int(out.shape[1]), hw, tg)
+        if grid is None:
+            given = f"the token grid {tuple(tg)}" if tg is not None else "no token grid"
+            raise MeasureError(
+                f"layer {name!r}: its {out.shape[1]} tokens fit {given} on a "
+                f"{hw[0]}x{hw[1]} image; pass token_grid=(h, w, prefix) for it, per layer "
+                "if needed (CLI: --token-grid h,w[,prefix]), or leave it out with --layers")
+        return grid
 
     def _capture(self, raw: Mapping[str, Tensor], hw: tuple[int, int]) -> dict[str, Captured]:
-        out = {name: to_measurable(name, raw[name], hw, self._grid(name), self.layer_strides)
-               for name in self.order}
+        """Each measured layer's raw output as a :class:`~.capture.Captured`, scaled; a
+        token layer takes the traced geometry of the first map of its grid's size (the
+        patch layer's), so that its stride and grid offset are the traced ones."""
+        out = {}
+        for name in self.order:
+            grid = self._grid(name, raw[name], hw)
+            known = self.layer_strides
+            if grid is not None and raw[name].dim() == 3 and name not in known:
+                geo = next((g for g in known.values()
+                            if isinstance(g, Geometry) and g.size == tuple(grid[:2])), None)
+                known = {name: geo} if geo is not None else known
+            out[name] = to_measurable(name, raw[name], hw, grid, known)
         for name, c in out.items():  # in place: the capture's own copy
+            self.modules.setdefault(name, FunctionalPool())  # a "NAME:input" point
             if self.scale[name] != 1.0:
                 c.value.mul_(self.scale[name])
         return out
@@ -287,8 +317,11 @@ class _Session:
         self.seen = int(counts.item())
 
     def pool_index(self, pool_layer: str | None) -> int | None:
-        """Index of the global pooling among the measured layers: the given one, the
-        model's ``equivision_pool_layer``, else the first global pooling found."""
+        """Index of the pool point among the measured layers: the given one, the model's
+        ``equivision_pool_layer``, else the first vector-valued output after the spatial
+        ones, however it was computed (:func:`~.capture.pool_point`: a global pooling
+        module, a 1 x 1 map, or a vector pooled in ``forward`` and captured as the next
+        module's input, ``"fc:input"``)."""
         declared = getattr(self.model, "equivision_pool_layer", None) if pool_layer is None \
             else None
         if declared in self.order:
@@ -297,8 +330,8 @@ class _Session:
             if pool_layer not in self.order:
                 raise MeasureError(f"pool_layer {pool_layer!r} is not among the measured layers")
             return self.order.index(pool_layer)
-        return next((i for i, name in enumerate(self.order)
-                     if is_global_pool(self.modules[name], self.info[name])), None)
+        return pool_point([self.info[name] for name in self.order],
+                          [name in self.spatial for name in self.order])
 
     def results(self, pool_index: int | None, repeated: set[str]) -> list[LayerResult]:
         """One :class:`LayerResult` per (transformation, layer)."""

@@ -12,17 +12,21 @@ A captured tensor is one of
 :class:`Layout` records that, the map's stride relative to the input image and,
 optionally, the spatial ``size`` an action must land on (used by
 :class:`~equivision.transforms.Resize`, whose inverse cannot know whether the
-network rounded ``S f / s`` up or down). :func:`infer_layout` derives a layout from
-a raw output's shape; :func:`size_stride`, :func:`local_stride` and
-:func:`infer_strides` give strides; :func:`tokens_to_map` / :func:`map_to_tokens`
-are the one token <-> map reshape.
+network rounded ``S f / s`` up or down) and the ``offset`` of its sampling grid from
+the image's centre. :func:`infer_layout` derives a layout from a raw output's shape;
+:func:`size_stride`, :func:`local_stride` and :func:`trace_geometry` (strides and
+grid offsets traced through the leaves of a network, containers included) give
+strides; :func:`subsampling_remainder` is the one rule for whether a strided layer's
+grid stays centred; :func:`infer_token_grid` reads a token output's grid from the
+image size; :func:`tokens_to_map` / :func:`map_to_tokens` are the one token <-> map
+reshape.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import Tensor, nn
@@ -33,6 +37,8 @@ Size = tuple[int, int]
 TokenGrid = tuple[int, int] | tuple[int, int, int]
 #: Group-axis length -> group name.
 GROUP_OF_AXIS = {4: "p4", 8: "p4m"}
+#: The most leading non-patch tokens ([CLS], registers) :func:`infer_token_grid` assumes.
+MAX_PREFIX = 8
 
 
 class LayoutError(ValueError):
@@ -53,6 +59,11 @@ class Layout:
         size: ``(h, w)`` the action must produce, when it changes the map's size
             (an undone :class:`~equivision.transforms.Resize` lands exactly on it);
             ``None``: the transformation's own rounding.
+        offset: ``(dy, dx)``, input pixels from the image's centre to the centre of
+            the map's sampling grid (:func:`trace_geometry`); not ``0`` on an axis when
+            a strided layer before it had ``(i + 2p - k_eff) mod s != 0`` there, and
+            then a flip of that axis (or a 90° rotation) has no exact action on the map.
+        offset_from: the first layer that moved the grid off centre (for messages).
     """
 
     kind: Literal["map", "group", "tokens", "vector"] = "map"
@@ -61,6 +72,8 @@ class Layout:
     prefix: int = 0
     group: str | None = None
     size: Size | None = None
+    offset: Stride = (0.0, 0.0)
+    offset_from: str = field(default="", compare=False)
 
     def with_size(self, size: Sequence[int] | None) -> Layout:
         """The same layout with target spatial ``size`` ``(h, w)`` (or none)."""
@@ -110,6 +123,36 @@ def split_grid(token_grid: TokenGrid) -> tuple[tuple[int, int], int]:
     """``(h, w)`` or ``(h, w, prefix)`` -> ``((h, w), prefix)``."""
     prefix = int(token_grid[2]) if len(token_grid) == 3 else 0
     return (int(token_grid[0]), int(token_grid[1])), prefix
+
+
+def infer_token_grid(n_tokens: int, image_hw: Sequence[int],
+                     given: TokenGrid | None = None) -> TokenGrid | None:
+    """The ``(h, w, prefix)`` of a token output ``(B, n_tokens, C)``, per layer.
+
+    With a ``given`` grid ``(h, w)`` the grid is kept and the prefix is what the token
+    count leaves: ``n_tokens - h w``, which must be 0 (a patch layer before the [CLS]
+    token is added) or the given prefix (``(h, w, prefix)``), or any count up to
+    :data:`MAX_PREFIX` when none was given. Without one, the grid is the ``(h, w)`` with
+    the fewest prefix tokens (at most :data:`MAX_PREFIX`) whose cells are whole,
+    equal-sided patches of the image ``image_hw`` (``H / h == W / w``, an integer).
+    ``None`` when no grid fits.
+    """
+    if given is not None:
+        (h, w), prefix = split_grid(given)
+        left = n_tokens - h * w
+        allowed = {0, prefix} if len(given) == 3 else set(range(MAX_PREFIX + 1))
+        return (h, w, left) if left in allowed else None
+    big, wide = int(image_hw[0]), int(image_hw[1])
+    for whole in (True, False):  # then patches that do not tile the image exactly
+        for prefix in range(min(MAX_PREFIX, n_tokens - 1) + 1):
+            cells = n_tokens - prefix
+            for h in (h for h in range(1, min(cells, big) + 1) if cells % h == 0):
+                w = cells // h
+                fits = (big % h == 0 and wide % w == 0 and big // h == wide // w) if whole \
+                    else (w <= wide and round(big / h) == round(wide / w))
+                if fits:
+                    return (h, w, prefix)
+    return None
 
 
 def infer_layout(
@@ -183,19 +226,132 @@ _STRIDED = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
             nn.modules.pooling._AvgPoolNd)
 
 
+def subsampling_remainder(size: int, kernel: int, stride: int, padding: int = 0,
+                          dilation: int = 1) -> int:
+    """``(size + 2 padding - k_eff) mod stride`` with ``k_eff = dilation (kernel - 1) + 1``.
+
+    0 means the layer's sampling grid is symmetric about the centre of its input along
+    this axis (exact under flips of the axis, and under 90° rotations when both axes give
+    0); otherwise the output grid's centre sits ``remainder / 2`` input positions before
+    the input's centre. The exactness analyzer (:mod:`equivision.gcnn.rules`) and
+    :func:`trace_geometry` both use this rule.
+    """
+    k_eff = dilation * (kernel - 1) + 1
+    return (size + 2 * padding - k_eff) % stride
+
+
+def _last_pair(value: object, neutral: int) -> tuple[int, int]:
+    """The (height, width) entries of an int or tuple layer argument (last two of three)."""
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, int) for v in value):
+        return (int(value[-2]), int(value[-1])) if len(value) >= 2 else (value[0], value[0])
+    return (neutral, neutral)
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    return getattr(module, "transposed", False) is True
+
+
 def local_stride(module: nn.Module, hw_in: Sequence[int], hw_out: Sequence[int]) -> Stride:
     """Stride of one layer: its ``stride`` attribute for convolutions and pooling,
     otherwise 1 for small shrinks (valid convolutions), the rounded ratio for large
-    ones and the exact ratio for upsampling."""
+    ones and the exact ratio for upsampling (transposed convolutions included)."""
     own = getattr(module, "stride", None)
-    if isinstance(module, _STRIDED) and own is not None:
+    if isinstance(module, _STRIDED) and own is not None and not _is_transposed(module):
         pair = own if isinstance(own, (tuple, list)) else (own, own)
-        return (float(pair[0]), float(pair[-1]))
+        return (float(pair[-2] if len(pair) > 1 else pair[0]), float(pair[-1]))
     out = []
     for i, o in zip(hw_in, hw_out):
         r = i / o if o else math.inf
         out.append(1.0 if 1.0 <= r < 1.5 else float(round(r)) if r >= 1.5 else r)
     return (out[0], out[1])
+
+
+def grid_shift(module: nn.Module, hw_in: Sequence[int], hw_out: Sequence[int]) -> Stride:
+    """How far one layer moves the centre of the sampling grid, in positions of its input
+    ``(dy, dx)``: ``-r / 2`` for a convolution or pooling with remainder ``r``
+    (:func:`subsampling_remainder`; ``(s - r) / 2`` in ceil mode when its extra window is
+    used), ``(after - before) / 2`` for a padding layer, else 0."""
+    if hasattr(module, "kernel_size") and hasattr(module, "stride") \
+            and not _is_transposed(module):
+        kernel, stride = _last_pair(module.kernel_size, 1), _last_pair(module.stride, 1)
+        dilation = _last_pair(getattr(module, "dilation", 1), 1)
+        pad = getattr(module, "padding", 0)
+        padding = (0, 0) if isinstance(pad, str) else _last_pair(pad, 0)
+        out = []
+        for a in range(2):
+            r = subsampling_remainder(int(hw_in[a]), kernel[a], stride[a], padding[a],
+                                      dilation[a])
+            k_eff = dilation[a] * (kernel[a] - 1) + 1
+            floor_out = (int(hw_in[a]) + 2 * padding[a] - k_eff) // stride[a] + 1
+            ceil_extra = r and int(hw_out[a]) > floor_out
+            out.append((stride[a] - r) / 2 if ceil_extra else -r / 2)
+        return (out[0], out[1])
+    pad = getattr(module, "padding", None)
+    if type(module).__module__ == nn.modules.padding.__name__ and isinstance(pad, tuple) \
+            and len(pad) == 4:
+        left, right, top, bottom = (int(v) for v in pad)
+        return ((bottom - top) / 2, (right - left) / 2)
+    return (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a traced output sits on the image: ``stride`` (input pixels per position),
+    ``offset`` (input pixels from the image's centre to the grid's centre, ``(dy, dx)``)
+    and ``offset_from`` (the first layer that moved it off centre, or ""); ``size``:
+    the output's ``(h, w)`` (``None``: the image's)."""
+
+    stride: Stride = (1.0, 1.0)
+    offset: Stride = (0.0, 0.0)
+    offset_from: str = ""
+    size: Size | None = None
+
+
+def trace_geometry(
+    order: Sequence[str],
+    modules: Mapping[str, nn.Module],
+    in_hw: Mapping[str, Sequence[int] | None],
+    out_hw: Mapping[str, Sequence[int] | None],
+    image_hw: Sequence[int],
+) -> dict[str, Geometry]:
+    """The :class:`Geometry` of each spatial output, relative to the input image.
+
+    Modules are visited in the order their forward passes ended (children before their
+    container). A leaf's input geometry is looked up by the input's spatial size among
+    the sizes seen so far (the image: stride 1, centred); its stride is multiplied by
+    the leaf's own (:func:`local_stride`) and its grid moved by :func:`grid_shift`.
+    A container (a module with children) takes the geometry its leaves gave its output
+    size: a ResNet stage at 28 px ending on a 3x3 stride-2 pad-1 convolution has
+    stride 8, not the rounded size ratio 28 / 4 = 7. Only sizes that no traced layer
+    produced fall back to local or size ratios.
+    """
+    by_size: dict[tuple[int, ...], Geometry] = {tuple(image_hw): Geometry()}
+    out: dict[str, Geometry] = {}
+    for name in order:
+        hi, ho = in_hw.get(name), out_hw.get(name)
+        if ho is None:
+            continue
+        module = modules[name]
+        container = any(True for _ in module.children())
+        if container and tuple(ho) in by_size:
+            geo = by_size[tuple(ho)]
+        elif hi is None or tuple(hi) not in by_size:
+            geo = Geometry(size_stride(image_hw, ho))
+        else:
+            base = by_size[tuple(hi)]
+            local = local_stride(module, hi, ho)
+            shift = (0.0, 0.0) if container else grid_shift(module, hi, ho)
+            offset = tuple(o + s * d for o, s, d in zip(base.offset, base.stride, shift))
+            moved = any(d != 0 for d in shift) and not base.offset_from
+            geo = Geometry((base.stride[0] * local[0], base.stride[1] * local[1]),
+                           offset,  # type: ignore[arg-type]
+                           name if moved else base.offset_from)
+        geo = replace(geo, size=(int(ho[0]), int(ho[1])))
+        out[name] = geo
+        by_size.setdefault(tuple(ho), geo)
+    return out
 
 
 def infer_strides(
@@ -205,26 +361,8 @@ def infer_strides(
     out_hw: Mapping[str, Sequence[int] | None],
     image_hw: Sequence[int],
 ) -> dict[str, Stride]:
-    """Cumulative stride of each spatial layer output relative to the input image.
-
-    Layers are visited in forward order; a layer's input stride is looked up by the
-    input's spatial size among the sizes seen so far (the image has stride 1), and
-    multiplied by the layer's own stride (:func:`local_stride`). This gives 2, not
-    3, for a valid 3x3 conv that maps 12 -> 10 after a 2x2 pool, and 2 for the
-    1x1 stride-2 shortcut of a ResNet.
-    """
-    by_size: dict[tuple[int, ...], Stride] = {tuple(image_hw): (1.0, 1.0)}
-    out: dict[str, Stride] = {}
-    for name in order:
-        hi, ho = in_hw.get(name), out_hw.get(name)
-        if ho is None:
-            continue
-        if hi is None or tuple(hi) not in by_size:
-            s = size_stride(image_hw, ho)
-        else:
-            base = by_size[tuple(hi)]
-            local = local_stride(modules[name], hi, ho)
-            s = (base[0] * local[0], base[1] * local[1])
-        out[name] = s
-        by_size.setdefault(tuple(ho), s)
-    return out
+    """Cumulative stride of each spatial output relative to the input image
+    (:func:`trace_geometry`). This gives 2, not 3, for a valid 3x3 conv that maps
+    12 -> 10 after a 2x2 pool, and 2 for the 1x1 stride-2 shortcut of a ResNet."""
+    geo = trace_geometry(order, modules, in_hw, out_hw, image_hw)
+    return {n: g.stride for n, g in geo.items()}
