@@ -75,6 +75,13 @@ def test_probe_prints_a_table_and_writes_json(pretrained, tmp_path, capsys):
     assert set(scores) == {"rot90", "hflip", "scale"}
     assert all(len(v) == 3 and all(-1.0 <= s <= 1.0 for s in v) for v in scores.values())
     assert not list(tmp_path.glob(".probe.json.*"))  # no temporary file left behind
+    # the baselines stand beside the trained numbers
+    for row in ("linear top1 / top5, random-init encoder", "k-NN top1 / top5, raw pixels",
+                "equivariance (centred) rot90, random-init encoder"):
+        assert row in text
+    base = d["probes"]["baselines"]
+    assert 0.0 <= base["raw_pixels"]["knn"]["top1"] <= 1.0
+    assert len(base["random_init"]["equivariance"]["centred"]["rot90"]) == 3
 
 
 def test_resume_refuses_a_changed_config(pretrained, capsys):

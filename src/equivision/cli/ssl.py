@@ -136,15 +136,37 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _top(r: dict[str, Any] | None) -> str:
+    return "-" if not r else f"{_fmt(r.get('top1'))} / {_fmt(r.get('top5'))}"
+
+
+def _baseline_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the baselines (raw pixels, random-init encoder) of ``results``."""
+    base = results.get("baselines")
+    if not base:
+        return []
+    rows: list[tuple[str, str]] = []
+    for name, label in (("linear", "linear"), ("knn", "k-NN")):
+        rows.append((f"{label} top1 / top5, random-init encoder",
+                     _top(base["random_init"].get(name))))
+        rows.append((f"{label} top1 / top5, raw pixels", _top(base["raw_pixels"].get(name))))
+    for g, scores in base["random_init"]["equivariance"]["centred"].items():
+        rows.append((f"equivariance (centred) {g}, random-init encoder",
+                     " ".join(f"{s:.3f}" for s in scores)))
+    return rows
+
+
 def probe_table(results: dict[str, Any]) -> str:
     """A plain-text summary of :func:`~equivision.ssl.probe.run_probes`'s result: one line
     per headline number (classification top-1/top-5, per-block equivariance scores,
-    transformation-prediction accuracy per block, corruption accuracies)."""
+    transformation-prediction accuracy per block, corruption accuracies), then the
+    baselines when present (linear and k-NN on a random-init encoder and on raw pixels,
+    the random-init encoder's centred equivariance per block)."""
     rows: list[tuple[str, str]] = []
     for name in ("linear", "knn", "mlp"):
         r = results.get(name)
         if r:
-            rows.append((f"{name} top1 / top5", f"{_fmt(r.get('top1'))} / {_fmt(r.get('top5'))}"))
+            rows.append((f"{name} top1 / top5", _top(r)))
     eq = results.get("equivariance")
     if eq:
         for g, scores in eq["centred"].items():
@@ -163,6 +185,7 @@ def probe_table(results: dict[str, Any]) -> str:
         rows.append(("corruptions clean", _fmt(cr.get("clean"))))
         for key in ("mean_appearance", "mean_geometric", "mean_all"):
             rows.append((f"corruptions {key.replace('_', ' ')}", _fmt(cr.get(key))))
+    rows += _baseline_rows(results)
     width = max((len(k) for k, _ in rows), default=10)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -191,7 +214,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
         "corruptions": {**steps, **({"severities": args.severities} if args.severities
                                     else {})}}
     results = run_probes(encoder, tr, te, which=which, device=args.device,
-                         options={k: v for k, v in options.items() if k in which})
+                         options={k: v for k, v in options.items() if k in which},
+                         baselines=not args.no_baselines)
     ser = info.get("ser_config")
     head = (f"{info.get('method_name')}{' + SER' if ser else ''}, epoch {info.get('epoch')}, "
             f"encoder {info.get('encoder_config')}; probed on {args.data} "
@@ -279,6 +303,10 @@ def add_parsers(sub: Any) -> None:
                    help="optimizer steps of the trained probes (default 300)")
     q.add_argument("--severities", type=lambda s: [int(v) for v in s.split(",")],
                    default=None, help="corruption severities, e.g. 1,3,5 (default 1..5)")
+    q.add_argument("--no-baselines", action="store_true",
+                   help="skip the baselines printed beside the trained numbers (linear and "
+                   "20-NN on raw pixels and on a random-init encoder, the random-init "
+                   "encoder's centred equivariance)")
     q.add_argument("--json", help="write all results to this JSON file (atomically)")
     q.add_argument("--device", default="auto")
     q.set_defaults(func=cmd_probe)

@@ -12,7 +12,9 @@ All functions work on an encoder with the :class:`~equivision.ssl.vit.SSLViT` in
 * :func:`transformation_prediction` -- per-block linear probes predicting the applied
   rotation (4 classes) or flip (2 classes) from pooled tokens;
 * :func:`corruption_robustness` -- accuracy of a linear probe under generated corruptions;
-* :func:`run_probes` -- any subset of the above, as one JSON-serializable dict.
+* :func:`run_probes` -- any subset of the above, as one JSON-serializable dict, with
+  (``baselines=True``) :func:`probe_baselines`: the same linear and k-NN probes on raw
+  pixels and on a random-init twin of the encoder, and the twin's equivariance scores.
 
 :func:`fit_images` / :func:`fit_dataset` adapt other datasets (e.g. 1x28x28 digits) to the
 encoder's input size and channels. Every function restores the encoder's train/eval mode
@@ -36,6 +38,7 @@ from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
 from ..transforms.layout import as_stride
 from ..utils import model_device, resolve_device
+from .baselines import pixel_features, random_init_like
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "equivariance_scores",
     "transformation_prediction",
     "corruption_robustness",
+    "probe_baselines",
     "run_probes",
 ]
 
@@ -623,6 +627,52 @@ class _Pair:
         return len(self.images)
 
 
+# ----------------------------------------------------------------------------- baselines
+
+
+def _classify(feats: tuple[Tensor, Tensor, Tensor, Tensor], linear: dict[str, Any],
+              knn: dict[str, Any]) -> dict[str, Any]:
+    """Linear and k-NN probes on ``(train_x, train_y, test_x, test_y)``."""
+    return {"linear": linear_probe(*feats, **linear), "knn": knn_probe(*feats, **knn)}
+
+
+def probe_baselines(
+    encoder: nn.Module,
+    train_set: Any,
+    test_set: Any,
+    device: str | torch.device | None = "cpu",
+    options: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The baselines of a probe report: linear and k-NN probes on raw pixels (the images
+    fitted to ``encoder``'s input, flattened) and on a random-init twin of ``encoder``
+    (:func:`~equivision.ssl.baselines.random_init_like` with ``seed``), plus the twin's
+    centred equivariance scores per block (:func:`equivariance_scores`).
+
+    Args:
+        options: as in :func:`run_probes`; ``"linear"``, ``"knn"``, ``"features"`` and
+            ``"equivariance"`` are used, so the baselines run with the trained encoder's
+            settings.
+
+    Returns:
+        ``{"raw_pixels": {"linear": ..., "knn": ...}, "random_init": {"linear": ...,
+        "knn": ..., "equivariance": {"layers": [...], "centred": {name: [per block]}}}}``.
+    """
+    options = options or {}
+    dev = resolve_device(device)
+    lin, knn, f_opts = (options.get(k, {}) for k in ("linear", "knn", "features"))
+    tr_images, ytr = _prepared(encoder, train_set)
+    te_images, yte = _prepared(encoder, test_set)
+    pixels = (pixel_features(tr_images), ytr, pixel_features(te_images), yte)
+    twin = random_init_like(encoder, seed)
+    feats = (*extract_features(twin, train_set, device=dev, **f_opts),
+             *extract_features(twin, test_set, device=dev, **f_opts))
+    random_init = _classify(feats, lin, knn)
+    eq = equivariance_scores(twin, test_set, device=dev, **options.get("equivariance", {}))
+    random_init["equivariance"] = {"layers": eq["layers"], "centred": eq["centred"]}
+    return {"raw_pixels": _classify(pixels, lin, knn), "random_init": random_init}
+
+
 # ----------------------------------------------------------------------------- all at once
 
 
@@ -634,6 +684,7 @@ def run_probes(
     device: str | torch.device | None = "cpu",
     options: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
+    baselines: bool = False,
 ) -> dict[str, Any]:
     """Run the chosen probes of a frozen encoder; returns a JSON-serializable dict.
 
@@ -647,10 +698,14 @@ def run_probes(
         options: per-probe keyword arguments, e.g. ``{"linear": {"steps": 500},
             "knn": {"k": 10}, "corruptions": {"severities": [1, 3, 5]}}``.
         progress: optional callback receiving each probe's name before it runs.
+        baselines: also run :func:`probe_baselines` (raw pixels and a random-init twin of
+            the encoder: linear, k-NN and the twin's centred equivariance), under
+            ``"baselines"``.
 
     Returns:
-        ``{name: result}`` for every requested probe; ``"linear"``, ``"knn"``, ``"mlp"``
-        share one feature extraction (``n_last`` from ``options["features"]``, default 4).
+        ``{name: result}`` for every requested probe (and ``"baselines"``); ``"linear"``,
+        ``"knn"``, ``"mlp"`` share one feature extraction (``n_last`` from
+        ``options["features"]``, default 4).
 
     Raises:
         ValueError: an unknown probe name or options for a probe not requested.
@@ -687,4 +742,8 @@ def run_probes(
         else:
             results[name] = corruption_robustness(encoder, train_set, test_set, device=dev,
                                                   **opts)
+    if baselines:
+        if progress is not None:
+            progress("baselines")
+        results["baselines"] = probe_baselines(encoder, train_set, test_set, dev, options)
     return results
