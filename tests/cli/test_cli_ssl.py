@@ -175,3 +175,17 @@ def test_default_baseline_is_the_lambda_zero_control():
     assert _ser_config(parser.parse_args(base + ["--plain"])) is None
     with pytest.raises(CLIError, match="exclude each other"):
         _ser_config(parser.parse_args(base + ["--plain", "--ser"]))
+
+
+def test_pretrain_knn_every_writes_the_online_curve_across_a_resume(tmp_path, capsys):
+    run = tmp_path / "knn"
+    argv = ["pretrain", "--method", "mocov3", "--out", str(run), "--knn-every", "1",
+            "--knn-images", "12", *TINY, "--warmup-epochs", "1"]
+    assert main(argv) == 0
+    assert "online 20-NN top-1 on 12 held-out images" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="stretched"):  # the later --epochs wins
+        assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    rows = (run / "knn.csv").read_text().split()
+    assert rows[0] == "step,knn_top1"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]  # 2 steps per epoch
+    assert all(0.0 <= float(r.split(",")[1]) <= 1.0 for r in rows[1:])

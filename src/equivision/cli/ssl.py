@@ -11,19 +11,20 @@ optionally writing every number as JSON.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
-from ..io import check_writable_file
+from ..io import check_writable_file, write_csv
 from ..ssl import SERConfig, SSLViT, build_method
 from ..ssl.data import load_images
 from ..ssl.gather import rank_and_world
 from ..ssl.methods import SSL_METHODS
 from ..ssl.pretrain import PretrainConfig, default_views, load_pretrained, pretrain
-from ..ssl.probe import PROBES, run_probes
+from ..ssl.probe import PROBES, KNNMonitor, run_probes
 from ..ssl.views import patch_aligned_scales
 from ..utils import seed_everything
 from .common import (
@@ -83,6 +84,34 @@ def _check_sizes(args: argparse.Namespace) -> None:
             f"{max(1, args.image_size // args.patch_size) * args.patch_size}")
 
 
+def _knn_monitor(args: argparse.Namespace) -> KNNMonitor | None:
+    """``--knn-every N``: an online k-NN monitor every N steps; memory bank: the first
+    ``--knn-images`` pretraining images with their labels, queries: as many held-out
+    images (the ``val`` split, carved from the training data and never pretrained on;
+    ``photos`` has none and uses patches of its ``test`` split)."""
+    if args.knn_every is None:
+        return None
+    held = "test" if args.data == "photos" else "val"
+    bank = load_images(args.data, "train", args.image_size, args.knn_images,
+                       seed=args.data_seed, root=args.data_root)
+    queries = load_images(args.data, held, args.image_size, args.knn_images,
+                          seed=args.data_seed, root=args.data_root)
+    return KNNMonitor(bank, queries, every_steps=args.knn_every)
+
+
+def _write_knn(path: Path, monitor: KNNMonitor) -> None:
+    """``OUT/knn.csv`` (``step, knn_top1``): the rows of an earlier invocation (before
+    ``--resume``) up to this one's first step, then this one's."""
+    new = list(zip(monitor.history["step"], monitor.history["knn_top1"]))
+    first = new[0][0] if new else float("inf")
+    old: list[tuple[int, float]] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = [(int(r["step"]), float(r["knn_top1"])) for r in csv.DictReader(f)
+                   if int(r["step"]) < first]
+    write_csv(path, ("step", "knn_top1"), old + new)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Run ``equivision pretrain`` (see :func:`add_parsers` for the options)."""
     _check_sizes(args)
@@ -113,8 +142,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         with warnings.catch_warnings():  # the note above says it once
             warnings.filterwarnings("ignore", message="no patch-aligned scale")
             views = default_views(encoder, ratio) if ratio > 0 else None
+            monitor = _knn_monitor(args)
             history = pretrain(method, data, config, out_dir=out, resume=args.resume,
-                               views=views, progress=show_progress(args))
+                               views=views, progress=show_progress(args),
+                               callbacks=[monitor] if monitor else [])
     except FileExistsError as err:
         raise CLIError(f"{err} (add --resume)") from None
     except CheckpointError as err:
@@ -127,6 +158,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"done: {args.method}{' + SER' if ser else ''}, {n} epochs "
           f"({len(data)} images), loss {loss:.4f}, equivariance loss {equiv:.4f}; "
           f"checkpoint {out / 'last.pt'}")
+    if monitor is not None and monitor.history["step"]:
+        _write_knn(out / "knn.csv", monitor)
+        curve = ", ".join(f"{s}: {v:.3f}" for s, v in zip(monitor.history["step"],
+                                                         monitor.history["knn_top1"]))
+        print(f"online 20-NN top-1 on {len(monitor.test)} held-out images (step: top-1): "
+              f"{curve}; {out / 'knn.csv'}")
 
 
 # ----------------------------------------------------------------------------- probe
@@ -277,6 +314,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--images", "--max-images", dest="images", type=positive_int,
                    default=None, help="use at most N pretraining images")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the photo patches")
+    p.add_argument("--knn-every", type=positive_int, default=None, metavar="N",
+                   help="online 20-NN monitor every N steps on held-out images (the val "
+                   "split; test patches for photos); writes OUT/knn.csv")
+    p.add_argument("--knn-images", type=positive_int, default=512,
+                   help="images in the monitor's memory bank and in its held-out queries")
     p.add_argument("--out", required=True, help="directory for last.pt, log.csv, steps.csv")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--seed", type=int, default=0)

@@ -468,6 +468,7 @@ class PretrainTask(TrainingTask):
         for k in STEP_KEYS:
             self.step_log[k].append(row[k])
         self.step += 1
+        self.end_step(self.step)  # the runner's step hooks (e.g. an online k-NN monitor)
         return v
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -553,8 +554,9 @@ def pretrain(
             SER config), recorded so that :func:`load_method` can rebuild it; they update
             the method's own ``method_kwargs`` attribute (which the built-in methods fill
             with all their constructor arguments), so they are rarely needed.
-        callbacks: objects with ``on_epoch_end(epoch, model, history)``, run by the shared
-            runner after each epoch (e.g. :class:`~equivision.ssl.probe.KNNMonitor`).
+        callbacks: objects with ``on_epoch_end(epoch, model, history)`` and / or
+            ``on_step_end(step, model)``, run by the shared runner after each epoch / each
+            step (``step`` from 1; e.g. :class:`~equivision.ssl.probe.KNNMonitor`).
 
     Returns:
         The history: a dict of equal-length lists keyed by :data:`EPOCH_KEYS` (epoch means of

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..data import ImageDataset
 from ..measure.compare import Comparator, per_image_cosine
 from ..measure.stats import PairStats, per_image
+from ..training.distributed import dist_info
 from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
 from ..transforms.layout import as_stride
@@ -368,26 +369,34 @@ def knn_probe(
 
 
 class KNNMonitor:
-    """Online k-NN monitor for pretraining: every ``every`` epochs, the weighted k-NN
-    top-1 (:func:`knn_probe`, final [CLS]) of the encoder on a held-out slice.
+    """Online k-NN monitor for pretraining: the weighted k-NN top-1 (:func:`knn_probe`,
+    final [CLS]) of the encoder on a held-out slice, every ``every`` epochs or, with
+    ``every_steps``, every ``every_steps`` optimiser steps.
 
-    A callback with ``on_epoch_end(epoch, model, history)`` for
-    :func:`equivision.training.run` (``RunOptions(callbacks=[monitor])``; ``model`` is the
-    SSL method, its ``backbone`` the encoder); results accumulate in :attr:`history` as
-    ``{"epoch": [...], "knn_top1": [...]}``.
+    A callback for :func:`equivision.training.run` (``RunOptions(callbacks=[monitor])``,
+    or ``pretrain(callbacks=[monitor])``): ``on_epoch_end(epoch, model, history)`` and
+    ``on_step_end(step, model)`` (``model`` is the SSL method, its ``backbone`` the
+    encoder). Results accumulate in :attr:`history` as ``{"epoch": [...], "step": [...],
+    "knn_top1": [...]}`` (``"epoch"`` filled when counting epochs, ``"step"`` when
+    counting steps). Under torchrun only rank 0 measures (the others skip).
 
     Args:
         train, test: labelled datasets (the memory bank and the held-out queries).
         every: run after epochs ``every, 2·every, ...`` (1-based, as the runner counts).
         k, n_last: neighbours and [CLS] layers (see :func:`extract_features`).
+        every_steps: run after steps ``every_steps, 2·every_steps, ...`` instead (1-based,
+            counted over the whole run); ``every`` is then ignored.
     """
 
     def __init__(self, train: Any, test: Any, every: int = 1, k: int = 20,
-                 n_last: int = 0) -> None:
+                 n_last: int = 0, every_steps: int | None = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if every_steps is not None and every_steps < 1:
+            raise ValueError(f"every_steps must be None or >= 1, got {every_steps}")
         self.train, self.test, self.every, self.k, self.n_last = train, test, every, k, n_last
-        self.history: dict[str, list[float]] = {"epoch": [], "knn_top1": []}
+        self.every_steps = every_steps
+        self.history: dict[str, list[float]] = {"epoch": [], "step": [], "knn_top1": []}
 
     def measure(self, encoder: nn.Module) -> float:
         """k-NN top-1 of ``encoder`` now (its train / eval mode is restored)."""
@@ -395,13 +404,22 @@ class KNNMonitor:
         te = extract_features(encoder, self.test, n_last=self.n_last)
         return knn_probe(*tr, *te, k=min(self.k, len(tr[0])))["top1"]
 
-    def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
-        """Measure after (1-based) ``epoch`` when it is a multiple of ``every``."""
-        if epoch % self.every:
+    def _record(self, key: str, count: int, model: nn.Module) -> None:
+        if dist_info()[0] != 0:
             return
-        encoder = getattr(model, "backbone", model)
-        self.history["epoch"].append(epoch)
-        self.history["knn_top1"].append(self.measure(encoder))
+        self.history[key].append(count)
+        self.history["knn_top1"].append(self.measure(getattr(model, "backbone", model)))
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
+        """Measure after (1-based) ``epoch`` when it is a multiple of ``every`` (not when
+        counting steps)."""
+        if self.every_steps is None and epoch % self.every == 0:
+            self._record("epoch", epoch, model)
+
+    def on_step_end(self, step: int, model: nn.Module) -> None:
+        """Measure after (1-based) ``step`` when it is a multiple of ``every_steps``."""
+        if self.every_steps is not None and step % self.every_steps == 0:
+            self._record("step", step, model)
 
 
 # ----------------------------------------------------------------------------- equivariance
