@@ -103,6 +103,7 @@ def test_existing_run_without_resume_is_refused(pretrained, capsys):
     (["--image-size", "18"], "not a multiple of --patch-size 4"),
     (["--ser-weight", "2"], "need --ser"),
     (["--ser", "--ratio", "0"], "--ratio > 0"),
+    (["--local-crops", "2", "--local-size", "6"], "--local-size 6 is not a multiple"),
 ])
 def test_bad_pretrain_options_give_one_line(tmp_path, capsys, argv, needle):
     rc = main(["pretrain", "--method", "dino", "--out", str(tmp_path / "x"), *TINY, *argv])
@@ -189,3 +190,13 @@ def test_pretrain_knn_every_writes_the_online_curve_across_a_resume(tmp_path, ca
     assert rows[0] == "step,knn_top1"
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]  # 2 steps per epoch
     assert all(0.0 <= float(r.split(",")[1]) <= 1.0 for r in rows[1:])
+
+
+def test_pretrain_local_crops_reach_the_views(tmp_path):
+    run = tmp_path / "multicrop"
+    assert main(["pretrain", "--method", "dino", "--ser", "--out", str(run), *TINY,
+                 "--method-args", "out_dim=16,hidden=16,bottleneck=8", "--local-crops", "2",
+                 "--local-size", "8"]) == 0
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["config"]["local_crops"] == 2 and ckpt["config"]["local_size"] == 8
+    assert math.isfinite(ckpt["history"]["loss"][-1])

@@ -82,6 +82,11 @@ def _check_sizes(args: argparse.Namespace) -> None:
             f"--image-size {args.image_size} is not a multiple of --patch-size "
             f"{args.patch_size}; use e.g. --image-size "
             f"{max(1, args.image_size // args.patch_size) * args.patch_size}")
+    local = getattr(args, "local_size", None)
+    if local is not None and local % args.patch_size:
+        raise CLIError(
+            f"--local-size {local} is not a multiple of --patch-size {args.patch_size}; use "
+            f"e.g. --local-size {max(1, local // args.patch_size) * args.patch_size}")
 
 
 def _knn_monitor(args: argparse.Namespace) -> KNNMonitor | None:
@@ -130,7 +135,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             warmup_epochs=min(args.warmup_epochs, args.epochs),
                             weight_decay=args.weight_decay, ratio=ratio, seed=args.seed,
-                            device=args.device, amp=args.amp)
+                            device=args.device, amp=args.amp, local_crops=args.local_crops,
+                            local_size=args.local_size)
     data = load_images(args.data, "train", args.image_size, args.images, seed=args.data_seed,
                        root=args.data_root)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # before torchrun's group exists
@@ -141,7 +147,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     try:
         with warnings.catch_warnings():  # the note above says it once
             warnings.filterwarnings("ignore", message="no patch-aligned scale")
-            views = default_views(encoder, ratio) if ratio > 0 else None
+            views = default_views(encoder, ratio, args.local_crops,
+                                  args.local_size) if ratio > 0 else None
             monitor = _knn_monitor(args)
             history = pretrain(method, data, config, out_dir=out, resume=args.resume,
                                views=views, progress=show_progress(args),
@@ -298,6 +305,14 @@ def add_parsers(sub: Any) -> None:
                    help="fraction r of each batch with equivariant views (default "
                    f"{SERConfig.RATIO} with --ser and for its lambda = 0 control, 0 with "
                    "--plain)")
+    p.add_argument("--local-crops", type=int, choices=range(0, 17), default=0,
+                   metavar="N", help="multi-crop: N small local views per image besides the "
+                   "two global ones (0-16; DINO's student sees all, its teacher and "
+                   "MoCo-v3's momentum encoder only the globals; Barlow Twins pairs each "
+                   "local with each global; SER uses the globals)")
+    p.add_argument("--local-size", type=positive_int, default=None, metavar="PX",
+                   help="side of the local views, a multiple of --patch-size (default half "
+                   "--image-size)")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=finite, default=5e-4)

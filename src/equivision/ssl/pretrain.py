@@ -65,7 +65,7 @@ from ..utils import resolve_device, seed_everything
 from . import methods
 from .methods import SERConfig, build_method
 from .schedules import cosine, warmup_cosine
-from .views import BasePolicy, EquivariantPolicy, ViewSampler
+from .views import BasePolicy, EquivariantPolicy, ViewSampler, local_policy
 from .vit import SSLViT
 
 __all__ = [
@@ -121,6 +121,11 @@ class PretrainConfig:
             ``"auto"`` each process takes ``cuda:LOCAL_RANK``).
         amp: ``"auto"`` (bf16 autocast on CUDA, off elsewhere), ``"bf16"`` (also on CPU) or
             ``"off"``.
+        local_crops: multi-crop's small local views per image besides the two global
+            ones (0: two views); used by :func:`default_views` (a ``views=`` sampler of
+            your own brings its own).
+        local_size: their side in pixels, a multiple of the patch size (None: half the
+            image size, rounded down to the patch size).
     """
 
     epochs: int = 100
@@ -136,6 +141,8 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
+    local_crops: int = 0
+    local_size: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -171,6 +178,13 @@ class PretrainConfig:
             raise bad("ratio", "a number in [0, 1]")
         if self.amp not in ("auto", "bf16", "off"):
             raise bad("amp", "'auto', 'bf16' or 'off'")
+        if not isinstance(self.local_crops, int) or isinstance(self.local_crops, bool) \
+                or self.local_crops < 0:
+            raise bad("local_crops", "an integer >= 0")
+        if self.local_size is not None and (not isinstance(self.local_size, int)
+                                            or isinstance(self.local_size, bool)
+                                            or self.local_size < 1):
+            raise bad("local_size", "None or an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (stored in checkpoints)."""
@@ -264,14 +278,21 @@ def _method_identity(method: nn.Module, method_kwargs: dict[str, Any] | None
     return out
 
 
-def default_views(encoder: nn.Module, ratio: float) -> Callable[..., Any]:
+def default_views(encoder: nn.Module, ratio: float, local_crops: int = 0,
+                  local_size: int | None = None) -> Callable[..., Any]:
     """The standard view sampler for ``encoder``'s image size: the base SSL policy ``T`` for
-    ``1 - r`` of each batch and the equivariant policy ``T_eq`` for the first ``r``."""
+    ``1 - r`` of each batch and the equivariant policy ``T_eq`` for the first ``r``; with
+    ``local_crops > 0`` that many multi-crop local views of every image
+    (:func:`~equivision.ssl.views.local_policy`, ``local_size`` px; default half the image
+    size, rounded down to the patch size)."""
     size = int(getattr(encoder, "image_size", 32))
     patch = int(getattr(encoder, "patch_size", 4))
     base = _build(BasePolicy, image_size=size)
     eq = _build(EquivariantPolicy, image_size=size, patch_size=patch) if ratio > 0 else None
-    return ViewSampler(base, eq, ratio)
+    if not local_crops:
+        return ViewSampler(base, eq, ratio)
+    side = local_size if local_size is not None else max(patch, size // 2 // patch * patch)
+    return ViewSampler(base, eq, ratio, local_policy(side, patch), local_crops)
 
 
 def _build(cls: Any, **kwargs: Any) -> Any:
@@ -368,7 +389,8 @@ class PretrainTask(TrainingTask):
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        self.views = default_views(self.encoder, config.ratio) if views is None else views
+        self.views = default_views(self.encoder, config.ratio, config.local_crops,
+                                   config.local_size) if views is None else views
         self.step_log: dict[str, list[Any]] = {k: [] for k in STEP_KEYS}
         self.step = 0
         self.progress = progress and self.rank == 0
@@ -384,9 +406,12 @@ class PretrainTask(TrainingTask):
                 "ser": self.identity["ser_config"], "config": _plain(self.config.to_dict())}
 
     def check_resume(self, ckpt: dict[str, Any], where: str) -> list[str]:
+        config = ckpt.get("config")
+        if isinstance(config, dict):  # written before multi-crop: two views
+            config = {"local_crops": 0, "local_size": None, **config}
         saved = {"encoder": ckpt.get("encoder_config"), "method": ckpt.get("method_name"),
                  "method_kwargs": ckpt.get("method_kwargs"), "ser": ckpt.get("ser_config"),
-                 "config": ckpt.get("config")}
+                 "config": config}
         diffs = config_differences(saved, self._identity_now(),
                                    ignore=tuple(f"config.{k}" for k in _RESUME_FREE))
         if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
