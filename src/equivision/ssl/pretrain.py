@@ -23,8 +23,10 @@ remaining state is in the checkpoint.
 
 Under ``torchrun`` (or any initialised ``torch.distributed`` process group) every process
 takes its share ``batch[rank::world]`` of each global batch, gradients are averaged with
-``all_reduce`` (gloo on CPU, NCCL on CUDA), buffers (BatchNorm statistics) are broadcast
-from rank 0 after every step as DDP does, and only rank 0 writes files.
+``all_reduce`` (gloo on CPU, NCCL on CUDA), the projectors' BatchNorm layers are
+converted to :class:`~equivision.ssl.syncbn.SyncBatchNorm` (statistics over the global
+batch, on CPUs too), buffers are broadcast from rank 0 after every step as DDP does, and
+only rank 0 writes files.
 
 Example::
 
@@ -65,6 +67,7 @@ from ..utils import resolve_device, seed_everything
 from . import methods
 from .methods import SERConfig, build_method
 from .schedules import cosine, warmup_cosine
+from .syncbn import convert_sync_batchnorm
 from .views import BasePolicy, EquivariantPolicy, ViewSampler, local_policy
 from .vit import SSLViT
 
@@ -384,6 +387,8 @@ class PretrainTask(TrainingTask):
         self.identity = _method_identity(method, method_kwargs)
         self.encoder_config = _plain(self.encoder.config()) if hasattr(
             self.encoder, "config") else {}
+        if self.world > 1:  # projector BatchNorm over the global batch (MoCo-v3, Barlow)
+            convert_sync_batchnorm(method)
         method.to(self.device)
         groups = _param_groups(method)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
