@@ -3,9 +3,13 @@
 ``pretrain`` builds an :class:`~equivision.ssl.vit.SSLViT`, wraps it in MoCo-v3, DINO or
 Barlow Twins (optionally with Soft Equivariance Regularization) and runs
 :func:`equivision.ssl.pretrain.pretrain` (atomic ``OUT/last.pt``, exact ``--resume``, sharded
-batches under ``torchrun``). ``probe`` loads the encoder of such a checkpoint and runs
-:func:`equivision.ssl.probe.run_probes` on digits or photographs, printing a summary table and
-optionally writing every number as JSON.
+batches and SyncBatchNorm projectors under ``torchrun``; multi-crop with ``--local-crops``;
+an online 20-NN monitor on held-out images with ``--knn-every``, written to
+``OUT/knn.csv``). ``probe`` loads the encoder of such a checkpoint and runs
+:func:`equivision.ssl.probe.run_probes` on any dataset (``--data``), printing a summary
+table with the baselines beside the trained numbers (linear and 20-NN on raw pixels and
+on a random-init encoder, the random-init encoder's centred equivariance) and optionally
+writing every number as JSON.
 """
 
 from __future__ import annotations
