@@ -78,6 +78,39 @@ def flops(method: torch.nn.Module, batch) -> int:
     return counter.get_total_flops()
 
 
+def report(args: argparse.Namespace, device: torch.device, result: dict) -> None:
+    """Print the results and add the verdict against :data:`TARGET` to ``result``."""
+    med = {n: v["median"] for n, v in result["step_time_s"].items()}
+    med_cpu = {n: v["median"] for n, v in result["cpu_time_s"].items()}
+    counts, view_time = result["flops_per_step"], result["view_sampling_s"]
+    m_eq, canvases = result["equivariant_images"], result["canvases"]
+    print(f"{args.method} ViT(img {args.image_size}, patch {args.patch}, dim {args.dim}, "
+          f"depth {args.depth}, heads {args.heads}, cls_layer {args.cls_layer}), batch "
+          f"{args.batch}, r={args.ratio} -> M={m_eq} equivariant images, {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"step time  baseline {med['baseline']:.3f} s   SER {med['ser']:.3f} s   "
+          f"ratio {result['time_ratio']:.3f}x  (target <= 1.05x; median of {args.repeats})")
+    print(f"           median of paired ratios {result['time_ratio_paired_median']:.3f}x, "
+          f"ratio of minima {result['time_ratio_of_minima']:.3f}x")
+    if device.type == "cpu":
+        print(f"CPU time   baseline {med_cpu['baseline']:.3f} s   SER {med_cpu['ser']:.3f} s   "
+              f"ratio {result['cpu_time_ratio']:.3f}x  (process CPU seconds: less sensitive "
+              "to other processes on a shared machine)")
+    print(f"FLOPs/img  baseline {counts['baseline'] / args.batch / 1e9:.3f} G   SER "
+          f"{counts['ser'] / args.batch / 1e9:.3f} G   ratio {result['flops_ratio']:.4f}x  "
+          f"(paper, ViT-S/16 on ImageNet: {PAPER_FLOPS_RATIO}x)")
+    print(f"view sampling  baseline {view_time['baseline']:.3f} s   SER {view_time['ser']:.3f} s"
+          " (not in the step time)")
+    key = "cpu_time_ratio_paired_median" if device.type == "cpu" else \
+        "time_ratio_paired_median"
+    result["verdict"] = {"measure": key, "ratio": result[key], "target": TARGET,
+                         "pass": result[key] <= TARGET}
+    print(f"canvases of the SER images: {canvases}")
+    print(f"verdict: {key} {result[key]:.3f}x "
+          f"{'<=' if result[key] <= TARGET else '>'} {TARGET}x -> "
+          f"{'PASS' if result[key] <= TARGET else 'FAIL'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="mocov3", choices=["mocov3", "dino", "barlow"])
@@ -150,31 +183,7 @@ def main() -> None:
         "paper_flops_ratio": PAPER_FLOPS_RATIO,
         "view_sampling_s": view_time,
     }
-    print(f"{args.method} ViT(img {args.image_size}, patch {args.patch}, dim {args.dim}, "
-          f"depth {args.depth}, heads {args.heads}, cls_layer {args.cls_layer}), batch "
-          f"{args.batch}, r={args.ratio} -> M={m_eq} equivariant images, {device}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"step time  baseline {med['baseline']:.3f} s   SER {med['ser']:.3f} s   "
-          f"ratio {result['time_ratio']:.3f}x  (target <= 1.05x; median of {args.repeats})")
-    print(f"           median of paired ratios {result['time_ratio_paired_median']:.3f}x, "
-          f"ratio of minima {result['time_ratio_of_minima']:.3f}x")
-    if device.type == "cpu":
-        print(f"CPU time   baseline {med_cpu['baseline']:.3f} s   SER {med_cpu['ser']:.3f} s   "
-              f"ratio {result['cpu_time_ratio']:.3f}x  (process CPU seconds: less sensitive "
-              "to other processes on a shared machine)")
-    print(f"FLOPs/img  baseline {counts['baseline'] / args.batch / 1e9:.3f} G   SER "
-          f"{counts['ser'] / args.batch / 1e9:.3f} G   ratio {result['flops_ratio']:.4f}x  "
-          f"(paper, ViT-S/16 on ImageNet: {PAPER_FLOPS_RATIO}x)")
-    print(f"view sampling  baseline {view_time['baseline']:.3f} s   SER {view_time['ser']:.3f} s"
-          " (not in the step time)")
-    key = "cpu_time_ratio_paired_median" if device.type == "cpu" else \
-        "time_ratio_paired_median"
-    result["verdict"] = {"measure": key, "ratio": result[key], "target": TARGET,
-                         "pass": result[key] <= TARGET}
-    print(f"canvases of the SER images: {canvases}")
-    print(f"verdict: {key} {result[key]:.3f}x "
-          f"{'<=' if result[key] <= TARGET else '>'} {TARGET}x -> "
-          f"{'PASS' if result[key] <= TARGET else 'FAIL'}")
+    report(args, device, result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
