@@ -178,7 +178,7 @@ class StepRecorder:
     def on_step_end(self, step, model) -> None:
         torch.rand(3)  # must not change the run's random stream
         self.steps.append(step)
-        self.weights.append(float(model.weight.sum()))
+        self.weights.append(float(model.weight.detach().sum()))
 
 
 def test_step_hooks_run_after_every_step_and_leave_rng_alone(tmp_path):
