@@ -16,6 +16,22 @@ out-of-domain like the paper's 3DIEBench) or photograph identity (``photos``, 8 
     sensitivity  partition ratio r and loss weight lambda (Table 8)
     elements     removing group elements from T_eq: rot90, hflip, scale (Table 9)
     everylayer   SER on the [CLS]-insertion layer vs on every block (Table 10)
+    arms         the comparison of issue 15, in-domain: per method (``--methods``), the
+                 baseline (lambda = 0 control, same r), SER, and the plain method (no
+                 T_eq); linear / 20-NN probes beside the raw-pixel and random-init
+                 baselines, centred equivariance per block, geometric corruptions
+
+``--data NAME`` pretrains and probes in-domain on one dataset (e.g. ``fashion-mnist``:
+train split for pretraining and the probes' training set / memory, test split for the
+queries); without it the built-in photographs are pretrained on and ``--probe-data`` probed.
+Every probe result carries its baselines (raw pixels, random-init encoder).
+
+``--preset gpu`` (the default with ``--device cuda``): GPU-size runs of the paper's best
+rows: Fashion-MNIST in-domain, ViT-S-like encoder (dim 384, depth 12, 6 heads) at 32 px
+with 4 px patches, 2 global + 4 local 16 px views (multi-crop), batch 1024, r = 0.04 (41
+SER images per batch, as r = 0.01 of the paper's 4096), 100 epochs, bf16 autocast, three
+seeds; ``--tiny`` shrinks any preset to a few seconds on the CPU through the same code
+(tests run ``--preset gpu --tiny --device cpu``).
 
 ``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
 numbers mean little; about 20 s of CPU per configuration). ``--size N`` overrides the image
@@ -25,7 +41,8 @@ five), so ``--quick --size 16`` (about half the cost) scales too.
 Results: ``runs/ser[-quick][-SIZEpx]/<study>.json`` and ``.md``; checkpoints
 under ``runs/ser[-quick]/<study>/<run>/`` (an existing finished run is reused).
 Example: ``python experiments/ser.py lambda0 --quick``; on several processes:
-``torchrun --nproc_per_node 4 experiments/ser.py table2`` (the batch is sharded).
+``torchrun --nproc_per_node 4 experiments/ser.py table2`` (the batch is sharded); on a GPU:
+``python experiments/ser.py arms --device cuda`` (``--methods mocov3,dino,barlow``).
 """
 
 from __future__ import annotations
@@ -49,8 +66,10 @@ from equivision.ssl import (
     build_method,
     rank_and_world,
 )
+from equivision.ssl.data import load_images
 from equivision.ssl.pretrain import PretrainConfig, pretrain
 from equivision.ssl.probe import fit_dataset, run_probes
+from equivision.ssl.views import local_policy
 from equivision.utils import seed_everything
 
 # --- scales ------------------------------------------------------------------------------
@@ -67,8 +86,32 @@ QUICK = {
     "patches_per_image": 24, "seeds": (0,),
     "pretrain": dict(epochs=2, batch_size=64, lr=1e-3, warmup_epochs=1, ratio=0.05),
     "ratios": (0.0, 0.03, 0.06), "severities": (3,),
-    "probe_steps": 100,
+    "probe_steps": 100, "pretrain_images": 1536, "probe_train": 2000, "probe_test": 1000,
 }
+GPU = {
+    # the paper's best rows (2 + 4 views) at a size an H100/H200 trains in ~15 min a run
+    "encoder": dict(image_size=32, patch_size=4, dim=384, depth=12, heads=6, cls_layer=6),
+    "data": "fashion-mnist", "patches_per_image": 400, "seeds": (0, 1, 2),
+    "pretrain": dict(epochs=100, batch_size=1024, lr=6e-4, warmup_epochs=10, ratio=0.04,
+                     local_crops=4, local_size=16),
+    "ratios": (0.0, 0.02, 0.04, 0.08), "severities": (1, 2, 3, 4, 5),
+    "probe_steps": 1000, "probe_train": None, "probe_test": None,
+}
+PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU}
+
+
+def tiny(scale: dict) -> dict:
+    """``scale`` shrunk to seconds on a CPU, every feature kept (multi-crop, the data, the
+    probes): a 16 px, 16-wide, 2-block encoder, one seed, one epoch of 32 images."""
+    enc = dict(image_size=16, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1)
+    pre = {**scale["pretrain"], "epochs": 1, "batch_size": 16, "warmup_epochs": 0}
+    if pre.get("local_crops"):
+        pre.update(local_crops=2, local_size=8)
+    return {**scale, "encoder": enc, "seeds": (0,), "pretrain": pre, "patches_per_image": 4,
+            "severities": (3,), "probe_steps": 5, "probe_train": 32, "probe_test": 16,
+            "pretrain_images": 32, "tiny": True}
+
+
 SMALL_HEADS = {"mocov3": dict(proj_dim=64, hidden=256), "barlow": dict(proj_dim=128, hidden=256),
                "dino": dict(out_dim=256, hidden=256, bottleneck=64)}
 TAU = {"mocov3": 0.3, "barlow": 0.3, "dino": 0.5}  # the paper's SER temperatures
@@ -84,14 +127,7 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
         which=("linear", "knn")) -> dict[str, Any]:
     """Pretrain one configuration for every seed and probe it; returns per-seed results."""
     enc_cfg = scale["encoder"]
-    data = photos("train", size=enc_cfg["image_size"],
-                  patches_per_image=scale["patches_per_image"], seed=0)
-    if args.probe_data == "digits":
-        tr = fit_dataset(get_dataset("digits", split="train"), enc_cfg["image_size"])
-        te = fit_dataset(get_dataset("digits", split="test"), enc_cfg["image_size"])
-    else:
-        tr = photos("train", size=enc_cfg["image_size"], patches_per_image=40, seed=1)
-        te = photos("test", size=enc_cfg["image_size"], patches_per_image=20, seed=1)
+    data, tr, te = datasets(args, scale)
     if ser is None and ratio is None:
         ratio = 0.0  # the plain baseline: every image gets the base policy T
     p_cfg = {**scale["pretrain"], **({} if ratio is None else {"ratio": ratio})}
@@ -100,14 +136,18 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
         seed_everything(seed)
         encoder = SSLViT(**enc_cfg)
         ser_cfg = None if ser is None else SERConfig(**{"tau": TAU[method], **ser})
-        kw = SMALL_HEADS[method] if args.quick else {}
+        kw = SMALL_HEADS[method] if args.quick or scale.get("tiny") else {}
         m = build_method(method, encoder, ser_cfg, **kw)
         sampler = None
         if views is not None:
             eq = EquivariantPolicy(enc_cfg["image_size"], enc_cfg["patch_size"], **views)
-            sampler = ViewSampler(BasePolicy(), eq, p_cfg["ratio"])
+            n_local = p_cfg.get("local_crops", 0)
+            local = local_policy(p_cfg["local_size"], enc_cfg["patch_size"]) if n_local \
+                else None
+            sampler = ViewSampler(BasePolicy(), eq, p_cfg["ratio"], local, n_local)
         out = args.out / study / f"{label}-seed{seed}".replace(" ", "_")
-        history = pretrain(m, data, PretrainConfig(**p_cfg, seed=seed), out_dir=out,
+        config = PretrainConfig(**p_cfg, seed=seed, device=args.device)
+        history = pretrain(m, data, config, out_dir=out,
                            resume=(out / "last.pt").exists(), views=sampler,
                            progress=not args.quiet, method_kwargs=kw)
         if rank_and_world()[0] != 0:  # under torchrun only rank 0 probes and writes
@@ -118,10 +158,29 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
                    "corruptions": {"steps": scale["probe_steps"],
                                    "severities": list(scale["severities"])}}
         probes = run_probes(m.backbone, tr, te, which=which, device=args.device,
-                            options={k: v for k, v in options.items() if k in which})
+                            options={k: v for k, v in options.items() if k in which},
+                            baselines=True)
         per_seed.append({"seed": seed, "final_loss": history["loss"][-1], **probes})
     return {"label": label, "method": method, "ser": ser, "ratio": p_cfg["ratio"],
             "views": views, "runs": per_seed}
+
+
+def datasets(args, scale: dict) -> tuple[Any, Any, Any]:
+    """``(pretraining images, probe train, probe test)``: one dataset in-domain with
+    ``--data`` (or the preset's ``data``), else photograph patches and ``--probe-data``."""
+    size = scale["encoder"]["image_size"]
+    name = args.data or scale.get("data")
+    if name:
+        n = scale.get("pretrain_images")
+        return (load_images(name, "train", size, n, seed=0),
+                load_images(name, "train", size, scale.get("probe_train"), seed=1),
+                load_images(name, "test", size, scale.get("probe_test"), seed=1))
+    data = photos("train", size=size, patches_per_image=scale["patches_per_image"], seed=0)
+    if args.probe_data == "digits":
+        return (data, fit_dataset(get_dataset("digits", split="train"), size),
+                fit_dataset(get_dataset("digits", split="test"), size))
+    return (data, photos("train", size=size, patches_per_image=40, seed=1),
+            photos("test", size=size, patches_per_image=20, seed=1))
 
 
 def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
@@ -137,7 +196,11 @@ def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None
 
     keys = {"linear top1": "linear/top1", "linear top5": "linear/top5", "20-NN top1": "knn/top1",
             "MLP top1": "mlp/top1", "corrupt appearance": "corruptions/mean_appearance",
-            "corrupt geometric": "corruptions/mean_geometric"}
+            "corrupt geometric": "corruptions/mean_geometric",
+            "linear top1 (random init)": "baselines/random_init/linear/top1",
+            "20-NN top1 (random init)": "baselines/random_init/knn/top1",
+            "linear top1 (raw pixels)": "baselines/raw_pixels/linear/top1",
+            "20-NN top1 (raw pixels)": "baselines/raw_pixels/knn/top1"}
     out = {name: mean_std(get(path)) for name, path in keys.items()}
     for g in ("rot90", "hflip", "scale"):
         vals = [(r.get("equivariance") or {}).get("centred", {}).get(g, [None])[-1]
@@ -153,11 +216,11 @@ def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None
 def write(args, study: str, entries: list[dict[str, Any]]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / f"{study}.json", json.dumps(
-        {"study": study, "quick": args.quick, "probe_data": args.probe_data,
-         "entries": entries}, indent=1))
+        {"study": study, "preset": args.preset, "tiny": args.tiny, "quick": args.quick,
+         "data": args.data, "probe_data": args.probe_data, "entries": entries}, indent=1))
     rows = [(e["label"], summary(e)) for e in entries]
     cols = list(dict.fromkeys(c for _, s in rows for c in s))
-    lines = [f"# SER {study}{' (quick)' if args.quick else ''}", "",
+    lines = [f"# SER {study} ({args.preset}{', tiny' if args.tiny else ''})", "",
              "| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, s in rows:
         cells = [f"{s[c][0]:.4f} ± {s[c][1]:.4f}" if c in s else "" for c in cols]
@@ -177,6 +240,11 @@ def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
         return [(f"{m}{' + SER' if on else ' (lambda=0)'}", dict(method=m, ser=ser if on else base,
                                                                    which=which))
                 for m in ("mocov3", "dino", "barlow") for on in (False, True)]
+    if s == "arms":
+        which = ("linear", "knn", "equivariance", "corruptions")
+        arms = {"baseline (lambda=0)": base, "SER": ser, "plain (no T_eq)": None}
+        return [(f"{m} {arm}", dict(method=m, ser=cfg, which=which))
+                for m in args.methods for arm, cfg in arms.items()]
     if s == "lambda0":
         return [("MoCo-v3 (plain, r=0)", dict(ser=None)), ("SER lambda=0", dict(ser=BASELINE)),
                 ("SER lambda=0.5", dict(ser=ser))]
@@ -197,26 +265,49 @@ def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
             ("SER (all layers)", dict(ser={**ser, "layer": "all"}))]
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=["table2", "lambda0", "layers", "sensitivity", "elements",
-                                     "everylayer"])
-    p.add_argument("--quick", action="store_true")
+                                     "everylayer", "arms"])
+    p.add_argument("--quick", action="store_true", help="the quick preset (--preset quick)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="sizes (default: gpu with --device cuda, else full; quick with "
+                   "--quick)")
+    p.add_argument("--tiny", action="store_true",
+                   help="shrink the preset to seconds on a CPU (tests; the same code path)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--data", default=None, help="pretrain and probe in-domain on this "
+                   "dataset (e.g. fashion-mnist, digits; default: the preset's, else photos)")
     p.add_argument("--probe-data", choices=["digits", "photos"], default="digits")
+    p.add_argument("--methods", type=lambda t: t.split(","), default=["mocov3"],
+                   help="methods of the arms study, e.g. mocov3,dino,barlow")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--size", type=int, default=None,
                    help="image size instead of the preset's (a multiple of its patch size)")
-    args = p.parse_args()
-    name = ("ser-quick" if args.quick else "ser") + (f"-{args.size}px" if args.size else "")
-    args.out = args.out or Path("runs") / name
-    scale = QUICK if args.quick else FULL
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("quick" if args.quick else "gpu"
+                                  if args.device.startswith("cuda") else "full")
+    args.quick = args.preset == "quick"
+    bad = [m for m in args.methods if m not in SMALL_HEADS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(SMALL_HEADS)}")
+    scale = PRESETS[args.preset]
     if args.size is not None:
         patch = scale["encoder"]["patch_size"]
         if args.size <= 0 or args.size % patch:
             p.error(f"--size must be a positive multiple of the patch size {patch}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    name = {"quick": "ser-quick", "full": "ser", "gpu": "ser-gpu"}[args.preset] + \
+        ("-tiny" if args.tiny else "") + (f"-{args.size}px" if args.size else "")
+    args.out = args.out or Path("runs") / name
+    scale = tiny(PRESETS[args.preset]) if args.tiny else PRESETS[args.preset]
+    if args.size is not None:
         scale = {**scale, "encoder": {**scale["encoder"], "image_size": args.size}}
     entries = []
     with warnings.catch_warnings():

@@ -75,6 +75,13 @@ def test_probe_prints_a_table_and_writes_json(pretrained, tmp_path, capsys):
     assert set(scores) == {"rot90", "hflip", "scale"}
     assert all(len(v) == 3 and all(-1.0 <= s <= 1.0 for s in v) for v in scores.values())
     assert not list(tmp_path.glob(".probe.json.*"))  # no temporary file left behind
+    # the baselines stand beside the trained numbers
+    for row in ("linear top1 / top5, random-init encoder", "k-NN top1 / top5, raw pixels",
+                "equivariance (centred) rot90, random-init encoder"):
+        assert row in text
+    base = d["probes"]["baselines"]
+    assert 0.0 <= base["raw_pixels"]["knn"]["top1"] <= 1.0
+    assert len(base["random_init"]["equivariance"]["centred"]["rot90"]) == 3
 
 
 def test_resume_refuses_a_changed_config(pretrained, capsys):
@@ -96,6 +103,7 @@ def test_existing_run_without_resume_is_refused(pretrained, capsys):
     (["--image-size", "18"], "not a multiple of --patch-size 4"),
     (["--ser-weight", "2"], "need --ser"),
     (["--ser", "--ratio", "0"], "--ratio > 0"),
+    (["--local-crops", "2", "--local-size", "6"], "--local-size 6 is not a multiple"),
 ])
 def test_bad_pretrain_options_give_one_line(tmp_path, capsys, argv, needle):
     rc = main(["pretrain", "--method", "dino", "--out", str(tmp_path / "x"), *TINY, *argv])
@@ -128,22 +136,36 @@ def test_methods_record_their_kwargs(name, kwargs):
 
 def test_section_ser_tiny(tmp_path):
     from equivision.demo import DemoContext
+    from equivision.ssl.baselines import random_init_like
     from equivision.ssl.demo import SERDemoSizes, section_ser
 
     sizes = SERDemoSizes(image_size=8, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1,
                          images=32, epochs=1, batch_size=16, probe_train=40, probe_test=20,
-                         eq_images=8)
+                         probe_steps=20, eq_images=8)
     ctx = DemoContext(out=tmp_path, device="cpu", progress=False)
     text = section_ser(ctx, sizes)
-    assert "| MoCo-v3 |" in text and "| MoCo-v3 + SER |" in text
-    assert "| random init (no pretraining) |" in text
-    assert "Pretrained under" in text
+    # in-domain: SER beside the lambda = 0 control and both baselines (issue 15; the
+    # pretrained baseline row was "MoCo-v3", a run without any SER config)
+    for row in ("| MoCo-v3 (lambda = 0 control) |", "| MoCo-v3 + SER |",
+                "| random init (no pretraining) |", "| raw pixels |"):
+        assert row in text
+    assert "Pretrained under" in text and "in-domain" in text
     runs = sorted(p.name for p in (tmp_path / "ser-demo").iterdir())
-    assert len(runs) == 2 and runs[0].endswith("-base") and runs[1].endswith("-ser")
+    assert len(runs) == 2 and runs[0].endswith("-control") and runs[1].endswith("-ser")
     res = ctx.artifacts["ser"]["results"]
-    assert res["MoCo-v3"]["loss_equiv"] == 0.0  # no SER term without SER
-    assert math.isfinite(res["MoCo-v3 + SER"]["loss_equiv"])
-    assert res["MoCo-v3 + SER"]["loss_equiv"] > 0
+    control, ser = res["MoCo-v3 (lambda = 0 control)"], res["MoCo-v3 + SER"]
+    # the control computes and reports the SER term but does not train on it
+    assert math.isfinite(control["loss_equiv"]) and control["loss_equiv"] > 0
+    assert math.isfinite(ser["loss_equiv"]) and ser["loss_equiv"] > 0
+    assert res["raw pixels"]["equivariance"] is None
+    for r in res.values():
+        assert 0.0 <= r["linear"]["top1"] <= 1.0 and 0.0 <= r["knn"]["top1"] <= 1.0
+    # the random-init row is the encoder both runs start from
+    start = random_init_like(SSLViT(image_size=8, patch_size=4, dim=16, depth=2, heads=2,
+                                    cls_layer=1), seed=0)
+    torch.manual_seed(0)
+    assert torch.equal(start.pos_embed, SSLViT(image_size=8, patch_size=4, dim=16, depth=2,
+                                               heads=2, cls_layer=1).pos_embed)
     # a second run reuses both checkpoints and gives the same numbers
     again = section_ser(ctx, sizes)
     assert "Reused the cached checkpoints" in again
@@ -168,3 +190,27 @@ def test_default_baseline_is_the_lambda_zero_control():
     assert _ser_config(parser.parse_args(base + ["--plain"])) is None
     with pytest.raises(CLIError, match="exclude each other"):
         _ser_config(parser.parse_args(base + ["--plain", "--ser"]))
+
+
+def test_pretrain_knn_every_writes_the_online_curve_across_a_resume(tmp_path, capsys):
+    run = tmp_path / "knn"
+    argv = ["pretrain", "--method", "mocov3", "--out", str(run), "--knn-every", "1",
+            "--knn-images", "12", *TINY, "--warmup-epochs", "1"]
+    assert main(argv) == 0
+    assert "online 20-NN top-1 on 12 held-out images" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="stretched"):  # the later --epochs wins
+        assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    rows = (run / "knn.csv").read_text().split()
+    assert rows[0] == "step,knn_top1"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]  # 2 steps per epoch
+    assert all(0.0 <= float(r.split(",")[1]) <= 1.0 for r in rows[1:])
+
+
+def test_pretrain_local_crops_reach_the_views(tmp_path):
+    run = tmp_path / "multicrop"
+    assert main(["pretrain", "--method", "dino", "--ser", "--out", str(run), *TINY,
+                 "--method-args", "out_dim=16,hidden=16,bottleneck=8", "--local-crops", "2",
+                 "--local-size", "8"]) == 0
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["config"]["local_crops"] == 2 and ckpt["config"]["local_size"] == 8
+    assert math.isfinite(ckpt["history"]["loss"][-1])

@@ -268,3 +268,33 @@ def test_knn_monitor_runs_as_a_runner_callback():
     assert enc.training  # the encoder's mode is restored
     with pytest.raises(ValueError, match="every"):
         KNNMonitor(held, probe, every=0)
+
+
+def test_knn_monitor_every_n_steps_leaves_the_run_exact():
+    from equivision.ssl.pretrain import PretrainConfig, pretrain
+
+    def trained(callbacks):
+        torch.manual_seed(0)
+        enc = SSLViT(image_size=16, patch_size=4, dim=16, depth=2, heads=2, cls_layer=1)
+        method = build_method("mocov3", enc, SERConfig.control("mocov3", proj_dim=8,
+                                                               hidden=16),
+                              proj_dim=8, hidden=16)
+        cfg = PretrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_epochs=0, ratio=0.25)
+        pretrain(method, x, cfg, progress=False, callbacks=callbacks)
+        return method
+
+    x = _smooth(24, 16)
+    labels = torch.arange(24) % 3
+    held = ImageDataset(x[:12], labels[:12], ["a", "b", "c"])
+    probe = ImageDataset(x[12:], labels[12:], ["a", "b", "c"])
+    monitor = KNNMonitor(held, probe, every_steps=2, k=5)
+    watched = trained([monitor])
+    assert monitor.history["step"] == [2, 4, 6]  # 3 steps per epoch, 2 epochs
+    assert monitor.history["epoch"] == [] and len(monitor.history["knn_top1"]) == 3
+    assert all(0 <= v <= 1 for v in monitor.history["knn_top1"])
+    plain = trained([])
+    assert all(torch.equal(a, b) for a, b in zip(watched.state_dict().values(),
+                                                 plain.state_dict().values()))
+    assert monitor.history["knn_top1"][-1] == pytest.approx(monitor.measure(watched.backbone))
+    with pytest.raises(ValueError, match="every_steps"):
+        KNNMonitor(held, probe, every_steps=0)

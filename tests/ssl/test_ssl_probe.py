@@ -23,6 +23,7 @@ from equivision.ssl.probe import (
     knn_probe,
     linear_probe,
     mlp_probe,
+    probe_baselines,
     run_probes,
     transformation_prediction,
 )
@@ -167,3 +168,33 @@ def test_probes_leave_the_global_rng_and_modes_alone():
     linear_probe(*extract_features(enc, dataset(6)), *extract_features(enc, dataset(6)),
                  steps=5)
     assert torch.equal(state, torch.get_rng_state()) and enc.training
+
+
+def test_baselines_are_raw_pixels_and_a_seeded_random_twin():
+    from equivision.ssl.baselines import pixel_features, random_init_like
+
+    trained = encoder(seed=3)
+    with torch.no_grad():
+        trained.pos_embed.add_(1.0)  # as if trained: not what a fresh init gives
+    twin = random_init_like(trained, seed=0)
+    assert twin.config() == trained.config() and not twin.training
+    assert not torch.equal(twin.pos_embed, trained.pos_embed)
+    fresh = encoder(seed=0)  # the same seed gives the same untrained weights
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(),
+                                                 fresh.state_dict().values()))
+    state = torch.get_rng_state()
+    train, test = dataset(24, seed=1), dataset(12, seed=2)
+    out = probe_baselines(trained, train, test, options={"linear": {"steps": 20},
+                                                         "equivariance": {"max_images": 4}})
+    assert torch.equal(torch.get_rng_state(), state)
+    ftr = pixel_features(train.images)
+    assert ftr.shape == (24, 3 * 16 * 16)
+    pixels = (ftr, train.labels, pixel_features(test.images), test.labels)
+    assert out["raw_pixels"]["knn"] == knn_probe(*pixels)
+    assert out["raw_pixels"]["linear"]["top1"] == linear_probe(*pixels, steps=20)["top1"]
+    twin_feats = (*extract_features(twin, train), *extract_features(twin, test))
+    assert out["random_init"]["knn"] == knn_probe(*twin_feats)
+    assert set(out["random_init"]["equivariance"]["centred"]) == {"rot90", "hflip", "scale"}
+    full = run_probes(trained, train, test, which=["knn"], baselines=True)
+    assert full["baselines"]["random_init"]["knn"] == out["random_init"]["knn"]
+    json.dumps(full)

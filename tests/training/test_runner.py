@@ -152,3 +152,50 @@ def test_malformed_rng_state_is_a_checkpoint_error(tmp_path):
     save_checkpoint(tmp_path / "last.pt", ckpt)  # a valid checksum: the RNG check must catch it
     with warnings.catch_warnings(), pytest.raises(CheckpointError, match="RNG state"):
         run(NoisyRegression(), options(tmp_path, resume=True))
+
+
+class SteppedRegression(NoisyRegression):
+    """NoisyRegression that reports each of its 8 steps per epoch to the runner."""
+
+    def run_epoch(self, epoch):
+        total = 0.0
+        for k, i in enumerate(torch.randperm(8, generator=self.order).tolist()):
+            target = self.x[i].sum() + 0.1 * torch.randn(())
+            loss = (self.model(self.x[i]).squeeze() - target) ** 2
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            self.end_step((epoch - 1) * 8 + k + 1)
+        return {"epoch": epoch, "loss": total / 8, "draw": float(torch.rand(()))}
+
+
+class StepRecorder:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.weights: list[float] = []
+
+    def on_step_end(self, step, model) -> None:
+        torch.rand(3)  # must not change the run's random stream
+        self.steps.append(step)
+        self.weights.append(float(model.weight.detach().sum()))
+
+
+def test_step_hooks_run_after_every_step_and_leave_rng_alone(tmp_path):
+    plain = run(SteppedRegression(), options(None, epochs=3))
+    recorder = StepRecorder()
+    watched = run(SteppedRegression(), options(None, epochs=3, callbacks=[recorder]))
+    assert plain == watched  # the hook's random draws did not leak into the run
+    assert recorder.steps == list(range(1, 25))
+    assert len(set(recorder.weights)) == 24  # called after each update, with the model
+    # a resumed run goes on counting; epoch-only callbacks and steps coexist
+    first, rest, both = StepRecorder(), StepRecorder(), Recorder()
+    run(SteppedRegression(), options(tmp_path, epochs=3, stop_after=1, callbacks=[first]))
+    resumed = run(SteppedRegression(), options(tmp_path, epochs=3, resume=True,
+                                               callbacks=[rest, both]))
+    assert first.steps == list(range(1, 9)) and rest.steps == list(range(9, 25))
+    assert [e for e, _ in both.seen] == [2, 3] and resumed == plain
+    # a task that never reports steps runs its epoch callbacks only
+    quiet = StepRecorder()
+    run(NoisyRegression(), options(None, epochs=1, callbacks=[quiet]))
+    assert quiet.steps == []

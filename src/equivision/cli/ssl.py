@@ -3,27 +3,32 @@
 ``pretrain`` builds an :class:`~equivision.ssl.vit.SSLViT`, wraps it in MoCo-v3, DINO or
 Barlow Twins (optionally with Soft Equivariance Regularization) and runs
 :func:`equivision.ssl.pretrain.pretrain` (atomic ``OUT/last.pt``, exact ``--resume``, sharded
-batches under ``torchrun``). ``probe`` loads the encoder of such a checkpoint and runs
-:func:`equivision.ssl.probe.run_probes` on digits or photographs, printing a summary table and
-optionally writing every number as JSON.
+batches and SyncBatchNorm projectors under ``torchrun``; multi-crop with ``--local-crops``;
+an online 20-NN monitor on held-out images with ``--knn-every``, written to
+``OUT/knn.csv``). ``probe`` loads the encoder of such a checkpoint and runs
+:func:`equivision.ssl.probe.run_probes` on any dataset (``--data``), printing a summary
+table with the baselines beside the trained numbers (linear and 20-NN on raw pixels and
+on a random-init encoder, the random-init encoder's centred equivariance) and optionally
+writing every number as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
-from ..io import check_writable_file
+from ..io import check_writable_file, write_csv
 from ..ssl import SERConfig, SSLViT, build_method
 from ..ssl.data import load_images
 from ..ssl.gather import rank_and_world
 from ..ssl.methods import SSL_METHODS
 from ..ssl.pretrain import PretrainConfig, default_views, load_pretrained, pretrain
-from ..ssl.probe import PROBES, run_probes
+from ..ssl.probe import PROBES, KNNMonitor, run_probes
 from ..ssl.views import patch_aligned_scales
 from ..utils import seed_everything
 from .common import (
@@ -81,6 +86,39 @@ def _check_sizes(args: argparse.Namespace) -> None:
             f"--image-size {args.image_size} is not a multiple of --patch-size "
             f"{args.patch_size}; use e.g. --image-size "
             f"{max(1, args.image_size // args.patch_size) * args.patch_size}")
+    local = getattr(args, "local_size", None)
+    if local is not None and local % args.patch_size:
+        raise CLIError(
+            f"--local-size {local} is not a multiple of --patch-size {args.patch_size}; use "
+            f"e.g. --local-size {max(1, local // args.patch_size) * args.patch_size}")
+
+
+def _knn_monitor(args: argparse.Namespace) -> KNNMonitor | None:
+    """``--knn-every N``: an online k-NN monitor every N steps; memory bank: the first
+    ``--knn-images`` pretraining images with their labels, queries: as many held-out
+    images (the ``val`` split, carved from the training data and never pretrained on;
+    ``photos`` has none and uses patches of its ``test`` split)."""
+    if args.knn_every is None:
+        return None
+    held = "test" if args.data == "photos" else "val"
+    bank = load_images(args.data, "train", args.image_size, args.knn_images,
+                       seed=args.data_seed, root=args.data_root)
+    queries = load_images(args.data, held, args.image_size, args.knn_images,
+                          seed=args.data_seed, root=args.data_root)
+    return KNNMonitor(bank, queries, every_steps=args.knn_every)
+
+
+def _write_knn(path: Path, monitor: KNNMonitor) -> None:
+    """``OUT/knn.csv`` (``step, knn_top1``): the rows of an earlier invocation (before
+    ``--resume``) up to this one's first step, then this one's."""
+    new = list(zip(monitor.history["step"], monitor.history["knn_top1"]))
+    first = new[0][0] if new else float("inf")
+    old: list[tuple[int, float]] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = [(int(r["step"]), float(r["knn_top1"])) for r in csv.DictReader(f)
+                   if int(r["step"]) < first]
+    write_csv(path, ("step", "knn_top1"), old + new)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -101,7 +139,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             warmup_epochs=min(args.warmup_epochs, args.epochs),
                             weight_decay=args.weight_decay, ratio=ratio, seed=args.seed,
-                            device=args.device, amp=args.amp)
+                            device=args.device, amp=args.amp, local_crops=args.local_crops,
+                            local_size=args.local_size)
     data = load_images(args.data, "train", args.image_size, args.images, seed=args.data_seed,
                        root=args.data_root)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # before torchrun's group exists
@@ -112,9 +151,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     try:
         with warnings.catch_warnings():  # the note above says it once
             warnings.filterwarnings("ignore", message="no patch-aligned scale")
-            views = default_views(encoder, ratio) if ratio > 0 else None
+            views = default_views(encoder, ratio, args.local_crops,
+                                  args.local_size) if ratio > 0 else None
+            monitor = _knn_monitor(args)
             history = pretrain(method, data, config, out_dir=out, resume=args.resume,
-                               views=views, progress=show_progress(args))
+                               views=views, progress=show_progress(args),
+                               callbacks=[monitor] if monitor else [])
     except FileExistsError as err:
         raise CLIError(f"{err} (add --resume)") from None
     except CheckpointError as err:
@@ -127,6 +169,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"done: {args.method}{' + SER' if ser else ''}, {n} epochs "
           f"({len(data)} images), loss {loss:.4f}, equivariance loss {equiv:.4f}; "
           f"checkpoint {out / 'last.pt'}")
+    if monitor is not None and monitor.history["step"]:
+        _write_knn(out / "knn.csv", monitor)
+        curve = ", ".join(f"{s}: {v:.3f}" for s, v in zip(monitor.history["step"],
+                                                         monitor.history["knn_top1"]))
+        print(f"online 20-NN top-1 on {len(monitor.test)} held-out images (step: top-1): "
+              f"{curve}; {out / 'knn.csv'}")
 
 
 # ----------------------------------------------------------------------------- probe
@@ -136,15 +184,37 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _top(r: dict[str, Any] | None) -> str:
+    return "-" if not r else f"{_fmt(r.get('top1'))} / {_fmt(r.get('top5'))}"
+
+
+def _baseline_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows of the baselines (raw pixels, random-init encoder) of ``results``."""
+    base = results.get("baselines")
+    if not base:
+        return []
+    rows: list[tuple[str, str]] = []
+    for name, label in (("linear", "linear"), ("knn", "k-NN")):
+        rows.append((f"{label} top1 / top5, random-init encoder",
+                     _top(base["random_init"].get(name))))
+        rows.append((f"{label} top1 / top5, raw pixels", _top(base["raw_pixels"].get(name))))
+    for g, scores in base["random_init"]["equivariance"]["centred"].items():
+        rows.append((f"equivariance (centred) {g}, random-init encoder",
+                     " ".join(f"{s:.3f}" for s in scores)))
+    return rows
+
+
 def probe_table(results: dict[str, Any]) -> str:
     """A plain-text summary of :func:`~equivision.ssl.probe.run_probes`'s result: one line
     per headline number (classification top-1/top-5, per-block equivariance scores,
-    transformation-prediction accuracy per block, corruption accuracies)."""
+    transformation-prediction accuracy per block, corruption accuracies), then the
+    baselines when present (linear and k-NN on a random-init encoder and on raw pixels,
+    the random-init encoder's centred equivariance per block)."""
     rows: list[tuple[str, str]] = []
     for name in ("linear", "knn", "mlp"):
         r = results.get(name)
         if r:
-            rows.append((f"{name} top1 / top5", f"{_fmt(r.get('top1'))} / {_fmt(r.get('top5'))}"))
+            rows.append((f"{name} top1 / top5", _top(r)))
     eq = results.get("equivariance")
     if eq:
         for g, scores in eq["centred"].items():
@@ -163,6 +233,7 @@ def probe_table(results: dict[str, Any]) -> str:
         rows.append(("corruptions clean", _fmt(cr.get("clean"))))
         for key in ("mean_appearance", "mean_geometric", "mean_all"):
             rows.append((f"corruptions {key.replace('_', ' ')}", _fmt(cr.get(key))))
+    rows += _baseline_rows(results)
     width = max((len(k) for k, _ in rows), default=10)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -191,7 +262,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
         "corruptions": {**steps, **({"severities": args.severities} if args.severities
                                     else {})}}
     results = run_probes(encoder, tr, te, which=which, device=args.device,
-                         options={k: v for k, v in options.items() if k in which})
+                         options={k: v for k, v in options.items() if k in which},
+                         baselines=not args.no_baselines)
     ser = info.get("ser_config")
     head = (f"{info.get('method_name')}{' + SER' if ser else ''}, epoch {info.get('epoch')}, "
             f"encoder {info.get('encoder_config')}; probed on {args.data} "
@@ -237,6 +309,14 @@ def add_parsers(sub: Any) -> None:
                    help="fraction r of each batch with equivariant views (default "
                    f"{SERConfig.RATIO} with --ser and for its lambda = 0 control, 0 with "
                    "--plain)")
+    p.add_argument("--local-crops", type=int, choices=range(0, 17), default=0,
+                   metavar="N", help="multi-crop: N small local views per image besides the "
+                   "two global ones (0-16; DINO's student sees all, its teacher and "
+                   "MoCo-v3's momentum encoder only the globals; Barlow Twins pairs each "
+                   "local with each global; SER uses the globals)")
+    p.add_argument("--local-size", type=positive_int, default=None, metavar="PX",
+                   help="side of the local views, a multiple of --patch-size (default half "
+                   "--image-size)")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=finite, default=5e-4)
@@ -253,6 +333,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--images", "--max-images", dest="images", type=positive_int,
                    default=None, help="use at most N pretraining images")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the photo patches")
+    p.add_argument("--knn-every", type=positive_int, default=None, metavar="N",
+                   help="online 20-NN monitor every N steps on held-out images (the val "
+                   "split; test patches for photos); writes OUT/knn.csv")
+    p.add_argument("--knn-images", type=positive_int, default=512,
+                   help="images in the monitor's memory bank and in its held-out queries")
     p.add_argument("--out", required=True, help="directory for last.pt, log.csv, steps.csv")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--seed", type=int, default=0)
@@ -279,6 +364,10 @@ def add_parsers(sub: Any) -> None:
                    help="optimizer steps of the trained probes (default 300)")
     q.add_argument("--severities", type=lambda s: [int(v) for v in s.split(",")],
                    default=None, help="corruption severities, e.g. 1,3,5 (default 1..5)")
+    q.add_argument("--no-baselines", action="store_true",
+                   help="skip the baselines printed beside the trained numbers (linear and "
+                   "20-NN on raw pixels and on a random-init encoder, the random-init "
+                   "encoder's centred equivariance)")
     q.add_argument("--json", help="write all results to this JSON file (atomically)")
     q.add_argument("--device", default="auto")
     q.set_defaults(func=cmd_probe)

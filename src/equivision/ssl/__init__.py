@@ -24,6 +24,7 @@ from .methods import (
     SSLMethod,
     build_method,
 )
+from .syncbn import SyncBatchNorm, convert_sync_batchnorm
 from .views import (
     BasePolicy,
     EquivariantPolicy,
@@ -39,7 +40,7 @@ from .vit import SSLViT, ViTOutput
 __all__ = [
     "DINO", "AugSelfHead", "BarlowTwins", "BasePolicy", "DINOLoss", "EquiModHead",
     "EquivariantPolicy", "MoCoV3", "PatchNTXent", "Photometric", "SERConfig", "SSLMethod",
-    "SSL_METHODS",
+    "SSL_METHODS", "SyncBatchNorm", "convert_sync_batchnorm",
     "SSLViT", "ViTOutput", "ViewBatch", "ViewSampler", "act_on_maps", "all_reduce_sum",
     "barlow_twins_loss", "build_method", "check_patch_aligned", "gather_no_grad",
     "gather_with_grad", "geometric_params", "infonce", "patch_aligned_scales",

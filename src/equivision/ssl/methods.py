@@ -5,7 +5,23 @@
 batch (T and T_eq images together); the equivariance term uses only the T_eq part
 (``batch.eq_index``) and is weighted by ``SERConfig.weight`` (lambda).  With
 ``weight = 0`` (the control) the term is still computed and reported, but adds
-nothing.  Every method records its constructor keyword arguments (SER excluded) in
+nothing.
+
+Multi-crop (``batch.local_views``, small views of every image) feeds only the base loss:
+
+* DINO, as in its paper: the student sees every view, the teacher the two global ones;
+  each student view is scored against each teacher view but its own.
+* MoCo-v3 (our choice; the MoCo-v3 paper has no multi-crop): the momentum encoder, like
+  DINO's teacher, encodes only the two global views; every view's query is scored
+  against the key of each global view but its own. The loss is twice the mean over
+  these pairs, so with no local views it is MoCo-v3's symmetric loss unchanged.
+* Barlow Twins (our choice, as DINO pairs views): the cross-correlation loss of the two
+  global views and of each local view with each global view, averaged over these
+  pairs, so with no local views it is the two-view loss unchanged.
+
+The SER term always uses the two global views of the T_eq images.
+
+Every method records its constructor keyword arguments (SER excluded) in
 ``method.method_kwargs``, which :func:`~equivision.ssl.pretrain.pretrain` stores so that
 :func:`~equivision.ssl.pretrain.load_method` rebuilds the same method.  Call
 :meth:`SSLMethod.on_step_end` after every optimiser step: it moves the
@@ -207,6 +223,14 @@ class SSLMethod(nn.Module):
                           None if maps is None else [t[i * b:(i + 1) * b] for t in maps])
                 for i in range(2)]
 
+    def encode_locals(self, batch: ViewBatch) -> list[Tensor]:
+        """The student's final [CLS] ``(B, D)`` of every local view of ``batch`` (one
+        forward pass over all of them; ``[]`` without multi-crop)."""
+        if not batch.local_views:
+            return []
+        cls = self.backbone(torch.cat(batch.local_views)).cls
+        return list(cls.split(batch.local_views[0].shape[0]))
+
     def equivariance_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
         """The SER (or AugSelf / EquiMod) term on the T_eq part; 0 without one."""
         zero = outs[0].cls.new_zeros(())
@@ -307,11 +331,14 @@ class MoCoV3(SSLMethod):
         self.momentum_projector = _frozen_copy(self.projector)
 
     def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
-        q = [self.predictor(self.projector(o.cls)) for o in outs]
+        cls = [o.cls for o in outs] + self.encode_locals(batch)
+        q = [self.predictor(self.projector(c)) for c in cls]
         with torch.no_grad():
             k = [self.momentum_projector(encode_view(self.momentum_backbone, batch, v).cls)
                  for v in range(2)]
-        return infonce(q[0], k[1], self.tau) + infonce(q[1], k[0], self.tau)
+        pairs = [infonce(qv, kg, self.tau) for v, qv in enumerate(q)
+                 for g, kg in enumerate(k) if v != g]
+        return torch.stack(pairs).sum() * (2 / len(pairs))  # exact sum for 2 views
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         self.momentum = cosine_momentum(self.base_momentum, step, total_steps)
@@ -356,7 +383,7 @@ class DINO(SSLMethod):
                                   warmup_frac, center_momentum)
 
     def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
-        student = [self.head(o.cls) for o in outs]
+        student = [self.head(c) for c in [o.cls for o in outs] + self.encode_locals(batch)]
         with torch.no_grad():
             teacher = [self.teacher_head(encode_view(self.teacher_backbone, batch, v).cls)
                        for v in range(2)]
@@ -380,8 +407,10 @@ class BarlowTwins(SSLMethod):
         self.projector = mlp(encoder.dim, hidden, proj_dim, layers=3, bn=True, act=nn.ReLU)
 
     def ssl_loss(self, outs: list[ViTOutput], batch: ViewBatch) -> Tensor:
-        return barlow_twins_loss(self.projector(outs[0].cls), self.projector(outs[1].cls),
-                                 self.lambd)
+        z = [self.projector(c) for c in [o.cls for o in outs] + self.encode_locals(batch)]
+        pairs = [(0, 1)] + [(g, v) for v in range(2, len(z)) for g in range(2)]
+        return torch.stack([barlow_twins_loss(z[a], z[b], self.lambd)
+                            for a, b in pairs]).mean()
 
 
 def _method_key(name: str) -> str:

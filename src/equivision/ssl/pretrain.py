@@ -23,8 +23,10 @@ remaining state is in the checkpoint.
 
 Under ``torchrun`` (or any initialised ``torch.distributed`` process group) every process
 takes its share ``batch[rank::world]`` of each global batch, gradients are averaged with
-``all_reduce`` (gloo on CPU, NCCL on CUDA), buffers (BatchNorm statistics) are broadcast
-from rank 0 after every step as DDP does, and only rank 0 writes files.
+``all_reduce`` (gloo on CPU, NCCL on CUDA), the projectors' BatchNorm layers are
+converted to :class:`~equivision.ssl.syncbn.SyncBatchNorm` (statistics over the global
+batch, on CPUs too), buffers are broadcast from rank 0 after every step as DDP does, and
+only rank 0 writes files.
 
 Example::
 
@@ -65,7 +67,8 @@ from ..utils import resolve_device, seed_everything
 from . import methods
 from .methods import SERConfig, build_method
 from .schedules import cosine, warmup_cosine
-from .views import BasePolicy, EquivariantPolicy, ViewSampler
+from .syncbn import convert_sync_batchnorm
+from .views import BasePolicy, EquivariantPolicy, ViewSampler, local_policy
 from .vit import SSLViT
 
 __all__ = [
@@ -121,6 +124,11 @@ class PretrainConfig:
             ``"auto"`` each process takes ``cuda:LOCAL_RANK``).
         amp: ``"auto"`` (bf16 autocast on CUDA, off elsewhere), ``"bf16"`` (also on CPU) or
             ``"off"``.
+        local_crops: multi-crop's small local views per image besides the two global
+            ones (0: two views); used by :func:`default_views` (a ``views=`` sampler of
+            your own brings its own).
+        local_size: their side in pixels, a multiple of the patch size (None: half the
+            image size, rounded down to the patch size).
     """
 
     epochs: int = 100
@@ -136,6 +144,8 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
+    local_crops: int = 0
+    local_size: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -171,6 +181,13 @@ class PretrainConfig:
             raise bad("ratio", "a number in [0, 1]")
         if self.amp not in ("auto", "bf16", "off"):
             raise bad("amp", "'auto', 'bf16' or 'off'")
+        if not isinstance(self.local_crops, int) or isinstance(self.local_crops, bool) \
+                or self.local_crops < 0:
+            raise bad("local_crops", "an integer >= 0")
+        if self.local_size is not None and (not isinstance(self.local_size, int)
+                                            or isinstance(self.local_size, bool)
+                                            or self.local_size < 1):
+            raise bad("local_size", "None or an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (stored in checkpoints)."""
@@ -264,14 +281,21 @@ def _method_identity(method: nn.Module, method_kwargs: dict[str, Any] | None
     return out
 
 
-def default_views(encoder: nn.Module, ratio: float) -> Callable[..., Any]:
+def default_views(encoder: nn.Module, ratio: float, local_crops: int = 0,
+                  local_size: int | None = None) -> Callable[..., Any]:
     """The standard view sampler for ``encoder``'s image size: the base SSL policy ``T`` for
-    ``1 - r`` of each batch and the equivariant policy ``T_eq`` for the first ``r``."""
+    ``1 - r`` of each batch and the equivariant policy ``T_eq`` for the first ``r``; with
+    ``local_crops > 0`` that many multi-crop local views of every image
+    (:func:`~equivision.ssl.views.local_policy`, ``local_size`` px; default half the image
+    size, rounded down to the patch size)."""
     size = int(getattr(encoder, "image_size", 32))
     patch = int(getattr(encoder, "patch_size", 4))
     base = _build(BasePolicy, image_size=size)
     eq = _build(EquivariantPolicy, image_size=size, patch_size=patch) if ratio > 0 else None
-    return ViewSampler(base, eq, ratio)
+    if not local_crops:
+        return ViewSampler(base, eq, ratio)
+    side = local_size if local_size is not None else max(patch, size // 2 // patch * patch)
+    return ViewSampler(base, eq, ratio, local_policy(side, patch), local_crops)
 
 
 def _build(cls: Any, **kwargs: Any) -> Any:
@@ -363,12 +387,15 @@ class PretrainTask(TrainingTask):
         self.identity = _method_identity(method, method_kwargs)
         self.encoder_config = _plain(self.encoder.config()) if hasattr(
             self.encoder, "config") else {}
+        if self.world > 1:  # projector BatchNorm over the global batch (MoCo-v3, Barlow)
+            convert_sync_batchnorm(method)
         method.to(self.device)
         groups = _param_groups(method)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        self.views = default_views(self.encoder, config.ratio) if views is None else views
+        self.views = default_views(self.encoder, config.ratio, config.local_crops,
+                                   config.local_size) if views is None else views
         self.step_log: dict[str, list[Any]] = {k: [] for k in STEP_KEYS}
         self.step = 0
         self.progress = progress and self.rank == 0
@@ -384,9 +411,12 @@ class PretrainTask(TrainingTask):
                 "ser": self.identity["ser_config"], "config": _plain(self.config.to_dict())}
 
     def check_resume(self, ckpt: dict[str, Any], where: str) -> list[str]:
+        config = ckpt.get("config")
+        if isinstance(config, dict):  # written before multi-crop: two views
+            config = {"local_crops": 0, "local_size": None, **config}
         saved = {"encoder": ckpt.get("encoder_config"), "method": ckpt.get("method_name"),
                  "method_kwargs": ckpt.get("method_kwargs"), "ser": ckpt.get("ser_config"),
-                 "config": ckpt.get("config")}
+                 "config": config}
         diffs = config_differences(saved, self._identity_now(),
                                    ignore=tuple(f"config.{k}" for k in _RESUME_FREE))
         if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
@@ -468,6 +498,7 @@ class PretrainTask(TrainingTask):
         for k in STEP_KEYS:
             self.step_log[k].append(row[k])
         self.step += 1
+        self.end_step(self.step)  # the runner's step hooks (e.g. an online k-NN monitor)
         return v
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -553,8 +584,9 @@ def pretrain(
             SER config), recorded so that :func:`load_method` can rebuild it; they update
             the method's own ``method_kwargs`` attribute (which the built-in methods fill
             with all their constructor arguments), so they are rarely needed.
-        callbacks: objects with ``on_epoch_end(epoch, model, history)``, run by the shared
-            runner after each epoch (e.g. :class:`~equivision.ssl.probe.KNNMonitor`).
+        callbacks: objects with ``on_epoch_end(epoch, model, history)`` and / or
+            ``on_step_end(step, model)``, run by the shared runner after each epoch / each
+            step (``step`` from 1; e.g. :class:`~equivision.ssl.probe.KNNMonitor`).
 
     Returns:
         The history: a dict of equal-length lists keyed by :data:`EPOCH_KEYS` (epoch means of

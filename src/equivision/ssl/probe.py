@@ -12,7 +12,9 @@ All functions work on an encoder with the :class:`~equivision.ssl.vit.SSLViT` in
 * :func:`transformation_prediction` -- per-block linear probes predicting the applied
   rotation (4 classes) or flip (2 classes) from pooled tokens;
 * :func:`corruption_robustness` -- accuracy of a linear probe under generated corruptions;
-* :func:`run_probes` -- any subset of the above, as one JSON-serializable dict.
+* :func:`run_probes` -- any subset of the above, as one JSON-serializable dict, with
+  (``baselines=True``) :func:`probe_baselines`: the same linear and k-NN probes on raw
+  pixels and on a random-init twin of the encoder, and the twin's equivariance scores.
 
 :func:`fit_images` / :func:`fit_dataset` adapt other datasets (e.g. 1x28x28 digits) to the
 encoder's input size and channels. Every function restores the encoder's train/eval mode
@@ -32,10 +34,12 @@ from torch import Tensor, nn
 from ..data import ImageDataset
 from ..measure.compare import Comparator, per_image_cosine
 from ..measure.stats import PairStats, per_image
+from ..training.distributed import dist_info
 from ..transforms import Layout, Transform, as_transforms, hflip, rot90
 from ..transforms.affine import Scale
 from ..transforms.layout import as_stride
 from ..utils import model_device, resolve_device
+from .baselines import pixel_features, random_init_like
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "equivariance_scores",
     "transformation_prediction",
     "corruption_robustness",
+    "probe_baselines",
     "run_probes",
 ]
 
@@ -364,26 +369,34 @@ def knn_probe(
 
 
 class KNNMonitor:
-    """Online k-NN monitor for pretraining: every ``every`` epochs, the weighted k-NN
-    top-1 (:func:`knn_probe`, final [CLS]) of the encoder on a held-out slice.
+    """Online k-NN monitor for pretraining: the weighted k-NN top-1 (:func:`knn_probe`,
+    final [CLS]) of the encoder on a held-out slice, every ``every`` epochs or, with
+    ``every_steps``, every ``every_steps`` optimiser steps.
 
-    A callback with ``on_epoch_end(epoch, model, history)`` for
-    :func:`equivision.training.run` (``RunOptions(callbacks=[monitor])``; ``model`` is the
-    SSL method, its ``backbone`` the encoder); results accumulate in :attr:`history` as
-    ``{"epoch": [...], "knn_top1": [...]}``.
+    A callback for :func:`equivision.training.run` (``RunOptions(callbacks=[monitor])``,
+    or ``pretrain(callbacks=[monitor])``): ``on_epoch_end(epoch, model, history)`` and
+    ``on_step_end(step, model)`` (``model`` is the SSL method, its ``backbone`` the
+    encoder). Results accumulate in :attr:`history` as ``{"epoch": [...], "step": [...],
+    "knn_top1": [...]}`` (``"epoch"`` filled when counting epochs, ``"step"`` when
+    counting steps). Under torchrun only rank 0 measures (the others skip).
 
     Args:
         train, test: labelled datasets (the memory bank and the held-out queries).
         every: run after epochs ``every, 2·every, ...`` (1-based, as the runner counts).
         k, n_last: neighbours and [CLS] layers (see :func:`extract_features`).
+        every_steps: run after steps ``every_steps, 2·every_steps, ...`` instead (1-based,
+            counted over the whole run); ``every`` is then ignored.
     """
 
     def __init__(self, train: Any, test: Any, every: int = 1, k: int = 20,
-                 n_last: int = 0) -> None:
+                 n_last: int = 0, every_steps: int | None = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if every_steps is not None and every_steps < 1:
+            raise ValueError(f"every_steps must be None or >= 1, got {every_steps}")
         self.train, self.test, self.every, self.k, self.n_last = train, test, every, k, n_last
-        self.history: dict[str, list[float]] = {"epoch": [], "knn_top1": []}
+        self.every_steps = every_steps
+        self.history: dict[str, list[float]] = {"epoch": [], "step": [], "knn_top1": []}
 
     def measure(self, encoder: nn.Module) -> float:
         """k-NN top-1 of ``encoder`` now (its train / eval mode is restored)."""
@@ -391,13 +404,22 @@ class KNNMonitor:
         te = extract_features(encoder, self.test, n_last=self.n_last)
         return knn_probe(*tr, *te, k=min(self.k, len(tr[0])))["top1"]
 
-    def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
-        """Measure after (1-based) ``epoch`` when it is a multiple of ``every``."""
-        if epoch % self.every:
+    def _record(self, key: str, count: int, model: nn.Module) -> None:
+        if dist_info()[0] != 0:
             return
-        encoder = getattr(model, "backbone", model)
-        self.history["epoch"].append(epoch)
-        self.history["knn_top1"].append(self.measure(encoder))
+        self.history[key].append(count)
+        self.history["knn_top1"].append(self.measure(getattr(model, "backbone", model)))
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
+        """Measure after (1-based) ``epoch`` when it is a multiple of ``every`` (not when
+        counting steps)."""
+        if self.every_steps is None and epoch % self.every == 0:
+            self._record("epoch", epoch, model)
+
+    def on_step_end(self, step: int, model: nn.Module) -> None:
+        """Measure after (1-based) ``step`` when it is a multiple of ``every_steps``."""
+        if self.every_steps is not None and step % self.every_steps == 0:
+            self._record("step", step, model)
 
 
 # ----------------------------------------------------------------------------- equivariance
@@ -623,6 +645,52 @@ class _Pair:
         return len(self.images)
 
 
+# ----------------------------------------------------------------------------- baselines
+
+
+def _classify(feats: tuple[Tensor, Tensor, Tensor, Tensor], linear: dict[str, Any],
+              knn: dict[str, Any]) -> dict[str, Any]:
+    """Linear and k-NN probes on ``(train_x, train_y, test_x, test_y)``."""
+    return {"linear": linear_probe(*feats, **linear), "knn": knn_probe(*feats, **knn)}
+
+
+def probe_baselines(
+    encoder: nn.Module,
+    train_set: Any,
+    test_set: Any,
+    device: str | torch.device | None = "cpu",
+    options: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The baselines of a probe report: linear and k-NN probes on raw pixels (the images
+    fitted to ``encoder``'s input, flattened) and on a random-init twin of ``encoder``
+    (:func:`~equivision.ssl.baselines.random_init_like` with ``seed``), plus the twin's
+    centred equivariance scores per block (:func:`equivariance_scores`).
+
+    Args:
+        options: as in :func:`run_probes`; ``"linear"``, ``"knn"``, ``"features"`` and
+            ``"equivariance"`` are used, so the baselines run with the trained encoder's
+            settings.
+
+    Returns:
+        ``{"raw_pixels": {"linear": ..., "knn": ...}, "random_init": {"linear": ...,
+        "knn": ..., "equivariance": {"layers": [...], "centred": {name: [per block]}}}}``.
+    """
+    options = options or {}
+    dev = resolve_device(device)
+    lin, knn, f_opts = (options.get(k, {}) for k in ("linear", "knn", "features"))
+    tr_images, ytr = _prepared(encoder, train_set)
+    te_images, yte = _prepared(encoder, test_set)
+    pixels = (pixel_features(tr_images), ytr, pixel_features(te_images), yte)
+    twin = random_init_like(encoder, seed)
+    feats = (*extract_features(twin, train_set, device=dev, **f_opts),
+             *extract_features(twin, test_set, device=dev, **f_opts))
+    random_init = _classify(feats, lin, knn)
+    eq = equivariance_scores(twin, test_set, device=dev, **options.get("equivariance", {}))
+    random_init["equivariance"] = {"layers": eq["layers"], "centred": eq["centred"]}
+    return {"raw_pixels": _classify(pixels, lin, knn), "random_init": random_init}
+
+
 # ----------------------------------------------------------------------------- all at once
 
 
@@ -634,6 +702,7 @@ def run_probes(
     device: str | torch.device | None = "cpu",
     options: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
+    baselines: bool = False,
 ) -> dict[str, Any]:
     """Run the chosen probes of a frozen encoder; returns a JSON-serializable dict.
 
@@ -647,10 +716,14 @@ def run_probes(
         options: per-probe keyword arguments, e.g. ``{"linear": {"steps": 500},
             "knn": {"k": 10}, "corruptions": {"severities": [1, 3, 5]}}``.
         progress: optional callback receiving each probe's name before it runs.
+        baselines: also run :func:`probe_baselines` (raw pixels and a random-init twin of
+            the encoder: linear, k-NN and the twin's centred equivariance), under
+            ``"baselines"``.
 
     Returns:
-        ``{name: result}`` for every requested probe; ``"linear"``, ``"knn"``, ``"mlp"``
-        share one feature extraction (``n_last`` from ``options["features"]``, default 4).
+        ``{name: result}`` for every requested probe (and ``"baselines"``); ``"linear"``,
+        ``"knn"``, ``"mlp"`` share one feature extraction (``n_last`` from
+        ``options["features"]``, default 4).
 
     Raises:
         ValueError: an unknown probe name or options for a probe not requested.
@@ -687,4 +760,8 @@ def run_probes(
         else:
             results[name] = corruption_robustness(encoder, train_set, test_set, device=dev,
                                                   **opts)
+    if baselines:
+        if progress is not None:
+            progress("baselines")
+        results["baselines"] = probe_baselines(encoder, train_set, test_set, dev, options)
     return results

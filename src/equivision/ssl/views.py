@@ -17,6 +17,9 @@
 * :class:`ViewSampler` partitions a batch: the first ``M = round(r·B)`` images use
   T_eq (both views), the rest T; it returns a :class:`ViewBatch` with
   ``relative = g2 ∘ g1⁻¹`` per equivariant image, so that ``g(view1) ≈ view2``.
+  With ``n_local > 0`` (multi-crop) it adds that many small local views of every image
+  (:func:`local_policy`: T with crops of 5-40 % of the area, resized to ``local_size``),
+  which feed only the base SSL loss.
 
 Per-image elements (the views' flips, rotations and scalings) act through
 :class:`equivision.transforms.elements.ElementBatch`, batched by equal elements.
@@ -44,10 +47,14 @@ from ..transforms import Compose, Dihedral, Scale, Transform, check_image
 from ..transforms.elements import ElementBatch
 
 __all__ = [
-    "BasePolicy", "EquivariantPolicy", "Photometric", "ViewBatch", "ViewSampler",
-    "act_on_canvas", "canvas_grids", "canvas_shape", "check_patch_aligned",
-    "geometric_params", "pair_valid_masks", "patch_aligned_scales", "resize_view",
+    "BasePolicy", "EquivariantPolicy", "LOCAL_CROP_SCALE", "Photometric", "ViewBatch",
+    "ViewSampler", "act_on_canvas", "canvas_grids", "canvas_shape", "check_patch_aligned",
+    "geometric_params", "local_policy", "pair_valid_masks", "patch_aligned_scales",
+    "resize_view",
 ]
+
+#: area range of multi-crop's local views (DINO's 0.05-0.4)
+LOCAL_CROP_SCALE = (0.05, 0.4)
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator | None) -> Tensor:
@@ -132,20 +139,24 @@ class Photometric:
 # ---------------------------------------------------------------------------------
 class BasePolicy:
     """T: random resized crop (area ``crop_scale``, aspect ``ratio``) back to the
-    input size, horizontal flip with ``flip_p``, then :class:`Photometric`."""
+    input size (or to ``size x size``), horizontal flip with ``flip_p``, then
+    :class:`Photometric`."""
 
     def __init__(
         self, crop_scale: tuple[float, float] = (0.25, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
-        photometric: Photometric | None = None,
+        photometric: Photometric | None = None, size: int | None = None,
     ) -> None:
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
-        self.crop_scale, self.ratio, self.flip_p = crop_scale, ratio, flip_p
+        if size is not None and size < 1:
+            raise ValueError(f"size must be None or >= 1, got {size}")
+        self.crop_scale, self.ratio, self.flip_p, self.size = crop_scale, ratio, flip_p, size
         self.photometric = Photometric() if photometric is None else photometric
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
-        """One view of every image of ``x (B, C, H, W)``; same shape."""
+        """One view of every image of ``x (B, C, H, W)``: ``(B, C, H, W)``, or
+        ``(B, C, size, size)`` with ``size``."""
         check_image(x)
         b, _, h, w = x.shape
         area = _uniform(b, *self.crop_scale, gen)
@@ -157,9 +168,21 @@ class BasePolicy:
         x1, y1 = x0 + cw - 1, y0 + ch - 1
         boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
                              torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
-        out = KT.crop_and_resize(x, boxes.to(x.device, x.dtype), (h, w))
+        shape = (h, w) if self.size is None else (self.size, self.size)
+        out = KT.crop_and_resize(x, boxes.to(x.device, x.dtype), shape)
         flips = ElementBatch(Dihedral(0, f) for f in _coin(b, self.flip_p, gen).tolist())
         return self.photometric(flips.apply_image(out), gen)
+
+
+def local_policy(size: int, patch_size: int) -> BasePolicy:
+    """Multi-crop's local views: T with crops of :data:`LOCAL_CROP_SCALE` of the area,
+    resized to ``size x size`` (a multiple of ``patch_size``, so the ViT sees a smaller
+    token grid with its positional embedding interpolated)."""
+    if size < patch_size or size % patch_size:
+        fit = max(1, size // patch_size) * patch_size
+        raise ValueError(f"the local crop size {size} must be a positive multiple of the "
+                         f"patch size {patch_size}; use e.g. {fit}")
+    return BasePolicy(crop_scale=LOCAL_CROP_SCALE, size=size)
 
 
 def patch_aligned_scales(
@@ -404,6 +427,9 @@ class ViewBatch:
         eq_views: with T_eq's ``canvas="resize"``, two lists of ``M`` views ``(C, H_i,
             W_i)`` of the equivariant images (sizes differ); ``views`` then hold only the
             ``B - M`` base images.  ``None``: every view is in ``views``.
+        local_views: multi-crop's small views, each ``(B, C, h, w)`` with every image in
+            batch order (the T_eq images first, as in the global views); for the base
+            SSL loss only (empty: two views).
     """
 
     views: list[Tensor]
@@ -412,6 +438,7 @@ class ViewBatch:
     g2: list[Transform] = field(default_factory=list)
     relative: list[Transform] = field(default_factory=list)
     eq_views: list[list[Tensor]] | None = None
+    local_views: list[Tensor] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -430,7 +457,8 @@ class ViewBatch:
         eq = None if self.eq_views is None else [[t.to(device) for t in v]
                                                   for v in self.eq_views]
         return ViewBatch([v.to(device) for v in self.views], self.eq_index.to(device),
-                         self.g1, self.g2, self.relative, eq)
+                         self.g1, self.g2, self.relative, eq,
+                         [v.to(device) for v in self.local_views])
 
 
 class ViewSampler:
@@ -438,16 +466,22 @@ class ViewSampler:
 
     ``M = round(ratio · B)`` images (the first M) use T_eq.  When ``ratio > 0`` but
     ``M == 0`` a warning is given once and the batch has no equivariant part (training
-    then runs without the SER term).
+    then runs without the SER term).  With ``n_local > 0`` and a ``local`` policy
+    (:func:`local_policy`), ``n_local`` local views of every image follow the two global
+    ones (drawn after them, so the global views do not depend on ``n_local``).
     """
 
     def __init__(self, base: BasePolicy, equivariant: EquivariantPolicy | None,
-                 ratio: float) -> None:
+                 ratio: float, local: BasePolicy | None = None, n_local: int = 0) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio r must be in [0, 1], got {ratio}")
         if ratio > 0 and equivariant is None:
             raise ValueError("ratio > 0 needs an EquivariantPolicy")
+        if n_local < 0 or (n_local > 0 and local is None):
+            raise ValueError(f"n_local must be >= 0 and needs a local policy, got "
+                             f"n_local={n_local}, local={local!r}")
         self.base, self.equivariant, self.ratio = base, equivariant, float(ratio)
+        self.local, self.n_local = local, int(n_local)
         self._warned = False
 
     def n_equivariant(self, batch_size: int) -> int:
@@ -481,5 +515,7 @@ class ViewSampler:
                 parts.append(self.base(images[m:], generator) if m < b else images[:0])
             views.append(torch.cat(parts) if len(parts) > 1 else parts[0])
         relative = [_clean(b2 @ b1.inverse()) for b1, b2 in zip(g1, g2)]
+        local = [self.local(images, generator) for _ in range(self.n_local)] \
+            if self.local is not None else []
         return ViewBatch(views, torch.arange(m, device=images.device), g1, g2, relative,
-                         eq_views or None)
+                         eq_views or None, local)

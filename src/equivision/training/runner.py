@@ -13,7 +13,10 @@ one epoch, the checkpoint payload); :func:`run` does the rest the same way for e
   (:func:`equivision.checkpoint.save_checkpoint`) first, then the CSV logs
   (:func:`equivision.io.write_csv`) rewritten from the checkpoint's history, so the logs
   never hold rows that no checkpoint holds; then a barrier;
-* callbacks ``on_epoch_end(epoch, model, history)`` run with the RNG states preserved.
+* callbacks ``on_epoch_end(epoch, model, history)`` run with the RNG states preserved;
+  callbacks ``on_step_end(step, model)`` too, after every optimiser step of a task that
+  reports its steps with :meth:`TrainingTask.end_step` (``step`` counts the steps done
+  since the run began, across epochs and resumes).
 
 Example::
 
@@ -70,6 +73,19 @@ class TrainingTask:
     log_keys: tuple[str, ...] = ("epoch",)
     required_keys: tuple[str, ...] = ("epoch", "history", "rng")
     model: nn.Module | None = None
+    #: the ``on_step_end`` hooks of the run's callbacks (set by :func:`run`)
+    step_hooks: Sequence[Any] = ()
+
+    def end_step(self, step: int) -> None:
+        """Report that optimiser step ``step`` (1-based over the whole run) is done: every
+        callback's ``on_step_end(step, model)`` runs, with the RNG states preserved so
+        that a watched run draws the same random numbers as an unwatched one. A task
+        that counts steps calls this from :meth:`run_epoch`; the others never need to."""
+        if not self.step_hooks:
+            return
+        with preserve_rng_state():
+            for hook in self.step_hooks:
+                hook(step, self.model)
 
     def start(self) -> None:
         """Set up a fresh run (seeding, broadcasting rank 0's weights)."""
@@ -115,7 +131,8 @@ class RunOptions:
         resume: continue from ``out_dir/last.pt`` (a fresh run if there is none, with a
             warning); with False an existing checkpoint raises ``FileExistsError``.
         stop_after: stop after this epoch as if interrupted (None: run to ``epochs``).
-        callbacks: objects with an optional ``on_epoch_end(epoch, model, history)``.
+        callbacks: objects with an optional ``on_epoch_end(epoch, model, history)`` and
+            an optional ``on_step_end(step, model)`` (see :meth:`TrainingTask.end_step`).
         progress: show progress bars (rank 0 only).
         desc: the epoch bar's label.
     """
@@ -138,6 +155,8 @@ def run(task: TrainingTask, options: RunOptions) -> dict[str, list[Any]]:
     """Run ``task`` for ``options.epochs`` epochs (fresh or resumed); returns the history:
     a dict of equal-length lists keyed by ``task.log_keys``."""
     path = options.checkpoint_path
+    task.step_hooks = [hook for hook in (getattr(c, "on_step_end", None)
+                                         for c in options.callbacks) if callable(hook)]
     ckpt = open_checkpoint(path, options.resume, task.required_keys, stacklevel=4)
     if ckpt is None:
         task.start()
