@@ -210,19 +210,23 @@ def trained_like(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+#: measurement points of TinyResNet: stem, both stages, pooling, logits
+POINTS = ["relu", "layer1", "layer2", "avgpool", "fc"]
+
+
 def images(n: int, size: int = 12, seed: int = 3) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.rand(n, 3, size, size, generator=g), torch.zeros(n))
 
 
 def test_random_init_is_off_by_default_and_equals_measuring_the_copy():
-    model, data = trained_like(), images(24)
-    plain = measure(model, data, "rot90:1,hflip", batch_size=8, progress=False)
+    model, data = trained_like(), images(16)
+    kw = dict(layers=POINTS, batch_size=8, progress=False)
+    plain = measure(model, data, "rot90:1,hflip", **kw)
     assert not plain.has_random_init and "random_init" not in plain.meta
-    rep = measure(model, data, "rot90:1,hflip", batch_size=8, progress=False,
-                  random_init=True, init_seed=5)
+    rep = measure(model, data, "rot90:1,hflip", random_init=True, init_seed=5, **kw)
     clone, kept = random_init_copy(model, 5)
-    direct = measure(clone, data, "rot90:1,hflip", batch_size=8, progress=False)
+    direct = measure(clone, data, "rot90:1,hflip", **kw)
     assert rep.meta["random_init"] == {"seed": 5, "kept_trained": kept}
     for r in rep.results:
         assert r.metrics == pytest.approx(plain.get(r.transform, r.layer).metrics)
@@ -252,8 +256,8 @@ def test_measured_redundancy_equals_brute_force_on_the_captured_maps():
 
 
 def test_every_number_has_an_interval_that_holds_it():
-    rep = measure(trained_like(2), images(40), "rot90:1,shift:2", batch_size=16,
-                  progress=False)
+    rep = measure(trained_like(2), images(40), "rot90:1,shift:2", layers=POINTS,
+                  batch_size=20, progress=False)
     assert rep.meta["ci"]["groups"] == 20 and rep.meta["ci"]["level"] == 0.95
     for r in rep.results:
         if not r.exact:
@@ -268,7 +272,7 @@ def test_every_number_has_an_interval_that_holds_it():
             # a percentile interval of a biased statistic may miss its point estimate,
             # but never by much at 40 images
             assert lo - 0.05 * (1 + abs(v)) <= v <= hi + 0.05 * (1 + abs(v)), (r.layer, k)
-    off = measure(trained_like(2), images(40), "rot90:1", batch_size=16, progress=False,
+    off = measure(trained_like(2), images(8), "rot90:1", layers=POINTS, progress=False,
                   ci_groups=0)
     assert off.meta["ci"] is None
     assert all(v is None for r in off.results for v in r.ci.values())
@@ -277,8 +281,8 @@ def test_every_number_has_an_interval_that_holds_it():
 
 
 def test_report_files_carry_baselines_intervals_and_matches(tmp_path):
-    rep = measure(trained_like(3), images(16), "rot90:1", batch_size=8, progress=False,
-                  random_init=True)
+    rep = measure(trained_like(3), images(16), "rot90:1", layers=POINTS, batch_size=8,
+                  progress=False, random_init=True)
     files = rep.save(tmp_path / "out")
     d = json.loads(files["json"].read_text())
     res = next(r for r in d["results"] if r["exact"])

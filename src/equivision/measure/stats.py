@@ -363,14 +363,13 @@ class PairStats:
                 out = {"redundancy": _masked_mean(red, ok)}
             for name, val in out.items():
                 values.setdefault(name, []).append(val)
+        names = list(values)
+        val = torch.stack([torch.cat(values[k]) for k in names])  # (metrics, replicates)
+        val = val.masked_fill(~torch.isfinite(val), float("nan"))
         q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-        result: dict[str, list[float] | None] = {}
-        for name, parts in values.items():
-            val = torch.cat(parts)
-            val = val[torch.isfinite(val)]
-            result[name] = (torch.quantile(val, q).tolist()
-                            if len(val) >= replicates // 2 else None)
-        return result
+        bounds = torch.nanquantile(val, q, dim=1).T.tolist()  # (metrics, 2)
+        enough = (~torch.isnan(val)).sum(1) >= replicates // 2
+        return {k: b if ok else None for k, b, ok in zip(names, bounds, enough.tolist())}
 
 
 def _num(v: Tensor) -> float | None:
