@@ -276,7 +276,7 @@ class Report:
             axes.flat[0].text(first - 0.4, 1.0, p[0], fontsize=7, va="top", color="0.35")
         for ax in list(axes.flat)[len(ts):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7, loc="lower left")
+        axes.flat[0].legend(fontsize=7, loc="best")
         fig.suptitle(title or f"{self.model}: measures per layer ({self.n_images} images)",
                      fontsize=10)
         fig.tight_layout()
