@@ -94,19 +94,13 @@ def measure(
             from inside the map, as the paper does.
         distributed: under ``torchrun`` each process measures its shard of a dataset
             and the sums are all-reduced (default: when a process group exists).
-        random_init: also measure the same architecture at random initialisation
-            (:func:`~.baselines.random_init_copy` with ``init_seed``) on the same
-            batches, in the same pass over the data; each result's ``random_init``
-            holds its metrics and ``random_init_ci`` their intervals.
-        ci_groups: images are put in this many random groups whose sums are kept, for
-            95% bootstrap intervals over images (each result's ``ci``; memory
-            ``ci_groups x C^2`` per layer and transformation); 0 turns them off.
+        random_init: also measure :func:`~.baselines.random_init_copy` (``init_seed``)
+            in the same pass (each result's ``random_init`` and ``random_init_ci``).
+        ci_groups: random image groups for 95% bootstrap intervals over images (each
+            result's ``ci``; memory ``ci_groups x C^2`` per pair); 0: none.
 
-    Besides the metrics of :meth:`~.stats.PairStats.metrics`, every result holds the
-    layer's channel-redundancy baseline ``redundancy`` (the mean over channels of the best
-    correlation with *another* channel of the same map f(X), no transformation: what
-    Eq. 7's max over channels reaches by redundancy alone) and, per channel, the
-    matching channel ``per_channel["match"]`` of Eq. 7.
+    Every result also holds the channel-redundancy baseline ``redundancy``
+    (:meth:`~.stats.PairStats.redundancy`) and Eq. 7's ``per_channel["match"]``.
 
     Outputs whose layout cannot be known (token x token maps such as attention,
     :func:`~.capture.unknown_layout`) are not measured; ``report.meta["skipped"]``
@@ -139,27 +133,37 @@ def measure(
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
     repeated = _run(sessions, bar, max_images)
-    session = sessions[0]
-    if session.seen == 0 and not use_dist:
+    if sessions[0].seen == 0 and not use_dist:
         raise MeasureError("the data yielded no images: nothing to measure")
     if use_dist:
         for s in sessions:
             s.all_reduce()
+    report = _report(sessions, pool_layer, repeated, ci_groups)
+    report.model = model_name or type(model).__name__
+    report.meta["world_size"] = world
+    if random_init:
+        report.meta["random_init"] = {"seed": init_seed, "kept_trained": kept}
+    return report
+
+
+def _report(sessions: list[_Session], pool_layer: str | None, repeated: set[str],
+            ci_groups: int) -> Report:
+    """The report of the measured model (``sessions[0]``), with the random-init
+    session's results (``sessions[1]``, if any) beside its own."""
+    session = sessions[0]
     pool_index = session.pool_index(pool_layer)
     results = session.results(pool_index, repeated)
+    if len(sessions) > 1:
+        _attach_random_init(results, sessions[1].results(pool_index, repeated))
     meta: dict[str, Any] = {
-        "world_size": world,
         "pool_layer": session.order[pool_index] if pool_index is not None else None,
         "skipped": dict(session.skipped),
         "ci": {"level": CI_LEVEL, "groups": ci_groups, "replicates": CI_REPLICATES,
                "method": "percentile bootstrap over images, resampling random image groups"}
         if ci_groups else None,
     }
-    if random_init:
-        _attach_random_init(results, sessions[1].results(pool_index, repeated))
-        meta["random_init"] = {"seed": init_seed, "kept_trained": kept}
-    return Report(model=model_name or type(model).__name__, transforms=[t.name for t in ts],
-                  layers=session.order, results=results, n_images=session.seen, meta=meta)
+    return Report(model="", transforms=[t.name for t in session.ts], layers=session.order,
+                  results=results, n_images=session.seen, meta=meta)
 
 
 def _run(sessions: list[_Session], batches: Iterable, max_images: int | None) -> set[str]:
