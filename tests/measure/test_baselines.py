@@ -303,3 +303,27 @@ def test_report_files_carry_baselines_intervals_and_matches(tmp_path):
     with pytest.raises(ValueError, match="source"):
         rep.values("equivariance", "rot90", source="other")
     assert files["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_measurement_section_shows_the_baselines(tmp_path, monkeypatch):
+    from torch.utils.data import Subset
+
+    from equivision import demo
+    from equivision.data import get_dataset
+    from equivision.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn7", in_channels=1, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    test_set = Subset(get_dataset("digits", split="test", size=28), list(range(12)))
+    monkeypatch.setattr(demo, "_digits_model",
+                        lambda ctx: (model, test_set, {"accuracy": 0.5}, True, 0.0))
+    ctx = demo.DemoContext(out=tmp_path, progress=False)
+    text = demo.section_measurement(ctx)
+    assert ctx.artifacts["digits_model"] == (model, test_set)
+    assert "random initialisation" in text and "redundancy" in text
+    assert "| rot90 / 180 / 270 | Early |" in text and "| rand |" in text
+    assert "Early equivariance is" in text
+    assert (tmp_path / "measure" / "report.png").exists()
