@@ -13,10 +13,18 @@ Targets (issue 2):
 * (issue 3) measuring a CIFAR-style ResNet-44 on 2,000 images (the learned-equivariance
   paper's count) under 3 rotations and 8 diagonal shifts finishes on two cores: the time
   and the ratio to the bare forward passes ((1 + 11) x images) are printed
-  (``--resnet44``; ``--only-resnet44`` skips the rest).
+  (``--resnet44``; ``--only-resnet44`` skips the rest);
+* (issue 11) the baselines cost at most one more pass: ``--baselines`` times, side by
+  side and interleaved in one run, the bare forward passes, ``measure`` without any
+  baseline (redundancy statistics patched out, ``ci_groups=0``), with the
+  channel-redundancy baseline, with it and the bootstrap intervals (the default), and
+  with the random-init baseline too (``random_init=True``), and prints each ratio to
+  the measurement without baselines (target for everything together: <= 2x, i.e. one
+  more pass) and to the bare passes (``--only-baselines`` skips the rest).
 
 Run: ``.venv/bin/python benchmarks/bench_measure.py [--repeats 7] [--images 1000] [--threads 1]
-[--clock cpu] [--resnet44-rot90 512] [--resnet44] [--no-memory]``.
+[--clock cpu] [--resnet44-rot90 512] [--resnet44] [--baselines] [--only-baselines]
+[--no-memory]``.
 Times are medians and minima of interleaved repeats (``--clock cpu``: process CPU time,
 which a busy machine inflates less than wall time at one thread); each memory figure
 comes from a fresh subprocess (peak RSS, and peak RSS growth during the measure call).
@@ -25,7 +33,9 @@ comes from a fresh subprocess (peak RSS, and peak RSS growth during the measure 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from equivision.data.synthetic import SyntheticImages
 from equivision.measure import measure
+from equivision.measure.engine import _Session
 from equivision.models import create_model
 from equivision.transforms import parse_transforms
 
@@ -100,6 +111,75 @@ def print_ratio(r: dict, label: str, target: str) -> None:
           f"{r['ratio_min']:.2f}x{target}; runs: {', '.join(f'{x:.2f}' for x in r['ratios'])}")
 
 
+@contextlib.contextmanager
+def no_redundancy():
+    """``measure`` without the channel-redundancy statistics (for the comparison only)."""
+    saved = _Session._redundancy
+    _Session._redundancy = lambda self, name, fx, ids: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _Session._redundancy = saved  # type: ignore[method-assign]
+
+
+#: The variants timed by :func:`baseline_ratios`: label -> (keyword arguments of
+#: ``measure``, whether the redundancy statistics run).
+VARIANTS = {
+    "no baseline (ci_groups=0, no redundancy)": ({"ci_groups": 0}, False),
+    "+ channel redundancy": ({"ci_groups": 0}, True),
+    "+ redundancy + 95% intervals (default)": ({}, True),
+    "+ random init too (random_init=True)": ({"random_init": True}, True),
+}
+
+
+def baseline_ratios(images: int, repeats: int, batch: int, spec: str = "rot90",
+                    clock: str = "wall", layers: str | None = None) -> dict:
+    """Median and minimum time of the bare passes and of each :data:`VARIANTS` entry,
+    interleaved repeat by repeat (cnn7, synthetic 1x28x28 images)."""
+    torch.manual_seed(0)
+    model = create_model("cnn7").eval()
+    batches = [x for x, _ in DataLoader(SyntheticImages(images, shape=(1, 28, 28), seed=1),
+                                        batch_size=batch)]
+    ts = parse_transforms(spec)
+
+    def bare() -> None:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                for t in ts:
+                    model(t(x))
+
+    def run(kw: dict, redundancy: bool) -> None:
+        with contextlib.nullcontext() if redundancy else no_redundancy():
+            measure(model, batches, ts, layers=layers, progress=False, **kw)
+
+    now = CLOCKS[clock]
+    jobs = {"bare forward passes": bare,
+            **{k: (lambda kw=kw, r=r: run(kw, r)) for k, (kw, r) in VARIANTS.items()}}
+    for job in jobs.values():  # warm-up
+        job()
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(repeats):
+        for k, job in jobs.items():
+            t0 = now()
+            job()
+            times[k].append(now() - t0)
+    return times
+
+
+def print_baselines(times: dict[str, list[float]], label: str) -> None:
+    """Each variant's median and minimum, and its ratios (per repeat, then the median)
+    to the measurement without baselines and to the bare passes."""
+    base_key = next(iter(VARIANTS))
+    print(f"baselines: {label}, {torch.get_num_threads()} threads")
+    print(f"  {'variant':<44} {'median s':>9} {'min s':>7} {'/ no baseline':>14} {'/ bare':>7}")
+    for k, ts in times.items():
+        to_base = statistics.median(a / b for a, b in zip(ts, times[base_key]))
+        to_bare = statistics.median(a / b for a, b in zip(ts, times["bare forward passes"]))
+        print(f"  {k:<44} {statistics.median(ts):>9.3f} {min(ts):>7.3f} {to_base:>13.2f}x "
+              f"{to_bare:>6.2f}x")
+
+
 def memory_child(images: int) -> None:
     """Run in a subprocess: print peak RSS numbers for one measurement as JSON."""
     torch.manual_seed(0)
@@ -129,6 +209,9 @@ def main() -> None:
     p.add_argument("--only-resnet44", action="store_true", help="only the ResNet-44 timing")
     p.add_argument("--resnet44-rot90", type=int, default=0, metavar="N",
                    help="also time ResNet-44's points under 3 rotations on N images (issue 10)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also time the random-init and redundancy baselines and the intervals")
+    p.add_argument("--only-baselines", action="store_true", help="only the baseline timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or the process's CPU time (for one thread on a busy machine)")
@@ -140,7 +223,16 @@ def main() -> None:
         return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"clock: {args.clock}, batch {args.batch}, medians and minima of interleaved repeats")
+    print(f"clock: {args.clock}, batch {args.batch}, medians and minima of interleaved repeats; "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if args.baselines or args.only_baselines:
+        times = baseline_ratios(args.images, args.repeats, args.batch, "rot90", args.clock)
+        print_baselines(times, f"cnn7, its 9 measurement points, {args.images} images, "
+                        "3 rotations")
+        print(f"  load average at end {os.getloadavg()[0]:.1f} (a loaded machine inflates "
+              "wall times; --clock cpu at --threads 1 is steadier)")
+        if args.only_baselines:
+            return
     if args.resnet44_rot90:
         r = time_ratio(args.resnet44_rot90, args.repeats, args.batch, None, "resnet44",
                        (3, 32, 32), "rot90", args.clock)

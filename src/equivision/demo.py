@@ -64,52 +64,80 @@ def _digits_model(ctx: DemoContext):
 
 
 def section_measurement(ctx: DemoContext) -> str:
-    """Learned in/equivariance per layer of a CNN trained on digits."""
+    """Learned in/equivariance per layer of a CNN trained on digits, beside the same
+    architecture at random initialisation and the channel-redundancy baseline."""
     model, test_set, metrics, cached, seconds = _digits_model(ctx)
+    ctx.artifacts["digits_model"] = (model, test_set)
     transforms = "rot90,hflip,shift:1-4"
     t0 = time.time()
     report = measure(model, test_set, transforms, device=model_device(model),
-                     model_name="cnn7 (digits, 28 px)", progress=ctx.progress)
+                     model_name="cnn7 (digits, 28 px)", progress=ctx.progress,
+                     random_init=True, init_seed=0)
     measure_s = time.time() - t0
     files = report.save(ctx.out / "measure")
     ctx.artifacts["measure_report"] = report
     how = ("reused the cached checkpoint" if cached else
            f"trained for {ctx.epochs} epochs in {seconds:.0f} s")
+    rots = [t for t in report.transforms if t.startswith("rot")]
+    trained = report.part_summary(("equivariance", "redundancy"), transforms=rots)
+    baseline = report.part_summary(("equivariance",), transforms=rots, source="random_init")
     lines = [
         "## Learned equivariance of a 7-layer CNN on digits",
         "",
         f"The paper's 7-layer CNN (`cnn7`, 20 channels, max pooling after layer 2) {how} on "
         f"the built-in digits at 28 px; test accuracy **{metrics['accuracy']:.3f}** on "
         f"{len(test_set)} images. Measured under `{transforms}` on the test split "
-        f"({report.n_images} images, {measure_s:.1f} s): Pearson correlation per channel, "
-        "invariance (same channel) and equivariance (best-matching channel), over valid "
-        "positions only.",
+        f"({report.n_images} images, {measure_s:.1f} s with the baseline): Pearson "
+        "correlation per channel, invariance (same channel) and equivariance "
+        "(best-matching channel), over valid positions only, with 95% bootstrap "
+        "intervals over images (bands).",
+        "",
+        "Two baselines sit beside every curve: the same `cnn7` at random initialisation "
+        "(seed 0, dashed) and the channel redundancy (dotted), the best correlation of a "
+        "channel with another channel of the same map. A pattern the random network "
+        "already shows is not learned, and an equivariance no higher than the redundancy "
+        "can come from redundant channels alone" + _baseline_sentence(trained, baseline),
         "",
         f"![measures per layer]({files['png'].relative_to(ctx.out)})",
         "",
         _part_table(report),
         "",
         "Shifts that are not a whole number of positions at a layer's stride are reported "
-        "as inexact and left out of the part means (see `measure/report.csv`).",
+        "as inexact and left out of the part means (see `measure/report.csv`, which also "
+        "holds every interval and the channel each channel matches).",
     ]
     return "\n".join(lines)
 
 
+def _baseline_sentence(trained: dict, baseline: dict) -> str:
+    """The end of the baselines sentence: equivariance under rotations, trained against
+    random init, and the redundancy, in the Early and Late parts."""
+    said = [f"{part} equivariance is {_f(trained[part]['equivariance'])} trained against "
+            f"{_f(baseline[part]['equivariance'])} at random initialisation (redundancy "
+            f"{_f(trained[part]['redundancy'])})"
+            for part in ("Early", "Late") if part in trained and part in baseline]
+    return "; under rotations, " + ", ".join(said) + "." if said else "."
+
+
 def _part_table(report: Report) -> str:
-    head = "| transformation | part | invariance | equivariance | cosine inv. | MSE |"
-    rows = [head, "|---|---|---|---|---|---|"]
+    """Part means per group of transformations, trained and at random initialisation
+    (``rand``), with the channel redundancy of both."""
+    shown = ("invariance", "equivariance", "redundancy")
+    head = ("| transformation | part | invariance | rand | equivariance | rand | redundancy | "
+            "rand | MSE |")
+    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
     groups = {"rot90 / 180 / 270": [t for t in report.transforms if t.startswith("rot")],
               "hflip": [t for t in report.transforms if t == "hflip"],
               "shifts": [t for t in report.transforms if t.startswith("shift")]}
     for label, ts in groups.items():
         if not ts:
             continue
-        summary = report.part_summary(("invariance", "equivariance", "invariance_cosine", "mse"),
-                                      transforms=ts)
+        summary = report.part_summary((*shown, "mse"), transforms=ts)
+        rand = report.part_summary(shown, transforms=ts, source="random_init")
         for part, vals in summary.items():
-            cells = [_f(vals[m]) for m in ("invariance", "equivariance", "invariance_cosine",
-                                            "mse")]
-            rows.append(f"| {label} | {part} | " + " | ".join(cells) + " |")
+            cells = [c for m in shown for c in (_f(vals[m]), _f(rand[part][m]))]
+            rows.append(f"| {label} | {part} | " + " | ".join(cells)
+                        + f" | {_f(vals['mse'])} |")
     return "\n".join(rows)
 
 

@@ -1,5 +1,6 @@
 """Layer-wise measurement of learned invariance and equivariance."""
 
+from .baselines import random_init_copy
 from .capture import LayerCapture, MeasureError, first_tensor, select_layers
 from .engine import measure
 from .parts import PARTS, assign_parts
@@ -8,5 +9,6 @@ from .stats import PairStats
 
 __all__ = [
     "METRICS", "PARTS", "LayerCapture", "LayerResult", "MeasureError", "PairStats", "Report",
-    "assign_parts", "first_tensor", "measure", "select_layers", "write_atomic",
+    "assign_parts", "first_tensor", "measure", "random_init_copy", "select_layers",
+    "write_atomic",
 ]

@@ -37,7 +37,9 @@ class EquivarianceErrorCallback:
         self.history: list[dict[str, Any]] = []
 
     def on_epoch_end(self, epoch: int, model: nn.Module, history: dict) -> None:
-        rep = measure(model, self.data, self.transforms, layers=self.layers, progress=False)
+        # the history keeps means only: no bootstrap intervals (they would cost every epoch)
+        rep = measure(model, self.data, self.transforms, layers=self.layers, progress=False,
+                      ci_groups=0)
         layers = {}
         for name in rep.layers:
             vals = {}

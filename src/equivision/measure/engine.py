@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from ..transforms import InexactActionError, ShapeError, Transform, as_transforms
 from ..transforms.layout import Geometry, TokenGrid, infer_token_grid
 from ..utils import model_device
+from .baselines import random_init_copy
 from .capture import (
     Captured,
     FunctionalPool,
@@ -29,7 +31,7 @@ from .capture import (
 from .compare import AlignmentError, Comparator
 from .parts import assign_parts
 from .report import LayerResult, Report
-from .stats import PairStats
+from .stats import CI_GROUPS, CI_LEVEL, CI_REPLICATES, PairStats
 
 
 def _images(batch: Any) -> Tensor:
@@ -59,6 +61,9 @@ def measure(
     model_name: str | None = None,
     distributed: bool | None = None,
     progress: bool = True,
+    random_init: bool = False,
+    init_seed: int = 0,
+    ci_groups: int = CI_GROUPS,
 ) -> Report:
     """Measure invariance, equivariance and equivariance error at every chosen layer.
 
@@ -91,6 +96,13 @@ def measure(
             from inside the map, as the paper does.
         distributed: under ``torchrun`` each process measures its shard of a dataset
             and the sums are all-reduced (default: when a process group exists).
+        random_init: also measure :func:`~.baselines.random_init_copy` (``init_seed``)
+            in the same pass (each result's ``random_init`` and ``random_init_ci``).
+        ci_groups: random image groups for 95% bootstrap intervals over images (each
+            result's ``ci``; memory ``ci_groups x C^2`` per pair); 0: none.
+
+    Every result also holds the channel-redundancy baseline ``redundancy``
+    (:meth:`~.stats.PairStats.redundancy`) and Eq. 7's ``per_channel["match"]``.
 
     Outputs whose layout cannot be known (token x token maps such as attention,
     :func:`~.capture.unknown_layout`) are not measured; ``report.meta["skipped"]``
@@ -108,36 +120,80 @@ def measure(
         token_grid = getattr(model, "token_grid", None)
     use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
+    if ci_groups < 0 or ci_groups == 1:
+        raise MeasureError(f"ci_groups must be 0 (no intervals) or at least 2, got {ci_groups}")
     loader, max_images = _loader(data, batch_size, max_images, rank, world)
-    session = _Session(model, ts, select_layers(model, layers), token_grid, strides,
-                       margin, device, use_dist)
+    names = select_layers(model, layers)
+    sessions = [_Session(model, ts, names, token_grid, strides, margin, device, use_dist,
+                         ci_groups, rank)]
+    kept: list[str] = []
+    if random_init:
+        clone, kept = random_init_copy(model, init_seed)
+        sessions.append(_Session(clone, ts, names, token_grid, strides, margin, device,
+                                 use_dist, ci_groups, rank))
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with LayerCapture(model, session.names) as cap:
-            for batch in bar:
-                if not session.step(cap, _images(batch), max_images):
-                    break
-    finally:
-        model.train(was_training)
-    if session.seen == 0 and not use_dist:
+    repeated = _run(sessions, bar, max_images)
+    if sessions[0].seen == 0 and not use_dist:
         raise MeasureError("the data yielded no images: nothing to measure")
     if use_dist:
-        session.all_reduce()
+        for s in sessions:
+            s.all_reduce()
+    report = _report(sessions, pool_layer, repeated, ci_groups)
+    report.model = model_name or type(model).__name__
+    report.meta["world_size"] = world
+    if random_init:
+        report.meta["random_init"] = {"seed": init_seed, "kept_trained": kept}
+    return report
+
+
+def _report(sessions: list[_Session], pool_layer: str | None, repeated: set[str],
+            ci_groups: int) -> Report:
+    """The report of the measured model (``sessions[0]``), with the random-init
+    session's results (``sessions[1]``, if any) beside its own."""
+    session = sessions[0]
     pool_index = session.pool_index(pool_layer)
-    return Report(
-        model=model_name or type(model).__name__,
-        transforms=[t.name for t in ts],
-        layers=session.order,
-        results=session.results(pool_index, cap.repeated),
-        n_images=session.seen,
-        meta={"world_size": world,
-              "pool_layer": session.order[pool_index] if pool_index is not None else None,
-              "skipped": dict(session.skipped)},
-    )
+    results = session.results(pool_index, repeated)
+    if len(sessions) > 1:
+        _attach_random_init(results, sessions[1].results(pool_index, repeated))
+    meta: dict[str, Any] = {
+        "pool_layer": session.order[pool_index] if pool_index is not None else None,
+        "skipped": dict(session.skipped),
+        "ci": {"level": CI_LEVEL, "groups": ci_groups, "replicates": CI_REPLICATES,
+               "method": "percentile bootstrap over images, resampling random image groups"}
+        if ci_groups else None,
+    }
+    return Report(model="", transforms=[t.name for t in session.ts], layers=session.order,
+                  results=results, n_images=session.seen, meta=meta)
+
+
+def _run(sessions: list[_Session], batches: Iterable, max_images: int | None) -> set[str]:
+    """One pass over ``batches``: every session measures each batch (its model in eval
+    mode, restored afterwards). Returns the layers called more than once per forward."""
+    modes = [s.model.training for s in sessions]
+    for s in sessions:
+        s.model.eval()
+    try:
+        with ExitStack() as stack:
+            caps = [stack.enter_context(LayerCapture(s.model, s.names)) for s in sessions]
+            for batch in batches:
+                x = _images(batch)
+                if not all([s.step(cap, x, max_images) for s, cap in zip(sessions, caps)]):
+                    break
+            return set(caps[0].repeated)
+    finally:
+        for s, mode in zip(sessions, modes):
+            s.model.train(mode)
+
+
+def _attach_random_init(results: list[LayerResult], baseline: list[LayerResult]) -> None:
+    """Put each random-init result's metrics and intervals beside the trained one's."""
+    by_key = {(r.transform, r.layer): r for r in baseline}
+    for r in results:
+        b = by_key.get((r.transform, r.layer))
+        if b is not None and b.exact:
+            r.random_init, r.random_init_ci = dict(b.metrics), dict(b.ci)
 
 
 def _loader(data: Dataset | DataLoader | Iterable, batch_size: int, max_images: int | None,
@@ -163,7 +219,8 @@ class _Session:
     def __init__(self, model: nn.Module, ts: list[Transform], names: list[str],
                  token_grid: TokenGrid | Mapping[str, TokenGrid] | None,
                  strides: Mapping[str, float] | None, margin: int,
-                 device: torch.device | str | None, use_dist: bool = False) -> None:
+                 device: torch.device | str | None, use_dist: bool = False,
+                 ci_groups: int = 0, rank: int = 0) -> None:
         self.model = model
         self.ts = ts
         self.names = names
@@ -173,6 +230,10 @@ class _Session:
         self.modules = dict(model.named_modules())
         self.compare = Comparator(margin)
         self.stats: dict[tuple[str, int], PairStats] = {}
+        self.redundant: dict[str, PairStats] = {}  # f(X) with itself, per layer
+        self.groups = ci_groups
+        # the same image groups in every session of a process (seeded per rank)
+        self._group_gen = torch.Generator().manual_seed(1_000_003 * (rank + 1))
         self.inexact: dict[tuple[str, int], str] = {}
         self.info: dict[str, Captured] = {}
         self.order: list[str] = []
@@ -273,6 +334,10 @@ class _Session:
             self._choose(cap.order, base_raw)
             self._choose_scales(base_raw)
         base = self._capture(base_raw, hw)
+        ids = (torch.randint(self.groups, (len(x),), generator=self._group_gen)
+               if self.groups else None)
+        for name in self.order:
+            self._redundancy(name, base[name].value, ids)
         for ti, t in enumerate(self.ts):
             try:
                 gx = t.apply_image(x)
@@ -281,13 +346,22 @@ class _Session:
             moved = self._capture(cap.run(gx), hw)
             for name in self.order:
                 if (name, ti) not in self.inexact:
-                    self._compare(name, ti, moved[name].value, base[name])
+                    self._compare(name, ti, moved[name].value, base[name], ids)
         self.info = base
         self.seen += len(x)
         return True
 
-    def _compare(self, name: str, ti: int, fgx: Tensor, base: Captured) -> None:
-        """Feed one layer's ``f(gX)`` and ``f(X)`` under ``ts[ti]`` to its statistics."""
+    def _redundancy(self, name: str, fx: Tensor, ids: Tensor | None) -> None:
+        """Feed one layer's ``f(X)`` (with itself) to its redundancy statistics; a batch
+        with NaN or Inf is left out (the comparison reports it)."""
+        if name not in self.redundant:
+            self.redundant[name] = PairStats(_channels(fx), self.groups)
+        self.redundant[name].update(fx, fx, None, ids)
+
+    def _compare(self, name: str, ti: int, fgx: Tensor, base: Captured,
+                 ids: Tensor | None = None) -> None:
+        """Feed one layer's ``f(gX)`` and ``f(X)`` under ``ts[ti]`` to its statistics
+        (``ids``: the image groups of the batch, for the intervals)."""
         t, key = self.ts[ti], (name, ti)
         try:
             pair = self.compare.compare(fgx, base.value, t, base.layout)
@@ -301,9 +375,8 @@ class _Session:
                 f"layer {name!r}: {err}; this layer's output size depends on the input "
                 "content, leave it out with --layers") from None
         if key not in self.stats:
-            a = pair.a
-            self.stats[key] = PairStats(a.shape[1] * (a.shape[2] if a.dim() == 5 else 1))
-        if not self.stats[key].update(pair.a, pair.b, pair.mask):
+            self.stats[key] = PairStats(_channels(pair.a), self.groups)
+        if not self.stats[key].update(pair.a, pair.b, pair.mask, ids):
             raise MeasureError(
                 f"layer {name!r} produced NaN or Inf on the original images or under "
                 f"{t.name}; check the checkpoint and the input range, or leave the layer out "
@@ -311,7 +384,9 @@ class _Session:
 
     def all_reduce(self) -> None:
         """Sum the statistics and the image count over the process group."""
-        _all_reduce(self.stats, self.order, self.ts, self.inexact)
+        keys = [(n, i) for i in range(len(self.ts)) for n in self.order if (n, i) in self.stats]
+        _all_reduce([self.stats[k] for k in keys]
+                    + [self.redundant[n] for n in self.order if n in self.redundant])
         counts = torch.tensor([float(self.seen)], dtype=torch.float64)
         dist.all_reduce(counts)
         self.seen = int(counts.item())
@@ -336,6 +411,7 @@ class _Session:
     def results(self, pool_index: int | None, repeated: set[str]) -> list[LayerResult]:
         """One :class:`LayerResult` per (transformation, layer)."""
         parts = assign_parts(len(self.order), pool_index)
+        redundancy = {name: self._layer_redundancy(name) for name in self.order}
         out: list[LayerResult] = []
         for ti, t in enumerate(self.ts):
             for i, name in enumerate(self.order):
@@ -352,38 +428,61 @@ class _Session:
                 m = _unscale(st.metrics(), self.scale[name])
                 per = m.pop("per_channel")
                 n_const = m.pop("n_constant")
+                ci = _unscale(st.bootstrap(), self.scale[name]) if self.groups else {}
+                m["redundancy"], ci["redundancy"] = redundancy[name]
                 out.append(LayerResult(
                     exact=True, metrics=m, n_channels=st.channels, n_constant=n_const,
-                    per_channel=per,
+                    per_channel=per, ci={k: ci.get(k) for k in m},
                     note="called more than once per forward; first call measured"
                     if name in repeated else "", **common))
         return out
 
 
+    def _layer_redundancy(self, name: str) -> tuple[float | None, list[float] | None]:
+        """The layer's channel-redundancy baseline and its interval (None, None when no
+        sample was accumulated)."""
+        st = self.redundant.get(name)
+        if st is None or st.n == 0:
+            return None, None
+        ci = st.bootstrap("redundancy") if self.groups else {}
+        return st.redundancy()["redundancy"], ci.get("redundancy")
+
+
+def _channels(x: Tensor) -> int:
+    """Channels of a measured tensor, a group map's group axis folded in."""
+    return x.shape[1] * (x.shape[2] if x.dim() == 5 else 1)
+
+
+#: Powers of the scale that each scale-dependent metric carries.
+_SCALE_POWERS = {"mse": 2, "l1": 1, "activation": 1}
+
+
 def _unscale(metrics: dict, scale: float) -> dict:
-    """Metrics of outputs multiplied by ``scale`` as metrics of the outputs themselves:
-    ``mse`` / scale^2, ``l1`` and ``activation`` / scale (the others are scale-free)."""
+    """Metrics (or their ``[low, high]`` intervals) of outputs multiplied by ``scale`` as
+    those of the outputs themselves: ``mse`` / scale^2, ``l1`` and ``activation`` / scale
+    (the others are scale-free)."""
     out = dict(metrics)
-    out["mse"] = metrics["mse"] / scale**2
-    for k in ("l1", "activation"):
-        out[k] = metrics[k] / scale
+    for k, p in _SCALE_POWERS.items():
+        v = metrics.get(k)
+        if isinstance(v, list):
+            out[k] = [x / scale**p for x in v]
+        elif v is not None:
+            out[k] = v / scale**p
     return out
 
 
-def _all_reduce(stats: dict[tuple[str, int], PairStats], order: list[str],
-                ts: Sequence[Transform], inexact: dict[tuple[str, int], str]) -> None:
-    """Sum every accumulator over the process group (same keys on every rank)."""
-    keys = [(n, i) for i in range(len(ts)) for n in order if (n, i) in stats]
-    if not keys:
+def _all_reduce(stats: list[PairStats]) -> None:
+    """Sum every accumulator over the process group (same list on every rank)."""
+    if not stats:
         return
-    flat = torch.cat([stats[k].flat() for k in keys])
+    flat = torch.cat([st.flat() for st in stats])
     backend = dist.get_backend()
     if backend == "nccl":
         flat = flat.cuda()
     dist.all_reduce(flat)
     flat = flat.cpu()
     offset = 0
-    for k in keys:
-        size = stats[k].flat().numel()
-        stats[k].load_flat(flat[offset : offset + size])
+    for st in stats:
+        size = st.flat().numel()
+        st.load_flat(flat[offset : offset + size])
         offset += size

@@ -31,6 +31,12 @@ from torch import Tensor
 CONSTANT_TOL = 1e-10
 #: Elements per chunk of images in :meth:`PairStats.update` (about 2 MB of float32).
 CHUNK_ELEMENTS = 1 << 19
+#: Image groups kept for the bootstrap, replicates drawn, and the interval's level.
+CI_GROUPS = 20
+CI_REPLICATES = 200
+CI_LEVEL = 0.95
+#: Replicates x C x C elements evaluated at once in :meth:`PairStats.bootstrap`.
+_BOOT_ELEMENTS = 1 << 21
 
 
 def per_image(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -97,9 +103,14 @@ def workspace(bsz: int, c: int, m: int, device: torch.device) -> Tensor:
 
 @dataclass
 class PairStats:
-    """Accumulated sums for ``C`` channels; see the module docstring."""
+    """Accumulated sums for ``C`` channels; see the module docstring.
+
+    ``groups``: image groups kept for the bootstrap (0: none; :meth:`bootstrap` then
+    gives no interval).
+    """
 
     channels: int
+    groups: int = 0
     n: float = 0.0
     images: float = 0.0
     cos_sum: float = 0.0
@@ -112,16 +123,25 @@ class PairStats:
     sse: Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        c = self.channels
+        c, k = self.channels, max(0, int(self.groups))
+        if k == 1:
+            raise ValueError("groups must be 0 (no interval) or at least 2")
         # the per-channel sums are rows of one buffer, so that a batch adds with one op
         self._vec = torch.zeros(6, c, dtype=torch.float64)
         self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse = self._vec.unbind(0)
         self.sab = torch.zeros(c, c, dtype=torch.float64)
         self._shift: Tensor | None = None  # (2, C) float32 reference of a and b
+        # per group: (K, 3) n, images, cos_sum; (K, 6, C) as _vec; (K, C, C) as sab
+        self._g_head = torch.zeros(k, 3, dtype=torch.float64)
+        self._g_vec = torch.zeros(k, 6, c, dtype=torch.float64)
+        self._g_sab = torch.zeros(k, c, c, dtype=torch.float64)
 
-    def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None) -> bool:
+    def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None,
+               groups: Tensor | None = None) -> bool:
         """Add a batch. ``a = f(gX)`` and ``b = g·f(X)`` have the same shape: ``(B, C)``,
-        ``(B, C, h, w)`` or ``(B, C, G, h, w)``; ``mask`` ``(h, w)`` marks valid positions.
+        ``(B, C, h, w)`` or ``(B, C, G, h, w)``; ``mask`` ``(h, w)`` marks valid positions;
+        ``groups`` ``(B,)`` integer group of each image (with ``groups=K``; default
+        round-robin over the images seen).
 
         Statistics are taken in float32 on the input's device on data shifted by a
         per-channel reference (the mean of the first batch), then turned into raw sums
@@ -131,10 +151,24 @@ class PairStats:
         Returns:
             False if the batch contained NaN or Inf (nothing is added then).
         """
+        ids = self._group_ids(a.shape[0], groups, a.device)
         with threads_for(a.device):
-            return self._update_all(per_image(a, mask), per_image(b, mask))
+            return self._update_all(per_image(a, mask), per_image(b, mask), ids)
 
-    def _update_all(self, ra: Tensor, rb: Tensor) -> bool:
+    def _group_ids(self, bsz: int, groups: Tensor | None, device: torch.device) -> Tensor:
+        """``(B,)`` long group of each image on ``device`` (all 0 without groups)."""
+        k = self.groups
+        if not k:
+            return torch.zeros(bsz, dtype=torch.long, device=device)
+        if groups is None:
+            groups = (int(self.images) + torch.arange(bsz)) % k
+        groups = torch.as_tensor(groups, dtype=torch.long).to(device)
+        if groups.shape != (bsz,) or bool(((groups < 0) | (groups >= k)).any()):
+            raise ValueError(f"groups must be {bsz} integers in [0, {k}), got "
+                             f"{tuple(groups.shape)}")
+        return groups
+
+    def _update_all(self, ra: Tensor, rb: Tensor, ids: Tensor) -> bool:
         """:meth:`update` on ``(B, C, ...)`` tensors (:func:`per_image`), chunk by chunk."""
         bsz, c = ra.shape[:2]
         m = math.prod(ra.shape[2:])
@@ -149,10 +183,10 @@ class PairStats:
         # chunks of images small enough to stay in cache through the passes below
         step = min(bsz, max(1, CHUNK_ELEMENTS // max(1, c * m)))
         buf = workspace(step, c, m, ra.device)
-        return all(self._update(ra[i : i + step], rb[i : i + step], buf)
+        return all(self._update(ra[i : i + step], rb[i : i + step], buf, ids[i : i + step])
                    for i in range(0, bsz, step))
 
-    def _update(self, ra: Tensor, rb: Tensor, buf: Tensor) -> bool:
+    def _update(self, ra: Tensor, rb: Tensor, buf: Tensor, ids: Tensor) -> bool:
         """:meth:`update` on ``(B, C, ...)`` chunks with the work buffer ``buf``
         (:func:`workspace`): three subtractions into it, then one norm, one sum and one
         ``bmm``; every sum is then formed from small float64 tensors."""
@@ -170,19 +204,20 @@ class PairStats:
         sums = buf.sum(-1)  # (B, 3, C): shifted sums of a and b, sums of |a - b|
         if not bool(torch.isfinite(sq).all()):
             return False
-        self._add(gram.double(), sq.double().square(), sums.double(), m)
+        self._add(gram.double(), sq.double().square(), sums.double(), m, ids)
         return True
 
-    def _add(self, gram: Tensor, sq: Tensor, sums: Tensor, m: int) -> None:
-        """Turn one chunk's shifted float64 sums into raw sums and add them.
+    def _add(self, gram: Tensor, sq: Tensor, sums: Tensor, m: int, ids: Tensor) -> None:
+        """Turn one chunk's shifted float64 sums into raw sums and add them, in total
+        and per group.
 
         Args:
             gram: ``(B, C, C)`` per-image shifted cross-products.
             sq: ``(B, 3, C)`` shifted squares of ``a``, ``b`` and squares of ``a - b``.
             sums: ``(B, 3, C)`` shifted sums of ``a``, ``b`` and sums of ``|a - b|``.
             m: positions per image.
+            ids: ``(B,)`` group of each image.
         """
-        bsz = gram.shape[0]
         ka, kb = self._shift.double()  # (C,) each
         sa_i, sb_i = sums[:, 0], sums[:, 1]  # (B, C) shifted sums per image
         # per-image global cosine over the valid C x positions entries, from raw sums:
@@ -192,25 +227,42 @@ class PairStats:
         na = (sq[:, 0] + 2 * ka * sa_i + m * ka * ka).sum(-1)
         nb = (sq[:, 1] + 2 * kb * sb_i + m * kb * kb).sum(-1)
         cos = dot / torch.sqrt(na * nb).clamp_min(1e-24)
-        s, t, n = sq.sum(0), sums.sum(0), bsz * m
-        sca, scb = t[0], t[1]
-        self.sab += (gram.sum(0) + torch.outer(ka, scb) + torch.outer(sca, kb)
-                     + n * torch.outer(ka, kb)).cpu()
-        self._vec += torch.stack((
-            sca + n * ka, scb + n * kb,
-            s[0] + 2 * ka * sca + n * ka * ka,
-            s[1] + 2 * kb * scb + n * kb * kb,
-            t[2], s[2])).cpu()
-        self.n += n
-        self.cos_sum += float(cos.sum())
-        self.images += bsz
+        k = max(1, self.groups)
+
+        def grouped(x: Tensor) -> Tensor:  # (B, ...) -> (K, ...) sums per group
+            return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device
+                               ).index_add_(0, ids, x)
+
+        cnt = grouped(torch.ones_like(cos))  # (K,) images per group
+        g, s, t, n = grouped(gram), grouped(sq), grouped(sums), cnt * m
+        sca, scb = t[:, 0], t[:, 1]  # (K, C)
+        nk = n[:, None]
+        sab = (g + ka[:, None] * scb[:, None, :] + sca[:, :, None] * kb
+               + n[:, None, None] * torch.outer(ka, kb)).cpu()
+        vec = torch.stack((
+            sca + nk * ka, scb + nk * kb,
+            s[:, 0] + 2 * ka * sca + nk * ka * ka,
+            s[:, 1] + 2 * kb * scb + nk * kb * kb,
+            t[:, 2], s[:, 2]), 1).cpu()  # (K, 6, C)
+        head = torch.stack((n, cnt, grouped(cos)), 1).cpu()  # (K, 3)
+        self.sab += sab.sum(0)
+        self._vec += vec.sum(0)
+        total = head.sum(0)
+        self.n += float(total[0])
+        self.images += float(total[1])
+        self.cos_sum += float(total[2])
+        if self.groups:
+            self._g_sab += sab
+            self._g_vec += vec
+            self._g_head += head
 
     # ---- reduction across processes ------------------------------------------
     def flat(self) -> Tensor:
-        """All sums as one float64 vector (for ``all_reduce``)."""
+        """All sums (with the groups') as one float64 vector (for ``all_reduce``)."""
         head = torch.tensor([self.n, self.images, self.cos_sum], dtype=torch.float64)
         parts = [head, self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse,
-                 self.sab.reshape(-1)]
+                 self.sab.reshape(-1), self._g_head.reshape(-1), self._g_vec.reshape(-1),
+                 self._g_sab.reshape(-1)]
         return torch.cat(parts)
 
     def load_flat(self, v: Tensor) -> None:
@@ -219,7 +271,12 @@ class PairStats:
         v = v.double().cpu()
         self.n, self.images, self.cos_sum = (float(t) for t in v[:3])
         self._vec.copy_(v[3 : 3 + 6 * c].reshape(6, c))  # sa, sb, saa, sbb, sl1, sse
-        self.sab = v[3 + 6 * c : 3 + 6 * c + c * c].reshape(c, c).clone()
+        o = 3 + 6 * c
+        self.sab = v[o : o + c * c].reshape(c, c).clone()
+        o += c * c
+        for buf in (self._g_head, self._g_vec, self._g_sab):
+            buf.copy_(v[o : o + buf.numel()].reshape(buf.shape))
+            o += buf.numel()
 
     def merge(self, other: PairStats) -> None:
         """Add another accumulator's sums (e.g. another process's shard)."""
@@ -237,50 +294,169 @@ class PairStats:
         ``activation`` (mean over channels of the absolute channel mean of ``g·f(X)``,
         the magnitude the learned-equivariance paper's figure 2 compares), ``cosine``
         (mean per-image global cosine), ``n_constant`` (channels excluded as constant)
-        and ``per_channel`` lists.
+        and ``per_channel`` lists: ``invariance``, ``equivariance`` and ``match`` (the
+        channel ``c'`` of ``g·f(X)`` that reaches channel ``c``'s equivariance).
         """
-        n = self.n
-        if n == 0:
+        if self.n == 0:
             raise ValueError("no samples were accumulated")
-        c = self.channels
-        mean_a, mean_b = self.sa / n, self.sb / n
-        var_a = (self.saa / n - mean_a**2).clamp_min(0)
-        var_b = (self.sbb / n - mean_b**2).clamp_min(0)
-        live_a = var_a > CONSTANT_TOL * (1.0 + mean_a**2)
-        live_b = var_b > CONSTANT_TOL * (1.0 + mean_b**2)
-        cov = self.sab / n - torch.outer(mean_a, mean_b)
-        denom = torch.sqrt(torch.outer(var_a, var_b)).clamp_min(1e-300)
-        corr = (cov / denom).clamp(-1.0, 1.0)
-        corr[~live_a] = float("nan")
-        corr[:, ~live_b] = float("nan")
-        diag = torch.diagonal(corr)
-        inv_ok = live_a & live_b
-        eq = torch.where(live_b[None, :], corr, torch.full_like(corr, -float("inf"))).amax(1)
-        eq_ok = live_a & bool(live_b.any())
-        norm = torch.sqrt(torch.outer(self.saa, self.sbb)).clamp_min(1e-300)
-        cosm = self.sab / norm
-        nz_a, nz_b = self.saa > 0, self.sbb > 0
-        cos_diag = torch.diagonal(cosm)
-        cos_eq = torch.where(nz_b[None, :], cosm, torch.full_like(cosm, -float("inf"))).amax(1)
-        mse = float(self.sse.sum() / (n * c))
-        ms_b = float(self.sbb.sum() / (n * c))
-
-        def avg(v: Tensor, ok: Tensor) -> float | None:
-            return float(v[ok].mean()) if bool(ok.any()) else None
-
-        def lst(v: Tensor, ok: Tensor) -> list[float | None]:
-            return [float(x) if k else None for x, k in zip(v.tolist(), ok.tolist())]
-
-        return {
-            "invariance": avg(diag, inv_ok),
-            "equivariance": avg(eq, eq_ok),
-            "invariance_cosine": avg(cos_diag, nz_a & nz_b),
-            "equivariance_cosine": avg(cos_eq, nz_a & bool(nz_b.any())),
-            "mse": mse,
-            "l1": float(self.sl1.sum() / (n * c)),
-            "nmse": mse / ms_b if ms_b > 0 else None,
-            "cosine": self.cos_sum / self.images if self.images else None,
-            "activation": float(mean_b.abs().mean()),
-            "n_constant": int((~inv_ok).sum()),
-            "per_channel": {"invariance": lst(diag, inv_ok), "equivariance": lst(eq, eq_ok)},
+        head = torch.tensor([self.n, self.images, self.cos_sum], dtype=torch.float64)
+        out, per = _pair_metrics(head, self._vec, self.sab)
+        layer = {k: _num(v) for k, v in out.items()}
+        layer["n_constant"] = int(per["n_constant"])
+        eq_ok = per["eq_ok"].tolist()
+        layer["per_channel"] = {
+            "invariance": _lst(per["diag"], per["inv_ok"]),
+            "equivariance": _lst(per["eq"], per["eq_ok"]),
+            "match": [int(j) if ok else None for j, ok in zip(per["match"].tolist(), eq_ok)],
         }
+        return layer
+
+    def redundancy(self) -> dict:
+        """For stats fed the same map twice (``a = b = f(X)``): ``redundancy``, the mean
+        over non-constant channels ``c`` of ``max_{c' != c} corr(f(X)_c, f(X)_c')``
+        (None with fewer than two non-constant channels), and ``per_channel`` lists
+        ``redundancy`` and ``redundant_with`` (that ``c'``)."""
+        if self.n == 0:
+            raise ValueError("no samples were accumulated")
+        red, ok, match = _redundancy(torch.tensor(self.n, dtype=torch.float64), self._vec,
+                                     self.sab)
+        return {"redundancy": _num(_masked_mean(red, ok)),
+                "per_channel": {"redundancy": _lst(red, ok),
+                                "redundant_with": [int(j) if k else None for j, k in
+                                                   zip(match.tolist(), ok.tolist())]}}
+
+    def bootstrap(self, kind: str = "pair", replicates: int = CI_REPLICATES,
+                  level: float = CI_LEVEL, seed: int = 0) -> dict[str, list[float] | None]:
+        """Percentile bootstrap intervals over images: the groups are drawn with
+        replacement ``replicates`` times (seeded), and each replicate's metrics come
+        from its weighted group sums.
+
+        Args:
+            kind: ``"pair"`` for the layer metrics of :meth:`metrics`, ``"redundancy"``
+                for :meth:`redundancy`'s.
+
+        Returns:
+            ``{metric: [low, high]}`` (None where undefined in most replicates); ``{}``
+            with fewer than two groups holding images.
+        """
+        if kind not in ("pair", "redundancy"):
+            raise ValueError(f"kind must be 'pair' or 'redundancy', got {kind!r}")
+        keep = torch.nonzero(self._g_head[:, 1] > 0).flatten()
+        if len(keep) < 2:
+            return {}
+        head, vec, sab = self._g_head[keep], self._g_vec[keep], self._g_sab[keep]
+        k, c = len(keep), self.channels
+        gen = torch.Generator().manual_seed(seed)
+        draws = torch.randint(k, (replicates, k), generator=gen)
+        weights = torch.zeros(replicates, k, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(replicates, k, dtype=torch.float64))
+        step = max(1, _BOOT_ELEMENTS // max(1, c * c))
+        values: dict[str, list[Tensor]] = {}
+        for i in range(0, replicates, step):
+            w = weights[i : i + step]
+            h, v = w @ head, torch.einsum("rk,kxc->rxc", w, vec)
+            s = torch.einsum("rk,kij->rij", w, sab)
+            if kind == "pair":
+                out = _pair_metrics(h, v, s)[0]
+            else:
+                red, ok, _ = _redundancy(h[:, 0], v, s)
+                out = {"redundancy": _masked_mean(red, ok)}
+            for name, val in out.items():
+                values.setdefault(name, []).append(val)
+        names = list(values)
+        val = torch.stack([torch.cat(values[k]) for k in names])  # (metrics, replicates)
+        val = val.masked_fill(~torch.isfinite(val), float("nan"))
+        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+        bounds = torch.nanquantile(val, q, dim=1).T.tolist()  # (metrics, 2)
+        enough = (~torch.isnan(val)).sum(1) >= replicates // 2
+        return {k: b if ok else None for k, b, ok in zip(names, bounds, enough.tolist())}
+
+
+def _num(v: Tensor) -> float | None:
+    """A 0-d tensor as a float, None where NaN."""
+    x = float(v)
+    return None if math.isnan(x) else x
+
+
+def _lst(v: Tensor, ok: Tensor) -> list[float | None]:
+    return [float(x) if k else None for x, k in zip(v.tolist(), ok.tolist())]
+
+
+def _masked_mean(v: Tensor, ok: Tensor) -> Tensor:
+    """Mean of ``v (..., C)`` over the channels where ``ok``; NaN where none is."""
+    k = ok.sum(-1)
+    s = torch.where(ok, v, torch.zeros_like(v)).sum(-1)
+    return torch.where(k > 0, s / k.clamp_min(1), torch.full_like(s, float("nan")))
+
+
+def _correlations(n: Tensor, vec: Tensor, sab: Tensor) -> tuple[Tensor, ...]:
+    """Pearson correlations from raw sums, with leading batch axes ``...``.
+
+    Args:
+        n: ``(...)`` samples; vec: ``(..., 6, C)`` sums as ``PairStats._vec``;
+        sab: ``(..., C, C)`` cross-products.
+
+    Returns:
+        ``corr (..., C, C)`` (NaN in rows / columns of constant channels), ``live_a``,
+        ``live_b`` ``(..., C)`` and ``mean_b (..., C)``.
+    """
+    n1 = n[..., None]
+    mean_a, mean_b = vec[..., 0, :] / n1, vec[..., 1, :] / n1
+    var_a = (vec[..., 2, :] / n1 - mean_a**2).clamp_min(0)
+    var_b = (vec[..., 3, :] / n1 - mean_b**2).clamp_min(0)
+    live_a = var_a > CONSTANT_TOL * (1.0 + mean_a**2)
+    live_b = var_b > CONSTANT_TOL * (1.0 + mean_b**2)
+    cov = sab / n1[..., None] - mean_a[..., :, None] * mean_b[..., None, :]
+    denom = torch.sqrt(var_a[..., :, None] * var_b[..., None, :]).clamp_min(1e-300)
+    corr = (cov / denom).clamp(-1.0, 1.0)
+    dead = ~live_a[..., :, None] | ~live_b[..., None, :]
+    corr = corr.masked_fill(dead, float("nan"))
+    return corr, live_a, live_b, mean_b
+
+
+def _pair_metrics(head: Tensor, vec: Tensor, sab: Tensor) -> tuple[dict[str, Tensor], dict]:
+    """The layer metrics of :meth:`PairStats.metrics` from raw sums with leading batch
+    axes ``...`` (bootstrap replicates): ``head (..., 3)`` n, images, cos_sum; ``vec``
+    ``(..., 6, C)``; ``sab (..., C, C)``. Returns ``({metric: (...)}, per-channel
+    tensors)``; undefined values are NaN."""
+    n, images, cos_sum = head.unbind(-1)
+    c = vec.shape[-1]
+    corr, live_a, live_b, mean_b = _correlations(n, vec, sab)
+    diag = torch.diagonal(corr, dim1=-2, dim2=-1)
+    inv_ok = live_a & live_b
+    eq, match = corr.masked_fill(~live_b[..., None, :], -float("inf")).max(-1)
+    eq_ok = live_a & live_b.any(-1, keepdim=True)
+    saa, sbb = vec[..., 2, :], vec[..., 3, :]
+    norm = torch.sqrt(saa[..., :, None] * sbb[..., None, :]).clamp_min(1e-300)
+    cosm = sab / norm
+    nz_a, nz_b = saa > 0, sbb > 0
+    cos_eq = cosm.masked_fill(~nz_b[..., None, :], -float("inf")).amax(-1)
+    mse = vec[..., 5, :].sum(-1) / (n * c)
+    ms_b = sbb.sum(-1) / (n * c)
+    nan = torch.full_like(mse, float("nan"))
+    out = {
+        "invariance": _masked_mean(diag, inv_ok),
+        "equivariance": _masked_mean(eq, eq_ok),
+        "invariance_cosine": _masked_mean(torch.diagonal(cosm, dim1=-2, dim2=-1), nz_a & nz_b),
+        "equivariance_cosine": _masked_mean(cos_eq, nz_a & nz_b.any(-1, keepdim=True)),
+        "mse": mse,
+        "l1": vec[..., 4, :].sum(-1) / (n * c),
+        "nmse": torch.where(ms_b > 0, mse / ms_b.clamp_min(1e-300), nan),
+        "cosine": torch.where(images > 0, cos_sum / images.clamp_min(1), nan),
+        "activation": (mean_b.abs()).mean(-1),
+    }
+    per = {"diag": diag, "inv_ok": inv_ok, "eq": eq, "eq_ok": eq_ok, "match": match,
+           "n_constant": (~inv_ok).sum(-1)}
+    return out, per
+
+
+def _redundancy(n: Tensor, vec: Tensor, sab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``max_{c' != c}`` correlation of each channel with the others of the same map
+    (sums of ``a = b``), with leading batch axes: ``(..., C)`` values, ``ok`` mask and
+    the ``c'`` reaching it."""
+    corr, live, _, _ = _correlations(n, vec, sab)
+    eye = torch.eye(corr.shape[-1], dtype=torch.bool)
+    off = corr.masked_fill(eye | ~live[..., None, :], -float("inf"))
+    red, match = off.max(-1)
+    ok = live & torch.isfinite(red)
+    return red, ok, match
