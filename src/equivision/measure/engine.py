@@ -112,12 +112,9 @@ def measure(
     Returns:
         A :class:`~equivision.measure.report.Report`.
     """
-    if not isinstance(transforms, str) and not list(transforms):
-        raise MeasureError("no transformation to measure")
-    ts = as_transforms(transforms)
+    ts = _checked_transforms(transforms)
     # models may describe themselves: token grid of their blocks, their pooling layer
-    if token_grid is None:
-        token_grid = getattr(model, "token_grid", None)
+    token_grid = getattr(model, "token_grid", None) if token_grid is None else token_grid
     use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
     if ci_groups < 0 or ci_groups == 1:
@@ -194,6 +191,13 @@ def _attach_random_init(results: list[LayerResult], baseline: list[LayerResult])
         b = by_key.get((r.transform, r.layer))
         if b is not None and b.exact:
             r.random_init, r.random_init_ci = dict(b.metrics), dict(b.ci)
+
+
+def _checked_transforms(transforms: Sequence[Transform] | str) -> list[Transform]:
+    """The transformations to measure, refusing an empty list."""
+    if not isinstance(transforms, str) and not list(transforms):
+        raise MeasureError("no transformation to measure")
+    return as_transforms(transforms)
 
 
 def _loader(data: Dataset | DataLoader | Iterable, batch_size: int, max_images: int | None,
@@ -343,7 +347,13 @@ class _Session:
                 gx = t.apply_image(x)
             except ShapeError as err:
                 raise MeasureError(f"input images {tuple(x.shape)}: {err}") from None
-            moved = self._capture(cap.run(gx), hw)
+            try:
+                moved = self._capture(cap.run(gx), hw)
+            except MeasureError as err:  # this g breaks the model: say so per layer
+                for name in self.order:
+                    self.inexact.setdefault(
+                        (name, ti), f"the model's forward failed on the transformed input: {err}")
+                continue
             for name in self.order:
                 if (name, ti) not in self.inexact:
                     self._compare(name, ti, moved[name].value, base[name], ids)
