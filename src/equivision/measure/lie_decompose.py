@@ -70,7 +70,7 @@ class _Forward:
     def __init__(self, dec: Decomposition, x: Tensor) -> None:
         self.dec, self.x = dec, x
         self.inputs: dict[str, Tensor] = {}
-        self.errors: dict[str, list[Tensor]] = {}
+        self.errors: dict[str, Tensor] = {}
         self.zeros: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
         self.by_size = {tuple(x.shape[-2:]): (1.0, 1.0)}
@@ -122,7 +122,7 @@ class _Forward:
                 except ValueError as err:
                     self.dec.notes.setdefault(key, str(err))
                     return None
-        return errs
+        return torch.stack(errs)
 
 
 class Decomposition:
@@ -137,7 +137,7 @@ class Decomposition:
 
     def __init__(self, model: nn.Module, leaves: Sequence[str], layouts: LayerLayouts,
                  gens: Sequence[Generator], max_outputs: int = 64, probes: int = 16,
-                 chunk: int = 16, seed: int = 0) -> None:
+                 chunk: int = 32, seed: int = 0) -> None:
         self.model, self.leaves, self.layouts, self.gens = model, list(leaves), layouts, gens
         self.max_outputs, self.probes, self.chunk = max_outputs, probes, chunk
         self.rng = torch.Generator().manual_seed(seed)
@@ -179,7 +179,7 @@ class Decomposition:
                                      [fw.errors[k] for k in keys])
         self._accumulate(keys, proj, deltas, probes)
 
-    def _project(self, y: Tensor, zeros: list[Tensor], errors: list[list[Tensor]]
+    def _project(self, y: Tensor, zeros: list[Tensor], errors: list[Tensor]
                  ) -> tuple[Tensor, Tensor]:
         """``proj[l, g, b, p] = r_p . C_{l,g}[b]`` for probes ``r (B, P, K)``."""
         yf = y.flatten(1)
@@ -194,10 +194,8 @@ class Decomposition:
             grads = torch.autograd.grad((yf * r[:, p]).sum(), zeros, retain_graph=True,
                                         allow_unused=True) if zeros else []
             for li, gr in enumerate(grads):
-                if gr is None:
-                    continue
-                for gi, e in enumerate(errors[li]):
-                    proj[li, gi, :, p] = (gr * e).flatten(1).sum(1).double()
+                if gr is not None:  # (G, B, ...) errors against (B, ...) gradients
+                    proj[li, :, :, p] = (errors[li] * gr).flatten(2).sum(2).double()
         return proj, r
 
     def _accumulate(self, keys: list[str], proj: Tensor, deltas: list[Tensor],

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import Registry
@@ -98,13 +97,17 @@ def as_generators(spec: str | Generator | Sequence[str | Generator] | None) -> l
     return out
 
 
-def _central_grad(h: Tensor) -> tuple[Tensor, Tensor]:
-    """``(d/dy h, d/dx h)`` of ``h (..., H, W)`` by central differences, zero outside the
-    map (the zero fill of the transformations and of zero-padded layers)."""
-    p = F.pad(h, (1, 1, 1, 1))
-    dy = (p[..., 2:, 1:-1] - p[..., :-2, 1:-1]) / 2
-    dx = (p[..., 1:-1, 2:] - p[..., 1:-1, :-2]) / 2
-    return dy, dx
+def _central_diff(h: Tensor, dim: int) -> Tensor:
+    """Central difference of ``h`` along ``dim`` (-1 or -2), zero outside the map (the
+    zero fill of the transformations and of zero-padded layers); zero on a length-1 axis."""
+    n = h.shape[dim]
+    out = torch.zeros_like(h)
+    if n < 2:
+        return out
+    out.narrow(dim, 1, n - 2).copy_(h.narrow(dim, 2, n - 2) - h.narrow(dim, 0, n - 2))
+    out.narrow(dim, 0, 1).copy_(h.narrow(dim, 1, 1))
+    out.narrow(dim, n - 1, 1).copy_(-h.narrow(dim, n - 2, 1))
+    return out.mul_(0.5)
 
 
 def _velocity(gen: Generator, hw: tuple[int, int], stride: tuple[float, float],
@@ -126,8 +129,13 @@ def spatial_tangent(h: Tensor, gen: Generator, stride: float | Sequence[float] =
     """``L h = -v . grad h`` on the last two axes of ``h (..., H, W)`` at ``stride``."""
     hw = (int(h.shape[-2]), int(h.shape[-1]))
     vy, vx = _velocity(gen, hw, as_stride(stride), h)
-    dy, dx = _central_grad(h)
-    return -(vy * dy + vx * dx)
+    out = None
+    for v, dim in ((vy, -2), (vx, -1)):
+        if isinstance(v, float) and v == 0.0:
+            continue
+        term = _central_diff(h, dim).mul_(-v if isinstance(v, float) else -v)
+        out = term if out is None else out.add_(term)
+    return torch.zeros_like(h) if out is None else out
 
 
 def image_tangent(x: Tensor, gen: Generator) -> Tensor:
