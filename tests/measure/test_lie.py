@@ -15,44 +15,17 @@ from torch import Tensor, nn
 from equivision.measure.lie import OUTPUT, lie_derivative
 from equivision.measure.lie_decompose import UNATTRIBUTED
 from equivision.measure.lie_generators import GENERATORS, image_tangent, map_tangent
+from equivision.measure.lie_validation import smooth_blobs, stencil_cnn
 from equivision.registry import UnknownNameError
 from equivision.transforms import Layout, Rotation, Scale, SubpixelShift
 
-PLUS = torch.tensor([[0.0, 1, 0], [1, 0, 1], [0, 1, 0]])
-CENTRE = torch.tensor([[0.0, 0, 0], [0, 1, 0], [0, 0, 0]])
 
-
-def cnn(isotropic: bool, relu: bool = True, seed: int = 0, ch: int = 6) -> nn.Sequential:
-    """Three 3x3 convs, global pooling, a linear head. ``isotropic``: every kernel is a
-    5-point stencil ``b * PLUS + c * CENTRE``, whose Fourier transform is a function of
-    ``cos wx + cos wy``: it commutes exactly with the discrete rotation generator."""
-    torch.manual_seed(seed)
-    mods: list[nn.Module] = []
-    cin = 1
-    for _ in range(3):
-        conv = nn.Conv2d(cin, ch, 3, padding=1)
-        if isotropic:
-            with torch.no_grad():
-                w = conv.weight
-                b = (w[..., 0, 1] + w[..., 1, 0] + w[..., 1, 2] + w[..., 2, 1])[..., None, None]
-                conv.weight.copy_(b / 4 * PLUS + w[..., 1:2, 1:2] * CENTRE)
-        mods += [conv, nn.ReLU()] if relu else [conv]
-        cin = ch
-    mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, 3)]
-    return nn.Sequential(*mods).double()
+def cnn(isotropic: bool, relu: bool = True, seed: int = 0) -> nn.Sequential:
+    return stencil_cnn(isotropic, relu, seed)
 
 
 def blobs(n: int = 6, size: int = 32, seed: int = 0) -> Tensor:
-    """Smooth anisotropic blobs near the centre, zero near the border: ``(n, 1, size, size)``."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    yy, xx = torch.meshgrid(r, r, indexing="ij")
-    out = []
-    for _ in range(n):
-        cx, cy = (torch.randn(2, generator=g, dtype=torch.float64) * 2).tolist()
-        s = 1.5 + float(torch.rand(1, generator=g))
-        out.append(torch.exp(-((xx - cx) ** 2 + 0.5 * (yy - cy) ** 2) / (2 * s * s)))
-    return torch.stack(out)[:, None]
+    return smooth_blobs(n, size, seed)
 
 
 def layer_values(report, generator: str) -> list[float]:
