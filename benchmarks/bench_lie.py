@@ -16,12 +16,19 @@ respect to the input). Printed side by side, as ratios to one bare forward pass:
 Run: ``.venv/bin/python benchmarks/bench_lie.py [--repeats 5] [--images 64] [--threads 1]
 [--clock cpu] [--models cnn7,resnet18] [--json out.json]``. Times are medians (and
 minima) of interleaved repeats; the load average of the machine is printed with them.
+
+``--checks`` prints the check table instead (3 seeds, mean ± sd): the rotation Lie
+derivative of the 5-point-stencil CNN against the same CNN with its random kernels
+(:mod:`equivision.measure.lie_validation`), agreement with finite differences of the
+bilinear transforms, what the layer-wise decomposition leaves unattributed, and the
+shift equivariance that whole and sub-pixel shifts see at a stride-2 layer of cnn7.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -29,8 +36,13 @@ from collections.abc import Callable
 
 import torch
 
-from equivision.measure.lie import lie_derivative
+from equivision.data import get_dataset
+from equivision.measure import measure
+from equivision.measure.lie import OUTPUT, lie_derivative
+from equivision.measure.lie_decompose import UNATTRIBUTED
+from equivision.measure.lie_validation import smooth_blobs, stencil_cnn
 from equivision.models import create_model
+from equivision.transforms import Rotation, Scale, SubpixelShift
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 GENERATORS = "tx,ty,rotate,scale,brightness"
@@ -91,6 +103,119 @@ def bench_model(name: str, images: int, repeats: int, clock: str) -> dict:
                                  "+ decomposition")}}
 
 
+SEEDS = (0, 1, 2)
+#: generator -> the finite transformation g_eps whose symmetric difference it is
+FINITE = {
+    "rotate": lambda e, x: Rotation(math.degrees(e))(x),
+    "scale": lambda e, x: Scale(math.exp(e))(x),
+    "tx": lambda e, x: SubpixelShift(e, 0.0)(x),
+    "ty": lambda e, x: SubpixelShift(0.0, e)(x),
+    "brightness": lambda e, x: x + e,
+    "contrast": lambda e, x: x * math.exp(e),
+}
+
+
+def _ms(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2e} ± {sd:.1e}"
+
+
+def _output_abs(report, gen: str) -> float:
+    return next(r.absolute for r in report.layer_rows()
+                if r.layer == OUTPUT and r.generator == gen)
+
+
+def check_isotropic() -> list[str]:
+    """Rotation Lie derivative, mean over the conv layers and at the output."""
+    lines = ["| model (rotation, margin 4 px) | conv layers: mean rel. | output: rel. |",
+             "|---|---|---|"]
+    x = smooth_blobs(6)
+    for relu in (False, True):
+        for iso in (True, False):
+            convs, outs = [], []
+            for seed in SEEDS:
+                rep = lie_derivative(stencil_cnn(iso, relu, seed), x, "rotate", margin=4,
+                                     decompose=False)
+                vals = {r.layer: r.value for r in rep.layer_rows()}
+                convs.append(statistics.fmean(vals[str(2 * i if relu else i)] for i in range(3)))
+                outs.append(vals[OUTPUT])
+            name = (f"{'5-point stencil' if iso else 'random 3x3'} kernels, "
+                    f"{'ReLU' if relu else 'linear'}")
+            lines.append(f"| {name} | {_ms(convs)} | {_ms(outs)} |")
+    return lines
+
+
+def check_finite_differences(eps: float = 1e-4) -> list[str]:
+    """|jvp - symmetric difference| / |symmetric difference| of the output's norm."""
+    lines = ["| generator | relative difference to the finite difference (eps 1e-4) |",
+             "|---|---|"]
+    x = smooth_blobs(3) + 0.05
+    for gen, act in FINITE.items():
+        errs = []
+        for seed in SEEDS:
+            model = stencil_cnn(False, True, seed).eval()
+            with torch.no_grad():
+                fd = (model(act(eps, x)) - model(act(-eps, x))) / (2 * eps)
+            want = fd.norm(dim=1).mean().item()
+            got = _output_abs(lie_derivative(model, x, gen, decompose=False), gen)
+            errs.append(abs(got - want) / want)
+        lines.append(f"| {gen} | {_ms(errs)} |")
+    return lines
+
+
+def check_decomposition() -> list[str]:
+    """What the decomposition leaves unattributed, relative to the output's total."""
+    lines = ["| model | generator | unattributed / total |", "|---|---|---|"]
+    for name in ("stencil CNN (random kernels)", "resnet18 (32 px)"):
+        for gen in ("tx", "rotate", "brightness"):
+            rest = []
+            for seed in SEEDS:
+                if name.startswith("stencil"):
+                    model, x = stencil_cnn(False, True, seed).float(), torch.rand(4, 1, 16, 16)
+                else:
+                    torch.manual_seed(seed)
+                    model, x = create_model("resnet18", num_classes=10), torch.rand(4, 3, 32, 32)
+                rep = lie_derivative(model, x, gen)
+                rest.append(rep.value(UNATTRIBUTED, gen, "contribution") / _output_abs(rep, gen))
+            lines.append(f"| {name} | {gen} | {_ms(rest)} |")
+    return lines
+
+
+def check_aliasing(images: int = 64) -> list[str]:
+    """Equivariance (Eq. 7) of cnn7 at random init under whole and sub-pixel shifts."""
+    data = get_dataset("digits", split="test", size=28)
+    subset = torch.utils.data.Subset(data, range(images))
+    spec = "shift:2,subshift:1,subshift:0.5"
+    layers = ["features.relu2", "features.relu3", "features.relu6"]
+    got: dict[tuple[str, str], list[float]] = {}
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        model = create_model("cnn7", in_channels=1, num_classes=10)
+        rep = measure(model, subset, spec, layers=layers, margin=2, progress=False)
+        for r in rep.results:
+            got.setdefault((r.layer, r.transform), []).append(r.metrics["equivariance"])
+    names = ["shift(2,2)", "subshift(1,1)", "subshift(0.5,0.5)"]
+    lines = ["| cnn7 layer (random init) | " + " | ".join(names) + " |",
+             "|---|---|---|---|"]
+    for layer in layers:
+        cells = [f"{statistics.fmean(got[layer, t]):.3f} ± {statistics.stdev(got[layer, t]):.3f}"
+                 for t in names]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def checks() -> None:
+    """Print every check table (Markdown)."""
+    for title, fn in (("isotropic CNN", check_isotropic),
+                      ("finite differences", check_finite_differences),
+                      ("decomposition", check_decomposition),
+                      ("whole vs sub-pixel shifts", check_aliasing)):
+        t0 = time.perf_counter()
+        lines = fn()
+        print(f"\n### {title} ({time.perf_counter() - t0:.0f} s)\n")
+        print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -99,8 +224,14 @@ def main() -> None:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     p.add_argument("--models", default="cnn7,resnet18")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--checks", action="store_true", help="print the check tables instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.checks:
+        load = os.getloadavg()[0]
+        print(f"# Lie derivative checks (load average {load:.1f} on {os.cpu_count()} CPUs)")
+        checks()
+        return
     load0 = os.getloadavg()
     rows = [bench_model(m, args.images, args.repeats, args.clock)
             for m in args.models.split(",")]

@@ -72,10 +72,9 @@ class _Accumulator:
         self.info: dict[str, tuple[list[int], list[float]]] = {}
         self.notes: dict[tuple[str, str], str] = {}
 
-    def add(self, key: tuple[str, str], delta: Tensor, value: Tensor, mask: Tensor | None
-            ) -> None:
-        nd, nh = per_image_norm(delta, mask), per_image_norm(value, mask)
-        size = delta[..., mask].flatten(1).shape[1] if mask is not None else delta[0].numel()
+    def add(self, key: tuple[str, str], nd: Tensor, nh: Tensor, size: int) -> None:
+        """Per-image norms of the Lie derivative ``nd`` and of the output ``nh`` ``(B,)``
+        over ``size`` entries per image."""
         for table, v in ((self.rel, nd / nh.clamp_min(1e-12)),
                          (self.rms, nd / math.sqrt(max(1, size))), (self.abs, nd)):
             table.setdefault(key, RunningMean()).add(v)
@@ -90,21 +89,27 @@ def _measure_batch(acc: _Accumulator, layouts: LayerLayouts, names: Sequence[str
                               for g in gens})
             continue
         cap = layouts.measurable(name, primals[name])
+        if isinstance(cap, str):
+            acc.notes.update({(name, g.name): cap for g in gens})
+            continue
+        hw = tuple(cap.value.shape[-2:]) if cap.value.dim() >= 4 else (1, 1)
+        edge = edge_mask(cap.layout, hw, margin, cap.value.device)
+        norms: dict[bool, tuple[Tensor, int]] = {}  # output norm, with / without the mask
         for gi, gen in enumerate(gens):
-            key = (name, gen.name)
-            if isinstance(cap, str):
-                acc.notes[key] = cap
-                continue
             tan, _ = as_map(*_reshaped(name, jvps[gi][name], layouts, cap.layout))
             try:
                 delta = tan - map_tangent(cap.value, cap.layout, gen)
             except ValueError as err:
-                acc.notes[key] = f"not measured: {err}"
+                acc.notes[(name, gen.name)] = f"not measured: {err}"
                 continue
-            hw = tuple(cap.value.shape[-2:]) if cap.value.dim() >= 4 else (1, 1)
-            mask = None if gen.photometric else edge_mask(cap.layout, hw, margin, tan.device)
-            acc.add(key, delta, cap.value, mask)
-            acc.info[name] = (list(cap.value.shape[1:]), list(cap.layout.stride))
+            mask = None if gen.photometric else edge
+            masked = mask is not None
+            if masked not in norms:
+                kept = cap.value[..., mask] if masked else cap.value
+                norms[masked] = (per_image_norm(cap.value, mask), kept[0].numel())
+            nh, size = norms[masked]
+            acc.add((name, gen.name), per_image_norm(delta, mask), nh, size)
+        acc.info[name] = (list(cap.value.shape[1:]), list(cap.layout.stride))
 
 
 def _reshaped(name: str, t: Tensor, layouts: LayerLayouts, layout: Layout

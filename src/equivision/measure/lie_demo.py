@@ -130,4 +130,4 @@ def section_lie_derivative(ctx: Any) -> str:
         "(exact, one backward pass per logit); the contributions add up to the total, and "
         "'unattributed' is what no module accounts for.", "",
         *_decomposition(trained), "",
-        f"_({time.time() - t0:.1f} s, {trained.meta['mode']}-mode AD.)_", ""])
+        f"_({time.time() - t0:.1f} s; Jacobian-vector products by {trained.meta['mode']}.)_", ""])

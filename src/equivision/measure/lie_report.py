@@ -139,4 +139,4 @@ def per_image_norm(t: Tensor, mask: Tensor | None = None) -> Tensor:
     """``||t[b]||`` over all entries, or over the ``(h, w)`` positions in ``mask``: ``(B,)``."""
     if mask is not None and t.dim() >= 4 and not bool(mask.all()):
         t = t[..., mask]
-    return torch.linalg.vector_norm(t.flatten(1).double(), dim=1)
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).double()

@@ -11,10 +11,11 @@ Two ways, same numbers:
   backward passes. Used when an operation has no forward-mode formula (PyTorch's CPU
   flash attention).
 
-``"auto"`` tries forward mode; on an operation without a forward-mode formula it runs
-forward mode again with PyTorch's attention restricted to its math kernel (made of
-differentiable primitives; the fused CPU / CUDA kernels have neither a forward-mode nor
-a double-backward formula), then falls back to double-backward.
+Both run PyTorch's attention on its math kernel when forward mode fails or for
+double-backward (made of differentiable primitives; the fused CPU / CUDA kernels have
+neither a forward-mode nor a double-backward formula). ``"auto"`` uses double-backward
+(the faster of the two on the CPU: ``benchmarks/bench_lie.py``; it keeps the graph of one
+batch) and falls back to forward mode for an operation without a double-backward formula.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _forward_mode(model: nn.Module, names: Sequence[str], x: Tensor,
                 return
             p, d = fwAD.unpack_dual(t)
             # copies: a later in-place op (ReLU(inplace=True), +=) would overwrite them
-            primals.setdefault(name, p.detach().clone())
+            if name not in primals:
+                primals[name] = p.detach().clone()
             found[-1][name] = torch.zeros_like(p) if d is None else d.clone()
         return hook
 
@@ -76,7 +78,8 @@ def _forward_mode(model: nn.Module, names: Sequence[str], x: Tensor,
                 found.append({})
                 out = _model_output(model, fwAD.make_dual(x, v))
                 p, d = fwAD.unpack_dual(out)
-                primals.setdefault(OUTPUT, p.detach().clone())
+                if OUTPUT not in primals:
+                    primals[OUTPUT] = p.detach().clone()
                 found[-1][OUTPUT] = torch.zeros_like(p) if d is None else d.clone()
     finally:
         for h in handles:
@@ -138,17 +141,17 @@ def layer_jvps(model: nn.Module, names: Sequence[str], x: Tensor, tangents: Sequ
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode in ("auto", "forward"):
-        try:
-            return (*_forward_mode(model, names, x, tangents), "forward")
-        except (RuntimeError, NotImplementedError) as err:
-            if mode == "forward" or "forward AD" not in str(err):
-                raise
+    if mode in ("auto", "double-backward"):
         try:
             with sdpa_kernel(SDPBackend.MATH):
-                return (*_forward_mode(model, names, x, tangents), "forward (math attention)")
+                return (*_double_backward(model, names, x, tangents), "double-backward")
         except (RuntimeError, NotImplementedError) as err:
-            if "forward AD" not in str(err):
+            if mode == "double-backward" or "not implemented" not in str(err):
                 raise
+    try:
+        return (*_forward_mode(model, names, x, tangents), "forward")
+    except (RuntimeError, NotImplementedError) as err:
+        if "forward AD" not in str(err):
+            raise
     with sdpa_kernel(SDPBackend.MATH):
-        return (*_double_backward(model, names, x, tangents), "double-backward")
+        return (*_forward_mode(model, names, x, tangents), "forward (math attention)")
