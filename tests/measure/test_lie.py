@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from others_models import MeanPoolCNN, TinyResNet, TinyViT
 from torch import Tensor, nn
 
+from equivision.gcnn.layers import P4ConvP4, P4ConvZ2
 from equivision.measure.lie import OUTPUT, lie_derivative
 from equivision.measure.lie_decompose import UNATTRIBUTED
 from equivision.measure.lie_generators import GENERATORS, image_tangent, map_tangent
@@ -202,3 +203,31 @@ def test_report_files_and_bad_input(tmp_path):
         lie_derivative(cnn(False), torch.rand(2, 8, 8), "tx")
     with pytest.raises(ValueError, match="mode"):
         lie_derivative(cnn(False), torch.rand(2, 1, 8, 8).double(), "tx", mode="reverse")
+
+
+class TinyP4(nn.Module):
+    """Lifting and group convolutions, pooling over the group axis and space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = P4ConvZ2(1, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.gconv = P4ConvP4(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.gconv(self.relu(self.lift(x)))  # (B, 3, 4, H, W)
+        return self.fc(h.amax(2).mean((2, 3)))
+
+
+def test_group_maps_translations_measured_rotations_said_why():
+    torch.manual_seed(0)
+    report = lie_derivative(TinyP4(), torch.rand(3, 1, 10, 10), "tx,rotate")
+    assert report.value("lift", "tx") > 0 and report.value("gconv", "tx") > 0
+    row = next(r for r in report.layer_rows() if r.layer == "lift" and r.generator == "rotate")
+    assert row.value is None and "rotation axis" in report.meta["skipped"]["lift / rotate"]
+    # the decomposition keeps each leaf's translation share and names what it cannot split
+    assert report.value("gconv", "tx", "contribution") is not None
+    notes = [r for r in report.layer_rows("contribution") if r.note.startswith("not attributed")]
+    assert {(r.layer, r.generator) for r in notes} >= {("lift", "rotate"), ("gconv", "rotate")}
+    assert report.value("gconv", "rotate", "contribution") is None

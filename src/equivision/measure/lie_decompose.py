@@ -88,7 +88,7 @@ class _Forward:
             key = name if k == 1 else f"{name}#{k}"
             inp = self.inputs.pop(name, None)
             if not isinstance(output, Tensor) or not output.is_floating_point():
-                self.dec.notes.setdefault(key, "returns no single float tensor")
+                self.dec.notes.setdefault((key, "*"), "returns no single float tensor")
                 return None
             s_out = self.dec.layouts.trace.strides.get(name)
             if output.dim() >= 4:
@@ -104,14 +104,14 @@ class _Forward:
     def _errors(self, module: nn.Module, key: str, inp: Tensor | None, out: Tensor,
                 s_out: Any) -> list[Tensor] | None:
         if inp is None or not inp.is_floating_point():
-            self.dec.notes.setdefault(key, "its input is not a float tensor")
+            self.dec.notes.setdefault((key, "*"), "its input is not a float tensor")
             return None
         is_image = inp.shape == self.x.shape and bool(torch.equal(inp, self.x))
         s_in = self.by_size.get(tuple(inp.shape[-2:])) if inp.dim() >= 4 else None
         lay_in = self.dec.layouts.layout_of(inp, s_in)
         lay_out = self.dec.layouts.layout_of(out.detach(), s_out)
         if lay_in is None or lay_out is None:
-            self.dec.notes.setdefault(key, "input or output has no known layout")
+            self.dec.notes.setdefault((key, "*"), "input or output has no known layout")
             return None
         errs = []
         with torch.no_grad():
@@ -119,9 +119,9 @@ class _Forward:
                 try:
                     v = image_tangent(inp, g) if is_image else map_tangent(inp, lay_in, g)
                     errs.append(leaf_jvp(module, inp, v) - map_tangent(out.detach(), lay_out, g))
-                except ValueError as err:
-                    self.dec.notes.setdefault(key, str(err))
-                    return None
+                except ValueError as err:  # this generator only: its share stays unattributed
+                    self.dec.notes.setdefault((key, g.name), str(err))
+                    errs.append(torch.zeros_like(out))
         return torch.stack(errs)
 
 
@@ -145,7 +145,7 @@ class Decomposition:
         self.total: dict[str, RunningMean] = {g.name: RunningMean() for g in gens}
         self.rest: dict[str, RunningMean] = {g.name: RunningMean() for g in gens}
         self.order: list[str] = []
-        self.notes: dict[str, str] = {}
+        self.notes: dict[tuple[str, str], str] = {}
         self.exact = True
 
     def add(self, x: Tensor, output_tangents: Sequence[Tensor]) -> None:
@@ -219,12 +219,12 @@ class Decomposition:
             total = self.total[g.name].summary()[0]
             for key in [*self.order, UNATTRIBUTED]:
                 acc = self.rest[g.name] if key == UNATTRIBUTED else self.contrib.get((key, g.name))
-                if acc is None:
+                if acc is None or (key, g.name) in self.notes:
                     continue
                 mean, std, ci = acc.summary()
                 out.append(LieRow(key, g.name, "contribution", mean, std, ci, absolute=mean,
                                   share=mean / total if total > 0 else None, n_images=acc.n,
                                   note="" if self.exact else f"{self.probes} random probes"))
-        for key, why in self.notes.items():
-            out.append(LieRow(key, "*", "contribution", note=f"not attributed: {why}"))
+        for (key, gen), why in self.notes.items():
+            out.append(LieRow(key, gen, "contribution", note=f"not attributed: {why}"))
         return out
