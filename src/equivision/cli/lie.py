@@ -16,6 +16,7 @@ from ..measure.lie_report import LieReport
 from ..measure.lie_tangents import MODES
 from ..utils import resolve_device, seed_everything
 from .common import (
+    CLIError,
     add_data_options,
     image_size,
     load_model,
@@ -23,9 +24,18 @@ from .common import (
     resolve_dataset,
     warn_other_input,
 )
-from .measure import _token_grid
 
 __all__ = ["add_parsers", "cmd_lie"]
+
+
+def _token_grid(text: str | None) -> tuple[int, ...] | None:
+    """``--token-grid h,w[,prefix]`` -> a tuple of 2 or 3 ints (as ``equivision measure``)."""
+    if not text:
+        return None
+    grid = tuple(int(v) for v in text.split(","))
+    if len(grid) not in (2, 3):
+        raise CLIError("--token-grid takes h,w or h,w,prefix")
+    return grid
 
 
 def _run(args: argparse.Namespace, model: Any, name: str, dataset: Any, device: Any
