@@ -127,7 +127,8 @@ def section_lie_derivative(ctx: Any) -> str:
         *_table(trained, random), "",
         "Where the trained model's output error comes from: the contribution "
         "`C_l = J_{>l} (L f_l)` of each layer's own Lie derivative, carried to the logits "
-        "(exact, one backward pass per logit); the contributions add up to the total, and "
-        "'unattributed' is what no module accounts for.", "",
+        "(exact, one backward pass per logit); the contributions add up to the total as "
+        "vectors, so a share above 1 means layers cancel each other, and 'unattributed' is "
+        "what no module accounts for.", "",
         *_decomposition(trained), "",
         f"_({time.time() - t0:.1f} s; Jacobian-vector products by {trained.meta['mode']}.)_", ""])
