@@ -43,6 +43,7 @@ from equivision.transforms import (
     Resize,
     Rotation,
     Scale,
+    SubpixelShift,
     Transform,
     Translation,
     group_elements,
@@ -101,6 +102,8 @@ FACTORIES: dict[type[Transform], Samples] = {
                     undefined=frozenset({"group", "tokens"})),
     ColorJitter: Samples(lambda: [ColorJitter(0.1, 1.2), ColorJitter(-0.05, 0.9, 1.1, 5.0)],
                          atol=1e-4),
+    SubpixelShift: Samples(lambda: [SubpixelShift(0.5, 0.5), SubpixelShift(-1.25, 0.75),
+                                    SubpixelShift(2.0, 0.0)], atol=0.03),
     Compose: Samples(lambda: [Compose([Translation(1, 2), Rotation(10.0)]),
                               Compose([Scale(0.9), hflip()])], atol=0.03),
 }

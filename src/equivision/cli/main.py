@@ -11,14 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import data, demo, gcnn, measure, robust, ssl, train
+from . import data, demo, gcnn, lie, measure, robust, ssl, train
 from .common import CLIError
 from .config import apply_config, config_path, finish_parser
 
 __all__ = ["main", "make_parser", "os_error_message"]
 
 #: command groups, in the order ``equivision --help`` lists their subcommands
-GROUPS = (measure, train, demo, gcnn, robust, ssl, data)
+GROUPS = (measure, lie, train, demo, gcnn, robust, ssl, data)
 
 #: the fix to suggest for an OS error, by errno
 _FIXES = {

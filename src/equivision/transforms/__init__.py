@@ -18,12 +18,14 @@ from .layout import (
 from .photometric import ColorJitter
 from .resize import Resize
 from .spec import TransformSpec, as_transforms, parse_transforms
+from .subpixel import SubpixelShift
 from .translation import Translation, shift_zero_fill
 
 __all__ = [
     "ColorJitter", "Compose", "Dihedral", "ElementBatch", "InexactActionError", "Layout",
     "LayoutError", "TransformSpec",
-    "Resize", "Rotation", "Scale", "ShapeError", "Transform", "Translation", "as_transforms",
+    "Resize", "Rotation", "Scale", "ShapeError", "SubpixelShift", "Transform", "Translation",
+    "as_transforms",
     "check_image",
     "group_elements", "hflip", "identity", "infer_layout", "infer_strides", "local_stride",
     "map_to_tokens", "parse_transforms", "rot90", "rotate_batch", "shift_zero_fill",

@@ -17,6 +17,7 @@ Grammar (entries separated by commas or spaces)::
     shift:1-8        diagonal shifts (d, d) for d = 1..8 input pixels
     shift:4          the diagonal shift (4, 4)
     shiftx:1-4       horizontal shifts (d, 0);  shifty:1-4 vertical shifts (0, d)
+    subshift:0.5     sub-pixel shift (0.5, 0.5), bilinear; subshift:0.5x0, subshift:0.25/0.5
     rotate:15        bilinear rotation by 15 degrees (rotate:-15 for the other way)
     scale:1.2        isotropic scaling; scale:1.2x0.8 anisotropic (width x height)
     jitter:B/C/S/H   colour jitter: brightness added, contrast, saturation, hue (deg)
@@ -33,6 +34,7 @@ from .affine import Rotation, Scale
 from .base import Transform
 from .dihedral import Dihedral, hflip, identity, vflip
 from .photometric import ColorJitter
+from .subpixel import build_subshift
 from .translation import Translation
 
 
@@ -112,6 +114,7 @@ for _name, _entry in (
     ("shift", SpecEntry(_shifts((1, 1)), "shift:A-B")),
     ("shiftx", SpecEntry(_shifts((1, 0)), "shiftx:A-B")),
     ("shifty", SpecEntry(_shifts((0, 1)), "shifty:A-B")),
+    ("subshift", SpecEntry(build_subshift, "subshift[:D[xD][/...]]")),
     ("rotate", SpecEntry(lambda a, e: [Rotation(float(a))], "rotate:DEG")),
     ("scale", SpecEntry(_scale, "scale:S[xS]")),
     ("jitter", SpecEntry(_jitter, "jitter:B/C/S/H")),
@@ -122,7 +125,7 @@ for _name, _entry in (
 NAMES: tuple[str, ...] = tuple(
     TRANSFORMATIONS.get(n).usage for n in (
         "identity", "rot90", "hflip", "vflip", "flip", "d4", "shift", "shiftx", "shifty",
-        "rotate", "scale", "jitter"))
+        "subshift", "rotate", "scale", "jitter"))
 
 
 def parse_transform_entry(entry: str) -> list[Transform]:
