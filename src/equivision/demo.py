@@ -20,6 +20,7 @@ from .data import get_dataset
 from .gcnn.demo import section_exactness
 from .io import write_atomic
 from .measure import Report, measure
+from .measure.lie_demo import section_lie_derivative
 from .models import create_model
 from .robust.demo import section_defense
 from .ssl.demo import section_ser
@@ -164,9 +165,9 @@ def section_studies(ctx: DemoContext) -> str:
 
 
 #: Report sections, in order. Later parts of the project append theirs.
-SECTIONS: list[Callable[[DemoContext], str]] = [section_measurement, section_studies,
-                                                 section_exactness, section_defense,
-                                                 section_ser]  # the last two: robust/, ssl/
+SECTIONS: list[Callable[[DemoContext], str]] = [
+    section_measurement, section_lie_derivative, section_studies, section_exactness,
+    section_defense, section_ser]  # from measure/, gcnn/, robust/, ssl/ but the first
 
 
 def run_demo(out: Path, epochs: int = 15, device: str = "auto", progress: bool = True) -> Path:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from equivision.measure import lie_demo
+from equivision.measure import lie_demo, random_init_copy
 
 
 def tiny() -> nn.Sequential:
@@ -21,7 +21,7 @@ def test_random_init_copy_reinitialises_every_layer_and_leaves_the_model():
     with torch.no_grad():
         model[1].running_mean.fill_(3.0)
     before = [p.clone() for p in model.parameters()]
-    a, b = lie_demo.random_init_copy(model, 0), lie_demo.random_init_copy(model, 0)
+    (a, _), (b, _) = random_init_copy(model, 0), random_init_copy(model, 0)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a[0].weight, model[0].weight)

@@ -210,3 +210,16 @@ def warn_other_input(checkpoint: str | None, dataset: Any, command: str) -> str 
             f"pass --size {trained[-1]} to match")
     print(text, file=sys.stderr)
     return text
+
+
+def parse_token_grid(text: str | None) -> tuple[int, ...] | None:
+    """``--token-grid h,w[,prefix]`` -> a tuple of 2 or 3 ints (None when not given)."""
+    if not text:
+        return None
+    try:
+        grid = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        grid = ()
+    if len(grid) not in (2, 3):
+        raise CLIError(f"--token-grid takes h,w or h,w,prefix (integers), got {text!r}")
+    return grid

@@ -10,16 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from ..io import check_writable_dir
+from ..measure.baselines import random_init_copy
 from ..measure.lie import lie_derivative
 from ..measure.lie_generators import DEFAULT_GENERATORS, GENERATORS, as_generators
 from ..measure.lie_report import LieReport
 from ..measure.lie_tangents import MODES
 from ..utils import resolve_device, seed_everything
 from .common import (
-    CLIError,
     add_data_options,
     image_size,
     load_model,
+    parse_token_grid,
     positive_int,
     resolve_dataset,
     warn_other_input,
@@ -28,23 +29,13 @@ from .common import (
 __all__ = ["add_parsers", "cmd_lie"]
 
 
-def _token_grid(text: str | None) -> tuple[int, ...] | None:
-    """``--token-grid h,w[,prefix]`` -> a tuple of 2 or 3 ints (as ``equivision measure``)."""
-    if not text:
-        return None
-    grid = tuple(int(v) for v in text.split(","))
-    if len(grid) not in (2, 3):
-        raise CLIError("--token-grid takes h,w or h,w,prefix")
-    return grid
-
-
 def _run(args: argparse.Namespace, model: Any, name: str, dataset: Any, device: Any
          ) -> LieReport:
     model.to(device)
     return lie_derivative(
         model, dataset, args.generators, layers=args.layers or None,
         batch_size=args.batch_size, max_images=args.max_images, device=device,
-        token_grid=_token_grid(args.token_grid), margin=args.margin,
+        token_grid=parse_token_grid(args.token_grid), margin=args.margin,
         decompose=not args.no_decompose, mode=args.mode, model_name=name)
 
 
@@ -63,8 +54,7 @@ def cmd_lie(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
         print(f"note: no --checkpoint: {name} has random weights (seed {args.seed})")
     elif not args.no_baseline:
-        seed_everything(args.seed)
-        fresh, _ = load_model(args.model, args.model_args, None)
+        fresh, _ = random_init_copy(model, args.seed)
         reports["random-init"] = _run(args, fresh, f"{name} (random init)", dataset, device)
     for sub, report in reports.items():
         report.meta.update({"data": args.data, "split": args.split,

@@ -16,11 +16,11 @@ from ..measure.stats import CI_GROUPS
 from ..transforms import parse_transforms
 from ..utils import resolve_device, seed_everything
 from .common import (
-    CLIError,
     add_data_options,
     distributed_session,
     image_size,
     load_model,
+    parse_token_grid,
     positive_int,
     resolve_dataset,
     show_progress,
@@ -36,16 +36,6 @@ def cmd_measure(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     with distributed_session(device) as rank:
         _measure(args, device, rank)
-
-
-def _token_grid(text: str | None) -> tuple[int, ...] | None:
-    """``--token-grid h,w[,prefix]`` -> a tuple of 2 or 3 ints."""
-    if not text:
-        return None
-    grid = tuple(int(v) for v in text.split(","))
-    if len(grid) not in (2, 3):
-        raise CLIError("--token-grid takes h,w or h,w,prefix")
-    return grid
 
 
 def _ci_groups(text: str) -> int:
@@ -73,7 +63,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int) -> None:
     model.to(device)
     report = measure(
         model, dataset, transforms, layers=args.layers or None, batch_size=args.batch_size,
-        max_images=args.max_images, device=device, token_grid=_token_grid(args.token_grid),
+        max_images=args.max_images, device=device, token_grid=parse_token_grid(args.token_grid),
         margin=args.margin, model_name=name, progress=show_progress(args) and rank == 0,
         random_init=args.random_init and args.checkpoint is not None, init_seed=args.seed,
         ci_groups=args.ci_groups,

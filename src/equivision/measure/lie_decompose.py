@@ -90,7 +90,8 @@ class _Forward:
             if not isinstance(output, Tensor) or not output.is_floating_point():
                 self.dec.notes.setdefault((key, "*"), "returns no single float tensor")
                 return None
-            s_out = self.dec.layouts.trace.strides.get(name)
+            geo = self.dec.layouts.trace.strides.get(name)
+            s_out = None if geo is None else geo.stride
             if output.dim() >= 4:
                 self.by_size.setdefault(tuple(output.shape[-2:]), s_out or (1.0, 1.0))
             errors = self._errors(module, key, inp, output, s_out)

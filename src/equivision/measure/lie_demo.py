@@ -4,7 +4,6 @@ equivariance error comes from (the layer-wise decomposition)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -17,11 +16,12 @@ from torch.utils.data import Dataset, Subset
 from ..data import get_dataset
 from ..models import create_model
 from ..utils import model_device, resolve_device, seed_everything
+from .baselines import random_init_copy
 from .lie import OUTPUT, lie_derivative
 from .lie_decompose import UNATTRIBUTED
 from .lie_report import LieReport
 
-__all__ = ["random_init_copy", "section_lie_derivative"]
+__all__ = ["section_lie_derivative"]
 
 #: generators shown in the demo (ty behaves as tx on digits; contrast as brightness)
 DEMO_GENERATORS = ("tx", "rotate", "scale", "brightness")
@@ -43,19 +43,6 @@ def _model_and_data(ctx: Any) -> tuple[nn.Module, Dataset, str]:
             "initialisation (seed 0): the two columns show seed-to-seed spread, not a "
             "learned effect.\n\n")
     return model, get_dataset("digits", split="test", size=28), note
-
-
-def random_init_copy(model: nn.Module, seed: int) -> nn.Module:
-    """The same architecture at random initialisation: a copy of ``model`` whose every
-    module with ``reset_parameters`` (convolutions, linear layers, norms: their own
-    initialisers, batch-norm statistics included) is re-initialised under ``seed``."""
-    fresh = copy.deepcopy(model)
-    seed_everything(seed)
-    for module in fresh.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return fresh
 
 
 def _cell(value: float | None, spread: list[float] | None = None) -> str:
@@ -112,7 +99,7 @@ def section_lie_derivative(ctx: Any) -> str:
         trained = lie_derivative(model, images, model_name="cnn7 (trained)", **kw)
         random = []
         for seed in DEMO_SEEDS:
-            fresh = random_init_copy(model, seed)
+            fresh, _ = random_init_copy(model, seed)
             random.append(lie_derivative(fresh, images, decompose=False, **kw))
     units = ", ".join(f"{g}: per {u}" for g, u in trained.meta["units"].items())
     return "\n".join([
