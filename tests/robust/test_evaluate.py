@@ -60,7 +60,7 @@ def scenes(one_thread):
 def test_registry_names_and_errors():
     assert set(ATTACKS) == {"fgsm", "ifgsm", "pgd", "mim", "cw", "houdini", "bpda", "bpda-eot",
                             "full", "adaptive", "apgd-ce", "apgd-dlr", "apgd-t", "square",
-                            "apgd-bpda"}
+                            "apgd-bpda", "autoattack"}
     assert "equivariance-reference" in DEFENSES and "rotation" in DEFENSES
     with pytest.raises(ValueError,
                        match="unknown attack 'pgdd'. Did you mean 'pgd'.*Valid names: .*fgsm"):

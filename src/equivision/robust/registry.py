@@ -22,6 +22,10 @@ name               what                                        attack target
 ``apgd-t``         Auto-PGD, targeted DLR over top classes     the bare model
 ``square``         Square (score-based, ``queries`` budget)    the bare model
 ``apgd-bpda``      Auto-PGD through the defense (BPDA, EOT)    the defense
+``autoattack``     the AutoAttack-style ensemble               the defense
+                   (:class:`~equivision.robust.ensemble.
+                   AutoAttackEnsemble`, ``version``; through
+                   a defense with BPDA and EOT)
 =================  ==========================================  ==================
 
 "Bare model" attacks are the paper's standard attacks: generated on the undefended model
@@ -66,6 +70,7 @@ from .attacks import (
     Houdini,
 )
 from .defenses import Defense, EquivarianceDefense, InvarianceDefense, RandomNoiseDefense
+from .ensemble import EnsembleAttack
 from .heads import (
     ContrastiveDefense,
     ContrastiveHead,
@@ -99,16 +104,18 @@ for _name, _entry, _what in (
         ("apgd-t", (APGDT, False), "Auto-PGD, targeted DLR over the top classes"),
         ("square", (Square, False), "Square attack: score-based, no gradients"),
         ("apgd-bpda", (partial(APGD, through="bpda"), True),
-         "Auto-PGD through the defense, identity backward (+ EOT)")):
+         "Auto-PGD through the defense, identity backward (+ EOT)"),
+        ("autoattack", (partial(EnsembleAttack, through="bpda"), True),
+         "AutoAttack-style ensemble (version standard / rand / seg), per-image worst case")):
     ATTACKS.add(_name, _entry, _what)
 
 #: attacks that are not IterativeAttack subclasses: their own keyword arguments
-_OWN_ARGS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "apgd-bpda")
+_OWN_ARGS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "apgd-bpda", "autoattack")
 
 #: keyword arguments an attack spec may override
 _ATTACK_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "seed",
                 "loss", "kappa", "decay", "through", "eot_samples", "lambda_e", "lambdas",
-                "ignore_index", "queries", "n_targets", "p_init"}
+                "ignore_index", "queries", "n_targets", "p_init", "version", "eval_draws"}
 
 
 @dataclass(frozen=True)
