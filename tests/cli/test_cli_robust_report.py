@@ -47,3 +47,36 @@ def test_bad_ensemble_name_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["attack", *MODEL, "--ensemble", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+CNN7 = ["--model", "cnn7", "--dataset", "digits", "--size", "28", "--max-images", "2",
+        "--batch-size", "2", "--no-progress", "--checks", "none", "--attack", "fgsm",
+        "--defense-steps", "1"]
+
+
+def test_defend_cnn7_at_28px_with_default_views(tmp_path, capsys):
+    """Bug 5 of issue 14: the 0.3x / 0.6x views made images smaller than cnn7 takes."""
+    out = tmp_path / "r.json"
+    assert main(["defend", *CNN7, "--json", str(out)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["feature_layer"] == "features.relu6"  # the last spatial map
+    assert "resize(0.3)" not in meta["score_views"] and "resize(2)" in meta["score_views"]
+
+
+def test_defense_transforms_on_the_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["defend", *CNN7, "--defense-transforms", "resize:1.5,hflip,rotate:10",
+                 "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["meta"]["score_views"] == ["resize(1.5)", "hflip", "rotate(10)"]
+    assert main(["defend", *CNN7, "--defense-transforms", "resize:0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot take the view resize(0.5)" in err and "minimum input size is 28 px" in err
+    assert main(["defend", *CNN7, "--defense-transforms", "rotat:10"]) == 2
+    assert "--defense-transforms" in capsys.readouterr().err
+
+
+def test_vector_feature_layer_is_refused_for_equivariance(capsys):
+    assert main(["defend", *CNN7, "--feature-layer", "logits"]) == 2
+    assert "gives vectors" in capsys.readouterr().err
+    assert main(["defend", *CNN7, "--defense", "invariance", "--feature-layer", "logits"]) == 0

@@ -18,6 +18,7 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..io import check_writable_file
 from ..models import model_from_checkpoint
 from ..robust.evaluate import RobustnessConfig, evaluate_robustness
+from ..transforms import as_transforms
 from ..utils import resolve_device, seed_everything
 from .common import (
     CLIError,
@@ -106,8 +107,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--eta", type=number, default=None,
                    help="purification step size (default 2.5 eps_v / T)")
     d.add_argument("--noise", type=number, default=1.0, help="purification noise (default 1)")
-    d.add_argument("--feature-layer", default="logits",
-                   help="layer whose equivariance is restored (default logits)")
+    d.add_argument("--feature-layer", default="auto",
+                   help="layer whose equivariance is restored: auto (the model's last spatial "
+                   "map, default), logits, output or a layer name")
+    d.add_argument("--defense-transforms", default=None,
+                   help="the defense's views, a transformation spec such as "
+                   "'resize:1.4,resize:2,hflip,rotate:-15,rotate:15' (default: the paper's "
+                   "eight views that the model can take); also the views of the scores")
     d.add_argument("--pairing", default="identity", choices=["identity", "pairs"])
     d.add_argument("--head", help="rotation/contrastive: a head file (robust.registry.save_head)"
                    "; without it a head is trained on the train split")
@@ -198,6 +204,13 @@ def cmd_defend(args: argparse.Namespace) -> None:
         eps_v=args.eps_v, eta=args.eta, steps=args.defense_steps, noise=args.noise,
         feature_layer=args.feature_layer, pairing=args.pairing, seed=args.seed,
         head_epochs=args.head_epochs)
+    views = None
+    if args.defense_transforms is not None:
+        try:
+            views = as_transforms(args.defense_transforms)
+        except (TypeError, ValueError) as err:
+            raise CLIError(f"--defense-transforms: {err}") from None
+        defense_kwargs["transforms"] = views
     if args.defense in ("rotation", "contrastive"):
         if args.head:
             defense_kwargs["head"] = args.head
@@ -206,4 +219,5 @@ def cmd_defend(args: argparse.Namespace) -> None:
                 args.dataset, "train", root=args.data_root, size=args.size)
     _run(args, args.defense, names(args.attack),
          dict(eot_samples=args.eot_samples, lambdas=lambdas, repeats=args.repeats,
-              defense_kwargs=defense_kwargs))
+              defense_kwargs=defense_kwargs, score_transforms=views,
+              feature_layer=args.feature_layer))

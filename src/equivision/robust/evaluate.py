@@ -103,7 +103,7 @@ from tqdm.auto import tqdm
 
 from ..io import write_atomic, write_csv
 from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score
-from ..transforms import Transform
+from ..transforms import Transform, as_transforms
 from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
 from .checks import CheckResult, checks_summary
@@ -112,7 +112,8 @@ from .ensemble import VERSIONS, EnsembleAttack
 from .evaluation_checks import LEVELS, basic_checks, curve_checks, result_checks
 from .per_image import KEYS, WORST_CASE, PerImageResults
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
-from .views import FeatureExtractor
+from .view_fit import check_views, fitting_views
+from .views import AUTO_LAYER, FeatureExtractor
 
 __all__ = ["RobustnessConfig", "RobustnessResult", "RowResult", "evaluate_robustness"]
 
@@ -355,9 +356,10 @@ class RobustnessConfig:
         progress: tqdm bar over this process's blocks (rank 0 only).
         ignore_index: ignored label of segmentation masks.
         equivariance: compute the equivariance scores.
-        feature_layer: feature layer of the scores when the defense has none.
-        score_transforms: views of the scores when the defense has none (default
-            :func:`default_transforms`).
+        feature_layer: feature layer of the scores when the defense has none (default
+            ``"auto"``: the model's last spatial map).
+        score_transforms: views of the scores when the defense has none (default: the
+            :func:`default_transforms` the model can take; given views are checked).
         defense_kwargs: keyword arguments of :func:`build_defense` for a named defense.
         ensemble: None, or the version of the AutoAttack-style ensemble row
             (``"standard"``, ``"rand"``, ``"seg"``, ``"auto"``).
@@ -383,8 +385,8 @@ class RobustnessConfig:
     progress: bool = False
     ignore_index: int = IGNORE_INDEX
     equivariance: bool = True
-    feature_layer: str = "logits"
-    score_transforms: Sequence[Transform] | None = None
+    feature_layer: str = AUTO_LAYER
+    score_transforms: Sequence[Transform] | str | None = None
     defense_kwargs: Mapping[str, Any] | None = None
     ensemble: str | None = None
     ensemble_queries: int = 1000
@@ -532,12 +534,7 @@ def _setup(model: nn.Module, dataset: Dataset,
     x0, y0 = _batch(dataset, 0, 1)
     with torch.no_grad():
         out0 = _check_output(model(x0.to(dev)), y0.to(dev), cfg.ignore_index, "image 0")
-    # the defense's layer when its loss is the equivariance score; a head-based defense
-    # reads its head's layer, which the scores do not use
-    layer = defense_obj.feature_layer if isinstance(defense_obj, EquivarianceDefense) \
-        else cfg.feature_layer
-    FeatureExtractor(model, layer)  # unknown layer names fail here, with the list
-    views = getattr(defense_obj, "transforms", None) or cfg.score_transforms
+    layer, views = _layer_and_views(model, defense_obj, cfg, x0.to(dev))
     randomized = bool(getattr(defense_obj, "randomized", False))
     use_dist = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
@@ -549,10 +546,31 @@ def _setup(model: nn.Module, dataset: Dataset,
         model=model, dataset=dataset, specs=specs, defense=defense_obj, device=dev,
         n=n, seg=seg, k=int(out0.shape[1]), feature_layer=layer,
         pairing=str(getattr(defense_obj, "pairing", "identity")),
-        views=list(views if views is not None else default_transforms(x0.shape[1])),
+        views=views,
         draws=cfg.repeats if randomized else 1, rank=rank, world=world,
         per_image=PerImageResults(names, n, int(out0.shape[1]), seg, dev, cfg.ignore_index),
         square=torch.zeros(3, n, dtype=torch.float64, device=dev))
+
+
+def _layer_and_views(model: nn.Module, defense: Defense | None, cfg: RobustnessConfig,
+                     x0: Tensor) -> tuple[str, list[Transform]]:
+    """The feature layer (``"auto"`` resolved) and the views of the equivariance scores,
+    checked on image ``x0 (1, C, H, W)``: the defense's when it has them (a defense
+    without views gets the defaults that fit the model), else the config's."""
+    # the defense's layer when its loss is the equivariance score; a head-based defense
+    # reads its head's layer, which the scores do not use
+    if isinstance(defense, EquivarianceDefense):
+        layer = defense.extractor.resolve(x0)
+    else:  # unknown layer names fail here, with the list
+        layer = FeatureExtractor(model, cfg.feature_layer).resolve(x0)
+    if isinstance(defense, EquivarianceDefense):
+        return layer, defense.views(x0)
+    views = getattr(defense, "transforms", None) or cfg.score_transforms
+    if views is None:
+        return layer, fitting_views(model, default_transforms(x0.shape[1]), x0)
+    views = as_transforms(views)
+    check_views(model, views, x0)
+    return layer, views
 
 
 def _resolve_ensemble(spec: AttackSpec, seg: bool, randomized: bool,

@@ -304,7 +304,8 @@ def _purifier_settings(s: dict[str, Any]) -> dict[str, Any]:
 
 def _equivariance(model: nn.Module, s: dict[str, Any]) -> Defense:
     return EquivarianceDefense(model, transforms=s["transforms"], feature_layer=s["feature_layer"],
-                               pairing=s["pairing"], **_purifier_settings(s))
+                               pairing=s["pairing"], allow_invariance=s["allow_invariance"],
+                               **_purifier_settings(s))
 
 
 def _invariance(model: nn.Module, s: dict[str, Any]) -> Defense:
@@ -355,13 +356,14 @@ def build_defense(
     eta: float | None = None,
     steps: int = 20,
     noise: float = 1.0,
-    feature_layer: str = "logits",
+    feature_layer: str = "auto",
     pairing: str = "identity",
-    transforms: Sequence[Transform] | None = None,
+    transforms: Sequence[Transform] | str | None = None,
     head: Any = None,
     head_dataset: Dataset | None = None,
     head_epochs: int = 3,
     seed: int = 0,
+    allow_invariance: bool = False,
 ) -> Defense | None:
     """Build the defense ``name`` around ``model`` (None for ``"none"``; a
     :class:`Defense` is returned as is).
@@ -372,9 +374,13 @@ def build_defense(
         eps_v, eta, steps, noise: purifier settings (:class:`PurifierDefense`); ``random``
             uses ``eps_v`` only.
         feature_layer: the layer read by ``equivariance``/``invariance`` and, for new
-            heads, the layer a head is trained on (a head file stores its own layer).
+            heads, the layer a head is trained on (a head file stores its own layer);
+            default ``"auto"``: the model's last spatial map.
         pairing: ``"identity"`` or ``"pairs"``.
-        transforms: the views (default: :func:`default_transforms`).
+        transforms: the views, a list or a spec string (default: the
+            :func:`default_transforms` the model can take).
+        allow_invariance: let ``equivariance`` read a layer that gives vectors (its loss
+            is then the invariance loss); otherwise that is an error.
         head: for ``rotation``/``contrastive``: a trained head or a :func:`save_head` file.
         head_dataset: images to train a head on when ``head`` is None.
         head_epochs: epochs of that training.
@@ -388,5 +394,6 @@ def build_defense(
         return name
     settings = dict(eps_v=eps_v, eta=eta, steps=steps, noise=noise,
                     feature_layer=feature_layer, pairing=pairing, transforms=transforms,
-                    head=head, head_dataset=head_dataset, head_epochs=head_epochs, seed=seed)
+                    head=head, head_dataset=head_dataset, head_epochs=head_epochs, seed=seed,
+                    allow_invariance=allow_invariance)
     return DEFENSES.get(name)(model, settings)
