@@ -236,7 +236,8 @@ def align_view(
             are invariant) or ``(B, C, h', w')`` map.
         ref_hw: spatial size ``(h, w)`` of ``F(x)`` (None for vectors).
         input_hw: ``(H, W)`` of ``x``, to infer the map's stride.
-        pooled: global-average-pool maps to ``(B, C)`` instead of undoing ``g``.
+        pooled: global-average-pool maps to ``(B, C)`` over their valid positions
+            instead of undoing ``g`` (:func:`_pooled`).
 
     Returns:
         ``(B, C)`` or ``(B, C, h, w)`` with ``(h, w) = ref_hw``.
@@ -249,7 +250,7 @@ def align_view(
             "choose another feature_layer"
         )
     if pooled:
-        return feat.mean(dim=(-2, -1))
+        return _pooled(g, feat, ref_hw, input_hw)
     if g is None:
         return feat
     assert ref_hw is not None
@@ -259,6 +260,22 @@ def align_view(
 
 #: valid masks of aligned views, cached per (inverse element, layout, size, device)
 _MASKS = Comparator()
+
+
+def _pooled(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
+            input_hw: tuple[int, int]) -> Tensor:
+    """Global average ``(B, C)`` of the map ``F(g x)`` ``(B, C, h', w')`` over its valid
+    positions: those of ``g``'s forward action that come from inside the image (a rotated
+    view's zero corners are left out, as in the aligned comparison)."""
+    if g is None or ref_hw is None:
+        return feat.mean(dim=(-2, -1))
+    hw = (int(feat.shape[-2]), int(feat.shape[-1]))
+    layout = Layout("map", size_stride(input_hw, ref_hw), size=hw)
+    mask = _MASKS.mask(g, layout, hw, feat.device)
+    if bool(mask.all()):
+        return feat.mean(dim=(-2, -1))
+    w = mask.to(feat.dtype)
+    return (feat * w).sum(dim=(-2, -1)) / w.sum().clamp_min(1.0)
 
 
 def view_mask(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
