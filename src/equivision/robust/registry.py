@@ -115,7 +115,8 @@ _OWN_ARGS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "apgd-bpda", "autoattack
 #: keyword arguments an attack spec may override
 _ATTACK_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "seed",
                 "loss", "kappa", "decay", "through", "eot_samples", "lambda_e", "lambdas",
-                "ignore_index", "queries", "n_targets", "p_init", "version", "eval_draws"}
+                "ignore_index", "queries", "n_targets", "p_init", "version", "eval_draws",
+                "best_iterate"}
 
 
 @dataclass(frozen=True)
