@@ -405,7 +405,7 @@ class IterativeAttack:
         term), both averaged over the EOT draws."""
         total: Tensor | None = None
         first: Tensor | None = None
-        task = torch.zeros((), device=x.device)
+        task: Tensor | None = None
         for k in range(self.eot_samples):
             xr = x.detach().requires_grad_(True)
             out = self._forward(xr, (restart, step, k))
@@ -416,11 +416,11 @@ class IterativeAttack:
             if self.lambda_e > 0:
                 assert self.defense is not None
                 obj = obj - self.lambda_e * self.defense.equivariance_loss(xr)
-            task = task + obj.detach()
+            task = obj.detach() if task is None else task + obj.detach()
             (g,) = torch.autograd.grad(obj.sum(), xr)
             total = g if total is None else total.add_(g)
             first = out.detach() if first is None else first
-        assert total is not None and first is not None
+        assert total is not None and first is not None and task is not None
         if self.eot_samples == 1:
             return total, first, task
         return total.div_(self.eot_samples), first, task / self.eot_samples

@@ -39,7 +39,6 @@ from ..measure.compare import (
     Comparator,
     align_back,
     pairwise_cosines,
-    per_image_cosine,
 )
 from ..transforms import Layout, Transform, size_stride
 
@@ -293,21 +292,37 @@ def view_mask(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
 def masked_pairwise_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | None],
                             pairing: str = "identity") -> Tensor:
     """:func:`~equivision.measure.compare.pairwise_cosines` over the positions valid in
-    both views of each pair: ``aligned`` are ``(B, ...)`` views, ``masks`` their ``(h, w)``
-    valid masks (None: all valid). Returns ``(B, P)``, differentiable."""
+    both views of each pair: ``aligned`` are ``(B, ..., h, w)`` views of one shape,
+    ``masks`` their ``(h, w)`` valid masks (None: all valid). Returns ``(B, P)``,
+    differentiable; squared norms clamped at 1e-16 as in ``pairwise_cosines``.
+
+    All pairs at once (no loop over pairs): with ``m_i`` the views' masks and
+    ``s_i(p) = sum_c f_i(c, p)^2``, the dot products are those of the masked views
+    ``f_i m_i`` (one batched Gram matrix) and the squared norm of view ``i`` over the
+    positions of pair ``(i, j)`` is ``sum_p s_i(p) m_i(p) m_j(p)``.
+    """
     if all(m is None for m in masks):
         return pairwise_cosines(aligned, pairing)
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    n = len(aligned)
-    pairs = [(0, k) for k in range(1, n)] if pairing == "identity" \
-        else list(itertools.combinations(range(n), 2))
-    cols = []
-    for i, j in pairs:
-        mi, mj = masks[i], masks[j]
-        mask = mi if mj is None else mj if mi is None else mi & mj
-        cols.append(per_image_cosine(aligned[i], aligned[j], mask))
-    return torch.stack(cols, dim=1)
+    v = len(aligned)
+    b, hw = aligned[0].shape[0], tuple(aligned[0].shape[-2:])
+    feats = torch.stack(list(aligned), dim=1).reshape(b, v, -1, hw[0] * hw[1])  # (B,V,C,P)
+    ones = torch.ones(hw, dtype=torch.bool, device=feats.device)
+    m = torch.stack([ones if k is None else k for k in masks]).flatten(1).to(feats.dtype)
+    fm = feats * m[None, :, None]  # masked views (B, V, C, P)
+    sq = (feats * feats).sum(2) * m  # s_i m_i (B, V, P)
+    if pairing == "identity":
+        dots = (fm[:, 1:] * fm[:, :1]).sum((2, 3))  # (B, K)
+        n_k = sq[:, 1:] @ m[0]  # |f_k| over m_0 m_k: (B, K)
+        n_0 = sq[:, 0] @ m[1:].T  # |f_0| over m_0 m_k: (B, K)
+        return dots / (n_k.clamp_min(1e-16).sqrt() * n_0.clamp_min(1e-16).sqrt())
+    flat = fm.flatten(2)  # (B, V, C P)
+    gram = torch.bmm(flat, flat.transpose(1, 2))  # (B, V, V)
+    norms = sq @ m.T  # norms[b, i, j] = |f_i|^2 over m_i m_j
+    i, j = (list(k) for k in zip(*itertools.combinations(range(v), 2)))
+    return gram[:, i, j] / (norms[:, i, j].clamp_min(1e-16).sqrt()
+                            * norms[:, j, i].clamp_min(1e-16).sqrt())
 
 
 def view_cosines(
