@@ -199,3 +199,17 @@ def test_config_errors_of_the_new_settings(blob_data):
     with pytest.raises(ValueError, match="check_images"):
         RobustnessConfig(check_images=0).checked()
 
+
+
+def test_demo_section_runs_the_ensemble_and_prints_the_checks(tmp_path, monkeypatch):
+    from equivision.demo import DemoContext
+    from equivision.robust import demo
+
+    tiny = dict(size=12, width=4, epochs=1, images=6, steps=1, defense_steps=2, eot_samples=1,
+                batch_size=6, check_images=2)
+    for key, value in tiny.items():
+        monkeypatch.setitem(demo.DEMO_SETTINGS, key, value)
+    text = demo.section_defense(DemoContext(out=tmp_path, device="cpu", progress=False))
+    assert "| autoattack-rand | defense |" in text and "| worst-case |" in text
+    assert "automatic checks:" in text and "`randomness`" in text and "[95% CI]" in text
+    assert "per-image worst case over every attack and repeat" in text
