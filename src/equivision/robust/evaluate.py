@@ -24,7 +24,7 @@ The result has one row for the clean images and one per attack. Each row holds
 
 * ``undefended``: the task metric of the bare model on the row's images
   (``{"accuracy"}`` for classifiers, ``{"miou", "pixel_accuracy"}`` for segmenters,
-  ``ConfusionMeter`` over all images, ``ignore_index`` pixels left out; segmenters also
+  from the confusion summed over all images, ``ignore_index`` pixels left out; segmenters also
   get ``mean_image_miou``, the mean of the per-image mIoU);
 * ``defended``: the metric of the defended prediction ``model(purify(x))``, worst case over
   ``repeats`` draws of a randomized defense (per image the draw with the lowest
