@@ -10,9 +10,9 @@ from torch.utils.data import TensorDataset
 from equivision.models import create_model
 from equivision.robust import EquivarianceDefense, evaluate_robustness
 from equivision.robust.defenses import default_transforms, equivariance_score
-from equivision.robust.view_fit import check_views, fitting_views, min_input_size
+from equivision.robust.view_fit import check_views, fitting_views, min_input_size, parse_views
 from equivision.robust.views import FeatureExtractor, last_spatial_layer
-from equivision.transforms import Resize, as_transforms, hflip
+from equivision.transforms import Resize, hflip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,6 +112,16 @@ def test_evaluate_records_the_resolved_layer_and_views(needs16):
     assert res.meta["feature_layer"] == "logits"
 
 
-def test_resize_is_in_the_spec_grammar():
-    assert [repr(g) for g in as_transforms("resize:1.4,resize:0.5")] == ["resize(1.4)",
-                                                                       "resize(0.5)"]
+def test_views_spec_reads_resizes_and_the_transformation_grammar():
+    views = parse_views("resize:1.4, rot90:1,3 resize:0.5,hflip")
+    assert [repr(g) for g in views][:1] == ["resize(1.4)"]
+    assert [repr(g) for g in views][-2:] == ["resize(0.5)", "hflip"] and len(views) == 5
+    assert parse_views([Resize(2.0), "hflip"])[1] == hflip()
+    with pytest.raises(ValueError, match="resize takes a factor"):
+        parse_views("resize:big")
+    with pytest.raises(ValueError, match="resize takes a factor"):
+        parse_views("resize:-1")
+    with pytest.raises(ValueError, match="no view given"):
+        parse_views(" , ")
+    with pytest.raises(ValueError, match="unknown transformation"):
+        parse_views("resize:2,rotat:3")

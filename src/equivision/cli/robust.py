@@ -18,7 +18,7 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..io import check_writable_file
 from ..models import model_from_checkpoint
 from ..robust.evaluate import RobustnessConfig, evaluate_robustness
-from ..transforms import as_transforms
+from ..robust.view_fit import parse_views
 from ..utils import resolve_device, seed_everything
 from .common import (
     CLIError,
@@ -207,7 +207,7 @@ def cmd_defend(args: argparse.Namespace) -> None:
     views = None
     if args.defense_transforms is not None:
         try:
-            views = as_transforms(args.defense_transforms)
+            views = parse_views(args.defense_transforms)
         except (TypeError, ValueError) as err:
             raise CLIError(f"--defense-transforms: {err}") from None
         defense_kwargs["transforms"] = views

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..transforms import ColorJitter, Resize, Rotation, Transform, as_transforms, hflip
+from ..transforms import ColorJitter, Resize, Rotation, Transform, hflip
 from .purify import check_images, check_purify_args, purify_loop
-from .view_fit import check_views, fitting_views
+from .view_fit import check_views, fitting_views, parse_views
 from .views import AUTO_LAYER, PAIRINGS, FeatureExtractor, resolve_max_batch, view_cosines
 
 __all__ = [
@@ -296,7 +296,7 @@ class EquivarianceDefense(PurifierDefense):
 
 
 def _check_transforms(transforms: Sequence[Transform] | str | None) -> list[Transform] | None:
-    return None if transforms is None else as_transforms(transforms)
+    return None if transforms is None else parse_views(transforms)
 
 
 class InvarianceDefense(EquivarianceDefense):
@@ -388,6 +388,6 @@ def equivariance_score(
     check_images(x)
     model.eval()
     gs = fitting_views(model, default_transforms(x.shape[1]), x) if transforms is None \
-        else as_transforms(transforms)
+        else parse_views(transforms)
     cos = view_cosines(FeatureExtractor(model, feature_layer), x, gs, pairing)
     return cos.mean(dim=1)

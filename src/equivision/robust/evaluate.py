@@ -103,7 +103,7 @@ from tqdm.auto import tqdm
 
 from ..io import write_atomic, write_csv
 from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score
-from ..transforms import Transform, as_transforms
+from ..transforms import Transform
 from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
 from .checks import CheckResult, checks_summary
@@ -112,7 +112,7 @@ from .ensemble import VERSIONS, EnsembleAttack
 from .evaluation_checks import LEVELS, basic_checks, curve_checks, result_checks
 from .per_image import KEYS, WORST_CASE, PerImageResults
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
-from .view_fit import check_views, fitting_views
+from .view_fit import check_views, fitting_views, parse_views
 from .views import AUTO_LAYER, FeatureExtractor
 
 __all__ = ["RobustnessConfig", "RobustnessResult", "RowResult", "evaluate_robustness"]
@@ -568,7 +568,7 @@ def _layer_and_views(model: nn.Module, defense: Defense | None, cfg: RobustnessC
     views = getattr(defense, "transforms", None) or cfg.score_transforms
     if views is None:
         return layer, fitting_views(model, default_transforms(x0.shape[1]), x0)
-    views = as_transforms(views)
+    views = parse_views(views)
     check_views(model, views, x0)
     return layer, views
 

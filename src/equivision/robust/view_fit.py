@@ -11,26 +11,57 @@ than some size, so the paper's 0.3x and 0.6x resizes can fail. These helpers
   cannot take is replaced by the resize to the model's minimum size when that still
   shrinks the image (dropped otherwise), other views it cannot take are dropped.
 
-Importing it adds the entry ``resize:F`` (:class:`~equivision.transforms.Resize` by ``F``)
-to the transformation spec grammar (:data:`equivision.transforms.spec.TRANSFORMATIONS`)
-when the grammar has none, so that the defense's views can be given as a spec string.
+:func:`parse_views` reads the defense's views from a spec string: the transformation
+grammar (:func:`~equivision.transforms.as_transforms`) plus ``resize:F``
+(:class:`~equivision.transforms.Resize` by ``F``), which that grammar does not have.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..transforms import Resize, Transform
-from ..transforms.spec import TRANSFORMATIONS, SpecEntry
+from ..transforms import Resize, Transform, as_transforms
 
-__all__ = ["check_views", "fitting_views", "min_input_size", "takes"]
+__all__ = ["check_views", "fitting_views", "min_input_size", "parse_views", "takes"]
 
-if "resize" not in TRANSFORMATIONS:
-    TRANSFORMATIONS.add("resize", SpecEntry(lambda a, e: [Resize(float(a))], "resize:F"),
-                        description="resize:F")
+
+def parse_views(spec: str | Transform | Sequence[str | Transform]) -> list[Transform]:
+    """Views from a spec such as ``"resize:0.5,resize:2,hflip,rotate:15"``: ``resize:F``
+    entries become :class:`~equivision.transforms.Resize` ``(F)``, the others are read by
+    :func:`~equivision.transforms.as_transforms` (in order); Transforms pass as they are.
+
+    Raises:
+        ValueError: an empty spec, a bad ``resize`` factor or a bad entry (as
+            ``as_transforms`` says).
+        TypeError: something that is neither a string nor a Transform.
+    """
+    if not isinstance(spec, str):
+        if isinstance(spec, Transform) or not isinstance(spec, Sequence):
+            return as_transforms(spec)  # a Transform, or a TypeError that says what is wrong
+        return [g for item in spec for g in (parse_views(item) if isinstance(item, str)
+                                             else as_transforms(item))]
+    out: list[Transform] = []
+    chunk: list[str] = []
+    for token in [t for t in re.split(r"[\s,]+", spec.strip()) if t] + [""]:
+        if token and not token.lower().startswith("resize:"):
+            chunk.append(token)
+            continue
+        if chunk:
+            out += as_transforms(",".join(chunk))
+            chunk = []
+        if token:
+            try:
+                out.append(Resize(float(token.partition(":")[2])))
+            except ValueError:
+                raise ValueError(f"bad view {token!r}: resize takes a factor > 0, e.g. "
+                                 "resize:0.5") from None
+    if not out:
+        raise ValueError(f"no view given in {spec!r}; e.g. 'resize:2,hflip,rotate:15'")
+    return out
 
 
 @torch.no_grad()
