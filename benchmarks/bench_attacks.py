@@ -1,8 +1,11 @@
 """Our PGD against torchattacks' PGD: same model, same inputs, same (no) random start.
 
 Targets:
-* the adversarial images agree to max |difference| <= 1e-6;
-* our time / torchattacks' time <= 1.1 (median of interleaved repeats).
+* the adversarial images agree to max |difference| <= 1e-6 (ours with
+  ``best_iterate=False``: torchattacks returns the last iterate; with best-iterate
+  tracking, the default, ours may return an earlier, stronger iterate);
+* our time / torchattacks' time <= 1.0 (median of interleaved repeats), for our default
+  (best-iterate tracking on) and for the last-iterate variant.
 
 The model is ``cnn-small`` (width 16) trained for a few epochs on the 1x28x28 digits (torchattacks
 does not need 3 channels). Both attacks run with ``random_start=False`` (torchattacks draws
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     y = test_set.labels[: args.batch].to(device)
 
     ours = PGD(model, args.eps, alpha=args.alpha, steps=args.steps, random_start=False)
+    last = PGD(model, args.eps, alpha=args.alpha, steps=args.steps, random_start=False,
+               best_iterate=False)
     theirs = torchattacks.PGD(model, eps=args.eps, alpha=args.alpha, steps=args.steps,
                               random_start=False)
 
@@ -80,29 +85,34 @@ def main(argv: list[str] | None = None) -> int:
         _sync(device)
         return time.perf_counter() - t0, adv
 
-    timed(ours), timed(theirs)  # warm-up
-    t_ours, t_theirs = [], []
+    timed(ours), timed(last), timed(theirs)  # warm-up
+    t_ours, t_last, t_theirs = [], [], []
     diff = 0.0
-    for _ in range(args.repeats):  # interleaved so that machine load hits both alike
+    for _ in range(args.repeats):  # interleaved so that machine load hits all alike
         a, adv_a = timed(ours)
+        c, adv_c = timed(last)
         b, adv_b = timed(theirs)
         t_ours.append(a)
+        t_last.append(c)
         t_theirs.append(b)
-        diff = max(diff, float((adv_a - adv_b).abs().max()))
+        diff = max(diff, float((adv_c - adv_b).abs().max()))
     with torch.no_grad():
         acc = float((model(adv_a).argmax(1) == y).float().mean())
-    m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
-    ratio = m_ours / m_theirs
+        acc_last = float((model(adv_c).argmax(1) == y).float().mean())
+    m_ours, m_last = statistics.median(t_ours), statistics.median(t_last)
+    m_theirs = statistics.median(t_theirs)
+    ratio, ratio_last = m_ours / m_theirs, m_last / m_theirs
     print(f"model cnn-small (width 16) on digits, clean test accuracy {clean['accuracy']:.3f}; "
           f"PGD eps={args.eps} alpha={args.alpha} steps={args.steps}, batch {args.batch}, "
           f"{args.threads} thread(s), {device}")
-    print(f"accuracy under PGD: {acc:.3f}")
-    print(f"max |ours - torchattacks|: {diff:.3g}  (target <= 1e-6: "
+    print(f"accuracy under PGD: {acc:.3f} (best iterate), {acc_last:.3f} (last iterate)")
+    print(f"max |ours (last iterate) - torchattacks|: {diff:.3g}  (target <= 1e-6: "
           f"{'ok' if diff <= 1e-6 else 'MISSED'})")
-    print(f"median time ours {m_ours * 1e3:.1f} ms, torchattacks {m_theirs * 1e3:.1f} ms, "
-          f"ratio ours/theirs {ratio:.3f}  (target <= 1.1: "
-          f"{'ok' if ratio <= 1.1 else 'MISSED'})")
-    return 0 if diff <= 1e-6 and ratio <= 1.1 else 1
+    print(f"median time ours {m_ours * 1e3:.1f} ms (last iterate {m_last * 1e3:.1f} ms), "
+          f"torchattacks {m_theirs * 1e3:.1f} ms, ratio ours/theirs {ratio:.3f} (last "
+          f"iterate {ratio_last:.3f})  (target <= 1.0: "
+          f"{'ok' if max(ratio, ratio_last) <= 1.0 else 'MISSED'})")
+    return 0 if diff <= 1e-6 and max(ratio, ratio_last) <= 1.0 else 1
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ def test_same_seed_same_output_and_generator(model, images):
     ("features.relu1", "pairs", "auto"),
 ])
 def test_batched_equals_loop(model, images, layer, pairing, max_batch):
-    kw = dict(feature_layer=layer, pairing=pairing)
+    # logits are vectors: the equivariance defense takes them only when told (its loss is
+    # then the invariance loss)
+    kw = dict(feature_layer=layer, pairing=pairing, allow_invariance=layer == "logits")
     a = _defense(model, max_batch=max_batch, **kw).purify(images)
     b = _defense(model, batched=False, **kw).purify(images)
     assert (a - b).abs().max() <= 1e-6
@@ -213,7 +215,8 @@ def _flip_equivariant_conv() -> nn.Module:
 def test_score_is_one_for_exact_flip_equivariance(images):
     torch.manual_seed(0)
     for pairing in ("identity", "pairs"):
-        s = equivariance_score(_FlipInvariant(), images, [hflip(), hflip()], pairing=pairing)
+        s = equivariance_score(_FlipInvariant(), images, [hflip(), hflip()], "logits",
+                               pairing=pairing)
         torch.testing.assert_close(s, torch.ones(3), atol=1e-6, rtol=0)
     s = equivariance_score(_flip_equivariant_conv(), images, [hflip()], feature_layer="1")
     torch.testing.assert_close(s, torch.ones(3), atol=1e-6, rtol=0)
@@ -414,9 +417,10 @@ def test_resize_is_differentiable_and_validates():
         Resize(2.0, mode="area")
 
 
-def test_equivariance_defense_warns_on_vector_features():
+def test_equivariance_defense_refuses_vector_features():
     """On classifier logits every transformation acts trivially: the loss would be the
-    invariance defense's, which the user is told."""
+    invariance defense's, which is an error unless asked for (bug 5 of issue 14: it was a
+    warning)."""
     import warnings
 
     from equivision.models import create_model
@@ -425,11 +429,14 @@ def test_equivariance_defense_warns_on_vector_features():
     torch.manual_seed(0)
     model = create_model("cnn-small", in_channels=1, num_classes=3, width=4).eval()
     x = torch.rand(2, 1, 12, 12)
-    with pytest.warns(UserWarning, match="vectors"):
+    with pytest.raises(ValueError, match="gives vectors .* allow_invariance=True"):
         EquivarianceDefense(model, steps=1, feature_layer="logits").purify(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        EquivarianceDefense(model, steps=1, feature_layer="logits",
+                            allow_invariance=True).purify(x)
         EquivarianceDefense(model, steps=1, feature_layer="features.relu3").purify(x)
+        InvarianceDefense(model, steps=1, feature_layer="logits").purify(x)
 
 
 class _Identity(nn.Module):

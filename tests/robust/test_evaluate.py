@@ -60,7 +60,7 @@ def scenes(one_thread):
 def test_registry_names_and_errors():
     assert set(ATTACKS) == {"fgsm", "ifgsm", "pgd", "mim", "cw", "houdini", "bpda", "bpda-eot",
                             "full", "adaptive", "apgd-ce", "apgd-dlr", "apgd-t", "square",
-                            "apgd-bpda"}
+                            "apgd-bpda", "autoattack"}
     assert "equivariance-reference" in DEFENSES and "rotation" in DEFENSES
     with pytest.raises(ValueError,
                        match="unknown attack 'pgdd'. Did you mean 'pgd'.*Valid names: .*fgsm"):
@@ -132,7 +132,8 @@ def test_classification_numbers(digits):
     config = RobustnessConfig(eps=0.3, steps=3, batch_size=6)
     again = evaluate_robustness(model, data, ["pgd", "fgsm"], None, config)
     assert [r.undefended for r in again.rows] == [r.undefended for r in res.rows]
-    assert again.meta["feature_layer"] == "logits" and again.meta["steps"] == 3
+    # the default score layer is the last spatial map (issue 14, bug 5; it was "logits")
+    assert again.meta["feature_layer"] == "features" and again.meta["steps"] == 3
     fewer = evaluate_robustness(model, data, ["pgd"], None, config, max_images=4)
     assert fewer.n_images == 4 and fewer.meta["eps"] == 0.3 and config.max_images is None
 
@@ -150,7 +151,9 @@ def test_config_errors(digits):
 
 def test_defended_rows_worst_case_and_scores(digits):
     model, data = digits
-    defense = EquivarianceDefense(model, eps_v=0.1, steps=2, noise=1.0)
+    # on the logits (invariance loss), as before the default layer became the last map
+    defense = EquivarianceDefense(model, eps_v=0.1, steps=2, noise=1.0, feature_layer="logits",
+                                  allow_invariance=True)
     kw = dict(eps=0.1, steps=2, batch_size=8, eot_samples=2, lambdas=(0.0, 1.0))
     single = evaluate_robustness(model, data, ["pgd", "bpda-eot", "adaptive"], defense, **kw)
     worst = evaluate_robustness(model, data, ["pgd", "bpda-eot", "adaptive"], defense,

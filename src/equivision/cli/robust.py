@@ -18,6 +18,7 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..io import check_writable_file
 from ..models import model_from_checkpoint
 from ..robust.evaluate import RobustnessConfig, evaluate_robustness
+from ..robust.view_fit import parse_views
 from ..utils import resolve_device, seed_everything
 from .common import (
     CLIError,
@@ -63,6 +64,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="targeted attacks towards (label + 1) mod K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--ensemble", choices=["standard", "rand", "seg", "auto"], default=None,
+                   help="add the AutoAttack-style ensemble row (APGD-CE, APGD-T, Square; "
+                   "'rand' for randomized defenses, 'seg' for segmenters, 'auto' picks)")
+    p.add_argument("--queries", type=positive_int, default=1000,
+                   help="Square's query budget in the ensemble (default 1000)")
+    p.add_argument("--checks", choices=["all", "basic", "none"], default="all",
+                   help="automatic checks printed with the result: all (with the eps and "
+                   "steps curves), basic, none (default all)")
+    p.add_argument("--check-images", type=positive_int, default=8,
+                   help="images the checks run on (default 8)")
+    p.add_argument("--per-image", help="write the per-image results to this path (.json, "
+                   "else CSV; atomic)")
     p.add_argument("--json", help="write the result as JSON to this path (atomic)")
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
                    help="no progress bar")
@@ -75,7 +88,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "adversarial accuracy (mIoU and pixel accuracy for segmenters).")
     _add_common(a)
     a.add_argument("--attack", default="pgd",
-                   help="comma-separated: fgsm, ifgsm, pgd, mim, cw, houdini (default pgd)")
+                   help="comma-separated: fgsm, ifgsm, pgd, mim, cw, houdini, apgd-ce, "
+                   "apgd-dlr, apgd-t, square, autoattack (default pgd)")
     a.set_defaults(func=cmd_attack)
 
     d = sub.add_parser("defend", help="evaluate an inference-time defense under attacks",
@@ -93,8 +107,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--eta", type=number, default=None,
                    help="purification step size (default 2.5 eps_v / T)")
     d.add_argument("--noise", type=number, default=1.0, help="purification noise (default 1)")
-    d.add_argument("--feature-layer", default="logits",
-                   help="layer whose equivariance is restored (default logits)")
+    d.add_argument("--feature-layer", default="auto",
+                   help="layer whose equivariance is restored: auto (the model's last spatial "
+                   "map, default), logits, output or a layer name")
+    d.add_argument("--defense-transforms", default=None,
+                   help="the defense's views, a transformation spec such as "
+                   "'resize:1.4,resize:2,hflip,rotate:-15,rotate:15' (default: the paper's "
+                   "eight views that the model can take); also the views of the scores")
     d.add_argument("--pairing", default="identity", choices=["identity", "pairs"])
     d.add_argument("--head", help="rotation/contrastive: a head file (robust.registry.save_head)"
                    "; without it a head is trained on the train split")
@@ -132,6 +151,8 @@ def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
         raise CLIError("--attack needs at least one attack name")
     if args.json:
         check_writable_file(args.json, "--json")  # before minutes of attacking
+    if args.per_image:
+        check_writable_file(args.per_image, "--per-image")
     device = resolve_device(args.device)
     with distributed_session(device) as rank:
         _evaluate(args, defense, attacks, extra, device, rank)
@@ -148,7 +169,9 @@ def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
         eps=args.eps, steps=args.steps, alpha=args.alpha, norm=args.norm,
         restarts=args.restarts, targeted=args.targeted, max_images=args.max_images,
         batch_size=args.batch_size, seed=args.seed, device=device,
-        progress=show_progress(args) and rank == 0, **extra)
+        progress=show_progress(args) and rank == 0, ensemble=args.ensemble,
+        ensemble_queries=args.queries, checks=args.checks, check_images=args.check_images,
+        **extra)
     result = evaluate_robustness(model, dataset, attacks, defense, config)
     result.meta.update({"model": name, "dataset": args.dataset, "split": args.split,
                         "checkpoint": args.checkpoint})
@@ -156,10 +179,13 @@ def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
         return
     print(f"{name} on {args.dataset}/{args.split}: {result.n_images} images, eps {args.eps:g} "
           f"({args.norm}), {args.steps} steps, {result.seconds:.1f} s")
-    print(result.table())
+    print(result.report())
     if args.json:
         write_json(args.json, result.to_dict())
         print(f"wrote {args.json}")
+    if args.per_image:
+        result.save_per_image(args.per_image)
+        print(f"wrote {args.per_image}")
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
@@ -178,6 +204,13 @@ def cmd_defend(args: argparse.Namespace) -> None:
         eps_v=args.eps_v, eta=args.eta, steps=args.defense_steps, noise=args.noise,
         feature_layer=args.feature_layer, pairing=args.pairing, seed=args.seed,
         head_epochs=args.head_epochs)
+    views = None
+    if args.defense_transforms is not None:
+        try:
+            views = parse_views(args.defense_transforms)
+        except (TypeError, ValueError) as err:
+            raise CLIError(f"--defense-transforms: {err}") from None
+        defense_kwargs["transforms"] = views
     if args.defense in ("rotation", "contrastive"):
         if args.head:
             defense_kwargs["head"] = args.head
@@ -186,4 +219,5 @@ def cmd_defend(args: argparse.Namespace) -> None:
                 args.dataset, "train", root=args.data_root, size=args.size)
     _run(args, args.defense, names(args.attack),
          dict(eot_samples=args.eot_samples, lambdas=lambdas, repeats=args.repeats,
-              defense_kwargs=defense_kwargs))
+              defense_kwargs=defense_kwargs, score_transforms=views,
+              feature_layer=args.feature_layer))

@@ -187,6 +187,14 @@ def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
             m.training = mode
 
 
+def _score(output: Tensor, labels: Tensor, ignore_index: int, targeted: bool) -> Tensor:
+    """:func:`~equivision.metrics.per_image_score` ``(B,)``; a targeted classifier's score
+    is 0 where the prediction is the target, else 1."""
+    if targeted and output.dim() == 2:
+        return (output.argmax(1) != labels).double()
+    return per_image_score(output, labels, ignore_index, targeted)
+
+
 def _derived_seed(*parts: Any) -> int:
     key = "\x1f".join(map(str, parts)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
@@ -236,6 +244,12 @@ class IterativeAttack:
         lambda_e: weight of the adaptive equivariance term (needs a defense).
         eval_mode: attack in eval mode and restore the modes afterwards; False runs the
             model in the mode it is in.
+        best_iterate: return, per image and run, the best iterate instead of the last:
+            the lowest per-image score (accuracy or mIoU) along the attack's own forward
+            path, ties broken by the higher objective (the first success that stays the
+            strongest). The scores of iterates ``0..steps-1`` come from the forward pass of
+            their gradient (EOT draw 0, objective averaged over the draws); the last
+            iterate costs one more forward pass.
 
     Raises:
         ValueError: bad settings; at call time images outside [0, 1], labels that do not
@@ -263,6 +277,7 @@ class IterativeAttack:
         eot_samples: int = 1,
         lambda_e: float = 0.0,
         eval_mode: bool = True,
+        best_iterate: bool = True,
     ) -> None:
         name = type(self).__name__
 
@@ -307,6 +322,7 @@ class IterativeAttack:
         self.eot_samples = integer(eot_samples, "eot_samples")
         self.lambda_e = number(lambda_e, "lambda_e", False)
         self.eval_mode = bool(eval_mode)
+        self.best_iterate = bool(best_iterate)
         self.defense = model if is_defense(model) else None
         if self.defense is None and (through != "plain" or self.lambda_e > 0):
             what = f"through={through!r}" if through != "plain" else "lambda_e > 0"
@@ -321,7 +337,7 @@ class IterativeAttack:
 
     def __repr__(self) -> str:
         keys = ("eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "loss",
-                "decay", "through", "eot_samples", "lambda_e", "eval_mode")
+                "decay", "through", "eot_samples", "lambda_e", "eval_mode", "best_iterate")
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
 
     # ------------------------------------------------------------------ forward paths
@@ -364,7 +380,7 @@ class IterativeAttack:
         self._check_output(out, labels)
         obj = attack_objective(out, labels, self.loss, self.targeted, self.kappa,
                                self.ignore_index)
-        return per_image_score(out, labels, self.ignore_index, self.targeted), obj.double()
+        return _score(out, labels, self.ignore_index, self.targeted), obj.double()
 
     # ------------------------------------------------------------------ pieces
 
@@ -380,7 +396,16 @@ class IterativeAttack:
     def _gradient(self, x: Tensor, labels: Tensor, restart: int, step: int,
                   check: bool) -> Tensor:
         """Gradient ``(B, C, H, W)`` of the objective summed over images (EOT-averaged)."""
+        return self._gradient_and_value(x, labels, restart, step, check)[0]
+
+    def _gradient_and_value(self, x: Tensor, labels: Tensor, restart: int, step: int,
+                            check: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(gradient (B, C, H, W), output of draw 0, objective (B,))``: the gradient of
+        the objective summed over images and the per-image objective (with the adaptive
+        term), both averaged over the EOT draws."""
         total: Tensor | None = None
+        first: Tensor | None = None
+        task: Tensor | None = None
         for k in range(self.eot_samples):
             xr = x.detach().requires_grad_(True)
             out = self._forward(xr, (restart, step, k))
@@ -391,10 +416,42 @@ class IterativeAttack:
             if self.lambda_e > 0:
                 assert self.defense is not None
                 obj = obj - self.lambda_e * self.defense.equivariance_loss(xr)
+            task = obj.detach() if task is None else task + obj.detach()
             (g,) = torch.autograd.grad(obj.sum(), xr)
-            total = g if total is None else total + g
-        assert total is not None
-        return total if self.eot_samples == 1 else total / self.eot_samples
+            total = g if total is None else total.add_(g)
+            first = out.detach() if first is None else first
+        assert total is not None and first is not None and task is not None
+        if self.eot_samples == 1:
+            return total, first, task
+        return total.div_(self.eot_samples), first, task / self.eot_samples
+
+    def _value(self, x: Tensor, labels: Tensor, restart: int, step: int
+               ) -> tuple[Tensor, Tensor]:
+        """``(output, objective (B,))`` at ``x`` along the attack's path (draw 0; the
+        objective with the adaptive term), detached."""
+        with torch.enable_grad():  # a purifier takes gradients of its own
+            xr = x.detach().requires_grad_(self.through == "full")
+            out = self._forward(xr, (restart, step, 0)).detach()
+            obj = attack_objective(out, labels, self.loss, self.targeted, self.kappa,
+                                   self.ignore_index)
+            if self.lambda_e > 0:
+                assert self.defense is not None
+                obj = obj - self.lambda_e * self.defense.equivariance_loss(x.detach()).detach()
+        return out, obj
+
+    def _keep_best(self, best: tuple[Tensor, Tensor, Tensor] | None, x: Tensor, out: Tensor,
+                   obj: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per image the better of ``best = (images, score, objective)`` and the iterate
+        ``x`` with its output and objective: lower score, ties the higher objective (ties
+        of both keep the later iterate)."""
+        score = _score(out, labels, self.ignore_index, self.targeted)
+        obj = obj.double()
+        if best is None:
+            return x.clone(), score, obj
+        better = (score < best[1]) | ((score == best[1]) & (obj >= best[2]))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return (torch.where(better.view(shape), x, best[0]), torch.where(better, score, best[1]),
+                torch.where(better, obj, best[2]))
 
     def _start(self, x0: Tensor, gen: torch.Generator) -> Tensor:
         if not self.random_start:
@@ -409,14 +466,20 @@ class IterativeAttack:
             delta = direction * self.eps * u.pow(1.0 / x0[0].numel())
         return (x0 + delta).clamp_(0.0, 1.0)
 
-    def _step(self, x: Tensor, x0: Tensor, grad: Tensor) -> Tensor:
+    def _step(self, x: Tensor, x0: Tensor, grad: Tensor, inplace: bool = False) -> Tensor:
+        """One projected step from ``x`` along ``grad`` (both ``(B, C, H, W)``). With
+        ``inplace`` the step overwrites ``x`` and ``grad`` (no allocation per step; the
+        numbers are the same)."""
         if self.norm == "linf":
-            x = x + self.alpha * grad.sign()
-            delta = (x - x0).clamp_(-self.eps, self.eps)
-        else:
-            x = x + self.alpha * grad / _flat_norm(grad, 2).clamp_min(_TINY)
-            delta = x - x0
-            delta = delta * (self.eps / _flat_norm(delta, 2).clamp_min(_TINY)).clamp_max(1.0)
+            if not inplace:
+                x = x + self.alpha * grad.sign()
+                delta = (x - x0).clamp_(-self.eps, self.eps)
+                return (x0 + delta).clamp_(0.0, 1.0)
+            x.add_(grad.sign_(), alpha=self.alpha)
+            return x.sub_(x0).clamp_(-self.eps, self.eps).add_(x0).clamp_(0.0, 1.0)
+        x = x + self.alpha * grad / _flat_norm(grad, 2).clamp_min(_TINY)
+        delta = x - x0
+        delta = delta * (self.eps / _flat_norm(delta, 2).clamp_min(_TINY)).clamp_max(1.0)
         return (x0 + delta).clamp_(0.0, 1.0)
 
     def _check_images(self, images: Any, labels: Any) -> tuple[Tensor, Tensor]:
@@ -441,16 +504,25 @@ class IterativeAttack:
 
     def run_once(self, x0: Tensor, labels: Tensor, restart: int, gen: torch.Generator,
                  check: bool = True) -> Tensor:
-        """One run (no restarts) from the start drawn from ``gen``; returns ``(B, C, H, W)``."""
+        """One run (no restarts) from the start drawn from ``gen``; returns ``(B, C, H, W)``:
+        the last iterate, or per image the best one (``best_iterate``)."""
         x = self._start(x0, gen)
         momentum = torch.zeros_like(x0) if self.decay > 0 else None
+        best = None
         for step in range(self.steps):
-            grad = self._gradient(x, labels, restart, step, check and step == 0)
+            grad, out, obj = self._gradient_and_value(x, labels, restart, step,
+                                                      check and step == 0)
+            if self.best_iterate:
+                best = self._keep_best(best, x, out, obj, labels)
             if momentum is not None:
                 momentum = self.decay * momentum + grad / _flat_norm(grad, 1).clamp_min(_TINY)
                 grad = momentum
-            x = self._step(x, x0, grad)
-        return x.detach()
+            # the iterate is fresh (the start or a step's result): step it in place
+            x = self._step(x, x0, grad, inplace=momentum is None)
+        if not self.best_iterate:
+            return x.detach()
+        out, obj = self._value(x, labels, restart, self.steps)
+        return self._keep_best(best, x, out, obj, labels)[0].detach()
 
     @torch.enable_grad()
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:

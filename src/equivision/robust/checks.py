@@ -18,7 +18,8 @@ message and the numbers behind it. A flag means the evaluation may overstate rob
 :func:`accuracy_curve` gives the accuracies the last two take; :func:`ensemble_checks`
 runs the black-box check on an ensemble's stages (Square after the APGD stages).
 
-:func:`run_checks` formats several results as lines to print.
+:func:`run_checks` formats several results as lines to print; :func:`checks_summary`
+adds what each flag means (:data:`MEANINGS`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .attacks import IterativeAttack
 from .ensemble import EnsembleResult
 
 __all__ = [
+    "MEANINGS",
     "CheckResult",
     "accuracy_curve",
     "check_black_box",
@@ -44,6 +46,7 @@ __all__ = [
     "check_gradients",
     "check_randomness",
     "check_transfer",
+    "checks_summary",
     "ensemble_checks",
     "run_checks",
 ]
@@ -215,3 +218,37 @@ def run_checks(results: Iterable[CheckResult]) -> list[str]:
     """One printable line per result, warnings first."""
     ordered = sorted(results, key=lambda r: not r.flagged)
     return [str(r) for r in ordered]
+
+
+#: what a flag of each check means, for the printed summary
+MEANINGS = {
+    "randomness": "the defended system gives different outputs on the same input: attack "
+                  "it with EOT (ensemble 'rand') and report the worst case over repeats",
+    "gradients": "some input gradients are zero or NaN: gradient masking or a broken "
+                 "gradient path, so gradient attacks can fail without the model being robust",
+    "black-box": "the gradient-free Square attack fooled images the gradient attacks did "
+                 "not: the gradients mislead (masking); the white-box numbers overstate "
+                 "robustness",
+    "transfer": "attacks made on the bare model fooled the defense where attacks through "
+                "the defense did not: the white-box path through the defense is weak",
+    "eps-growth": "accuracy does not fall towards 0 as eps grows: the attack cannot use a "
+                  "larger budget (masking or a weak attack)",
+    "convergence": "twice the steps still lowered the accuracy: the attack has not converged, "
+                   "the reported accuracy is an upper bound",
+}
+
+
+def checks_summary(results: Iterable[CheckResult]) -> str:
+    """The printable block of an evaluation's checks: one line per check (warnings first),
+    then what each raised flag means; says so when nothing was flagged."""
+    results = list(results)
+    if not results:
+        return "automatic checks: none run"
+    flagged = [r for r in results if r.flagged]
+    head = (f"automatic checks: {len(flagged)} of {len(results)} flagged (a flag means the "
+            "evaluation may overstate robustness)")
+    lines = [head] + ["  " + line for line in run_checks(results)]
+    for name in dict.fromkeys(r.name.split(" ")[0] for r in flagged):
+        if name in MEANINGS:
+            lines.append(f"  meaning of {name}: {MEANINGS[name]}")
+    return "\n".join(lines)

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..transforms import ColorJitter, Resize, Rotation, Transform, as_transforms, hflip
+from ..transforms import ColorJitter, Resize, Rotation, Transform, hflip
 from .purify import check_images, check_purify_args, purify_loop
-from .views import PAIRINGS, FeatureExtractor, resolve_max_batch, view_cosines
+from .view_fit import check_views, fitting_views, parse_views
+from .views import AUTO_LAYER, PAIRINGS, FeatureExtractor, resolve_max_batch, view_cosines
 
 __all__ = [
     "Defense", "EquivarianceDefense", "InvarianceDefense", "PurifierDefense",
@@ -198,14 +199,21 @@ class EquivarianceDefense(PurifierDefense):
     Args:
         model, eps_v, eta, steps, noise, seed, grad_norm, update: see
             :class:`PurifierDefense`.
-        transforms: the ``g_k``, a list or a spec string (default
-            :func:`default_transforms` for the input's channels, fixed on the first
-            call). The model must accept every view's size (``cnn7`` needs 28 px, so its
-            0.3x and 0.6x resizes fail: pass others).
-        feature_layer: ``"logits"`` (the class scores: the model's submodule named
-            ``logits`` if it has one, e.g. the segmenter's scores before upsampling as in
-            the released code, else the model output), ``"output"`` (always the model
-            output) or the name of a submodule (captured with a forward hook).
+        transforms: the ``g_k``, a list or a spec string (default: the
+            :func:`default_transforms` of the input's channels that the model can take,
+            :func:`~equivision.robust.view_fit.fitting_views`, fixed on the first call).
+            Given views are checked on the first call: a view the model cannot take
+            raises one ValueError naming it and the model's minimum input size.
+        feature_layer: ``"auto"`` (default: the model's last spatial map,
+            :func:`~equivision.robust.views.last_spatial_layer`, found on the first
+            call), ``"logits"`` (the class scores: the model's submodule named ``logits``
+            if it has one, e.g. the segmenter's scores before upsampling as in the released
+            code, else the model output), ``"output"`` (always the model output) or the
+            name of a submodule (captured with a forward hook).
+        allow_invariance: accept a feature layer that gives vectors ``(B, C)`` (classifier
+            logits), on which the loss is the invariance loss; without it such a layer
+            raises a ValueError on the first call (the invariance defense always accepts
+            them).
         pairing: ``"identity"`` (paper) or ``"pairs"`` (released code).
         batched: run views of the same size in one forward pass (``False``: a plain loop
             over the views, the reference the batched code must match).
@@ -225,13 +233,14 @@ class EquivarianceDefense(PurifierDefense):
         steps: int = 20,
         noise: float = 1.0,
         transforms: Sequence[Transform] | str | None = None,
-        feature_layer: str = "logits",
+        feature_layer: str = AUTO_LAYER,
         pairing: str = "identity",
         seed: int | None = None,
         grad_norm: str = "image",
         update: str = "sign",
         batched: bool = True,
         max_batch: int | str | None = "auto",
+        allow_invariance: bool = False,
     ) -> None:
         super().__init__(model, eps_v, eta, steps, noise, seed, grad_norm, update)
         resolve_max_batch(max_batch, torch.device("cpu"))  # validates
@@ -239,10 +248,26 @@ class EquivarianceDefense(PurifierDefense):
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         self.transforms: list[Transform] | None = _check_transforms(transforms)
         self.extractor = FeatureExtractor(model, feature_layer)
-        self.feature_layer = feature_layer
         self.pairing = pairing
         self.batched = bool(batched)
         self.max_batch = max_batch
+        self.allow_invariance = bool(allow_invariance)
+        self._views_checked = False
+
+    @property
+    def feature_layer(self) -> str:
+        """The feature layer's name (``"auto"`` until resolved on the first call)."""
+        return self.extractor.feature_layer
+
+    def views(self, x: Tensor) -> list[Transform]:
+        """The transformations, fixed (defaults that fit) or checked against the model on
+        the first call with images ``x (B, C, H, W)``."""
+        if self.transforms is None:
+            self.transforms = fitting_views(self.model, default_transforms(x.shape[1]), x)
+        elif not self._views_checked:
+            check_views(self.model, self.transforms, x)
+        self._views_checked = True
+        return self.transforms
 
     @classmethod
     def reference_code(
@@ -258,22 +283,20 @@ class EquivarianceDefense(PurifierDefense):
         """
         settings: dict[str, object] = dict(
             eta=1.0, grad_norm="batch", pairing="pairs", feature_layer="logits", noise=1.0,
-            update="sign",
+            update="sign", allow_invariance=True,
         )
         settings.update(kwargs)
         return cls(model, eps_v=eps_v, steps=steps, **settings)  # type: ignore[arg-type]
 
     def _loss(self, x: Tensor) -> Tensor:
-        if self.transforms is None:
-            self.transforms = default_transforms(x.shape[1])
-        cos = view_cosines(self.extractor, x, self.transforms, self.pairing,
+        cos = view_cosines(self.extractor, x, self.views(x), self.pairing,
                            pooled=self.pooled, batched=self.batched, max_batch=self.max_batch,
-                           warn_vector=type(self) is EquivarianceDefense)
+                           refuse_vector=not self.pooled and not self.allow_invariance)
         return -cos.mean(dim=1)
 
 
 def _check_transforms(transforms: Sequence[Transform] | str | None) -> list[Transform] | None:
-    return None if transforms is None else as_transforms(transforms)
+    return None if transforms is None else parse_views(transforms)
 
 
 class InvarianceDefense(EquivarianceDefense):
@@ -281,8 +304,9 @@ class InvarianceDefense(EquivarianceDefense):
     global-average-pooled (``(B, C, h, w) -> (B, C)``) and compared without undoing
     the transformations (they are not aligned after spatial transformations).
 
-    Takes the arguments of :class:`EquivarianceDefense`; the default feature layer
-    ``"logits"`` is already a vector for classifiers, for segmenters its maps are pooled.
+    Takes the arguments of :class:`EquivarianceDefense` (a layer that gives vectors, such
+    as classifier logits, is accepted); maps of the default layer (the last spatial map)
+    are pooled.
     """
 
     pooled = True
@@ -342,7 +366,7 @@ def equivariance_score(
     model: nn.Module,
     x: Tensor,
     transforms: Sequence[Transform] | str | None = None,
-    feature_layer: str = "logits",
+    feature_layer: str = AUTO_LAYER,
     pairing: str = "identity",
 ) -> Tensor:
     """Mean cosine across views per image (paper Table 4: clean vs attacked vs restored).
@@ -353,9 +377,9 @@ def equivariance_score(
         model: classifier or segmenter (put in eval mode).
         x: images ``(B, C, H, W)`` in [0, 1].
         transforms: the ``g_k``, a list or a spec string such as ``"hflip,rot:15"``
-            (default :func:`default_transforms`).
-        feature_layer: ``"logits"``, ``"output"`` or a submodule name (see
-            :class:`EquivarianceDefense`).
+            (default: the :func:`default_transforms` the model can take).
+        feature_layer: ``"auto"`` (the last spatial map), ``"logits"``, ``"output"`` or a
+            submodule name (see :class:`EquivarianceDefense`).
         pairing: ``"identity"`` or ``"pairs"``.
 
     Returns:
@@ -363,6 +387,7 @@ def equivariance_score(
     """
     check_images(x)
     model.eval()
-    gs = default_transforms(x.shape[1]) if transforms is None else as_transforms(transforms)
+    gs = fitting_views(model, default_transforms(x.shape[1]), x) if transforms is None \
+        else parse_views(transforms)
     cos = view_cosines(FeatureExtractor(model, feature_layer), x, gs, pairing)
     return cos.mean(dim=1)

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from .apgd import APGD, APGDT, evaluating, merge_worst
 from .attacks import IterativeAttack
 from .square import Square
 
-__all__ = ["VERSIONS", "AutoAttackEnsemble", "EnsembleResult", "StageResult"]
+__all__ = ["VERSIONS", "AutoAttackEnsemble", "EnsembleAttack", "EnsembleResult", "StageResult"]
 
 VERSIONS = ("standard", "rand", "seg")
 
@@ -240,3 +241,26 @@ class AutoAttackEnsemble:
         out = self.core.predict(best[0])
         return EnsembleResult(best[0], labels, best[1], stages, worst_stage, out.argmax(1),
                               out.shape[1], self.ignore_index)
+
+
+class EnsembleAttack:
+    """:class:`AutoAttackEnsemble` as an attack of the registry (``"autoattack"``): maps
+    ``(images, labels)`` to the worst-case images ``(B, C, H, W)`` and keeps the last
+    :class:`EnsembleResult` in :attr:`last` (its stages feed the black-box check). Takes
+    the arguments of :class:`AutoAttackEnsemble`."""
+
+    def __init__(self, model: nn.Module, eps: float, **kwargs: Any) -> None:
+        self.ensemble = AutoAttackEnsemble(model, eps, **kwargs)
+        self.last: EnsembleResult | None = None
+
+    def __repr__(self) -> str:
+        return repr(self.ensemble)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Worst-case adversarial images ``(B, C, H, W)`` of ``images`` with ``labels``."""
+        self.last = self.ensemble(images, labels)
+        return self.last.images
+
+
+# the registry keeps the keyword arguments a class's signature names
+EnsembleAttack.__signature__ = inspect.signature(AutoAttackEnsemble)  # type: ignore[attr-defined]

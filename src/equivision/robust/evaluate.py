@@ -7,7 +7,8 @@ API
 (``eps``, ``steps``, ``alpha``, ``norm``, ``restarts``, ``targeted``, ``eot_samples``,
 ``lambdas``, ``repeats``, ``max_images``, ``batch_size``, ``seed``, ``device``,
 ``progress``, ``ignore_index``, ``equivariance``, ``feature_layer``,
-``score_transforms``, ``defense_kwargs``); keyword ``overrides`` replace its fields.
+``score_transforms``, ``defense_kwargs``, ``ensemble``, ``ensemble_queries``, ``checks``,
+``check_images``); keyword ``overrides`` replace its fields.
 
 * ``model``: the undefended classifier ``(B, C, H, W) -> (B, K)`` or segmenter
   ``-> (B, K, H, W)``, images in [0, 1] (normalize inside the model).
@@ -23,7 +24,7 @@ The result has one row for the clean images and one per attack. Each row holds
 
 * ``undefended``: the task metric of the bare model on the row's images
   (``{"accuracy"}`` for classifiers, ``{"miou", "pixel_accuracy"}`` for segmenters,
-  ``ConfusionMeter`` over all images, ``ignore_index`` pixels left out; segmenters also
+  from the confusion summed over all images, ``ignore_index`` pixels left out; segmenters also
   get ``mean_image_miou``, the mean of the per-image mIoU);
 * ``defended``: the metric of the defended prediction ``model(purify(x))``, worst case over
   ``repeats`` draws of a randomized defense (per image the draw with the lowest
@@ -39,7 +40,28 @@ The result has one row for the clean images and one per attack. Each row holds
   defense's transforms, feature layer and pairing when it has them, else the default
   transforms on the config's ``feature_layer``;
 * ``seconds``: time spent on the row (attack + defended predictions + scores; the
-  slowest process under ``torch.distributed``).
+  slowest process under ``torch.distributed``);
+* ``intervals``: 95% confidence intervals ``{key: {metric: [low, high]}}`` of every metric
+  (Wilson for accuracies, the bootstrap over images for segmentation figures;
+  :mod:`equivision.robust.intervals`).
+
+``config.ensemble`` (``"standard"``, ``"rand"``, ``"seg"`` or ``"auto"``: ``seg`` for a
+segmenter, ``rand`` for a randomized defense, else ``standard``) adds the row
+``autoattack-<version>``: the AutoAttack-style ensemble
+(:class:`~equivision.robust.ensemble.AutoAttackEnsemble`; through a defense with BPDA and
+EOT) with ``steps`` APGD iterations and ``ensemble_queries`` Square queries. The spec
+``"autoattack"`` adds it as any other attack.
+
+Beyond the rows the result holds
+
+* ``worst_case``: the **per-image worst case over the attack rows** (a row
+  :data:`~equivision.robust.per_image.WORST_CASE`): an image counts as robust only if it
+  survives every attack and, defended, every repeat
+  (:class:`~equivision.robust.per_image.PerImageResults`); None without attacks;
+* ``per_image``: the per-image scores of every row, written by
+  :meth:`RobustnessResult.save_per_image` as JSON or CSV;
+* ``checks``: the automatic checks (:mod:`equivision.robust.evaluation_checks`, level
+  ``config.checks``), printed with their meaning by :meth:`RobustnessResult.report`.
 
 Sharding and seeding
 --------------------
@@ -65,10 +87,12 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,13 +101,19 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
-from ..metrics import IGNORE_INDEX, ConfusionMeter, check_output_labels, per_image_score
+from ..io import write_atomic, write_csv
+from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score
 from ..transforms import Transform
 from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
+from .checks import CheckResult, checks_summary
 from .defenses import Defense, EquivarianceDefense, default_transforms, equivariance_score
+from .ensemble import VERSIONS, EnsembleAttack
+from .evaluation_checks import LEVELS, basic_checks, curve_checks, result_checks
+from .per_image import KEYS, WORST_CASE, PerImageResults
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
-from .views import FeatureExtractor
+from .view_fit import check_views, fitting_views, parse_views
+from .views import AUTO_LAYER, FeatureExtractor
 
 __all__ = ["RobustnessConfig", "RobustnessResult", "RowResult", "evaluate_robustness"]
 
@@ -101,13 +131,14 @@ class RowResult:
     equivariance: dict[str, float | None]
     seconds: float
     attack: str | None = None
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return {"name": self.name, "attack_target": self.attack_target, "attack": self.attack,
                 "undefended": self.undefended, "defended": self.defended,
                 "defended_single": self.defended_single, "equivariance": self.equivariance,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "intervals": self.intervals}
 
 
 @dataclass
@@ -120,6 +151,9 @@ class RobustnessResult:
         rows: the clean row then one per attack.
         meta: settings (eps, steps, defense, repeats, world size, ...).
         seconds: wall time of the whole evaluation.
+        worst_case: the per-image worst case over the attack rows (None without attacks).
+        checks: the automatic checks.
+        per_image: the per-image scores of every row.
     """
 
     task: str
@@ -127,6 +161,9 @@ class RobustnessResult:
     rows: list[RowResult]
     meta: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    worst_case: RowResult | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+    per_image: PerImageResults | None = None
 
     @property
     def metric(self) -> str:
@@ -140,39 +177,82 @@ class RobustnessResult:
                 return r
         raise KeyError(f"no row {name!r}; rows: {[r.name for r in self.rows]}")
 
+    def check(self, name: str) -> CheckResult:
+        """The automatic check called ``name`` (``"randomness"``, ``"gradients"``, ...)."""
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check {name!r}; checks: {[c.name for c in self.checks]}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (NaN written as None)."""
         out = {"task": self.task, "metric": self.metric, "n_images": self.n_images,
                "meta": self.meta, "seconds": self.seconds,
-               "rows": [r.to_dict() for r in self.rows]}
+               "rows": [r.to_dict() for r in self.rows],
+               "worst_case": None if self.worst_case is None else self.worst_case.to_dict(),
+               "checks": [{"name": c.name, "flagged": c.flagged, "message": c.message,
+                           "details": c.details} for c in self.checks]}
         return _json_safe(out)
 
-    def table(self) -> str:
-        """Markdown table: rows clean + attacks; columns target, undefended and defended
-        metric, equivariance score of clean / attacked / restored images."""
+    def table(self, worst_case: bool = False) -> str:
+        """Markdown table: rows clean + attacks (+ the per-image worst case when
+        ``worst_case``); columns target, undefended and defended metric with its 95%
+        interval, equivariance score of clean / attacked / restored images."""
         seg = self.task == "segmentation"
         metric = "mIoU / pixel acc." if seg else "accuracy"
-        head = (f"| row | attack target | undefended {metric} | defended {metric} | "
-                "equiv. clean | equiv. attacked | equiv. restored |")
+        head = (f"| row | attack target | undefended {metric} [95% CI] | defended {metric} "
+                "[95% CI] | equiv. clean | equiv. attacked | equiv. restored |")
         lines = [head, "|---|---|---|---|---|---|---|"]
-
-        def cell(m: dict[str, float] | None) -> str:
-            if m is None:
-                return "-"
-            if seg:
-                return f"{_fmt(m['miou'])} / {_fmt(m['pixel_accuracy'])}"
-            return _fmt(m["accuracy"])
-
-        for r in self.rows:
+        rows = self.rows + ([self.worst_case] if worst_case and self.worst_case else [])
+        for r in rows:
             eq = r.equivariance
-            lines.append(f"| {r.name} | {r.attack_target or '-'} | {cell(r.undefended)} | "
-                         f"{cell(r.defended)} | {_fmt(eq.get('clean'))} | "
-                         f"{_fmt(eq.get('attacked'))} | {_fmt(eq.get('restored'))} |")
+            lines.append(f"| {r.name} | {r.attack_target or '-'} | "
+                         f"{_cell(r, 'undefended', seg)} | {_cell(r, 'defended', seg)} | "
+                         f"{_fmt(eq.get('clean'))} | {_fmt(eq.get('attacked'))} | "
+                         f"{_fmt(eq.get('restored'))} |")
         return "\n".join(lines)
+
+    def checks_summary(self) -> str:
+        """The automatic checks, one line each, and what each raised flag means."""
+        return checks_summary(self.checks)
+
+    def report(self) -> str:
+        """The table with the worst-case row, then the checks: what the CLI prints."""
+        return f"{self.table(worst_case=True)}\n{self.checks_summary()}"
+
+    def save_per_image(self, path: str | Path) -> Path:
+        """Write the per-image results atomically: JSON (``{"task", "metric", "rows":
+        [...]}``) for a ``.json`` path, else CSV (one line per image and row; columns
+        ``index``, ``row``, the scores of each prediction kind and, for the worst-case
+        lines, the row each came from)."""
+        if self.per_image is None:
+            raise ValueError("this result holds no per-image results")
+        records = self.per_image.records()
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            payload = {"task": self.task, "metric": self.metric, "n_images": self.n_images,
+                       "records": records}
+            return write_atomic(path, json.dumps(_json_safe(payload), indent=1))
+        header = list(dict.fromkeys(k for rec in records for k in rec))
+        return write_csv(path, header, ([rec.get(k) for k in header] for rec in records))
 
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _cell(row: RowResult, key: str, seg: bool) -> str:
+    """``value [low, high]`` of the row's headline metric(s) for ``key``."""
+    m = getattr(row, key)
+    if m is None:
+        return "-"
+    ci = row.intervals.get(key, {})
+
+    def one(name: str) -> str:
+        lo, hi = ci.get(name, [None, None])
+        return _fmt(m[name]) + ("" if lo is None else f" [{_fmt(lo)}, {_fmt(hi)}]")
+
+    return f"{one('miou')} / {one('pixel_accuracy')}" if seg else one("accuracy")
 
 
 def _json_safe(obj: Any) -> Any:
@@ -236,36 +316,21 @@ def _generator(device: torch.device, *parts: Any) -> torch.Generator:
 
 
 class _Row:
-    """Accumulators of one row; every state is a tensor summed across processes."""
+    """Equivariance-score sums and time of one row (the task metrics are per image, in
+    :class:`PerImageResults`); every state is a tensor summed across processes."""
 
-    def __init__(self, num_classes: int, ignore_index: int, device: torch.device) -> None:
-        self.meters = {k: ConfusionMeter(num_classes, ignore_index, device)
-                       for k in ("undefended", "defended", "defended_single")}
+    def __init__(self, device: torch.device) -> None:
         # sums of the equivariance score of clean / attacked / restored images, and counts
         self.scores = torch.zeros(3, dtype=torch.float64, device=device)
         self.counts = torch.zeros(3, dtype=torch.float64, device=device)
-        # sums of the per-image score (accuracy or mIoU) of undefended / defended / single
-        self.image_scores = torch.zeros(3, dtype=torch.float64, device=device)
-        self.images = torch.zeros((), dtype=torch.float64, device=device)
         self.seconds = 0.0
 
     def tensors(self) -> list[Tensor]:
-        return [m.confusion for m in self.meters.values()] + [
-            self.scores, self.counts, self.image_scores, self.images]
+        return [self.scores, self.counts]
 
     def add_scores(self, i: int, values: Tensor) -> None:
         self.scores[i] += values.double().sum()
         self.counts[i] += values.numel()
-
-
-def _metrics(acc: _Row, key: str, seg: bool) -> dict[str, float]:
-    meter = acc.meters[key]
-    if not seg:
-        return {"accuracy": meter.accuracy()}
-    i = ("undefended", "defended", "defended_single").index(key)
-    n = float(acc.images)
-    return {"miou": meter.miou(), "pixel_accuracy": meter.accuracy(),
-            "mean_image_miou": float(acc.image_scores[i]) / n if n > 0 else float("nan")}
 
 
 # ----------------------------------------------------------------------------- config
@@ -291,10 +356,17 @@ class RobustnessConfig:
         progress: tqdm bar over this process's blocks (rank 0 only).
         ignore_index: ignored label of segmentation masks.
         equivariance: compute the equivariance scores.
-        feature_layer: feature layer of the scores when the defense has none.
-        score_transforms: views of the scores when the defense has none (default
-            :func:`default_transforms`).
+        feature_layer: feature layer of the scores when the defense has none (default
+            ``"auto"``: the model's last spatial map).
+        score_transforms: views of the scores when the defense has none (default: the
+            :func:`default_transforms` the model can take; given views are checked).
         defense_kwargs: keyword arguments of :func:`build_defense` for a named defense.
+        ensemble: None, or the version of the AutoAttack-style ensemble row
+            (``"standard"``, ``"rand"``, ``"seg"``, ``"auto"``).
+        ensemble_queries: Square's query budget in the ensemble.
+        checks: ``"all"``, ``"basic"`` or ``"none"``
+            (:mod:`~equivision.robust.evaluation_checks`).
+        check_images: images (the first ones) the checks run on.
     """
 
     eps: float = 8 / 255
@@ -313,9 +385,13 @@ class RobustnessConfig:
     progress: bool = False
     ignore_index: int = IGNORE_INDEX
     equivariance: bool = True
-    feature_layer: str = "logits"
-    score_transforms: Sequence[Transform] | None = None
+    feature_layer: str = AUTO_LAYER
+    score_transforms: Sequence[Transform] | str | None = None
     defense_kwargs: Mapping[str, Any] | None = None
+    ensemble: str | None = None
+    ensemble_queries: int = 1000
+    checks: str = "all"
+    check_images: int = 8
 
     def checked(self) -> RobustnessConfig:
         """A copy with validated numbers (``lambdas`` as a list of floats).
@@ -327,6 +403,13 @@ class RobustnessConfig:
         lambdas = [_check_number("lambda_e", lam, positive=False) for lam in self.lambdas]
         if not lambdas:
             raise ValueError("lambdas must hold at least one value")
+        if self.ensemble is not None and self.ensemble not in VERSIONS + ("auto",):
+            raise ValueError(f"ensemble must be None or one of {VERSIONS + ('auto',)}, got "
+                             f"{self.ensemble!r}")
+        if self.checks not in LEVELS:
+            raise ValueError(f"checks must be one of {LEVELS}, got {self.checks!r}")
+        _check_int("ensemble_queries", self.ensemble_queries)
+        _check_int("check_images", self.check_images)
         return replace(
             self, eps=_check_number("eps", self.eps), steps=_check_int("steps", self.steps),
             repeats=_check_int("repeats", self.repeats),
@@ -356,6 +439,9 @@ class _Setup:
     draws: int
     rank: int
     world: int
+    per_image: PerImageResults
+    # robust images (N,) before / after the ensemble's Square stage, and whether it ran
+    square: Tensor
 
     @property
     def names(self) -> list[str]:
@@ -398,12 +484,15 @@ def evaluate_robustness(
     t_start = time.perf_counter()
     cfg = _config(config, overrides).checked()
     setup = _setup(model, dataset, attacks, defense, cfg)
-    rows = {name: _Row(setup.k, cfg.ignore_index, setup.device) for name in setup.names}
+    rows = {name: _Row(setup.device) for name in setup.names}
     attack_repr = _run_blocks(setup, cfg, rows)
     _all_reduce(setup, rows)
+    results = _row_results(setup, rows, attack_repr, cfg.seed)
+    worst = _worst_case(setup, cfg.seed) if len(setup.names) > 1 else None
+    checks = _checks(setup, cfg, {r.name: r.attack_target for r in results})
     return RobustnessResult("segmentation" if setup.seg else "classification", setup.n,
-                            _row_results(setup, rows, attack_repr), _meta(setup, cfg),
-                            time.perf_counter() - t_start)
+                            results, _meta(setup, cfg), time.perf_counter() - t_start,
+                            worst_case=worst, checks=checks, per_image=setup.per_image)
 
 
 def _config(config: RobustnessConfig | None, overrides: dict[str, Any]) -> RobustnessConfig:
@@ -423,6 +512,9 @@ def _setup(model: nn.Module, dataset: Dataset,
     """Check the inputs, build the defense and probe the model on image 0 (on every
     process, so that the accumulators match)."""
     specs = [parse_attack(a) for a in attacks]
+    if cfg.ensemble is not None:
+        specs.append(AttackSpec("autoattack", f"autoattack-{cfg.ensemble}",
+                                {"version": cfg.ensemble}))
     labels_seen = [s.label for s in specs]
     if "clean" in labels_seen or len(set(labels_seen)) != len(labels_seen):
         raise ValueError(f"attack labels must be unique and not 'clean', got {labels_seen}")
@@ -442,22 +534,60 @@ def _setup(model: nn.Module, dataset: Dataset,
     x0, y0 = _batch(dataset, 0, 1)
     with torch.no_grad():
         out0 = _check_output(model(x0.to(dev)), y0.to(dev), cfg.ignore_index, "image 0")
-    # the defense's layer when its loss is the equivariance score; a head-based defense
-    # reads its head's layer, which the scores do not use
-    layer = defense_obj.feature_layer if isinstance(defense_obj, EquivarianceDefense) \
-        else cfg.feature_layer
-    FeatureExtractor(model, layer)  # unknown layer names fail here, with the list
-    views = getattr(defense_obj, "transforms", None) or cfg.score_transforms
+    layer, views = _layer_and_views(model, defense_obj, cfg, x0.to(dev))
     randomized = bool(getattr(defense_obj, "randomized", False))
     use_dist = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
+    seg, n = out0.dim() == 4, n_total if cfg.max_images is None else min(cfg.max_images,
+                                                                          n_total)
+    specs = [_resolve_ensemble(s, seg, randomized, cfg.ensemble_queries) for s in specs]
+    names = ["clean"] + [s.label for s in specs]
     return _Setup(
         model=model, dataset=dataset, specs=specs, defense=defense_obj, device=dev,
-        n=n_total if cfg.max_images is None else min(cfg.max_images, n_total),
-        seg=out0.dim() == 4, k=int(out0.shape[1]), feature_layer=layer,
+        n=n, seg=seg, k=int(out0.shape[1]), feature_layer=layer,
         pairing=str(getattr(defense_obj, "pairing", "identity")),
-        views=list(views if views is not None else default_transforms(x0.shape[1])),
-        draws=cfg.repeats if randomized else 1, rank=rank, world=world)
+        views=views,
+        draws=cfg.repeats if randomized else 1, rank=rank, world=world,
+        per_image=PerImageResults(names, n, int(out0.shape[1]), seg, dev, cfg.ignore_index),
+        square=torch.zeros(3, n, dtype=torch.float64, device=dev))
+
+
+def _layer_and_views(model: nn.Module, defense: Defense | None, cfg: RobustnessConfig,
+                     x0: Tensor) -> tuple[str, list[Transform]]:
+    """The feature layer (``"auto"`` resolved) and the views of the equivariance scores,
+    checked on image ``x0 (1, C, H, W)``: the defense's when it has them (a defense
+    without views gets the defaults that fit the model), else the config's."""
+    # the defense's layer when its loss is the equivariance score; a head-based defense
+    # reads its head's layer, which the scores do not use
+    if isinstance(defense, EquivarianceDefense):
+        layer = defense.extractor.resolve(x0)
+    else:  # unknown layer names fail here, with the list
+        layer = FeatureExtractor(model, cfg.feature_layer).resolve(x0)
+    if isinstance(defense, EquivarianceDefense):
+        return layer, defense.views(x0)
+    views = getattr(defense, "transforms", None) or cfg.score_transforms
+    if views is None:
+        return layer, fitting_views(model, default_transforms(x0.shape[1]), x0)
+    views = parse_views(views)
+    check_views(model, views, x0)
+    return layer, views
+
+
+def _resolve_ensemble(spec: AttackSpec, seg: bool, randomized: bool,
+                      queries: int) -> AttackSpec:
+    """An ``autoattack`` spec made concrete: ``version="auto"`` (or none) becomes ``seg``
+    for a segmenter, ``rand`` for a randomized defense, else ``standard``; Square's budget
+    is ``queries`` unless the spec gives one."""
+    if spec.name != "autoattack":
+        return spec
+    version = spec.options.get("version", "auto")
+    label = spec.label
+    if version == "auto":
+        version = "seg" if seg else "rand" if randomized else "standard"
+        if label in ("autoattack", "autoattack-auto"):
+            label = f"autoattack-{version}"
+    return AttackSpec(spec.name, label, {"queries": queries, **spec.options,
+                                         "version": version})
 
 
 def _run_blocks(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row]
@@ -499,18 +629,17 @@ def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], star
         acc = rows[name]
         adv = x
         if name != "clean":
-            adv, _, attack_repr[name] = _attack(
+            adv, _, attack_repr[name], atk = _attack(
                 setup.specs[row_i - 1], model, setup.defense, x, y, setup.k, setup.seg,
                 cfg.eps, settings, list(cfg.lambdas), cfg.seed, start, ignore)
+            _record_square(setup, atk, start)
         with torch.no_grad():
             out = _check_output(model(adv), y, ignore, f"images {start}..{stop - 1} ({name})")
-        acc.meters["undefended"].update(out, y)
-        acc.image_scores[0] += per_image_score(out, y, ignore).sum()
-        acc.images += y.shape[0]
+        setup.per_image.record(name, "undefended", start, per_image_score(out, y, ignore),
+                               out.argmax(1), y)
         restored = None
         if setup.defense is not None:
-            restored = _defended(setup.defense, model, adv, y, acc, setup.draws, cfg.seed,
-                                 name, start, ignore)
+            restored = _defended(setup, adv, y, cfg.seed, name, start, ignore)
         if cfg.equivariance:
             if clean_score is None:
                 clean_score = _score(setup, x)
@@ -520,6 +649,52 @@ def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], star
                 acc.add_scores(2, _score(setup, restored))
         acc.seconds += time.perf_counter() - t0
     return attack_repr
+
+
+def _record_square(setup: _Setup, attack: Any, start: int) -> None:
+    """Keep the robust images before and after the ensemble's Square stage (the first
+    ensemble row with one) for the black-box check."""
+    last = getattr(attack, "last", None)
+    if not isinstance(attack, EnsembleAttack) or last is None:
+        return
+    names = [st.name for st in last.stages]
+    if "square" not in names or bool(setup.square[2, start] == 1):
+        return  # no Square stage, or an earlier ensemble row recorded these images
+    i = names.index("square")
+    stop = start + last.score.shape[0]
+    setup.square[0, start:stop] = last.stages[i - 1].score.double()
+    setup.square[1, start:stop] = last.stages[i].score.double()
+    setup.square[2, start:stop] = 1.0
+
+
+def _checks(setup: _Setup, cfg: RobustnessConfig, targets: dict[str, str | None]
+            ) -> list[CheckResult]:
+    """The automatic checks of level ``cfg.checks`` (the same on every process)."""
+    if cfg.checks == "none":
+        return []
+    m = max(1, min(setup.n, cfg.check_images))
+    x, y = _batch(setup.dataset, 0, m)
+    x, y = x.to(setup.device), y.to(setup.device)
+    model, defense, ignore = setup.model, setup.defense, cfg.ignore_index
+    out = basic_checks(model, defense, x, y, ignore)
+    ran = bool(setup.square[2].all())
+    out += result_checks(setup.per_image, targets,
+                         (setup.square[0], setup.square[1]) if ran else None)
+    if cfg.checks == "all" and setup.specs:
+        spec = next((s for s in setup.specs if s.in_loop and defense is not None),
+                    setup.specs[0])
+        settings = dict(alpha=None, norm=cfg.norm, restarts=cfg.restarts,
+                        targeted=cfg.targeted, ignore_index=ignore,
+                        eot_samples=cfg.eot_samples)
+
+        def run(eps: float, steps: int) -> Tensor:
+            return _attack(spec, model, defense, x, y, setup.k, setup.seg, eps,
+                           {**settings, "steps": steps}, list(cfg.lambdas), cfg.seed,
+                           -1, ignore)[0]
+
+        system = defense if defense is not None and spec.in_loop else model
+        out += curve_checks(system, run, x, y, cfg.eps, cfg.steps, cfg.norm, ignore)
+    return out
 
 
 def _score(setup: _Setup, images: Tensor) -> Tensor:
@@ -532,9 +707,9 @@ def _all_reduce(setup: _Setup, rows: dict[str, _Row]) -> None:
     """Sum the accumulators over processes; each row's time is the slowest process's."""
     if setup.world <= 1:
         return
-    for acc in rows.values():
-        for t in acc.tensors():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    for t in [setup.square, *setup.per_image.tensors()] + [
+            t for acc in rows.values() for t in acc.tensors()]:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     names = setup.names
     secs = torch.tensor([rows[nm].seconds for nm in names], dtype=torch.float64,
                         device=setup.device)
@@ -543,8 +718,35 @@ def _all_reduce(setup: _Setup, rows: dict[str, _Row]) -> None:
         rows[nm].seconds = sec
 
 
-def _row_results(setup: _Setup, rows: dict[str, _Row], attack_repr: dict[str, str]
-                 ) -> list[RowResult]:
+def _metrics(setup: _Setup, name: str, seed: int
+             ) -> tuple[dict[str, dict[str, float] | None], dict[str, dict[str, list[float]]]]:
+    """Metrics and 95% intervals of the row ``name`` per prediction kind (None for the
+    defended kinds without a defense)."""
+    pi = setup.per_image
+    metrics: dict[str, dict[str, float] | None] = {}
+    intervals = {}
+    for key in KEYS:
+        if key != "undefended" and setup.defense is None:
+            metrics[key] = None
+            continue
+        metrics[key] = pi.metrics(name, key)
+        intervals[key] = pi.intervals(name, key, seed)
+    return metrics, intervals
+
+
+def _worst_case(setup: _Setup, seed: int) -> RowResult:
+    """The per-image worst case over the attack rows."""
+    metrics, intervals = _metrics(setup, WORST_CASE, seed)
+    return RowResult(name=WORST_CASE, attack_target=None, undefended=metrics["undefended"]
+                     or {}, defended=metrics["defended"],
+                     defended_single=metrics["defended_single"],
+                     equivariance={"clean": None, "attacked": None, "restored": None},
+                     seconds=0.0, attack="per-image worst case over the attack rows",
+                     intervals=intervals)
+
+
+def _row_results(setup: _Setup, rows: dict[str, _Row], attack_repr: dict[str, str],
+                 seed: int = 0) -> list[RowResult]:
     """The rows of the result, from the (reduced) accumulators."""
     defended = setup.defense is not None
     results = []
@@ -558,12 +760,12 @@ def _row_results(setup: _Setup, rows: dict[str, _Row], attack_repr: dict[str, st
         if name != "clean":  # the same whichever process ran the attack
             spec = setup.specs[setup.names.index(name) - 1]
             target = "defense" if spec.in_loop and defended else "model"
+        metrics, intervals = _metrics(setup, name, seed)
         results.append(RowResult(
-            name=name, attack_target=target,
-            undefended=_metrics(acc, "undefended", setup.seg),
-            defended=_metrics(acc, "defended", setup.seg) if defended else None,
-            defended_single=_metrics(acc, "defended_single", setup.seg) if defended else None,
-            equivariance=eq, seconds=acc.seconds, attack=attack_repr.get(name)))
+            name=name, attack_target=target, undefended=metrics["undefended"] or {},
+            defended=metrics["defended"], defended_single=metrics["defended_single"],
+            equivariance=eq, seconds=acc.seconds, attack=attack_repr.get(name),
+            intervals=intervals))
     return results
 
 
@@ -582,7 +784,9 @@ def _meta(setup: _Setup, cfg: RobustnessConfig) -> dict[str, Any]:
         "feature_layer": setup.feature_layer, "score_pairing": setup.pairing,
         "score_views": [repr(g) for g in setup.views], "world_size": setup.world,
         "num_classes": setup.k, "ignore_index": cfg.ignore_index if setup.seg else None,
-        "device": str(setup.device),
+        "device": str(setup.device), "ensemble": cfg.ensemble,
+        "ensemble_queries": cfg.ensemble_queries, "checks": cfg.checks,
+        "check_images": cfg.check_images,
     }
 
 
@@ -596,12 +800,13 @@ def _defense_settings(defense: Defense | None) -> dict[str, Any]:
 
 def _attack(spec: AttackSpec, model: nn.Module, defense: Defense | None, x: Tensor, y: Tensor,
             k: int, seg: bool, eps: float, settings: dict[str, Any], lambdas: list[float],
-            seed: int, start: int, ignore_index: int) -> tuple[Tensor, str, str]:
-    """Adversarial images ``(B, C, H, W)`` of one block, the target and the attack's repr."""
+            seed: int, start: int, ignore_index: int) -> tuple[Tensor, str, str, Any]:
+    """Adversarial images ``(B, C, H, W)`` of one block, the target, the attack's repr and
+    the attack object (None for a lambda sweep)."""
     block_seed = _derived_seed(seed, "attack", spec.label, start)
     kw = {**settings, "eps": eps, "seed": block_seed}
     labels = y
-    if kw.get("targeted") or spec.options.get("targeted"):
+    if spec.name != "autoattack" and (kw.get("targeted") or spec.options.get("targeted")):
         shifted = (y + 1) % k
         labels = torch.where(y == ignore_index, y, shifted) if seg else shifted
     sweep = None
@@ -615,19 +820,21 @@ def _attack(spec: AttackSpec, model: nn.Module, defense: Defense | None, x: Tens
         eps_run = opts.pop("eps")
         result = sweep_lambda(defense, x, labels, lambdas=[float(v) for v in sweep],
                               eps=eps_run, **opts)
-        return result.images, target, f"sweep_lambda({list(sweep)}) of {atk!r}"
+        return result.images, target, f"sweep_lambda({list(sweep)}) of {atk!r}", None
     if sweep is not None:
         kw["lambda_e"] = float(sweep[0])
         spec = AttackSpec(spec.name, spec.label, {o: v for o, v in spec.options.items()
                                                   if o not in ("lambdas", "lambda_e")})
     atk, target = build_attack(spec, model, defense, **kw)
-    return atk(x, labels), target, repr(atk)
+    return atk(x, labels), target, repr(atk), atk
 
 
-def _defended(defense: Defense, model: nn.Module, adv: Tensor, y: Tensor, acc: _Row,
-              draws: int, seed: int, name: str, start: int, ignore_index: int) -> Tensor:
-    """Purify ``adv`` ``draws`` times, update the defended meters with the worst draw per
-    image (and the first draw); returns the first draw's purified images."""
+def _defended(setup: _Setup, adv: Tensor, y: Tensor, seed: int, name: str, start: int,
+              ignore_index: int) -> Tensor:
+    """Purify ``adv`` ``setup.draws`` times, record the worst draw per image (and the first
+    draw) in the per-image results; returns the first draw's purified images."""
+    defense, model, draws = setup.defense, setup.model, setup.draws
+    assert defense is not None
     first: Tensor | None = None
     worst_pred: Tensor | None = None
     worst_score: Tensor | None = None
@@ -640,15 +847,13 @@ def _defended(defense: Defense, model: nn.Module, adv: Tensor, y: Tensor, acc: _
         score = per_image_score(out, y, ignore_index)
         if first is None:
             first = purified
-            acc.meters["defended_single"].update(pred, y)
-            acc.image_scores[2] += score.sum()
+            setup.per_image.record(name, "defended_single", start, score, pred, y)
             worst_pred, worst_score = pred, score
             continue
         assert worst_pred is not None and worst_score is not None
         worse = score < worst_score
         worst_pred = torch.where(worse.view((-1,) + (1,) * (pred.dim() - 1)), pred, worst_pred)
         worst_score = torch.where(worse, score, worst_score)
-    assert first is not None and worst_pred is not None
-    acc.meters["defended"].update(worst_pred, y)
-    acc.image_scores[1] += worst_score.sum()
+    assert first is not None and worst_pred is not None and worst_score is not None
+    setup.per_image.record(name, "defended", start, worst_score, worst_pred, y)
     return first

@@ -22,6 +22,10 @@ name               what                                        attack target
 ``apgd-t``         Auto-PGD, targeted DLR over top classes     the bare model
 ``square``         Square (score-based, ``queries`` budget)    the bare model
 ``apgd-bpda``      Auto-PGD through the defense (BPDA, EOT)    the defense
+``autoattack``     the AutoAttack-style ensemble               the defense
+                   (:class:`~equivision.robust.ensemble.
+                   AutoAttackEnsemble`, ``version``; through
+                   a defense with BPDA and EOT)
 =================  ==========================================  ==================
 
 "Bare model" attacks are the paper's standard attacks: generated on the undefended model
@@ -66,6 +70,7 @@ from .attacks import (
     Houdini,
 )
 from .defenses import Defense, EquivarianceDefense, InvarianceDefense, RandomNoiseDefense
+from .ensemble import EnsembleAttack
 from .heads import (
     ContrastiveDefense,
     ContrastiveHead,
@@ -99,16 +104,19 @@ for _name, _entry, _what in (
         ("apgd-t", (APGDT, False), "Auto-PGD, targeted DLR over the top classes"),
         ("square", (Square, False), "Square attack: score-based, no gradients"),
         ("apgd-bpda", (partial(APGD, through="bpda"), True),
-         "Auto-PGD through the defense, identity backward (+ EOT)")):
+         "Auto-PGD through the defense, identity backward (+ EOT)"),
+        ("autoattack", (partial(EnsembleAttack, through="bpda"), True),
+         "AutoAttack-style ensemble (version standard / rand / seg), per-image worst case")):
     ATTACKS.add(_name, _entry, _what)
 
 #: attacks that are not IterativeAttack subclasses: their own keyword arguments
-_OWN_ARGS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "apgd-bpda")
+_OWN_ARGS = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "apgd-bpda", "autoattack")
 
 #: keyword arguments an attack spec may override
 _ATTACK_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "restarts", "targeted", "seed",
                 "loss", "kappa", "decay", "through", "eot_samples", "lambda_e", "lambdas",
-                "ignore_index", "queries", "n_targets", "p_init"}
+                "ignore_index", "queries", "n_targets", "p_init", "version", "eval_draws",
+                "best_iterate"}
 
 
 @dataclass(frozen=True)
@@ -297,7 +305,8 @@ def _purifier_settings(s: dict[str, Any]) -> dict[str, Any]:
 
 def _equivariance(model: nn.Module, s: dict[str, Any]) -> Defense:
     return EquivarianceDefense(model, transforms=s["transforms"], feature_layer=s["feature_layer"],
-                               pairing=s["pairing"], **_purifier_settings(s))
+                               pairing=s["pairing"], allow_invariance=s["allow_invariance"],
+                               **_purifier_settings(s))
 
 
 def _invariance(model: nn.Module, s: dict[str, Any]) -> Defense:
@@ -348,13 +357,14 @@ def build_defense(
     eta: float | None = None,
     steps: int = 20,
     noise: float = 1.0,
-    feature_layer: str = "logits",
+    feature_layer: str = "auto",
     pairing: str = "identity",
-    transforms: Sequence[Transform] | None = None,
+    transforms: Sequence[Transform] | str | None = None,
     head: Any = None,
     head_dataset: Dataset | None = None,
     head_epochs: int = 3,
     seed: int = 0,
+    allow_invariance: bool = False,
 ) -> Defense | None:
     """Build the defense ``name`` around ``model`` (None for ``"none"``; a
     :class:`Defense` is returned as is).
@@ -365,9 +375,13 @@ def build_defense(
         eps_v, eta, steps, noise: purifier settings (:class:`PurifierDefense`); ``random``
             uses ``eps_v`` only.
         feature_layer: the layer read by ``equivariance``/``invariance`` and, for new
-            heads, the layer a head is trained on (a head file stores its own layer).
+            heads, the layer a head is trained on (a head file stores its own layer);
+            default ``"auto"``: the model's last spatial map.
         pairing: ``"identity"`` or ``"pairs"``.
-        transforms: the views (default: :func:`default_transforms`).
+        transforms: the views, a list or a spec string (default: the
+            :func:`default_transforms` the model can take).
+        allow_invariance: let ``equivariance`` read a layer that gives vectors (its loss
+            is then the invariance loss); otherwise that is an error.
         head: for ``rotation``/``contrastive``: a trained head or a :func:`save_head` file.
         head_dataset: images to train a head on when ``head`` is None.
         head_epochs: epochs of that training.
@@ -381,5 +395,6 @@ def build_defense(
         return name
     settings = dict(eps_v=eps_v, eta=eta, steps=steps, noise=noise,
                     feature_layer=feature_layer, pairing=pairing, transforms=transforms,
-                    head=head, head_dataset=head_dataset, head_epochs=head_epochs, seed=seed)
+                    head=head, head_dataset=head_dataset, head_epochs=head_epochs, seed=seed,
+                    allow_invariance=allow_invariance)
     return DEFENSES.get(name)(model, settings)

@@ -4,8 +4,9 @@ This is the code path shared by the purification loss of the equivariance and
 invariance defenses and by :func:`~equivision.robust.defenses.equivariance_score`:
 
 1. :class:`FeatureExtractor` runs the model and returns one named layer's output
-   (``"logits"`` is the model output; any other name is a submodule captured with a
-   forward hook, and the rest of the forward pass is skipped).
+   (``"logits"`` is the model output; ``"auto"`` the last spatial map,
+   :func:`last_spatial_layer`, found on the first call; any other name is a submodule
+   captured with a forward hook, and the rest of the forward pass is skipped).
 2. :func:`view_features` transforms the batch by each ``g`` in a list (view 0 is the
    untransformed batch) and extracts ``F(g x)``; views that have the same spatial size
    go through the model in one concatenated forward pass (``batched=True``) or one
@@ -32,19 +33,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..measure.capture import first_tensor
+from ..measure.capture import PASS_THROUGH, LayerCapture, first_tensor
 from ..measure.compare import (
     PAIRINGS,
     Comparator,
     align_back,
     pairwise_cosines,
-    per_image_cosine,
 )
 from ..transforms import Layout, Transform, size_stride
 
 __all__ = [
-    "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view", "masked_pairwise_cosines",
-    "resolve_max_batch", "view_cosines", "view_features", "view_mask",
+    "AUTO_LAYER", "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view",
+    "last_spatial_layer", "masked_pairwise_cosines", "resolve_max_batch", "view_cosines",
+    "view_features", "view_mask",
 ]
 
 #: Images per forward pass on the CPU with ``max_batch="auto"``: beyond about this many
@@ -65,6 +66,30 @@ def resolve_max_batch(max_batch: int | str | None, device: torch.device) -> int 
     return max_batch  # type: ignore[return-value]
 
 
+#: the feature layer name that stands for the model's last spatial map
+AUTO_LAYER = "auto"
+
+
+def last_spatial_layer(model: nn.Module, x: Tensor) -> str:
+    """Name of the submodule whose output is the model's last spatial map on ``x``
+    ``(B, C, H, W)``: of the submodules that return ``(B, C, h, w)`` with ``h w > 1``, the
+    last to finish in the forward pass (a classifier's last conv block, before the global
+    pooling; a segmenter's last map); dropout, identity and flatten modules are skipped.
+
+    Raises:
+        ValueError: no submodule returns a spatial map (pass a layer name).
+    """
+    names = [n for n, m in model.named_modules() if n and not isinstance(m, PASS_THROUGH)]
+    with LayerCapture(model, names) as cap:
+        outs = cap.run(x[:1].detach(), strict=False)
+        order = list(cap.order)
+    spatial = [n for n in order if outs[n].dim() == 4 and outs[n].shape[-1] * outs[n].shape[-2] > 1]
+    if not spatial:
+        raise ValueError(f"{type(model).__name__} has no submodule that returns a spatial map "
+                         "(B, C, h, w); pass feature_layer= a layer name, 'logits' or 'output'")
+    return spatial[-1]
+
+
 class _Stop(Exception):
     """Raised by the capture hook to skip the layers after the captured one."""
 
@@ -77,8 +102,11 @@ class FeatureExtractor:
         feature_layer: ``"output"`` for the model output; ``"logits"`` for the submodule
             of that name when the model has one (the segmenter's class scores before
             upsampling, as the released code uses) and the model output otherwise
-            (classifier logits); else the name of a submodule as in
-            ``model.named_modules()`` (e.g. ``"features.relu3"``).
+            (classifier logits); ``"auto"`` for the last spatial map
+            (:func:`last_spatial_layer`, resolved on the first call or by
+            :meth:`resolve`; :attr:`feature_layer` then holds its name; ``"output"`` for a
+            model without spatial maps); else the name of
+            a submodule as in ``model.named_modules()`` (e.g. ``"features.relu3"``).
 
     Raises:
         ValueError: unknown layer name; the message lists the available names.
@@ -94,17 +122,32 @@ class FeatureExtractor:
         named = dict(model.named_modules())
         if layer == "logits" and "logits" in named:
             self.module = named["logits"]
-        elif layer not in ("logits", "output"):
+        elif layer not in ("logits", "output", AUTO_LAYER):
             if layer not in named or not layer:
-                names = ", ".join(["output", "logits"] + [n for n in named if n and n != "logits"])
+                names = ", ".join(["output", "logits"]
+                                  + [n for n in named if n and n != "logits"] + [AUTO_LAYER])
                 raise ValueError(
                     f"unknown feature layer {layer!r} for {type(model).__name__}; "
                     f"available: {names}"
                 )
             self.module = named[layer]
 
+    def resolve(self, x: Tensor) -> str:
+        """Resolve ``"auto"`` to the last spatial layer on ``x (B, C, H, W)`` (once);
+        returns the layer's name."""
+        if self.feature_layer == AUTO_LAYER:
+            try:
+                name = last_spatial_layer(self.model, x)
+            except ValueError:  # no spatial map at all (an MLP): the model output
+                self.feature_layer = "output"
+                return self.feature_layer
+            self.module = dict(self.model.named_modules())[name]
+            self.feature_layer = name
+        return self.feature_layer
+
     def __call__(self, x: Tensor) -> Tensor:
         """``x (B, C, H, W)`` -> the layer's output, ``(B, ...)``."""
+        self.resolve(x)
         if self.module is None:
             out = first_tensor(self.model(x))
             if out is None:
@@ -192,7 +235,8 @@ def align_view(
             are invariant) or ``(B, C, h', w')`` map.
         ref_hw: spatial size ``(h, w)`` of ``F(x)`` (None for vectors).
         input_hw: ``(H, W)`` of ``x``, to infer the map's stride.
-        pooled: global-average-pool maps to ``(B, C)`` instead of undoing ``g``.
+        pooled: global-average-pool maps to ``(B, C)`` over their valid positions
+            instead of undoing ``g`` (:func:`_pooled`).
 
     Returns:
         ``(B, C)`` or ``(B, C, h, w)`` with ``(h, w) = ref_hw``.
@@ -205,7 +249,7 @@ def align_view(
             "choose another feature_layer"
         )
     if pooled:
-        return feat.mean(dim=(-2, -1))
+        return _pooled(g, feat, ref_hw, input_hw)
     if g is None:
         return feat
     assert ref_hw is not None
@@ -215,6 +259,22 @@ def align_view(
 
 #: valid masks of aligned views, cached per (inverse element, layout, size, device)
 _MASKS = Comparator()
+
+
+def _pooled(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
+            input_hw: tuple[int, int]) -> Tensor:
+    """Global average ``(B, C)`` of the map ``F(g x)`` ``(B, C, h', w')`` over its valid
+    positions: those of ``g``'s forward action that come from inside the image (a rotated
+    view's zero corners are left out, as in the aligned comparison)."""
+    if g is None or ref_hw is None:
+        return feat.mean(dim=(-2, -1))
+    hw = (int(feat.shape[-2]), int(feat.shape[-1]))
+    layout = Layout("map", size_stride(input_hw, ref_hw), size=hw)
+    mask = _MASKS.mask(g, layout, hw, feat.device)
+    if bool(mask.all()):
+        return feat.mean(dim=(-2, -1))
+    w = mask.to(feat.dtype)
+    return (feat * w).sum(dim=(-2, -1)) / w.sum().clamp_min(1.0)
 
 
 def view_mask(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
@@ -232,21 +292,37 @@ def view_mask(g: Transform | None, feat: Tensor, ref_hw: tuple[int, int] | None,
 def masked_pairwise_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | None],
                             pairing: str = "identity") -> Tensor:
     """:func:`~equivision.measure.compare.pairwise_cosines` over the positions valid in
-    both views of each pair: ``aligned`` are ``(B, ...)`` views, ``masks`` their ``(h, w)``
-    valid masks (None: all valid). Returns ``(B, P)``, differentiable."""
+    both views of each pair: ``aligned`` are ``(B, ..., h, w)`` views of one shape,
+    ``masks`` their ``(h, w)`` valid masks (None: all valid). Returns ``(B, P)``,
+    differentiable; squared norms clamped at 1e-16 as in ``pairwise_cosines``.
+
+    All pairs at once (no loop over pairs): with ``m_i`` the views' masks and
+    ``s_i(p) = sum_c f_i(c, p)^2``, the dot products are those of the masked views
+    ``f_i m_i`` (one batched Gram matrix) and the squared norm of view ``i`` over the
+    positions of pair ``(i, j)`` is ``sum_p s_i(p) m_i(p) m_j(p)``.
+    """
     if all(m is None for m in masks):
         return pairwise_cosines(aligned, pairing)
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    n = len(aligned)
-    pairs = [(0, k) for k in range(1, n)] if pairing == "identity" \
-        else list(itertools.combinations(range(n), 2))
-    cols = []
-    for i, j in pairs:
-        mi, mj = masks[i], masks[j]
-        mask = mi if mj is None else mj if mi is None else mi & mj
-        cols.append(per_image_cosine(aligned[i], aligned[j], mask))
-    return torch.stack(cols, dim=1)
+    v = len(aligned)
+    b, hw = aligned[0].shape[0], tuple(aligned[0].shape[-2:])
+    feats = torch.stack(list(aligned), dim=1).reshape(b, v, -1, hw[0] * hw[1])  # (B,V,C,P)
+    ones = torch.ones(hw, dtype=torch.bool, device=feats.device)
+    m = torch.stack([ones if k is None else k for k in masks]).flatten(1).to(feats.dtype)
+    fm = feats * m[None, :, None]  # masked views (B, V, C, P)
+    sq = (feats * feats).sum(2) * m  # s_i m_i (B, V, P)
+    if pairing == "identity":
+        dots = (fm[:, 1:] * fm[:, :1]).sum((2, 3))  # (B, K)
+        n_k = sq[:, 1:] @ m[0]  # |f_k| over m_0 m_k: (B, K)
+        n_0 = sq[:, 0] @ m[1:].T  # |f_0| over m_0 m_k: (B, K)
+        return dots / (n_k.clamp_min(1e-16).sqrt() * n_0.clamp_min(1e-16).sqrt())
+    flat = fm.flatten(2)  # (B, V, C P)
+    gram = torch.bmm(flat, flat.transpose(1, 2))  # (B, V, V)
+    norms = sq @ m.T  # norms[b, i, j] = |f_i|^2 over m_i m_j
+    i, j = (list(k) for k in zip(*itertools.combinations(range(v), 2)))
+    return gram[:, i, j] / (norms[:, i, j].clamp_min(1e-16).sqrt()
+                            * norms[:, j, i].clamp_min(1e-16).sqrt())
 
 
 def view_cosines(
@@ -258,6 +334,7 @@ def view_cosines(
     batched: bool = True,
     max_batch: int | str | None = None,
     warn_vector: bool = False,
+    refuse_vector: bool = False,
 ) -> Tensor:
     """Cosine similarities between aligned view features, one per image and pair.
 
@@ -269,7 +346,8 @@ def view_cosines(
 
     ``batched`` and ``max_batch`` are passed to :func:`view_features`. ``warn_vector``:
     warn when the features are vectors ``(B, C)``, on which every transformation acts
-    trivially (the equivariance loss is then the invariance loss).
+    trivially (the equivariance loss is then the invariance loss); ``refuse_vector``:
+    raise a ValueError instead.
 
     Returns:
         ``(B, P)`` with ``P = K`` or ``(K + 1) K / 2``; differentiable w.r.t. ``x``.
@@ -280,6 +358,13 @@ def view_cosines(
         raise ValueError("at least one transformation is needed to compare views")
     feats = view_features(extractor, x, transforms, batched=batched, max_batch=max_batch)
     ref = feats[0]
+    if refuse_vector and not pooled and ref.dim() == 2:
+        raise ValueError(
+            f"the feature layer {extractor.feature_layer!r} gives vectors {tuple(ref.shape)} "
+            "to the equivariance defense: transformations act trivially on vectors, so its "
+            "loss would be the invariance loss; choose a spatial layer (feature_layer='auto' "
+            "is the last spatial map) or ask for the invariance loss (defense 'invariance', "
+            "or allow_invariance=True)")
     if warn_vector and not pooled and ref.dim() == 2:
         warnings.warn(
             f"the feature layer {extractor.feature_layer!r} gives vectors {tuple(ref.shape)}: "
