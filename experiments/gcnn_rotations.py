@@ -178,7 +178,7 @@ def run_study(args, study: str, jobs) -> None:
     path = args.out / f"{study}.jsonl"
     done = done_keys(path)
     for label, seed, fn, fn_args in jobs:
-        if (label, seed) in done:
+        if (label, seed) in done or seed < args.first_seed or args.only not in label:
             continue
         t0 = time.perf_counter()
         rec = fn(args, *fn_args)
@@ -209,7 +209,7 @@ def cmd_table2(args) -> None:
 
 def cmd_biased(args) -> None:
     jobs = [(f"{label} sigma {sigma:g}", s, run_biased, (m, size, label, s, kw, sigma))
-            for s in range(args.seeds) for sigma in SIGMAS for m, size, label, kw in TABLE1]
+            for s in range(args.seeds) for sigma in args.sigmas for m, size, label, kw in TABLE1]
     run_study(args, "biased", jobs)
 
 
@@ -338,6 +338,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, default=15)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="skip the seeds below this (to split a study between processes)")
+    p.add_argument("--only", default="", help="run only the labels containing this text")
+    p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS),
+                   help="biased: the standard deviations (degrees) of the training angles")
     p.add_argument("--resnet-depth", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
