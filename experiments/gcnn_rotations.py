@@ -1,31 +1,54 @@
-"""Using-and-abusing-equivariance experiments at CPU scale, on the built-in digits.
+"""Using-and-abusing-equivariance experiments (Edixhoven et al. 2023) on Fashion-MNIST.
 
-    table1  Table 1 / figure 5: Z2CNN vs P4CNN at an exact (28) and an approximate (29)
-            input size, trained on upright digits; accuracy upright, under the exact
-            rotations (90/180/270) and averaged over 0-360° (bilinear, CircleCrop)
-    errors  figure 4: equivariance error (MSE, L1) per stage during training of an
-            approximate (29 px) P4CNN, logged by EquivarianceErrorCallback
-    biased  figure 6: training on rotations drawn from N(45°, sigma), sigma 20 and 40;
-            accuracy against angle for Z2CNN and P4CNN
-    table2  Table 2 style: plain ResNet vs P4ResNet at an exact (33) and an approximate
-            (32) size (CIFAR-style, depth 8 quick / 20 full), seen (upright) vs unseen
-            (90/180/270 and 0-360°) rotations
+    table1  Table 1 / figure 5: Z2CNN, P4CNN exact (28) and approximate (29);
+            ``--column upright``: trained upright, tested upright, under the exact
+            rotations (90/180/270) and over 0-360° in 15° steps; also logs figure 4's
+            equivariance error per part during training (MSE and nmse, rot90, 128 test
+            images, from random init on). ``--column rotated``: trained and tested on a
+            fixed uniformly rotated copy (the paper's RotMNIST column)
+    biased  figure 6: trained on rotations drawn from N(45°, sigma), sigma 20 and 40, for
+            Z2CNN and the exact and approximate P4CNN; accuracy against angle
+    table2  Table 2 style: plain ResNet vs P4ResNet exact (33) and approximate (32),
+            seen (upright) vs unseen (90/180/270, 0-360°) rotations
+    report  the tables (mean ± std over seeds) and plots from the records written so far
 
-``--quick`` = fewer epochs and seeds. Results go to --out as JSON, Markdown and PNG.
-Example: ``.venv/bin/python experiments/gcnn_rotations.py table1 --quick``
+The paper's recipe: Adam, lr 0.01 (constant here; the paper halves it every 10 epochs),
+no weight decay, batch 64, CircleCrop on train, validation and test images; a 29 px
+input is the 28 px image enlarged bilinearly (torchvision ``Resize(29)``). Training
+stops when the validation accuracy (on the training distribution) has not improved for
+``--patience`` epochs (at most ``--max-epochs``); the best epoch's weights are tested.
+
+Each trained model appends one JSON line to ``--out/<study>.jsonl``; a rerun skips the
+(label, seed) pairs already there, so an interrupted study resumes. ``--quick`` runs a
+minute-long version on the built-in digits.
+Example: ``PYTHONPATH=src:experiments .venv/bin/python experiments/gcnn_rotations.py
+table1 --column upright --threads 1``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from support.rotations import RandomRotation, plot_accuracy_vs_rotation
+from support.rotations import (
+    EarlyStopping,
+    RandomRotation,
+    StopTraining,
+    circular_distance,
+    plot_accuracy_vs_rotation,
+    prepare_images,
+    rotate_fixed,
+    take,
+)
 from support.studies import mean_std
+from torch.utils.data import Subset
 
-from equivision.data import get_dataset
+from equivision.data import ImageDataset, get_dataset
 from equivision.evaluation import accuracy_vs_rotation
 from equivision.measure import write_atomic
 from equivision.measure.callback import EquivarianceErrorCallback
@@ -33,108 +56,309 @@ from equivision.models import create_model
 from equivision.training import TrainConfig, train
 from equivision.utils import seed_everything
 
-ANGLES = tuple(range(0, 361, 15))
+CURVE_ANGLES = tuple(float(a) for a in range(0, 360, 15))
+RIGHT = (0.0, 90.0, 180.0, 270.0)
+TABLE1 = (("z2cnn", 28, "Z2CNN (28)", {}), ("p4cnn", 28, "P4CNN exact (28)", {}),
+          ("p4cnn", 29, "P4CNN approximate (29)", {}))
+SIGMAS = (20.0, 40.0)
 
 
-def fit(model_name: str, size: int, seed: int, epochs: int, augment=None, callbacks=(),
-        **kwargs):
+@functools.lru_cache(maxsize=8)
+def splits(dataset: str, size: int, n_train: int, n_val: int, n_test: int
+           ) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """``(train, val, test)`` at ``size`` px, CircleCropped: train and val are disjoint
+    random subsets of the training split, test a random subset of the test split (fixed
+    data seed 0, the same images for every model and seed)."""
+    full = get_dataset(dataset, split="train")
+    test = get_dataset(dataset, split="test")
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(full), generator=g)
+    if n_train + n_val > len(full):
+        raise ValueError(f"--train-size + --val-size = {n_train + n_val} exceeds the "
+                         f"{len(full)} training images of {dataset}")
+    tr = take(full, perm[:n_train], f"{dataset}/train")
+    va = take(full, perm[n_train:n_train + n_val], f"{dataset}/val")
+    te = take(test, torch.randperm(len(test), generator=g)[:n_test], f"{dataset}/test")
+    return prepare_images(tr, size), prepare_images(va, size), prepare_images(te, size)
+
+
+def angles_like(n: int, seed: int, mean: float | None, sigma: float = 0.0) -> torch.Tensor:
+    """``(n,)`` fixed angles: uniform in [0, 360) (``mean=None``) or ``N(mean, sigma)``."""
+    g = torch.Generator().manual_seed(seed)
+    if mean is None:
+        return torch.rand(n, generator=g) * 360.0
+    return mean + sigma * torch.randn(n, generator=g)
+
+
+def fit(args, model_name: str, size: int, seed: int, train_set, val_set, augment=None,
+        callbacks=(), **kwargs) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a fresh model with the paper's recipe and early stopping; returns the model
+    at its best validation epoch and ``{"epochs_run", "best_epoch", "val_acc",
+    "train_acc"}``."""
     seed_everything(seed)
-    tr = get_dataset("digits", split="train", size=size)
-    te = get_dataset("digits", split="test", size=size)
     model = create_model(model_name, in_channels=1, num_classes=10, **kwargs)
-    train(model, tr, None, TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=seed,
-                                        device="cpu"), augment=augment, callbacks=callbacks,
-          progress=False)
-    return model.eval(), te
+    stop = EarlyStopping(args.patience)
+    cfg = TrainConfig(epochs=args.max_epochs, batch_size=64, lr=0.01, optimizer="adam",
+                      weight_decay=0.0, schedule="constant", seed=seed, device="cpu")
+    history: dict[str, list] = {"val_acc": [], "train_acc": []}
+
+    class Log:  # keeps the history when StopTraining ends train() early
+        def on_epoch_end(self, epoch, model, h):
+            history.update(val_acc=h["val_acc"], train_acc=h["train_acc"])
+
+    for cb in callbacks:  # random-init baseline for error loggers
+        cb.on_epoch_end(0, model, {})
+    try:
+        train(model, train_set, val_set, cfg, augment=augment,
+              callbacks=[Log(), *callbacks, stop], progress=False)
+    except StopTraining:
+        pass
+    info = {"epochs_run": len(history["val_acc"]), "best_epoch": stop.best_epoch,
+            "val_acc": history["val_acc"], "train_acc": history["train_acc"]}
+    return stop.restore(model).eval(), info
+
+
+def done_keys(path: Path) -> set[tuple[str, int]]:
+    """The (label, seed) pairs already recorded in ``path`` (a JSON-lines file)."""
+    if not path.exists():
+        return set()
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["label"], r["seed"]) for r in recs}
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def data_for(args, size: int):
+    return splits(args.dataset, size, args.train_size, args.val_size, args.test_size)
+
+
+def curve_set(args, test: ImageDataset) -> Subset:
+    return Subset(test, range(min(args.curve_size, len(test))))
+
+
+def run_upright(args, model_name: str, size: int, label: str, seed: int, kwargs) -> dict:
+    """One Table 1 / Table 2 upright run, with figure 4's error log for group models."""
+    tr, va, te = data_for(args, size)
+    cbs = []
+    if model_name.startswith("p4") or model_name == "z2cnn":
+        cbs = [EquivarianceErrorCallback(te, "rot90", max_images=128, metrics=("mse", "nmse"))]
+    model, info = fit(args, model_name, size, seed, tr, va, callbacks=cbs, **kwargs)
+    right = accuracy_vs_rotation(model, te, RIGHT)
+    curve = accuracy_vs_rotation(model, curve_set(args, te), CURVE_ANGLES)
+    errors = [{"epoch": h["epoch"], "parts": h["parts"]} for h in cbs[0].history] if cbs else []
+    return {**info, "right": right, "curve": curve, "errors": errors}
+
+
+def run_rotated(args, model_name: str, size: int, label: str, seed: int, kwargs) -> dict:
+    """One rotated-training run: train, val and test each rotated once, uniformly."""
+    tr, va, te = data_for(args, size)
+    tr, va, te = (rotate_fixed(d, angles_like(len(d), 100 + i, None))
+                  for i, d in enumerate((tr, va, te)))
+    model, info = fit(args, model_name, size, seed, tr, va, **kwargs)
+    return {**info, "rotated_test": accuracy_vs_rotation(model, te, (0.0,), crop=True)[0.0]}
+
+
+def run_biased(args, model_name: str, size: int, label: str, seed: int, kwargs,
+               sigma: float) -> dict:
+    """One figure 6 run: rotations ~ N(45°, sigma) in training and validation."""
+    tr, va, te = data_for(args, size)
+    va = rotate_fixed(va, angles_like(len(va), 200, 45.0, sigma))
+    model, info = fit(args, model_name, size, seed, tr, va,
+                      augment=RandomRotation(45.0, sigma), **kwargs)
+    return {**info, "sigma": sigma,
+            "curve": accuracy_vs_rotation(model, curve_set(args, te), CURVE_ANGLES)}
+
+
+def run_study(args, study: str, jobs) -> None:
+    """Run ``jobs`` = ``[(label, seed, fn, fn_args)]`` not yet in ``study``'s records."""
+    path = args.out / f"{study}.jsonl"
+    done = done_keys(path)
+    for label, seed, fn, fn_args in jobs:
+        if (label, seed) in done or seed < args.first_seed or args.only not in label:
+            continue
+        t0 = time.perf_counter()
+        rec = fn(args, *fn_args)
+        rec.update(study=study, label=label, seed=seed, model=fn_args[0], size=fn_args[1],
+                   wall_s=round(time.perf_counter() - t0, 1), dataset=args.dataset,
+                   sizes=[args.train_size, args.val_size, args.test_size, args.curve_size],
+                   max_epochs=args.max_epochs, patience=args.patience)
+        append_record(path, rec)
+        print(f"{study} {label} seed {seed}: best epoch {rec['best_epoch']} of "
+              f"{rec['epochs_run']}, {rec['wall_s']} s", flush=True)
 
 
 def cmd_table1(args) -> None:
-    configs = (("z2cnn", 28, "Z2CNN (28)", {}), ("p4cnn", 28, "P4CNN exact (28)", {}),
-               ("p4cnn", 29, "P4CNN approximate (29)", {}))
-    rotation_table(args, "table1", configs)
+    fn = run_upright if args.column == "upright" else run_rotated
+    jobs = [(label, s, fn, (m, size, label, s, kw)) for s in range(args.seeds)
+            for m, size, label, kw in TABLE1]
+    run_study(args, f"table1-{args.column}", jobs)
 
 
 def cmd_table2(args) -> None:
-    kw = {"depth": 8 if args.quick else 20}
+    kw = {"depth": args.resnet_depth}
     configs = (("resnet44", 33, "ResNet (33)", kw), ("p4resnet44", 33, "P4ResNet exact (33)", kw),
                ("p4resnet44", 32, "P4ResNet approximate (32)", kw))
-    rotation_table(args, "table2", configs)
-
-
-def rotation_table(args, name: str, configs) -> None:
-    rows, payload = [], {}
-    for model_name, size, label, kwargs in configs:
-        accs = {"upright": [], "rot90/180/270": [], "0-360°": []}
-        for seed in range(args.seeds):
-            model, te = fit(model_name, size, seed, args.epochs, **kwargs)
-            curve = accuracy_vs_rotation(model, te, ANGLES)
-            accs["upright"].append(curve[0.0])
-            accs["rot90/180/270"].append(sum(curve[a] for a in (90.0, 180.0, 270.0)) / 3)
-            accs["0-360°"].append(sum(curve.values()) / len(curve))
-            payload.setdefault(label, []).append(curve)
-        cells = []
-        for v in accs.values():
-            m, sd = mean_std(v)
-            cells.append(f"{m:.3f} ± {sd:.3f}")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    table = "\n".join(["| model | upright | rot 90/180/270 | mean over 0-360° |",
-                       "|---|---|---|---|", *rows])
-    curves = {k: {a: sum(c[a] for c in v) / len(v) for a in v[0]} for k, v in payload.items()}
-    plot_accuracy_vs_rotation(curves, args.out / f"{name}.png",
-                              "trained upright, CircleCrop, mean over seeds")
-    write_atomic(args.out / f"{name}.json", json.dumps(payload, indent=1))
-    write_atomic(args.out / f"{name}.md", table + "\n")
-    print(table)
-
-
-def cmd_errors(args) -> None:
-    te = get_dataset("digits", split="test", size=29)
-    cb = EquivarianceErrorCallback(te, "rot90", max_images=128, path=args.out / "errors.json")
-    fit("p4cnn", 29, 0, args.epochs, callbacks=[cb])
-    parts = ["Early", "Middle", "Late", "Pool", "Final"]
-    rows = ["| epoch | " + " | ".join(f"{p} MSE" for p in parts) + " |", "|---" * 6 + "|"]
-    for h in cb.history:
-        rows.append(f"| {h['epoch']} | " + " | ".join(
-            f"{h['parts'][p]['mse']:.2e}" if h["parts"].get(p, {}).get("mse") is not None
-            else "-" for p in parts) + " |")
-    table = "\n".join(rows)
-    write_atomic(args.out / "errors.md", table + "\n")
-    print(table)
+    jobs = [(label, s, run_upright, (m, size, label, s, kw)) for s in range(args.seeds)
+            for m, size, label, kw in configs]
+    run_study(args, "table2", jobs)
 
 
 def cmd_biased(args) -> None:
-    curves, rows = {}, []
-    for sigma in (20, 40):
-        for model_name, size in (("z2cnn", 28), ("p4cnn", 28)):
-            model, te = fit(model_name, size, 0, args.epochs,
-                            augment=RandomRotation(45.0, sigma))
-            curve = accuracy_vs_rotation(model, te, ANGLES)
-            curves[f"{model_name} sigma {sigma}"] = curve
-            seen = [curve[a] for a in ANGLES if abs(a - 45) <= sigma]
-            unseen = [curve[a] for a in ANGLES if abs(a - 45) > 2 * sigma and
-                      abs(a - 405) > 2 * sigma]
-            rows.append(f"| {model_name} | {sigma} | {sum(seen) / len(seen):.3f} | "
-                        f"{sum(unseen) / len(unseen):.3f} |")
-    table = "\n".join(["| model | sigma | accuracy within 45±sigma | beyond 45±2 sigma |",
-                       "|---|---|---|---|", *rows])
-    plot_accuracy_vs_rotation(curves, args.out / "biased.png",
-                              "trained on rotations ~ N(45°, sigma), CircleCrop")
-    write_atomic(args.out / "biased.json", json.dumps(curves, indent=1))
-    write_atomic(args.out / "biased.md", table + "\n")
-    print(table)
+    jobs = [(f"{label} sigma {sigma:g}", s, run_biased, (m, size, label, s, kw, sigma))
+            for s in range(args.seeds) for sigma in args.sigmas for m, size, label, kw in TABLE1]
+    run_study(args, "biased", jobs)
 
 
-def main() -> None:
+def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """``{label: [record per seed]}`` from a JSON-lines file (empty if there is none)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out.setdefault(rec["label"], []).append(rec)
+    return out
+
+
+def cell(values, fmt: str = ".3f") -> str:
+    """``"mean ± std"`` of the defined values (sample std over seeds), or ``"-"``."""
+    m, sd = mean_std(list(values))
+    return "-" if m is None else f"{m:{fmt}} ± {sd:{fmt}}"
+
+
+def mean_curve(recs) -> dict[float, float]:
+    return {float(a): sum(r["curve"][a] for r in recs) / len(recs) for a in recs[0]["curve"]}
+
+
+def rotation_rows(recs_by_label, rotated=None) -> list[str]:
+    """Markdown rows: label, seeds, epochs, upright, 90/180/270, 0-360°, rotated column."""
+    rows = []
+    for label, recs in recs_by_label.items():
+        rot = (rotated or {}).get(label, [])
+        rows.append(" | ".join([
+            f"| {label}", str(len(recs)), cell((r["best_epoch"] for r in recs), ".1f"),
+            cell(r["right"]["0.0"] for r in recs),
+            cell(sum(r["right"][a] for a in ("90.0", "180.0", "270.0")) / 3 for r in recs),
+            cell(sum(r["curve"].values()) / len(r["curve"]) for r in recs),
+            cell(r["rotated_test"] for r in rot) + (f" ({len(rot)})" if rot else "")]) + " |")
+    return rows
+
+
+def rotation_table(out: Path, upright: str, rotated: str | None, png: str) -> str:
+    """Table 1 / Table 2 from ``out/<upright>.jsonl`` (and the rotated column from
+    ``out/<rotated>.jsonl``); draws the mean accuracy-against-angle curves to ``png``."""
+    recs = load_records(out / f"{upright}.jsonl")
+    rot = load_records(out / f"{rotated}.jsonl") if rotated else {}
+    if not recs and not rot:
+        return ""
+    head = ["| model | seeds | best epoch | upright | rot 90/180/270 | mean 0-345° "
+            "| trained+tested rotated (seeds) |", "|---|---|---|---|---|---|---|"]
+    if recs:
+        plot_accuracy_vs_rotation({k: mean_curve(v) for k, v in recs.items()}, out / png,
+                                  "trained upright, CircleCrop, mean over seeds")
+    extra = [f"| {k} (rotated only) | - | - | - | - | - | {cell(r['rotated_test'] for r in v)}"
+             f" ({len(v)}) |" for k, v in rot.items() if k not in recs]
+    return "\n".join([*head, *rotation_rows(recs, rot), *extra])
+
+
+def part_error(rec: dict[str, Any], index: int, part: str, metric: str) -> float | None:
+    """The logged ``metric`` of ``part`` at entry ``index`` of ``rec``'s error history."""
+    return rec["errors"][index]["parts"].get(part, {}).get(metric)
+
+
+def error_table(out: Path) -> str:
+    """Figure 4: error per part at random init, after epoch 1 and at the last epoch."""
+    recs = load_records(out / "table1-upright.jsonl")
+    rows = ["| model | part | MSE init | MSE ep 1 | MSE last | nmse init | nmse ep 1 | "
+            "nmse last | MSE last/ep1 | nmse last/ep1 |", "|---" * 10 + "|"]
+    for label, rs in recs.items():
+        for part in ("Early", "Middle", "Late", "Pool", "Final"):
+            if part_error(rs[0], 0, part, "mse") is None:
+                continue
+            cells = [cell((part_error(r, i, part, m) for r in rs), ".2e")
+                     for m in ("mse", "nmse") for i in (0, 1, -1)]
+            cells += [cell((part_error(r, -1, part, m) / part_error(r, 1, part, m) for r in rs
+                            if part_error(r, 1, part, m)), ".2f") for m in ("mse", "nmse")]
+            rows.append(f"| {label} | {part} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def band_mean(curve: dict[str, float], lo: float, hi: float) -> float:
+    """Mean accuracy over the angles whose circular distance to 45° is in ``[lo, hi]``."""
+    xs = [v for a, v in curve.items() if lo <= circular_distance(float(a), 45.0) <= hi]
+    return sum(xs) / len(xs)
+
+
+def biased_table(out: Path) -> str:
+    """Figure 6: accuracy within 45° ± sigma (seen) and beyond 45° ± 2 sigma (unseen)."""
+    recs = load_records(out / "biased.jsonl")
+    rows = ["| model | sigma | seeds | within 45°±sigma | beyond 45°±2 sigma | mean 0-345° |",
+            "|---|---|---|---|---|---|"]
+    for label, rs in recs.items():
+        sigma = rs[0]["sigma"]
+        rows.append(f"| {label.rsplit(' sigma', 1)[0]} | {sigma:g} | {len(rs)} | "
+                    f"{cell(band_mean(r['curve'], 0, sigma) for r in rs)} | "
+                    f"{cell(band_mean(r['curve'], 2 * sigma + 1e-9, 180) for r in rs)} | "
+                    f"{cell(band_mean(r['curve'], 0, 180) for r in rs)} |")
+    if recs:
+        plot_accuracy_vs_rotation({k: mean_curve(v) for k, v in recs.items()},
+                                  out / "biased.png", "trained on rotations ~ N(45°, sigma), "
+                                  "CircleCrop, mean over seeds")
+    return "\n".join(rows) if recs else ""
+
+
+def cmd_report(args) -> None:
+    parts = {"table1": rotation_table(args.out, "table1-upright", "table1-rotated",
+                                      "table1.png"),
+             "errors": error_table(args.out), "biased": biased_table(args.out),
+             "table2": rotation_table(args.out, "table2", None, "table2.png")}
+    for name, text in parts.items():
+        if text:
+            write_atomic(args.out / f"{name}.md", text + "\n")
+            print(f"## {name}\n{text}\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=["table1", "table2", "errors", "biased"])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("study", choices=["table1", "table2", "biased", "report"])
+    p.add_argument("--column", choices=["upright", "rotated"], default="upright",
+                   help="table1: train upright or on the uniformly rotated copy")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--train-size", type=int, default=3000)
+    p.add_argument("--val-size", type=int, default=600)
+    p.add_argument("--test-size", type=int, default=2000,
+                   help="test images for upright/90°/rotated accuracy")
+    p.add_argument("--curve-size", type=int, default=500,
+                   help="test images for the accuracy-against-angle curves")
+    p.add_argument("--max-epochs", type=int, default=15)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="skip the seeds below this (to split a study between processes)")
+    p.add_argument("--only", default="", help="run only the labels containing this text")
+    p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS),
+                   help="biased: the standard deviations (degrees) of the training angles")
+    p.add_argument("--resnet-depth", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help="digits, 300/100/200 images, 3 epochs, 1 seed")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    args.epochs = 5 if args.quick else 15
-    args.seeds = 2 if args.quick else 3
-    args.out = args.out or Path("runs/gcnn-quick" if args.quick else "runs/gcnn")
-    torch.set_num_threads(2)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dataset, args.train_size, args.val_size = "digits", 300, 100
+        args.test_size, args.curve_size, args.max_epochs, args.seeds = 200, 100, 3, 1
+    args.out = args.out or Path("runs/gcnn-quick" if args.quick else "runs/gcnn-fmnist")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     globals()[f"cmd_{args.study}"](args)
 
 

@@ -1,0 +1,112 @@
+"""experiments/gcnn_rotations.py: early stopping, the data it builds, resuming, the report.
+
+Tiny sizes on the built-in digits only (never Fashion-MNIST)."""
+
+import json
+
+import gcnn_rotations as gr
+import pytest
+import torch
+from support.rotations import (
+    EarlyStopping,
+    StopTraining,
+    circular_distance,
+    prepare_images,
+    rotate_fixed,
+)
+from torch import nn
+
+from equivision.data import ImageDataset, circle_crop
+
+TINY = ["--dataset", "digits", "--train-size", "40", "--val-size", "20", "--test-size", "24",
+        "--curve-size", "8", "--max-epochs", "1", "--seeds", "1"]
+
+
+def test_early_stopping_keeps_best_weights_and_stops_after_patience():
+    model = nn.Linear(2, 2)
+    stop = EarlyStopping(patience=2)
+    accs = [0.5, 0.7, 0.6, 0.65]
+    with torch.no_grad():
+        for epoch in range(1, 4):
+            model.weight.fill_(epoch)
+            stop.on_epoch_end(epoch, model, {"val_acc": accs[:epoch]})
+        model.weight.fill_(4)
+        with pytest.raises(StopTraining):
+            stop.on_epoch_end(4, model, {"val_acc": accs})
+    assert stop.best_epoch == 2 and stop.best == 0.7
+    assert torch.all(stop.restore(model).weight == 2)
+    with pytest.raises(ValueError, match="validation set"):
+        EarlyStopping().on_epoch_end(1, model, {"val_acc": [None]})
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(0)
+
+
+def test_fit_stops_early_on_a_flat_validation_accuracy():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    data = ImageDataset(x, torch.zeros(16, dtype=torch.long), [str(i) for i in range(10)])
+    args = gr.parse_args(["table1", "--max-epochs", "9", "--patience", "2"])
+    model, info = gr.fit(args, "z2cnn", 28, 0, data, data, width=2)
+    # one class only: val accuracy is 1.0 from some epoch on, then cannot improve
+    assert info["epochs_run"] == info["best_epoch"] + 2 < 9
+    assert len(info["val_acc"]) == info["epochs_run"] and not model.training
+
+
+def test_prepare_and_rotate_fixed():
+    x = torch.rand(3, 1, 28, 28)
+    data = ImageDataset(x, torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    big = prepare_images(data, 29)
+    assert big.images.shape == (3, 1, 29, 29) and (big.images[..., 0, 0] == 0).all()
+    same = prepare_images(data, 28)
+    assert torch.equal(same.images, circle_crop(x))
+    rot = rotate_fixed(same, torch.tensor([90.0, 180.0, 0.0]))
+    assert torch.allclose(rot.images[0], torch.rot90(same.images[0], 1, (-2, -1)))
+    assert torch.allclose(rot.images[2], same.images[2])
+    assert circular_distance(350, 45) == 55 and circular_distance(45, 225) == 180
+
+
+def test_splits_are_disjoint_and_checked():
+    tr, va, te = gr.splits("digits", 29, 50, 20, 10)
+    assert len(tr) == 50 and len(va) == 20 and len(te) == 10
+    assert tr.images.shape[-1] == 29
+    rows = {tuple(im.flatten().tolist()) for im in tr.images}
+    assert not any(tuple(im.flatten().tolist()) in rows for im in va.images)
+    with pytest.raises(ValueError, match="exceeds"):
+        gr.splits("digits", 28, 10**6, 1, 1)
+
+
+def test_table1_tiny_end_to_end_and_resume(tmp_path):
+    gr.main(["table1", *TINY, "--out", str(tmp_path)])
+    path = tmp_path / "table1-upright.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["label"] for r in recs] == [c[2] for c in gr.TABLE1]
+    exact, approx = recs[1], recs[2]
+    # exact size: the four right angles give the same accuracy; the errors are ~0
+    assert len(set(exact["right"].values())) == 1
+    assert exact["errors"][0]["parts"]["Late"]["mse"] < 1e-10
+    assert approx["errors"][0]["parts"]["Late"]["nmse"] > 1e-4
+    assert [e["epoch"] for e in exact["errors"]] == [0, 1]
+    gr.main(["table1", *TINY, "--out", str(tmp_path)])  # everything done: nothing added
+    assert len(path.read_text().splitlines()) == 3
+    gr.main(["report", "--out", str(tmp_path)])
+    table = (tmp_path / "table1.md").read_text()
+    assert "P4CNN exact (28) | 1 |" in table and (tmp_path / "table1.png").exists()
+    assert "| P4CNN approximate (29) | Final |" in (tmp_path / "errors.md").read_text()
+
+
+def _curve(peak):
+    return {str(float(a)): (1.0 if circular_distance(a, 45) <= peak else 0.5)
+            for a in range(0, 360, 15)}
+
+
+def test_report_biased_bands_and_rotated_column(tmp_path):
+    recs = [{"label": "P4CNN exact (28) sigma 20", "seed": s, "sigma": 20.0,
+             "curve": _curve(20)} for s in range(2)]
+    (tmp_path / "biased.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    rot = [{"label": "Z2CNN (28)", "seed": s, "rotated_test": acc}
+           for s, acc in enumerate((0.8, 0.9))]
+    (tmp_path / "table1-rotated.jsonl").write_text("\n".join(json.dumps(r) for r in rot))
+    text = gr.biased_table(tmp_path)
+    assert "| P4CNN exact (28) | 20 | 2 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in text
+    table = gr.rotation_table(tmp_path, "table1-upright", "table1-rotated", "t.png")
+    assert "0.850 ± 0.071 (2)" in table
