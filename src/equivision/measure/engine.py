@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ def measure(
     random_init: bool = False,
     init_seed: int = 0,
     ci_groups: int = CI_GROUPS,
+    grid_offsets: str = "flag",
 ) -> Report:
     """Measure invariance, equivariance and equivariance error at every chosen layer.
 
@@ -84,50 +86,48 @@ def measure(
         token_grid: ``(h, w[, prefix])`` for layers returning tokens ``(B, N, C)``,
             one for all or a mapping from layer name (default: the model's
             ``token_grid`` attribute, which built-in ViTs and Mixers set).
-        strides: stride of a layer's output relative to the input, when the size
-            ratio does not give it.
+        strides: a layer's output stride, where the traced geometry does not give it.
         pool_layer: name of the global pooling layer (default: the model's
             ``equivision_pool_layer`` attribute, else found automatically).
-        margin: for transformations that leave invalid positions (shifts, rotations
-            by any angle, zooming out), also drop map positions within ``margin``
-            input pixels of an invalid position or of the map's edge, so that the
-            effects of padding at the borders are not counted as broken
-            equivariance. 0 (the default) keeps every position whose value comes
-            from inside the map, as the paper does.
+        margin: also drop map positions within ``margin`` input pixels of an invalid
+            position or of the map's edge (shifts, rotations, zooming out), so that
+            padding at the borders is not counted; 0 (the paper) keeps every position
+            whose value comes from inside the map.
         distributed: under ``torchrun`` each process measures its shard of a dataset
             and the sums are all-reduced (default: when a process group exists).
         random_init: also measure :func:`~.baselines.random_init_copy` (``init_seed``)
             in the same pass (each result's ``random_init`` and ``random_init_ci``).
         ci_groups: random image groups for 95% bootstrap intervals over images (each
             result's ``ci``; memory ``ci_groups x C^2`` per pair); 0: none.
+        grid_offsets: ``"flag"``: a flip or 90° rotation of a map whose sampling grid is
+            off the image's centre is inexact (no exact action exists); ``"ignore"``:
+            act about each map's own centre anyway, measuring the error an approximate
+            network makes (the using-and-abusing paper's figure 4).
 
     Every result also holds the channel-redundancy baseline ``redundancy``
     (:meth:`~.stats.PairStats.redundancy`) and Eq. 7's ``per_channel["match"]``.
 
-    Outputs whose layout cannot be known (token x token maps such as attention,
-    :func:`~.capture.unknown_layout`) are not measured; ``report.meta["skipped"]``
-    says why, per layer. Which channels count as constant does not depend on a
-    layer's scale (:meth:`_Session._choose_scales`).
+    Outputs whose layout cannot be known (:func:`~.capture.unknown_layout`) are not
+    measured; ``report.meta["skipped"]`` says why, per layer.
 
     Returns:
         A :class:`~equivision.measure.report.Report`.
     """
-    ts = _checked_transforms(transforms)
+    ts = _checked_options(transforms, ci_groups, grid_offsets)
     # models may describe themselves: token grid of their blocks, their pooling layer
     token_grid = getattr(model, "token_grid", None) if token_grid is None else token_grid
     use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
-    if ci_groups < 0 or ci_groups == 1:
-        raise MeasureError(f"ci_groups must be 0 (no intervals) or at least 2, got {ci_groups}")
     loader, max_images = _loader(data, batch_size, max_images, rank, world)
     names = select_layers(model, layers)
     sessions = [_Session(model, ts, names, token_grid, strides, margin, device, use_dist,
                          ci_groups, rank)]
-    kept: list[str] = []
-    if random_init:
-        clone, kept = random_init_copy(model, init_seed)
+    clone, kept = random_init_copy(model, init_seed) if random_init else (None, [])
+    if clone is not None:
         sessions.append(_Session(clone, ts, names, token_grid, strides, margin, device,
                                  use_dist, ci_groups, rank))
+    for session in sessions:
+        session.centre_grids = grid_offsets == "ignore"
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
@@ -193,10 +193,15 @@ def _attach_random_init(results: list[LayerResult], baseline: list[LayerResult])
             r.random_init, r.random_init_ci = dict(b.metrics), dict(b.ci)
 
 
-def _checked_transforms(transforms: Sequence[Transform] | str) -> list[Transform]:
-    """The transformations to measure, refusing an empty list."""
+def _checked_options(transforms: Sequence[Transform] | str, ci_groups: int,
+                     grid_offsets: str) -> list[Transform]:
+    """The transformations to measure, after checking :func:`measure`'s options."""
     if not isinstance(transforms, str) and not list(transforms):
         raise MeasureError("no transformation to measure")
+    if ci_groups < 0 or ci_groups == 1:
+        raise MeasureError(f"ci_groups must be 0 (no intervals) or at least 2, got {ci_groups}")
+    if grid_offsets not in ("flag", "ignore"):
+        raise MeasureError(f"grid_offsets must be 'flag' or 'ignore', got {grid_offsets!r}")
     return as_transforms(transforms)
 
 
@@ -243,6 +248,7 @@ class _Session:
         self.order: list[str] = []
         self.skipped: dict[str, str] = {}
         self.layer_strides: dict = {}
+        self.centre_grids = False  # measure(grid_offsets="ignore")
         self.token_counts: set[int] = set()
         self.spatial: set[str] = set()
         self.scale: dict[str, float] = {}
@@ -283,6 +289,10 @@ class _Session:
                             if isinstance(g, Geometry) and g.size == tuple(grid[:2])), None)
                 known = {name: geo} if geo is not None else known
             out[name] = to_measurable(name, raw[name], hw, grid, known)
+            if self.centre_grids:
+                c = out[name]
+                out[name] = replace(c, layout=replace(c.layout, offset=(0.0, 0.0),
+                                                      offset_from=""))
         for name, c in out.items():  # in place: the capture's own copy
             self.modules.setdefault(name, FunctionalPool())  # a "NAME:input" point
             if self.scale[name] != 1.0:
