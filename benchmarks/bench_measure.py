@@ -52,6 +52,17 @@ from equivision.models import create_model
 from equivision.transforms import parse_transforms
 
 
+def _bare_passes(model, batches, ts):
+    """The floor: the bare forward passes on X and on every gX, without measuring."""
+    def bare() -> None:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                for t in ts:
+                    model(t(x))
+    return bare
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -74,12 +85,7 @@ def time_ratio(images: int, repeats: int, batch: int, layers: str | None = None,
     batches = [x for x, _ in DataLoader(data, batch_size=batch)]
     ts = parse_transforms(spec)
 
-    def bare() -> None:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-                for t in ts:
-                    model(t(x))
+    bare = _bare_passes(model, batches, ts)
 
     def measured() -> None:
         measure(model, batches, ts, layers=layers, progress=False)
@@ -142,12 +148,7 @@ def baseline_ratios(images: int, repeats: int, batch: int, spec: str = "rot90",
                                         batch_size=batch)]
     ts = parse_transforms(spec)
 
-    def bare() -> None:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-                for t in ts:
-                    model(t(x))
+    bare = _bare_passes(model, batches, ts)
 
     def run(kw: dict, redundancy: bool) -> None:
         with contextlib.nullcontext() if redundancy else no_redundancy():
