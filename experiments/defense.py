@@ -18,6 +18,17 @@ Sub-commands (each takes ``--quick``; ``all`` runs them in order):
     checks   honest-evaluation checks: undefended robustness, transfer vs white-box,
              metric -> 0 as eps grows, more steps/restarts, worst case over repeated
              defended predictions, the released code's preset vs ours
+    worstcase  the per-image worst case of the undefended model and of each defense over
+             an attack cascade (transferred PGD/MIM/CW; the AutoAttack ensemble for the bare
+             model; the adaptive lambda_e sweep, BPDA+EOT and APGD through BPDA for the
+             defenses) and repeated defended predictions, with the clean cost and 95 %
+             intervals (:mod:`support.worstcase`); ``--columns``, ``--n``, ``--clean-n``,
+             ``--attack-size``, ``--defense-steps``, ``--seeds``, ``--tasks``
+
+``--data fashion-mnist`` swaps the classification task for Fashion-MNIST with cnn7 (padding
+1) trained on the defense's views (:class:`support.view_augment.ViewAugment`), three model
+seeds; its outputs go to ``runs/defense-fashion[-quick]/`` and its models to
+``runs/defense-models/fashion<scale>/``.
 
 Standard attacks (PGD, MIM, CW, Houdini) are generated on the bare model and transferred
 to the defense, as in the paper; Adaptive and BPDA+EOT have the defense in the loop.

@@ -208,6 +208,10 @@ def worstcase_markdown(results: dict[str, Any]) -> str:
         rows.append(["**per-image worst case**", *(
             f"**{_pct(sum(c['cascade']['score']) / c['cascade']['n'], c['cascade']['score_ci'])}**"
             for c in cols.values())])
+        if all("miou" in c["cascade"] for c in cols.values()):
+            rows.append(["dataset mIoU / pixel acc. of the worst case", *(
+                f"{_pct(c['cascade']['miou'])} / {_pct(c['cascade']['pixel_accuracy'])}"
+                for c in cols.values())])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         blocks.append(f"**{key}**\n\n" + "\n".join(lines))

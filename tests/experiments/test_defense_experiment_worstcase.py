@@ -159,3 +159,21 @@ def test_worstcase_writes_per_image_results_and_resumes(tmp_path: Path) -> None:
     # a second call with the same settings reuses the saved columns
     again = worstcase(ctx, st, (0,), ("Vanilla",), ("cls",))
     assert again["cls-seed0"]["Vanilla"]["cascade"]["seconds"] == van["cascade"]["seconds"]
+
+
+def test_segmentation_cascade_reports_dataset_miou() -> None:
+    torch.manual_seed(0)
+    model = create_model("segmenter", in_channels=3, num_classes=3, width=2).eval()
+    x = torch.rand(3, 3, 8, 8)
+    y = torch.randint(0, 3, (3, 8, 8))
+    y[0, 0, 0] = 255  # an ignored pixel
+    names = [n for n, _ in build_stages("seg", model, None, 0.05, WORST_QUICK, None)]
+    assert names == ["PGD", "MIM", "Houdini", "APGD-CE", "APGD-SegPGD"]
+    stages = build_stages("seg", model, None, 0.05, WORST_QUICK, None)[:1]
+    res = run_cascade(model, stages, x, y, block=2)
+    assert 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["pixel_accuracy"] <= 1.0
+    assert len(res["score"]) == 3 and res["after"][1] <= res["after"][0]
+    cols = {"Vanilla": {"clean": {"n": 3, "single": 0.5, "single_ci": [0.4, 0.6],
+                                  "worst": 0.5, "worst_ci": [0.4, 0.6]}, "cascade":
+                        {**res, "score_ci": [0.0, 1.0]}}}
+    assert "dataset mIoU" in worstcase_markdown({"seg-seed0": cols})
