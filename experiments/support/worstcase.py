@@ -160,7 +160,8 @@ def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Seque
                 print(f"  {key} {col} ...", flush=True)
                 res = _column(ctx, task, seed, col, st, (x, y))
                 res["settings"] = _settings(ctx, task, st)
-                done[col] = res
+                # re-read first: another process may have added other columns meanwhile
+                done = {**(json.loads(path.read_text()) if path.exists() else {}), col: res}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, json.dumps(done, indent=1, default=str))
                 print(f"  {key} {col}: {res['cascade']['seconds']:.0f}s", flush=True)
