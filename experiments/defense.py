@@ -527,7 +527,8 @@ def cmd_worstcase(ctx: Ctx) -> dict[str, Any]:
     st = {**(WORST_QUICK if ctx.opts.get("attack_size", ctx.scale_name) == "quick"
              else WORST_FULL),
           "defense_steps": ctx.opts.get("defense_steps") or ctx.scale["defense_steps"]}
-    st.update({k: ctx.opts[k] for k in ("n", "clean_n", "undefended_n") if ctx.opts.get(k)})
+    st.update({k: ctx.opts[k] for k in ("n", "clean_n", "undefended_n", "offset",
+                                        "report_only") if ctx.opts.get(k)})
     columns = ctx.opts.get("columns") or tuple(WORST_COLUMNS)
     out: dict[str, Any] = {}
     for task in ctx.run_tasks:
@@ -601,6 +602,9 @@ def _worst_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ct
         ctx.opts[key] = value
     if args.attack_size:
         ctx.opts["attack_size"] = args.attack_size
+    if args.offset < 0:
+        parser.error(f"--offset must be >= 0, got {args.offset}")
+    ctx.opts.update(offset=args.offset, report_only=args.report_only)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -627,6 +631,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                             help=f"'worstcase': images of the {flag.replace('-n', '')} "
                             "evaluation" if flag != "n" else "'worstcase': cascade images "
                             "of the defenses")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="'worstcase': first cascade image (run slices of the images in "
+                        "parallel processes; their parts are joined in the report)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="'worstcase': rebuild the report from the saved JSON, run "
+                        "nothing")
     parser.add_argument("--no-heads", action="store_true",
                         help="'models': skip the rotation / contrastive heads")
     parser.add_argument("--tasks", default=None,

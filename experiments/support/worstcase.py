@@ -41,7 +41,8 @@ from .cascade import (
     wilson_interval,
 )
 
-__all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "worstcase", "worstcase_markdown"]
+__all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "merge_parts", "worstcase",
+           "worstcase_markdown"]
 
 WORST_FULL = dict(n=64, clean_n=500, undefended_n=500, steps=20, bpda_steps=50, eot=8,
                   lambdas=(0.0, 1.0, 10.0, 100.0, 1000.0), repeats=4, apgd_steps=100,
@@ -135,11 +136,40 @@ def _column(ctx: Any, task: str, seed: int, col: str, st: dict[str, Any],
     n_clean = st["clean_n"] if defense is not None else st["undefended_n"]
     clean = _clean(system, x[:n_clean], y[:n_clean], draws, seg)
     n = st["n"] if defense is not None else st["undefended_n"]
+    off = st.get("offset", 0)
     stages = build_stages(task, model, defense, ctx.eps(task), st, kind)
-    casc = run_cascade(system, stages, x[:n], y[:n], eval_draws=draws, seed=EVAL_SEED,
-                       block=st["block"], log=lambda m: print(m, flush=True))
+    casc = run_cascade(system, stages, x[off:off + n], y[off:off + n], eval_draws=draws,
+                       seed=EVAL_SEED, block=st["block"], log=lambda m: print(m, flush=True))
+    for r in casc["records"]:
+        r["index"] += off
     casc["score_ci"] = _interval(casc["score"], seg)
-    return {"column": col, "clean": clean, "cascade": casc, "draws": draws}
+    return {"column": col, "clean": clean, "cascade": casc, "draws": draws, "offset": off,
+            "seg": seg}
+
+
+def merge_parts(cols: dict[str, Any]) -> dict[str, Any]:
+    """Join the parts ``"<column>@<offset>"`` (``--offset``: one process per slice of the
+    cascade images) into their column: per-image records concatenated, the cumulative
+    scores, stage counts and interval recomputed; the clean cost is the offset-0 part's."""
+    out = {k: v for k, v in cols.items() if "@" not in k}
+    for key in sorted((k for k in cols if "@" in k), key=lambda k: int(k.split("@")[1])):
+        col, part = key.split("@")[0], cols[key]
+        if col not in out:
+            out[col] = part
+            continue
+        a, b = out[col]["cascade"], part["cascade"]
+        if a["stages"] != b["stages"]:
+            raise ValueError(f"{key}: stages differ from {col}'s")
+        records = a["records"] + b["records"]
+        names = a["stages"]
+        merged = {**a, "records": records, "score": a["score"] + b["score"],
+                  "n": a["n"] + b["n"], "seconds": a["seconds"] + b["seconds"],
+                  "broken": {s: a["broken"][s] + b["broken"][s] for s in names},
+                  "after": [sum(r[f"score_{s}"] for r in records) / len(records)
+                            for s in names]}
+        merged["score_ci"] = _interval(merged["score"], bool(part.get("seg")))
+        out[col] = {**out[col], "cascade": merged}
+    return out
 
 
 def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Sequence[str],
@@ -153,19 +183,21 @@ def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Seque
             path = Path(ctx.out) / f"worstcase-{key}.json"
             done = json.loads(path.read_text()) if path.exists() else {}
             x, y = _images(ctx.data(task, "test"), max(st["clean_n"], st["undefended_n"],
-                                                      st["n"]))
-            for col in columns:
-                if col in done and done[col].get("settings") == _settings(ctx, task, st):
+                                                      st.get("offset", 0) + st["n"]))
+            for col in columns if not st.get("report_only") else ():
+                name = col if not st.get("offset") else f"{col}@{st['offset']}"
+                if name in done and done[name].get("settings") == _settings(ctx, task, st):
                     continue
-                print(f"  {key} {col} ...", flush=True)
+                print(f"  {key} {name} ...", flush=True)
                 res = _column(ctx, task, seed, col, st, (x, y))
                 res["settings"] = _settings(ctx, task, st)
                 # re-read first: another process may have added other columns meanwhile
-                done = {**(json.loads(path.read_text()) if path.exists() else {}), col: res}
+                done = {**(json.loads(path.read_text()) if path.exists() else {}), name: res}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(path, json.dumps(done, indent=1, default=str))
-                print(f"  {key} {col}: {res['cascade']['seconds']:.0f}s", flush=True)
-            out[key] = {c: done[c] for c in columns if c in done}
+                print(f"  {key} {name}: {res['cascade']['seconds']:.0f}s", flush=True)
+            merged = merge_parts(done)
+            out[key] = {c: merged[c] for c in columns if c in merged}
     return out
 
 

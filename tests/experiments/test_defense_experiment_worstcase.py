@@ -11,7 +11,13 @@ import pytest
 import torch
 from support.cascade import bootstrap_interval, clean_draws, run_cascade, wilson_interval
 from support.view_augment import ViewAugment
-from support.worstcase import WORST_QUICK, build_stages, worstcase, worstcase_markdown
+from support.worstcase import (
+    WORST_QUICK,
+    build_stages,
+    merge_parts,
+    worstcase,
+    worstcase_markdown,
+)
 from torch import Tensor, nn
 
 from equivision.data import ImageDataset
@@ -177,3 +183,26 @@ def test_segmentation_cascade_reports_dataset_miou() -> None:
                                   "worst": 0.5, "worst_ci": [0.4, 0.6]}, "cascade":
                         {**res, "score_ci": [0.0, 1.0]}}}
     assert "dataset mIoU" in worstcase_markdown({"seg-seed0": cols})
+
+
+def test_merge_parts_joins_slices_per_image() -> None:
+    def part(scores: list[float], after_a: list[float], off: int) -> dict[str, Any]:
+        recs = [{"index": off + i, "score": s, "score_clean": 1.0, "score_a": a,
+                 "worst_stage": "a" if s == 0 else "clean"}
+                for i, (s, a) in enumerate(zip(scores, after_a))]
+        casc = {"stages": ["clean", "a"], "records": recs, "score": scores, "n": len(scores),
+                "seconds": 1.0, "after": [1.0, sum(after_a) / len(after_a)],
+                "broken": {"clean": scores.count(1.0), "a": scores.count(0.0)},
+                "score_ci": [0.0, 1.0]}
+        return {"clean": {"n": 9}, "cascade": casc, "offset": off, "seg": False}
+
+    cols = {"Eq": part([1.0, 0.0], [1.0, 0.0], 0), "Eq@2": part([0.0, 0.0], [0.0, 0.0], 2),
+            "Van": part([0.0], [0.0], 0)}
+    out = merge_parts(cols)
+    assert set(out) == {"Eq", "Van"}
+    c = out["Eq"]["cascade"]
+    assert c["n"] == 4 and c["score"] == [1.0, 0.0, 0.0, 0.0]
+    assert c["after"] == [1.0, 0.25] and c["broken"] == {"clean": 1, "a": 3}
+    assert [r["index"] for r in c["records"]] == [0, 1, 2, 3]
+    assert out["Eq"]["clean"] == {"n": 9}
+    assert cols["Eq"]["cascade"]["n"] == 2  # the inputs are left alone
