@@ -536,8 +536,10 @@ def cmd_worstcase(ctx: Ctx) -> dict[str, Any]:
                                                              "Invariance")]
         out.update(worstcase(ctx, st, model_seeds(ctx, task), cols, (task,)))
     md = worstcase_markdown(out)
+    steps = sorted({c.get("settings", {}).get("defense_steps", st["defense_steps"])
+                    for cols in out.values() for c in cols.values()})
     md += (f"\n\neps = {', '.join(f'{t} {ctx.eps(t):.4f}' for t in ctx.run_tasks)}, eps_v = "
-           f"1.5 eps, defense T = {st['defense_steps']}; stages: {st['steps']}-step "
+           f"1.5 eps, defense T = {'/'.join(map(str, steps))}; stages: {st['steps']}-step "
            f"PGD/MIM/CW (Houdini) on the bare model; Vanilla: APGD-CE {st['apgd_steps']}, "
            f"APGD-T ({st['n_targets']} targets) / APGD-SegPGD, Square {st['queries']} "
            f"queries; defenses: adaptive sweep over lambda_e {list(st['lambdas'])} "

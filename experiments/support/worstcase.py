@@ -168,7 +168,8 @@ def merge_parts(cols: dict[str, Any]) -> dict[str, Any]:
                   "after": [sum(r[f"score_{s}"] for r in records) / len(records)
                             for s in names]}
         merged["score_ci"] = _interval(merged["score"], bool(part.get("seg")))
-        out[col] = {**out[col], "cascade": merged}
+        clean = max(out[col]["clean"], part["clean"], key=lambda c: c["n"])
+        out[col] = {**out[col], "cascade": merged, "clean": clean}
     return out
 
 
@@ -227,7 +228,11 @@ def worstcase_markdown(results: dict[str, Any]) -> str:
                                                 for c in cols.values())]]
         order: list[str] = []
         for c in cols.values():
-            order += [s for s in c["cascade"]["stages"] if s not in order]
+            prev = -1
+            for s in c["cascade"]["stages"]:
+                if s not in order:
+                    order.insert(prev + 1, s)
+                prev = order.index(s)
         for s in order:
             cells = []
             for c in cols.values():
