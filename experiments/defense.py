@@ -536,8 +536,10 @@ def cmd_worstcase(ctx: Ctx) -> dict[str, Any]:
                                                              "Invariance")]
         out.update(worstcase(ctx, st, model_seeds(ctx, task), cols, (task,)))
     md = worstcase_markdown(out)
-    steps = sorted({c.get("settings", {}).get("defense_steps", st["defense_steps"])
-                    for cols in out.values() for c in cols.values()})
+    saved = [c["settings"] for cols in out.values() for c in cols.values() if "settings" in c]
+    steps = sorted({c.get("defense_steps", st["defense_steps"]) for c in saved})
+    if st.get("report_only") and saved:  # describe the runs that were made
+        st = {**st, **{k: v for k, v in saved[0].items() if k in st}}
     md += (f"\n\neps = {', '.join(f'{t} {ctx.eps(t):.4f}' for t in ctx.run_tasks)}, eps_v = "
            f"1.5 eps, defense T = {'/'.join(map(str, steps))}; stages: {st['steps']}-step "
            f"PGD/MIM/CW (Houdini) on the bare model; Vanilla: APGD-CE {st['apgd_steps']}, "
