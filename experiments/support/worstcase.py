@@ -41,8 +41,8 @@ from .cascade import (
     wilson_interval,
 )
 
-__all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "merge_parts", "worstcase",
-           "worstcase_markdown"]
+__all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "load_parts", "merge_parts",
+           "worstcase", "worstcase_markdown"]
 
 WORST_FULL = dict(n=64, clean_n=500, undefended_n=500, steps=20, bpda_steps=50, eot=8,
                   lambdas=(0.0, 1.0, 10.0, 100.0, 1000.0), repeats=4, apgd_steps=100,
@@ -147,6 +147,18 @@ def _column(ctx: Any, task: str, seed: int, col: str, st: dict[str, Any],
             "seg": seg}
 
 
+def load_parts(path: Path) -> dict[str, Any]:
+    """Saved columns and slices of one (task, seed): ``path`` (``worstcase-<key>.json``,
+    the layout of the first runs) and the files ``worstcase-<key>/<name>.json``, which
+    win."""
+    done = json.loads(path.read_text()) if path.exists() else {}
+    folder = path.with_suffix("")
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.json")):
+            done[f.stem] = json.loads(f.read_text())
+    return done
+
+
 def merge_parts(cols: dict[str, Any]) -> dict[str, Any]:
     """Join the parts ``"<column>@<offset>"`` (``--offset``: one process per slice of the
     cascade images) into their column: per-image records concatenated, the cumulative
@@ -182,7 +194,7 @@ def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Seque
         for seed in seeds:
             key = f"{task}-seed{seed}"
             path = Path(ctx.out) / f"worstcase-{key}.json"
-            done = json.loads(path.read_text()) if path.exists() else {}
+            done = load_parts(path)
             x, y = _images(ctx.data(task, "test"), max(st["clean_n"], st["undefended_n"],
                                                       st.get("offset", 0) + st["n"]))
             for col in columns if not st.get("report_only") else ():
@@ -192,10 +204,12 @@ def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Seque
                 print(f"  {key} {name} ...", flush=True)
                 res = _column(ctx, task, seed, col, st, (x, y))
                 res["settings"] = _settings(ctx, task, st)
-                # re-read first: another process may have added other columns meanwhile
-                done = {**(json.loads(path.read_text()) if path.exists() else {}), name: res}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, json.dumps(done, indent=1, default=str))
+                # one file per column or slice: parallel processes never rewrite each
+                # other's results (a shared file lost parts when two wrote at once)
+                part = path.with_suffix("") / f"{name}.json"
+                part.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(part, json.dumps(res, indent=1, default=str))
+                done = load_parts(path)
                 print(f"  {key} {name}: {res['cascade']['seconds']:.0f}s", flush=True)
             merged = merge_parts(done)
             out[key] = {c: merged[c] for c in columns if c in merged}

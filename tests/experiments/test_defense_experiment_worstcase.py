@@ -158,8 +158,10 @@ def test_worstcase_writes_per_image_results_and_resumes(tmp_path: Path) -> None:
     assert casc["score"] == [r["score"] for r in casc["records"]]
     lo, hi = casc["score_ci"]
     assert 0.0 <= lo <= sum(casc["score"]) / casc["n"] <= hi <= 1.0
-    saved = json.loads((tmp_path / "worstcase-cls-seed0.json").read_text())
-    assert set(saved) == {"Vanilla", "Random"}
+    saved = {f.name for f in (tmp_path / "worstcase-cls-seed0").iterdir()}
+    assert saved == {"Vanilla.json", "Random.json"}
+    assert json.loads((tmp_path / "worstcase-cls-seed0" / "Random.json").read_text())[
+        "column"] == "Random"
     md = worstcase_markdown(out)
     assert "per-image worst case" in md and "after BPDA+EOT 2x2" in md
     # a second call with the same settings reuses the saved columns
