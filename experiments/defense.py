@@ -18,6 +18,17 @@ Sub-commands (each takes ``--quick``; ``all`` runs them in order):
     checks   honest-evaluation checks: undefended robustness, transfer vs white-box,
              metric -> 0 as eps grows, more steps/restarts, worst case over repeated
              defended predictions, the released code's preset vs ours
+    worstcase  the per-image worst case of the undefended model and of each defense over
+             an attack cascade (transferred PGD/MIM/CW; the AutoAttack ensemble for the bare
+             model; the adaptive lambda_e sweep, BPDA+EOT and APGD through BPDA for the
+             defenses) and repeated defended predictions, with the clean cost and 95 %
+             intervals (:mod:`support.worstcase`); ``--columns``, ``--n``, ``--clean-n``,
+             ``--attack-size``, ``--defense-steps``, ``--seeds``, ``--tasks``
+
+``--data fashion-mnist`` swaps the classification task for Fashion-MNIST with cnn7 (padding
+1) trained on the defense's views (:class:`support.view_augment.ViewAugment`), three model
+seeds; its outputs go to ``runs/defense-fashion[-quick]/`` and its models to
+``runs/defense-models/fashion<scale>/``.
 
 Standard attacks (PGD, MIM, CW, Houdini) are generated on the bare model and transferred
 to the defense, as in the paper; Adaptive and BPDA+EOT have the defense in the loop.
@@ -38,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from support.view_augment import ViewAugment
+from support.worstcase import COLUMNS as WORST_COLUMNS
+from support.worstcase import WORST_FULL, WORST_QUICK, worstcase, worstcase_markdown
 from torch import nn
 
 from equivision.data import ImageDataset, get_dataset
@@ -99,6 +113,21 @@ TASKS: dict[str, dict[str, Any]] = {
         train=dict(lr=3e-3, batch_size=32, optimizer="adam", weight_decay=0.0),
     ),
 }
+#: ``--data fashion-mnist``: the classification task on Fashion-MNIST (60k / 10k, 28 px) with
+#: cnn7 at padding 1 (any input >= 4 px, so every default view fits; 7 layers, a receptive
+#: field that covers a garment, unlike cnn-small's 7x7), trained with ViewAugment (rotations
+#: +-15 deg, flips, jitter, resizes 0.3-2x: the defense's views); feature layer: its last
+#: odd-kernel spatial map relu6 (14x14; conv7's 4x4 kernel shifts the grid by half a pixel).
+#: eps = 0.1, the usual Fashion-MNIST radius and the smallest round value at which 20-step
+#: PGD brings the undefended seed-0 model to 0 (64 test images: clean 67 %, eps 0.02 -> 55 %,
+#: 0.05 -> 23 %, 0.1 -> 0 %).
+FASHION_CLS: dict[str, Any] = dict(
+    dataset="fashion-mnist", size=28, model="cnn7", model_kwargs=dict(padding=1, dropout=0.1),
+    eps=0.1, eps_v_ratio=1.5, head_layer="features.relu6", strong="cw", metric="accuracy",
+    feature_layer="features.relu6", augment="views", epochs=2, train_n=20000, seeds=(0, 1, 2),
+    train=dict(lr=2e-3, batch_size=64, optimizer="adam", weight_decay=0.0),
+)
+DATA_CHOICES = ("digits", "fashion-mnist")
 COLUMNS = ("Vanilla", "Random", "Rotation", "Contrastive", "Invariance", "Equivariance")
 DEFENSE_NAMES = {"Vanilla": None, "Random": "random", "Rotation": "rotation",
                  "Contrastive": "contrastive", "Invariance": "invariance",
@@ -112,23 +141,36 @@ SUBSETS = {"resizes only": (0, 1, 2, 3), "flip only": (5,), "rotations only": (6
 class Ctx:
     """Scale, paths and cached models of one run."""
 
-    def __init__(self, quick: bool, root: Path) -> None:
+    def __init__(self, quick: bool, root: Path, data: str = "digits") -> None:
         self.quick = quick
         self.scale = QUICK if quick else FULL
         self.scale_name = "quick" if quick else "full"
-        self.out = root / ("defense-quick" if quick else "defense")
-        self.models_dir = root / "defense-models" / self.scale_name
+        self.data_name = data
+        #: the task settings of this run (``--data fashion-mnist`` swaps the ``cls`` task)
+        self.tasks = dict(TASKS) if data == "digits" else {**TASKS, "cls": FASHION_CLS}
+        tag = "" if data == "digits" else "-fashion"
+        self.out = root / (f"defense{tag}-quick" if quick else f"defense{tag}")
+        self.models_dir = root / "defense-models" / (tag.lstrip("-") + self.scale_name)
         self._cache: dict[str, Any] = {}
         self.suffix = ""
+        #: tasks of ``models`` and ``worstcase`` (``--tasks``); heads trained by ``models``
+        self.run_tasks: tuple[str, ...] = ("cls", "seg")
+        self.heads = data == "digits"
+        self.seeds: tuple[int, ...] | None = None
+        #: options of ``worstcase`` (attack_size, defense_steps, n, clean_n, columns)
+        self.opts: dict[str, Any] = {}
 
     def data(self, task: str, split: str) -> Any:
         key = f"{task}/{split}"
         if key not in self._cache:
-            t = TASKS[task]
+            t = self.tasks[task]
             kw: dict[str, Any] = {}
             if task == "seg" and split == "train":
                 kw["n"] = self.scale["seg_train"]
-            self._cache[key] = get_dataset(t["dataset"], split=split, size=t["size"], seed=0, **kw)
+            data = get_dataset(t["dataset"], split=split, size=t["size"], seed=0, **kw)
+            if split == "train" and t.get("train_n"):
+                data = _subset(data, t["train_n"])
+            self._cache[key] = data
         return self._cache[key]
 
     def model(self, task: str, seed: int = 0) -> nn.Module:
@@ -145,10 +187,10 @@ class Ctx:
         return path
 
     def eps(self, task: str) -> float:
-        return float(TASKS[task]["eps"])
+        return float(self.tasks[task]["eps"])
 
     def eps_v(self, task: str) -> float:
-        return TASKS[task]["eps_v_ratio"] * self.eps(task)
+        return self.tasks[task]["eps_v_ratio"] * self.eps(task)
 
 
 # --- models ------------------------------------------------------------------------------
@@ -156,10 +198,10 @@ class Ctx:
 
 def train_model(ctx: Ctx, task: str, seed: int) -> nn.Module:
     """Train (or reload) the model of ``task``; checkpoints in ``runs/defense-models``."""
-    t = TASKS[task]
+    t = ctx.tasks[task]
     run_dir = ctx.models_dir / f"{task}-{t['model']}-seed{seed}"
     ckpt = run_dir / "last.pt"
-    epochs = ctx.scale["cls_epochs" if task == "cls" else "seg_epochs"]
+    epochs = t.get("epochs") or ctx.scale["cls_epochs" if task == "cls" else "seg_epochs"]
     config = TrainConfig(epochs=epochs, seed=seed, device="cpu", **t["train"])
     if ckpt.exists():
         model = model_from_checkpoint(ckpt)
@@ -168,8 +210,9 @@ def train_model(ctx: Ctx, task: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     in_ch = 1 if task == "cls" else 3
     model = create_model(t["model"], in_channels=in_ch, **t["model_kwargs"])
+    augment = ViewAugment() if t.get("augment") == "views" else None
     train(model, ctx.data(task, "train"), config=config, out_dir=run_dir,
-          resume=ckpt.exists(), progress=False)
+          resume=ckpt.exists(), progress=False, augment=augment)
     return model.eval()
 
 
@@ -182,19 +225,31 @@ def _subset(dataset: Any, n: int | None) -> Any:
 def train_head(ctx: Ctx, task: str, kind: str, path: Path) -> None:
     """Train the rotation or contrastive head of ``task`` and save it atomically."""
     model = ctx.model(task)
-    layer = TASKS[task]["head_layer"]
+    layer = ctx.tasks[task]["head_layer"]
     data = _subset(ctx.data(task, "train"), ctx.scale["head_images"])
     trainer = train_rotation_head if kind == "rotation" else train_contrastive_head
     head = trainer(model, layer, data, epochs=ctx.scale["head_epochs"], seed=0)
     save_head(path, head, layer)
 
 
+def model_seeds(ctx: Ctx, task: str) -> tuple[int, ...]:
+    """Seeds of the trained models of ``task`` (seed 1 doubles as the transfer surrogate)."""
+    if ctx.seeds is not None:
+        return ctx.seeds
+    if "seeds" in ctx.tasks[task]:
+        return tuple(ctx.tasks[task]["seeds"])
+    return (0, 1) if task in ctx.scale["check_tasks"] else (0,)
+
+
 def cmd_models(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for task in ("cls", "seg"):
-        for seed in (0, 1) if task in ctx.scale["check_tasks"] else (0,):
+    for task in ctx.run_tasks:
+        for seed in model_seeds(ctx, task):
             model = ctx.model(task, seed)
             out[f"{task}-seed{seed}"] = evaluate(model, ctx.data(task, "test"))
+            print(f"  {task} seed {seed}: {out[f'{task}-seed{seed}']}", flush=True)
+        if not ctx.heads:
+            continue
         for kind in ("rotation", "contrastive"):
             out[f"{task}-{kind}-head"] = str(ctx.head(task, kind))
     lines = ["| model | test loss | accuracy | mIoU |", "|---|---|---|---|"]
@@ -219,7 +274,7 @@ def run_eval(ctx: Ctx, task: str, column: str | None, attacks: Sequence[Any],
     if name in ("rotation", "contrastive"):
         kw["head"] = ctx.head(task, name)
     else:
-        kw["feature_layer"] = TASKS[task]["feature_layer"]
+        kw["feature_layer"] = ctx.tasks[task]["feature_layer"]
     kw.update(defense_kwargs)
     config = RobustnessConfig(
         eps=ctx.eps(task) if eps is None else eps, steps=ctx.scale["attack_steps"],
@@ -265,7 +320,7 @@ def md_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def paper_table(ctx: Ctx, task: str) -> dict[str, Any]:
     """Tables 1 (cls) / 2 (seg): rows x defenses, the metric in %."""
-    strong = TASKS[task]["strong"]
+    strong = ctx.tasks[task]["strong"]
     std = [{"name": "pgd", "label": "PGD"}, {"name": "mim", "label": "MIM"},
            {"name": strong, "label": strong.upper() if strong == "cw" else "Houdini"}]
     lam = "/".join(f"{v:g}" for v in ctx.scale["lambdas"])
@@ -287,7 +342,7 @@ def paper_table(ctx: Ctx, task: str) -> dict[str, Any]:
     md = md_table(["attack"] + list(COLUMNS),
                   [[r] + [fmt(table[r].get(c)) for c in COLUMNS] for r in rows])
     sc = ctx.scale
-    md += (f"\n\n{TASKS[task]['metric']} (%) on {sc['n']} test images; eps = "
+    md += (f"\n\n{ctx.tasks[task]['metric']} (%) on {sc['n']} test images; eps = "
            f"{ctx.eps(task):.4f} (L-inf), eps_v = {ctx.eps_v(task):.4f}, defense T = "
            f"{sc['defense_steps']}; PGD/MIM/{rows[3]}: {sc['attack_steps']} steps on the bare "
            f"model, transferred; Adaptive: {sc['attack_steps']} steps, worst case over "
@@ -295,7 +350,7 @@ def paper_table(ctx: Ctx, task: str) -> dict[str, Any]:
            "(Vanilla: the bare model has no purifier; Random: no equivariance loss; adaptive "
            f"attack only on {', '.join(sc['adaptive_columns'])}).")
     return {"table": table, "markdown": md, "eps": ctx.eps(task), "eps_v": ctx.eps_v(task),
-            "metric": TASKS[task]["metric"], "raw": raw}
+            "metric": ctx.tasks[task]["metric"], "raw": raw}
 
 
 def cmd_table4(ctx: Ctx) -> dict[str, Any]:
@@ -336,7 +391,7 @@ def cmd_table5(ctx: Ctx) -> dict[str, Any]:
         s = sweep(ctx, task, {k: {"transforms": _transforms(task, v)}
                               for k, v in SUBSETS.items()})
         out[task] = s["results"]
-        md.append(f"**{task}** ({TASKS[task]['metric']} %)\n\n"
+        md.append(f"**{task}** ({ctx.tasks[task]['metric']} %)\n\n"
                   + md_table(["transforms", "clean", "PGD", "BPDA+EOT"], s["rows"]))
     return {"results": out, "markdown": "\n\n".join(md) + sweep_note(ctx)}
 
@@ -352,7 +407,7 @@ def cmd_table6(ctx: Ctx) -> dict[str, Any]:
                 "BPDA+EOT": metric(base, "PGD")}
         out[task] = {"0 (no defense)": zero, **s["results"]}
         rows = [["0 (no defense)"] + [fmt(zero[k]) for k in ("clean", "PGD", "BPDA+EOT")]]
-        md.append(f"**{task}** ({TASKS[task]['metric']} %, eps = {ctx.eps(task):.4f}; "
+        md.append(f"**{task}** ({ctx.tasks[task]['metric']} %, eps = {ctx.eps(task):.4f}; "
                   "no defense: BPDA+EOT = white-box PGD)\n\n"
                   + md_table(["eps_v", "clean", "PGD", "BPDA+EOT"], rows + s["rows"]))
     return {"results": out, "markdown": "\n\n".join(md) + sweep_note(ctx)}
@@ -371,14 +426,14 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
                    for k in ctx.scale["ks"]}
         s = sweep(ctx, task, configs)
         out[task] = s["results"]
-        md.append(f"**{task}** ({TASKS[task]['metric']} %)\n\n"
+        md.append(f"**{task}** ({ctx.tasks[task]['metric']} %)\n\n"
                   + md_table(["K", "clean", "PGD", "BPDA+EOT"], s["rows"]))
         ks = list(ctx.scale["ks"])
         for key in ("clean", "PGD", "BPDA+EOT"):
             ax.plot(ks, [s["results"][f"K={k}"][key] for k in ks], marker="o", label=key)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("number of transformations K")
-        ax.set_ylabel(f"{TASKS[task]['metric']} (%)")
+        ax.set_ylabel(f"{ctx.tasks[task]['metric']} (%)")
         ax.set_title({"cls": "digits (cnn-small)", "seg": "scenes (segmenter)"}[task])
     axes[0].legend()
     fig.tight_layout()
@@ -460,10 +515,40 @@ def cmd_checks(ctx: Ctx) -> dict[str, Any]:
             ["ours: clean / PGD", "-",
              " / ".join(fmt(metric(ours, r)) for r in ("clean", "PGD"))],
         ]
-        md.append(f"**{task}** ({TASKS[task]['metric']} %, {n} images, eps = {eps:.4f}, "
+        md.append(f"**{task}** ({ctx.tasks[task]['metric']} %, {n} images, eps = {eps:.4f}, "
                   f"BPDA+EOT: {ctx.scale['bpda_steps']} steps, EOT {ctx.scale['check_eot']})\n\n"
                   + md_table(["check", "undefended", "equivariance defense"], rows))
     return {"results": out, "markdown": "\n\n".join(md)}
+
+
+def cmd_worstcase(ctx: Ctx) -> dict[str, Any]:
+    """Per-image worst case over an attack cascade and repeated defended predictions
+    (:mod:`support.worstcase`), per task in ``ctx.run_tasks`` and model seed."""
+    st = {**(WORST_QUICK if ctx.opts.get("attack_size", ctx.scale_name) == "quick"
+             else WORST_FULL),
+          "defense_steps": ctx.opts.get("defense_steps") or ctx.scale["defense_steps"]}
+    st.update({k: ctx.opts[k] for k in ("n", "clean_n", "undefended_n", "offset",
+                                        "report_only") if ctx.opts.get(k)})
+    columns = ctx.opts.get("columns") or tuple(WORST_COLUMNS)
+    out: dict[str, Any] = {}
+    for task in ctx.run_tasks:
+        cols = [c for c in columns if task == "cls" or c in ("Vanilla", "Equivariance",
+                                                             "Invariance")]
+        out.update(worstcase(ctx, st, model_seeds(ctx, task), cols, (task,)))
+    md = worstcase_markdown(out)
+    saved = [c["settings"] for cols in out.values() for c in cols.values() if "settings" in c]
+    steps = sorted({c.get("defense_steps", st["defense_steps"]) for c in saved})
+    if st.get("report_only") and saved:  # describe the runs that were made
+        st = {**st, **{k: v for k, v in saved[0].items() if k in st}}
+    md += (f"\n\neps = {', '.join(f'{t} {ctx.eps(t):.4f}' for t in ctx.run_tasks)}, eps_v = "
+           f"1.5 eps, defense T = {'/'.join(map(str, steps))}; stages: {st['steps']}-step "
+           f"PGD/MIM/CW (Houdini) on the bare model; Vanilla: APGD-CE {st['apgd_steps']}, "
+           f"APGD-T ({st['n_targets']} targets) / APGD-SegPGD, Square {st['queries']} "
+           f"queries; defenses: adaptive sweep over lambda_e {list(st['lambdas'])} "
+           f"({st['steps']} steps), BPDA+EOT {st['bpda_steps']} steps x {st['eot']} draws, "
+           f"APGD-CE through BPDA with the same budget; worst of {st['repeats']} defended "
+           "predictions per stage.")
+    return {"results": out, "markdown": md, "worst_settings": st}
 
 
 COMMANDS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
@@ -475,6 +560,7 @@ COMMANDS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "table6": cmd_table6,
     "fig3": cmd_fig3,
     "checks": cmd_checks,
+    "worstcase": cmd_worstcase,
 }
 
 
@@ -484,7 +570,8 @@ def run_command(ctx: Ctx, name: str) -> float:
     result = COMMANDS[name](ctx)
     seconds = time.perf_counter() - t0
     result.update(command=name, scale=ctx.scale_name, seconds=seconds,
-                  settings={"scale": {k: v for k, v in ctx.scale.items()}, "tasks": TASKS})
+                  settings={"scale": {k: v for k, v in ctx.scale.items()}, "tasks": ctx.tasks,
+                            "data": ctx.data_name})
     ctx.out.mkdir(parents=True, exist_ok=True)
     stem = name + (ctx.suffix if name == "checks" else "")
     write_atomic(ctx.out / f"{stem}.json", json.dumps(result, indent=1, default=str))
@@ -495,6 +582,35 @@ def run_command(ctx: Ctx, name: str) -> float:
     return seconds
 
 
+def _task_list(parser: argparse.ArgumentParser, text: str, flag: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tasks or any(t not in TASKS for t in tasks):
+        parser.error(f"{flag} must list tasks of {sorted(TASKS)}, got {text!r}")
+    return tasks
+
+
+def _worst_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: Ctx
+                   ) -> None:
+    """Check and store the options of ``worstcase`` in ``ctx.opts``."""
+    if args.columns:
+        cols = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+        bad = [c for c in cols if c not in WORST_COLUMNS]
+        if not cols or bad:
+            parser.error(f"--columns must list columns of {list(WORST_COLUMNS)}, got "
+                         f"{args.columns!r}")
+        ctx.opts["columns"] = cols
+    for key in ("n", "clean_n", "undefended_n", "defense_steps"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        ctx.opts[key] = value
+    if args.attack_size:
+        ctx.opts["attack_size"] = args.attack_size
+    if args.offset < 0:
+        parser.error(f"--offset must be >= 0, got {args.offset}")
+    ctx.opts.update(offset=args.offset, report_only=args.report_only)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=[*COMMANDS, "all"])
@@ -502,18 +618,51 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the quick scale (64 test images, few steps; see QUICK)")
     parser.add_argument("--runs", default="runs", help="output root (default runs/)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--data", default="digits", choices=DATA_CHOICES,
+                        help="dataset of the classification task (fashion-mnist: cnn7 "
+                        "trained with the defense's views; outputs in runs/defense-fashion)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated model seeds of 'models' and 'worstcase' "
+                        "(default: the task's; fashion-mnist 0,1,2)")
+    parser.add_argument("--columns", default=None,
+                        help=f"comma-separated columns of 'worstcase' ({', '.join(WORST_COLUMNS)})")
+    parser.add_argument("--attack-size", choices=("full", "quick"), default=None,
+                        help="attack budget of 'worstcase' (default: the scale's)")
+    parser.add_argument("--defense-steps", type=int, default=None,
+                        help="purifier steps T of 'worstcase' (default: the scale's)")
+    for flag in ("n", "clean-n", "undefended-n"):
+        parser.add_argument(f"--{flag}", type=int, default=None,
+                            help=f"'worstcase': images of the {flag.replace('-n', '')} "
+                            "evaluation" if flag != "n" else "'worstcase': cascade images "
+                            "of the defenses")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="'worstcase': first cascade image (run slices of the images in "
+                        "parallel processes; their parts are joined in the report)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="'worstcase': rebuild the report from the saved JSON, run "
+                        "nothing")
+    parser.add_argument("--no-heads", action="store_true",
+                        help="'models': skip the rotation / contrastive heads")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks of 'models' and 'worstcase' (cls, seg)")
     parser.add_argument("--check-tasks", default=None,
                         help="comma-separated tasks of 'checks' (cls, seg; default: the "
                         "scale's); results then go to checks-<tasks>.json/.md")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = Ctx(args.quick, Path(args.runs))
+    ctx = Ctx(args.quick, Path(args.runs), args.data)
+    if args.tasks:
+        ctx.run_tasks = _task_list(parser, args.tasks, "--tasks")
+    _worst_options(parser, args, ctx)
+    ctx.heads = ctx.heads and not args.no_heads
+    if args.seeds:
+        try:
+            ctx.seeds = tuple(int(v) for v in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if args.check_tasks:
-        tasks = tuple(t.strip() for t in args.check_tasks.split(",") if t.strip())
-        if not tasks or any(t not in TASKS for t in tasks):
-            parser.error(f"--check-tasks must list tasks of {sorted(TASKS)}, got "
-                         f"{args.check_tasks!r}")
+        tasks = _task_list(parser, args.check_tasks, "--check-tasks")
         ctx.scale = {**ctx.scale, "check_tasks": tasks}
         ctx.suffix = "-" + "-".join(tasks)
     names = list(COMMANDS) if args.command == "all" else [args.command]

@@ -1,0 +1,273 @@
+"""The ``worstcase`` sub-command of ``experiments/defense.py``: per-image worst case of the
+undefended model and of each defense over an attack cascade and repeated defended
+predictions (:func:`support.cascade.run_cascade`), clean cost, 95 % intervals.
+
+Stages, in order (each attacks only the images still not fooled):
+
+* every column: PGD, MIM and CW (classification) / Houdini (segmentation), ``steps``
+  steps, generated on the bare model (transferred to a defense: the paper's standard
+  attacks);
+* Vanilla: APGD-CE (``apgd_steps``), APGD-T (classification, ``n_targets``) or APGD with
+  the SegPGD loss (segmentation), Square (classification, ``queries``): the AutoAttack
+  ensemble;
+* a defense: the adaptive attack swept over ``lambdas`` (defenses with an equivariance
+  or invariance loss), BPDA+EOT (``bpda_steps`` x ``eot`` draws), then APGD-CE through
+  BPDA with the same draws as a convergence stage: if it still breaks images, the
+  attacks before it had not converged.
+
+Scores are the minimum over ``repeats`` seeded defended predictions (draws seeded apart
+from the attacks'). ``ctx`` is ``defense.Ctx``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from equivision.measure import write_atomic
+from equivision.robust.registry import build_attack, build_defense, parse_attack
+
+from .cascade import (
+    Stage,
+    bootstrap_interval,
+    clean_draws,
+    run_cascade,
+    sweep_stage,
+    wilson_interval,
+)
+
+__all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "load_parts", "merge_parts",
+           "worstcase", "worstcase_markdown"]
+
+WORST_FULL = dict(n=64, clean_n=500, undefended_n=500, steps=20, bpda_steps=50, eot=8,
+                  lambdas=(0.0, 1.0, 10.0, 100.0, 1000.0), repeats=4, apgd_steps=100,
+                  n_targets=9, queries=5000, block=64)
+WORST_QUICK = dict(n=4, clean_n=6, undefended_n=6, steps=2, bpda_steps=2, eot=2,
+                   lambdas=(0.0, 10.0), repeats=2, apgd_steps=2, n_targets=2, queries=8,
+                   block=4)
+COLUMNS = {"Vanilla": None, "Random": "random", "Invariance": "invariance",
+           "Equivariance": "equivariance"}
+EVAL_SEED = 7
+
+
+def _stage(spec: dict[str, Any], model: nn.Module, defense: nn.Module | None, eps: float,
+           seed: int) -> Stage:
+    label = spec.pop("label")
+    atk, _ = build_attack(parse_attack(spec), model, defense, eps=eps, seed=seed)
+    return (label, atk)
+
+
+def build_stages(task: str, model: nn.Module, defense: nn.Module | None, eps: float,
+                 st: dict[str, Any], kind: str | None) -> list[Stage]:
+    """The cascade of one column (see the module docstring)."""
+    seg = task == "seg"
+    strong = "houdini" if seg else "cw"
+    tag = " (transfer)" if defense is not None else ""
+    specs: list[dict[str, Any]] = [
+        {"name": n, "label": f"{lab}{tag}", "steps": st["steps"]}
+        for n, lab in (("pgd", "PGD"), ("mim", "MIM"),
+                       (strong, "Houdini" if seg else "CW"))]
+    stages = [_stage(s, model, defense, eps, 100 + i) for i, s in enumerate(specs)]
+    if defense is None:
+        more: list[dict[str, Any]] = [{"name": "apgd-ce", "label": "APGD-CE",
+                                       "steps": st["apgd_steps"]}]
+        if seg:
+            more.append({"name": "apgd-ce", "label": "APGD-SegPGD", "loss": "segpgd",
+                         "steps": st["apgd_steps"]})
+        else:
+            more += [{"name": "apgd-t", "label": "APGD-T", "steps": st["apgd_steps"],
+                      "n_targets": st["n_targets"]},
+                     {"name": "square", "label": "Square", "queries": st["queries"]}]
+        return stages + [_stage(s, model, None, eps, 200 + i) for i, s in enumerate(more)]
+    lam = "/".join(f"{v:g}" for v in st["lambdas"])
+    if kind in ("equivariance", "invariance"):
+        stages.append((f"Adaptive ({lam})", sweep_stage(
+            defense, eps, st["lambdas"], steps=st["steps"], seed=300)))
+    stages.append(_stage({"name": "bpda-eot", "label": f"BPDA+EOT {st['bpda_steps']}x{st['eot']}",
+                          "steps": st["bpda_steps"], "eot_samples": st["eot"]},
+                         model, defense, eps, 400))
+    stages.append(_stage({"name": "apgd-bpda", "label": f"APGD-CE BPDA {st['bpda_steps']}x"
+                          f"{st['eot']} (convergence)", "steps": st["bpda_steps"],
+                          "eot_samples": st["eot"]}, model, defense, eps, 500))
+    return stages
+
+
+def _images(data: Any, n: int) -> tuple[Tensor, Tensor]:
+    n = min(n, len(data))
+    x = torch.stack([data[i][0] for i in range(n)])
+    ys = [data[i][1] for i in range(n)]
+    y = torch.stack(ys) if isinstance(ys[0], Tensor) and ys[0].dim() > 0 else \
+        torch.as_tensor([int(v) for v in ys])
+    return x, y
+
+
+def _interval(scores: Sequence[float], seg: bool) -> list[float]:
+    if seg:
+        return list(bootstrap_interval(scores))
+    return list(wilson_interval(int(round(sum(scores))), len(scores)))
+
+
+def _clean(system: nn.Module, x: Tensor, y: Tensor, draws: int, seg: bool) -> dict[str, Any]:
+    s = clean_draws(system, x, y, draws, EVAL_SEED)
+    single, worst = s[0].tolist(), s.min(0).values.tolist()
+    return {"n": len(single), "draws": draws, "single": sum(single) / len(single),
+            "single_ci": _interval(single, seg), "worst": sum(worst) / len(worst),
+            "worst_ci": _interval(worst, seg)}
+
+
+def _column(ctx: Any, task: str, seed: int, col: str, st: dict[str, Any],
+            data: tuple[Tensor, Tensor]) -> dict[str, Any]:
+    t = ctx.tasks[task]
+    model = ctx.model(task, seed)
+    kind = COLUMNS[col]
+    defense = None
+    if kind is not None:
+        defense = build_defense(kind, model, eps_v=ctx.eps_v(task), steps=st["defense_steps"],
+                                feature_layer=t["feature_layer"])
+    seg = task == "seg"
+    x, y = data
+    system = defense if defense is not None else model
+    draws = st["repeats"] if bool(getattr(defense, "randomized", False)) else 1
+    n_clean = st["clean_n"] if defense is not None else st["undefended_n"]
+    clean = _clean(system, x[:n_clean], y[:n_clean], draws, seg)
+    n = st["n"] if defense is not None else st["undefended_n"]
+    off = st.get("offset", 0)
+    stages = build_stages(task, model, defense, ctx.eps(task), st, kind)
+    casc = run_cascade(system, stages, x[off:off + n], y[off:off + n], eval_draws=draws,
+                       seed=EVAL_SEED, block=st["block"], log=lambda m: print(m, flush=True))
+    for r in casc["records"]:
+        r["index"] += off
+    casc["score_ci"] = _interval(casc["score"], seg)
+    return {"column": col, "clean": clean, "cascade": casc, "draws": draws, "offset": off,
+            "seg": seg}
+
+
+def load_parts(path: Path) -> dict[str, Any]:
+    """Saved columns and slices of one (task, seed): ``path`` (``worstcase-<key>.json``,
+    the layout of the first runs) and the files ``worstcase-<key>/<name>.json``, which
+    win."""
+    done = json.loads(path.read_text()) if path.exists() else {}
+    folder = path.with_suffix("")
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.json")):
+            done[f.stem] = json.loads(f.read_text())
+    return done
+
+
+def merge_parts(cols: dict[str, Any]) -> dict[str, Any]:
+    """Join the parts ``"<column>@<offset>"`` (``--offset``: one process per slice of the
+    cascade images) into their column: per-image records concatenated, the cumulative
+    scores, stage counts and interval recomputed; the clean cost is the offset-0 part's."""
+    out = {k: v for k, v in cols.items() if "@" not in k}
+    for key in sorted((k for k in cols if "@" in k), key=lambda k: int(k.split("@")[1])):
+        col, part = key.split("@")[0], cols[key]
+        if col not in out:
+            out[col] = part
+            continue
+        a, b = out[col]["cascade"], part["cascade"]
+        if a["stages"] != b["stages"]:
+            raise ValueError(f"{key}: stages differ from {col}'s")
+        records = a["records"] + b["records"]
+        names = a["stages"]
+        merged = {**a, "records": records, "score": a["score"] + b["score"],
+                  "n": a["n"] + b["n"], "seconds": a["seconds"] + b["seconds"],
+                  "broken": {s: a["broken"][s] + b["broken"][s] for s in names},
+                  "after": [sum(r[f"score_{s}"] for r in records) / len(records)
+                            for s in names]}
+        merged["score_ci"] = _interval(merged["score"], bool(part.get("seg")))
+        clean = max(out[col]["clean"], part["clean"], key=lambda c: c["n"])
+        out[col] = {**out[col], "cascade": merged, "clean": clean}
+    return out
+
+
+def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Sequence[str],
+              tasks: Sequence[str]) -> dict[str, Any]:
+    """Run every (task, seed, column); each finished column is written to
+    ``<ctx.out>/worstcase-<task>-seed<seed>.json`` at once (partial results survive)."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        for seed in seeds:
+            key = f"{task}-seed{seed}"
+            path = Path(ctx.out) / f"worstcase-{key}.json"
+            done = load_parts(path)
+            x, y = _images(ctx.data(task, "test"), max(st["clean_n"], st["undefended_n"],
+                                                      st.get("offset", 0) + st["n"]))
+            for col in columns if not st.get("report_only") else ():
+                name = col if not st.get("offset") else f"{col}@{st['offset']}"
+                if name in done and done[name].get("settings") == _settings(ctx, task, st):
+                    continue
+                print(f"  {key} {name} ...", flush=True)
+                res = _column(ctx, task, seed, col, st, (x, y))
+                res["settings"] = _settings(ctx, task, st)
+                # one file per column or slice: parallel processes never rewrite each
+                # other's results (a shared file lost parts when two wrote at once)
+                part = path.with_suffix("") / f"{name}.json"
+                part.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(part, json.dumps(res, indent=1, default=str))
+                done = load_parts(path)
+                print(f"  {key} {name}: {res['cascade']['seconds']:.0f}s", flush=True)
+            merged = merge_parts(done)
+            out[key] = {c: merged[c] for c in columns if c in merged}
+    return out
+
+
+def _settings(ctx: Any, task: str, st: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in st.items()},
+            "eps": ctx.eps(task), "eps_v": ctx.eps_v(task),
+            "feature_layer": ctx.tasks[task]["feature_layer"]}
+
+
+def _pct(v: float, ci: Sequence[float] | None = None) -> str:
+    s = f"{100 * v:.1f}"
+    return s if ci is None else f"{s} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def worstcase_markdown(results: dict[str, Any]) -> str:
+    """One block per (task, seed): clean cost, the cumulative worst case after each stage
+    (the final row with a 95 % interval), and which stage broke how many images."""
+    blocks = []
+    for key, cols in results.items():
+        names = list(cols)
+        head = ["", *names]
+        rows = [["n (clean / cascade)", *(f"{c['clean']['n']} / {c['cascade']['n']}"
+                                          for c in cols.values())],
+                ["clean, one prediction", *(_pct(c["clean"]["single"], c["clean"]["single_ci"])
+                                            for c in cols.values())],
+                ["clean, worst of the draws", *(_pct(c["clean"]["worst"], c["clean"]["worst_ci"])
+                                                for c in cols.values())]]
+        order: list[str] = []
+        for c in cols.values():
+            prev = -1
+            for s in c["cascade"]["stages"]:
+                if s not in order:
+                    order.insert(prev + 1, s)
+                prev = order.index(s)
+        for s in order:
+            cells = []
+            for c in cols.values():
+                cas = c["cascade"]
+                if s not in cas["stages"]:
+                    cells.append("-")
+                    continue
+                i = cas["stages"].index(s)
+                cells.append(f"{_pct(cas['after'][i])} ({cas['broken'][s]})")
+            rows.append([f"after {s}" if s != "clean" else "clean (cascade images)", *cells])
+        rows.append(["**per-image worst case**", *(
+            f"**{_pct(sum(c['cascade']['score']) / c['cascade']['n'], c['cascade']['score_ci'])}**"
+            for c in cols.values())])
+        if all("miou" in c["cascade"] for c in cols.values()):
+            rows.append(["dataset mIoU / pixel acc. of the worst case", *(
+                f"{_pct(c['cascade']['miou'])} / {_pct(c['cascade']['pixel_accuracy'])}"
+                for c in cols.values())])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        blocks.append(f"**{key}**\n\n" + "\n".join(lines))
+    return "\n\n".join(blocks) + (
+        "\n\nCells: metric (%) after the stage, cumulative per image (the images it broke, "
+        "i.e. whose worst case it produced); [95 % interval]: Wilson (accuracy) or bootstrap "
+        "(mean per-image mIoU).")

@@ -1,0 +1,60 @@
+"""``experiments/defense.py --data fashion-mnist`` on a tiny IDX folder (no real data)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from defense import Ctx, main, model_seeds
+
+STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _write_idx(folder: Path, n: dict[str, int]) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for split, count in n.items():
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        for stem, arr in zip(STEMS[split], (images, labels)):
+            head = struct.pack(">I", 0x0800 | arr.ndim) + b"".join(
+                struct.pack(">I", d) for d in arr.shape)
+            (folder / stem).write_bytes(head + arr.tobytes())
+
+
+def test_fashion_ctx_trains_cnn7_with_view_augment(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_idx(tmp_path / "data" / "fashion-mnist", {"train": 20, "test": 10})
+    monkeypatch.setenv("EQUIVISION_DATA", str(tmp_path / "data"))
+    ctx = Ctx(True, tmp_path / "runs", "fashion-mnist")
+    assert ctx.out == tmp_path / "runs" / "defense-fashion-quick"
+    assert ctx.tasks["cls"]["dataset"] == "fashion-mnist" and ctx.tasks["seg"]["model"] == \
+        "segmenter"
+    assert model_seeds(ctx, "cls") == (0, 1, 2) and not ctx.heads
+    assert len(ctx.data("cls", "test")) == 10
+    ctx.tasks["cls"] = {**ctx.tasks["cls"], "epochs": 1,
+                        "model_kwargs": dict(padding=1, width=4)}
+    model = ctx.model("cls", 0)
+    assert not model.training
+    assert (ctx.models_dir / "cls-cnn7-seed0" / "last.pt").exists()
+    with torch.no_grad():  # any size the defense's views make (0.3x of 28 px = 8 px)
+        assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    digits = Ctx(True, tmp_path / "runs")
+    assert digits.tasks["cls"]["dataset"] == "digits" and digits.heads
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["worstcase", "--columns", "Vanila"], "--columns must list"),
+    (["worstcase", "--n", "0"], "--n must be >= 1"),
+    (["models", "--seeds", "a"], "--seeds must be"),
+    (["models", "--tasks", "det"], "--tasks must list"),
+])
+def test_bad_options_give_one_line(argv: list[str], message: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

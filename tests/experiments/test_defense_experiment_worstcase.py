@@ -1,0 +1,210 @@
+"""The defense experiment's per-image worst case (support.cascade, support.worstcase) and
+its view-matched training augmentation (support.view_augment), at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from support.cascade import bootstrap_interval, clean_draws, run_cascade, wilson_interval
+from support.view_augment import ViewAugment
+from support.worstcase import (
+    WORST_QUICK,
+    build_stages,
+    merge_parts,
+    worstcase,
+    worstcase_markdown,
+)
+from torch import Tensor, nn
+
+from equivision.data import ImageDataset
+from equivision.models import create_model
+from equivision.robust.registry import build_defense
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] > 0.1
+
+
+def test_bootstrap_interval_covers_mean() -> None:
+    vals = [0.1, 0.5, 0.9, 0.3, 0.7] * 4
+    lo, hi = bootstrap_interval(vals)
+    assert lo < 0.5 < hi and lo > 0.2 and hi < 0.8
+
+
+def test_view_augment_shapes_and_range() -> None:
+    torch.manual_seed(0)
+    aug = ViewAugment(p_resize=1.0)
+    sizes = set()
+    for _ in range(6):
+        out = aug(torch.rand(3, 1, 20, 20))
+        assert out.shape[:2] == (3, 1) and out.shape[2] == out.shape[3]
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+        sizes.add(out.shape[-1])
+    assert len(sizes) > 1 and min(sizes) >= 6 and max(sizes) <= 40
+    torch.manual_seed(1)
+    a = ViewAugment(p_resize=0.0)(torch.rand(2, 1, 12, 12))
+    assert a.shape == (2, 1, 12, 12)
+    with pytest.raises(ValueError, match="min_scale"):
+        ViewAugment(min_scale=2.0, max_scale=1.0)
+
+
+class _Flip(nn.Module):
+    """A 2-class 'model' that is right exactly when the mean pixel is below 0.5 for
+    label 0: a cascade stage that pushes images over 0.5 breaks it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], 1) * 10
+
+
+def test_cascade_worst_case_is_per_image() -> None:
+    x = torch.full((4, 1, 4, 4), 0.3)
+    y = torch.zeros(4, dtype=torch.long)
+
+    def break_first_two(xb: Tensor, yb: Tensor) -> Tensor:
+        out = xb.clone()
+        out[:2] = 0.9  # ignores the eps ball on purpose: the cascade only merges
+        return out
+
+    def break_last(xb: Tensor, yb: Tensor) -> Tensor:
+        out = xb.clone()
+        out[-1] = 0.9
+        return out
+
+    res = run_cascade(_Flip(), [("a", break_first_two), ("b", break_last)], x, y, block=4)
+    # a breaks images 0 and 1; b attacks only the images still right (2, 3) and breaks the
+    # last of them; image 2 survives both (its worst case is the clean image)
+    assert res["score"] == [0.0, 0.0, 1.0, 0.0]
+    assert res["broken"] == {"clean": 1, "a": 2, "b": 1}
+    assert res["after"] == [1.0, 0.5, 0.25]
+    assert [r["index"] for r in res["records"]] == [0, 1, 2, 3]
+    # a per-row minimum would say 0.5 (each attack alone leaves two or three images right)
+    blocks = run_cascade(_Flip(), [("a", break_first_two)], x, y, block=2)
+    assert blocks["score"] == [0.0, 0.0, 0.0, 0.0]  # a breaks the first two of each block
+
+
+def _tiny() -> tuple[nn.Module, ImageDataset]:
+    torch.manual_seed(0)
+    model = create_model("cnn-small", in_channels=1, width=4).eval()
+    x = torch.rand(6, 1, 12, 12)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the model is right on every clean image
+    return model, ImageDataset(x, y, [str(i) for i in range(10)], "tiny")
+
+
+def test_clean_draws_worst_case_of_randomized_defense() -> None:
+    model, data = _tiny()
+    x, y = data.images, data.labels
+    defense = build_defense("random", model, eps_v=0.3, steps=1)
+    s = clean_draws(defense, x, y, draws=3, seed=0)
+    assert s.shape == (3, 6)
+    assert torch.equal(clean_draws(defense, x, y, draws=3, seed=0), s)  # seeded
+    assert torch.equal(clean_draws(model, x, y, draws=1, seed=0)[0], torch.ones(6,
+                                                                                 dtype=s.dtype))
+
+
+class _Ctx:
+    def __init__(self, model: nn.Module, data: ImageDataset, out: Path) -> None:
+        self._model, self._data, self.out = model, data, out
+        self.tasks: dict[str, Any] = {"cls": {"feature_layer": "features.relu3"}}
+
+    def model(self, task: str, seed: int = 0) -> nn.Module:
+        return self._model
+
+    def data(self, task: str, split: str) -> ImageDataset:
+        return self._data
+
+    def eps(self, task: str) -> float:
+        return 0.1
+
+    def eps_v(self, task: str) -> float:
+        return 0.15
+
+
+def test_stages_of_each_column() -> None:
+    model, _ = _tiny()
+    st = WORST_QUICK
+    names = [n for n, _ in build_stages("cls", model, None, 0.1, st, None)]
+    assert names == ["PGD", "MIM", "CW", "APGD-CE", "APGD-T", "Square"]
+    eq = build_defense("equivariance", model, eps_v=0.15, steps=1,
+                       feature_layer="features.relu3")
+    names = [n for n, _ in build_stages("cls", model, eq, 0.1, st, "equivariance")]
+    assert names[:3] == ["PGD (transfer)", "MIM (transfer)", "CW (transfer)"]
+    assert names[3].startswith("Adaptive") and names[4].startswith("BPDA+EOT 2x2")
+    assert "convergence" in names[5]
+    rnd = build_defense("random", model, eps_v=0.15, steps=1)
+    assert not any(n.startswith("Adaptive") for n, _ in
+                   build_stages("cls", model, rnd, 0.1, st, "random"))
+
+
+def test_worstcase_writes_per_image_results_and_resumes(tmp_path: Path) -> None:
+    model, data = _tiny()
+    ctx = _Ctx(model, data, tmp_path)
+    st = {**WORST_QUICK, "defense_steps": 1}
+    out = worstcase(ctx, st, (0,), ("Vanilla", "Random"), ("cls",))
+    cols = out["cls-seed0"]
+    assert set(cols) == {"Vanilla", "Random"}
+    van = cols["Vanilla"]
+    assert van["clean"]["single"] == 1.0 and van["draws"] == 1
+    assert cols["Random"]["draws"] == st["repeats"]
+    casc = cols["Random"]["cascade"]
+    assert len(casc["records"]) == st["n"] and casc["n"] == st["n"]
+    assert casc["score"] == [r["score"] for r in casc["records"]]
+    lo, hi = casc["score_ci"]
+    assert 0.0 <= lo <= sum(casc["score"]) / casc["n"] <= hi <= 1.0
+    saved = {f.name for f in (tmp_path / "worstcase-cls-seed0").iterdir()}
+    assert saved == {"Vanilla.json", "Random.json"}
+    assert json.loads((tmp_path / "worstcase-cls-seed0" / "Random.json").read_text())[
+        "column"] == "Random"
+    md = worstcase_markdown(out)
+    assert "per-image worst case" in md and "after BPDA+EOT 2x2" in md
+    # a second call with the same settings reuses the saved columns
+    again = worstcase(ctx, st, (0,), ("Vanilla",), ("cls",))
+    assert again["cls-seed0"]["Vanilla"]["cascade"]["seconds"] == van["cascade"]["seconds"]
+
+
+def test_segmentation_cascade_reports_dataset_miou() -> None:
+    torch.manual_seed(0)
+    model = create_model("segmenter", in_channels=3, num_classes=3, width=2).eval()
+    x = torch.rand(3, 3, 8, 8)
+    y = torch.randint(0, 3, (3, 8, 8))
+    y[0, 0, 0] = 255  # an ignored pixel
+    names = [n for n, _ in build_stages("seg", model, None, 0.05, WORST_QUICK, None)]
+    assert names == ["PGD", "MIM", "Houdini", "APGD-CE", "APGD-SegPGD"]
+    stages = build_stages("seg", model, None, 0.05, WORST_QUICK, None)[:1]
+    res = run_cascade(model, stages, x, y, block=2)
+    assert 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["pixel_accuracy"] <= 1.0
+    assert len(res["score"]) == 3 and res["after"][1] <= res["after"][0]
+    cols = {"Vanilla": {"clean": {"n": 3, "single": 0.5, "single_ci": [0.4, 0.6],
+                                  "worst": 0.5, "worst_ci": [0.4, 0.6]}, "cascade":
+                        {**res, "score_ci": [0.0, 1.0]}}}
+    assert "dataset mIoU" in worstcase_markdown({"seg-seed0": cols})
+
+
+def test_merge_parts_joins_slices_per_image() -> None:
+    def part(scores: list[float], after_a: list[float], off: int) -> dict[str, Any]:
+        recs = [{"index": off + i, "score": s, "score_clean": 1.0, "score_a": a,
+                 "worst_stage": "a" if s == 0 else "clean"}
+                for i, (s, a) in enumerate(zip(scores, after_a))]
+        casc = {"stages": ["clean", "a"], "records": recs, "score": scores, "n": len(scores),
+                "seconds": 1.0, "after": [1.0, sum(after_a) / len(after_a)],
+                "broken": {"clean": scores.count(1.0), "a": scores.count(0.0)},
+                "score_ci": [0.0, 1.0]}
+        return {"clean": {"n": 9}, "cascade": casc, "offset": off, "seg": False}
+
+    cols = {"Eq": part([1.0, 0.0], [1.0, 0.0], 0), "Eq@2": part([0.0, 0.0], [0.0, 0.0], 2),
+            "Van": part([0.0], [0.0], 0)}
+    out = merge_parts(cols)
+    assert set(out) == {"Eq", "Van"}
+    c = out["Eq"]["cascade"]
+    assert c["n"] == 4 and c["score"] == [1.0, 0.0, 0.0, 0.0]
+    assert c["after"] == [1.0, 0.25] and c["broken"] == {"clean": 1, "a": 3}
+    assert [r["index"] for r in c["records"]] == [0, 1, 2, 3]
+    assert out["Eq"]["clean"] == {"n": 9}
+    assert cols["Eq"]["cascade"]["n"] == 2  # the inputs are left alone
