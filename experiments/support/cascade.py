@@ -10,13 +10,12 @@ not as the minimum of per-attack totals. The draws that score an image are seede
 from the attacks' own draws (``seed`` versus the attacks' seeds), so an attack cannot
 pick the iterate that fools the very noise it is scored with.
 
-:func:`wilson_interval` and :func:`bootstrap_interval` give 95 % intervals of an accuracy
+``equivision.robust.intervals`` (Wilson, bootstrap) gives 95 % intervals of an accuracy
 and of a mean per-image score.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,36 +27,10 @@ from equivision.metrics import IGNORE_INDEX, ConfusionMeter
 from equivision.robust.attacks import IterativeAttack, sweep_lambda
 from equivision.robust.ensemble import AutoAttackEnsemble
 
-__all__ = ["Stage", "bootstrap_interval", "clean_draws", "run_cascade", "sweep_stage",
-           "wilson_interval"]
+__all__ = ["Stage", "clean_draws", "run_cascade", "sweep_stage"]
 
 #: ``(name, attack)``: an attack maps ``(images (B, C, H, W), labels)`` to adversarial images
 Stage = tuple[str, Callable[[Tensor, Tensor], Tensor]]
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``successes / n`` (95 % at ``z = 1.96``)."""
-    if n <= 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def bootstrap_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (per-image scores)."""
-    v = torch.as_tensor(list(values), dtype=torch.float64)
-    if v.numel() == 0:
-        return (math.nan, math.nan)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v.numel(), (resamples, v.numel()), generator=gen)
-    means = v[idx].mean(1).sort().values
-    lo = int(math.floor((1 - level) / 2 * (resamples - 1)))
-    hi = int(math.ceil((1 + level) / 2 * (resamples - 1)))
-    return (float(means[lo]), float(means[hi]))
 
 
 def sweep_stage(defense: nn.Module, eps: float, lambdas: Sequence[float],

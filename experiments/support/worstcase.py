@@ -30,16 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from equivision.measure import write_atomic
+from equivision.robust.intervals import bootstrap_interval, wilson_interval
 from equivision.robust.registry import build_attack, build_defense, parse_attack
 
-from .cascade import (
-    Stage,
-    bootstrap_interval,
-    clean_draws,
-    run_cascade,
-    sweep_stage,
-    wilson_interval,
-)
+from .cascade import Stage, clean_draws, run_cascade, sweep_stage
 
 __all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "load_parts", "merge_parts",
            "worstcase", "worstcase_markdown"]
@@ -107,8 +101,9 @@ def _images(data: Any, n: int) -> tuple[Tensor, Tensor]:
 
 
 def _interval(scores: Sequence[float], seg: bool) -> list[float]:
-    if seg:
-        return list(bootstrap_interval(scores))
+    if seg:  # the mean of per-image scores, resampled over images
+        s = torch.as_tensor(list(scores), dtype=torch.float64)
+        return list(bootstrap_interval(len(s), lambda w: w @ s / len(s), samples=2000))
     return list(wilson_interval(int(round(sum(scores))), len(scores)))
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from support.cascade import bootstrap_interval, clean_draws, run_cascade, wilson_interval
+from support.cascade import clean_draws, run_cascade
 from support.view_augment import ViewAugment
 from support.worstcase import (
     WORST_QUICK,
+    _interval,
     build_stages,
     merge_parts,
     worstcase,
@@ -25,16 +26,11 @@ from equivision.models import create_model
 from equivision.robust.registry import build_defense
 
 
-def test_wilson_interval_known_values() -> None:
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
-    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] > 0.1
-
-
-def test_bootstrap_interval_covers_mean() -> None:
-    vals = [0.1, 0.5, 0.9, 0.3, 0.7] * 4
-    lo, hi = bootstrap_interval(vals)
+def test_segmentation_interval_is_the_library_bootstrap_of_the_mean() -> None:
+    lo, hi = _interval([0.1, 0.5, 0.9, 0.3, 0.7] * 4, seg=True)
     assert lo < 0.5 < hi and lo > 0.2 and hi < 0.8
+    lo, hi = _interval([1.0] * 5 + [0.0] * 5, seg=False)  # Wilson, 5 of 10
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
 
 
 def test_view_augment_shapes_and_range() -> None:
