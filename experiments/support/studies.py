@@ -182,22 +182,30 @@ def summarise(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = ("invaria
 #: random initialisation, their per-seed difference, and the channel-redundancy baseline.
 BASELINE_COLUMNS = ("invariance", "random-init invariance", "Δ invariance", "equivariance",
                     "random-init equivariance", "Δ equivariance", "redundancy",
-                    "random-init redundancy")
+                    "random-init redundancy", "equivariance - redundancy")
 
 
 def summarise_baselines(runs: Sequence[dict[str, Any]]
                         ) -> dict[str, dict[str, tuple[float | None, float | None]]]:
     """``{part: {column: (mean, std)}}`` over runs measured with ``random_init``, for
-    :data:`BASELINE_COLUMNS`; ``Δ`` is trained minus random init, per run, then
-    averaged (so its std is the seed spread of the learned change). Plus ``accuracy``.
+    :data:`BASELINE_COLUMNS`; ``Δ`` is trained minus random init and ``equivariance -
+    redundancy`` the trained equivariance above its own channel redundancy, both per run
+    and then averaged (so their std is the seed spread of the difference). Plus
+    ``accuracy``.
     """
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
     def column(r: dict[str, Any], part: str, col: str) -> float | None:
         trained, rand = r["parts"].get(part, {}), r["parts_random_init"].get(part, {})
-        metric = col.split(" ")[-1]
-        if col.startswith("Δ"):
-            a, b = trained.get(metric), rand.get(metric)
-            return None if a is None or b is None else a - b
-        return (rand if col.startswith("random-init") else trained).get(metric)
+        if col.startswith("Δ "):
+            return diff(trained.get(col[2:]), rand.get(col[2:]))
+        if " - " in col:
+            first, second = col.split(" - ")
+            return diff(trained.get(first), trained.get(second))
+        if col.startswith("random-init "):
+            return rand.get(col[len("random-init "):])
+        return trained.get(col)
 
     out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
     for part in PARTS:

@@ -68,6 +68,7 @@ def test_summarise_baselines_difference_per_run():
     assert math.isclose(m, 0.2) and math.isclose(sd, math.sqrt(0.02))
     assert math.isclose(s["Early"]["random-init equivariance"][0], 0.65)
     assert s["Early"]["redundancy"] == (0.7, 0.0)  # undefined values are skipped
+    assert s["Early"]["equivariance - redundancy"][0] == pytest.approx(0.2)  # run 1 only
     assert math.isclose(s["Early"]["random-init redundancy"][0], 0.55)
     assert "Pool" not in s and s["accuracy"]["accuracy"] == (0.5, 0.0)
 
