@@ -45,7 +45,7 @@ from equivision.measure import Report
 
 def seeds(args) -> list[int]:
     n = args.seeds if args.seeds else (2 if args.quick else 3)
-    start = getattr(args, "seed_start", 0)
+    start = getattr(args, "first_seed", 0)
     return list(range(start, start + n))
 
 
@@ -240,7 +240,7 @@ def main() -> None:
     p.add_argument("study", choices=["task", "augment", "width", "arch", "accuracy", "cosine"])
     p.add_argument("--quick", action="store_true", help="a few minutes instead of tens")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting")
-    p.add_argument("--seed-start", type=int, default=0,
+    p.add_argument("--first-seed", type=int, default=0,
                    help="first seed (to split one study's seeds over processes)")
     p.add_argument("--images", type=int, default=2000, help="test images measured")
     p.add_argument("--device", default="auto")

@@ -102,7 +102,7 @@ def test_task_specs_follow_data_and_sizes():
     quick = task_specs(argparse.Namespace(data="digits6", quick=True, seeds=None, epochs=None,
                                           train_images=None, test_images=None))
     assert len(quick["digits6 (upright)"]) == 2 and quick["digits6 (upright)"][0].epochs == 6
-    args.seed_start = 5
+    args.first_seed = 5
     assert [s.seed for s in task_specs(args)["rotation-invariant task"]] == [5, 6]
 
 
