@@ -3,8 +3,10 @@
 One sub-command per study; each trains (or reuses) its models under --root, measures
 them and writes JSON, a Markdown table and a plot under --out:
 
-    task     section 4.3 / figure 5: rotation in/equivariance for digits6, its rotation-
-             invariant and its rotation-equivariant variant (cnn7, 3 seeds)
+    task     section 4.3 / figure 5: rotation in/equivariance for an upright dataset
+             (--data: digits6, or fashion-mnist from IDX files), its rotation-invariant
+             and its rotation-equivariant variant (cnn7, 3 seeds), beside the same
+             network at random initialisation and the channel-redundancy baseline
     augment  section 4.4 / figure 6a: translation in/equivariance per augmentation
              (CIFAR-style ResNet, 3 seeds, diagonal shifts, valid region only)
     width    section 4.5 / figure 6b: translation in/equivariance against WRN width
@@ -21,14 +23,18 @@ Example: ``.venv/bin/python experiments/learned_equivariance.py task --quick``
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import torch
 from support.stats import pearson, spearman, spearman_by_part
 from support.studies import (
+    BASELINE_COLUMNS,
     RunSpec,
     markdown_table,
     plot_parts,
     summarise,
+    summarise_baselines,
     train_and_measure,
     write_results,
 )
@@ -38,7 +44,9 @@ from equivision.measure import Report
 
 
 def seeds(args) -> list[int]:
-    return list(range(args.seeds if args.seeds else (2 if args.quick else 3)))
+    n = args.seeds if args.seeds else (2 if args.quick else 3)
+    start = getattr(args, "first_seed", 0)
+    return list(range(start, start + n))
 
 
 def study_seeds(args) -> list[int]:
@@ -60,13 +68,44 @@ def study(args, name: str, groups: dict[str, list[RunSpec]], transforms: str, ti
     return runs
 
 
+def task_specs(args) -> dict[str, list[RunSpec]]:
+    """The task study's runs: cnn7 at 28 px on ``args.data`` upright, rotation-invariant
+    (``-rotinv``) and rotation-equivariant (``-roteq``), one per seed."""
+    ep = args.epochs or (6 if args.quick else 15)
+    n_train = args.train_images or (1000 if args.quick else None)
+    n_test = args.test_images or (500 if args.quick else None)
+    return {label: [RunSpec("cnn7", args.data + suffix, seed=s, size=28, epochs=ep,
+                            train_images=n_train, test_images=n_test) for s in seeds(args)]
+            for label, suffix in ((f"{args.data} (upright)", ""),
+                                  ("rotation-invariant task", "-rotinv"),
+                                  ("rotation-equivariant task", "-roteq"))}
+
+
+def merged_runs(paths: list[Path]) -> dict[str, list[dict]]:
+    """The runs of several ``task.json`` files (e.g. seeds split over processes), per
+    setting in the order first seen."""
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        for label, rs in json.loads(Path(path).read_text())["runs"].items():
+            runs.setdefault(label, []).extend(rs)
+    return runs
+
+
 def cmd_task(args) -> None:
-    ep = 6 if args.quick else 15
-    groups = {label: [RunSpec("cnn7", data, seed=s, size=28, epochs=ep) for s in seeds(args)]
-              for label, data in (("digits6 (upright)", "digits6"),
-                                  ("rotation-invariant task", "digits6-rotinv"),
-                                  ("rotation-equivariant task", "digits6-roteq"))}
-    study(args, "task", groups, "rot90", "rotation in/equivariance per part (cnn7, digits6)")
+    if args.merge:
+        runs = merged_runs(args.merge)
+    else:
+        runs = {label: [train_and_measure(s, args.root, "rot90", args.images, args.device,
+                                          random_init=True) for s in specs]
+                for label, specs in task_specs(args).items()}
+    summ = {label: summarise_baselines(rs) for label, rs in runs.items()}
+    table = markdown_table(summ, metrics=BASELINE_COLUMNS)
+    plot_parts(summ, args.out / "task.png", metrics=("equivariance", "random-init equivariance",
+                                                     "invariance", "redundancy"),
+               title=f"rotation in/equivariance per part (cnn7, {args.data})")
+    write_results(args.out, "task", {"transforms": "rot90", "runs": runs, "summary": summ},
+                  table)
+    print(table)
 
 
 def resnet_kwargs(args) -> dict:
@@ -201,12 +240,27 @@ def main() -> None:
     p.add_argument("study", choices=["task", "augment", "width", "arch", "accuracy", "cosine"])
     p.add_argument("--quick", action="store_true", help="a few minutes instead of tens")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first seed (to split one study's seeds over processes)")
     p.add_argument("--images", type=int, default=2000, help="test images measured")
     p.add_argument("--device", default="auto")
+    p.add_argument("--data", default="digits6",
+                   help="task: the upright dataset (digits6, fashion-mnist, ...)")
+    p.add_argument("--epochs", type=int, default=None, help="task: training epochs")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="task: a seeded subset of the training split (default: all)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="task: a seeded subset of the test split (default: all)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="task: summarise the runs of these task.json files instead of "
+                        "training (seeds split over processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--root", type=Path, default=Path("runs/le-models"), help="model runs")
     p.add_argument("--out", type=Path, default=None, help="results (default runs/le[-quick])")
     args = p.parse_args()
     args.out = args.out or Path("runs/le-quick" if args.quick else "runs/le")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     globals()[f"cmd_{args.study}"](args)
 
 

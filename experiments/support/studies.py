@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 from equivision.augment import build_augment
 from equivision.checkpoint import load_checkpoint
-from equivision.data import get_dataset
+from equivision.data import DATASETS, get_dataset
+from equivision.data.base import ImageDataset
+from equivision.data.rotated import RIGHT_ANGLES, RotatedDataset
 from equivision.io import save_png, write_atomic
 from equivision.measure import PARTS, Report, measure
 from equivision.models import create_model, model_defaults
@@ -45,11 +48,15 @@ class RunSpec:
     optimizer: str = "sgd"
     batch_size: int = 64
     weight_decay: float = 5e-4
+    train_images: int | None = None  # a seeded subset of the training split
+    test_images: int | None = None  # a seeded subset of the test split
 
     @property
     def name(self) -> str:
         kw = "-".join(f"{k}{v}" for k, v in sorted(self.model_kwargs.items()))
-        parts = [self.model, kw, self.data, f"s{self.size}" if self.size else "",
+        sub = "".join(f"{tag}{n}" for tag, n in (("n", self.train_images),
+                                                  ("t", self.test_images)) if n)
+        parts = [self.model, kw, self.data, sub, f"s{self.size}" if self.size else "",
                  self.augment.replace(",", "+").replace(":", "_"), f"e{self.epochs}",
                  f"seed{self.seed}"]
         return "_".join(p for p in parts if p)
@@ -61,8 +68,8 @@ def train_run(spec: RunSpec, root: Path, device: str = "auto", progress: bool = 
     Returns ``(model, test_set, test_accuracy)``; the model is in eval mode.
     """
     dev = resolve_device(device)
-    train_set = get_dataset(spec.data, split="train", size=spec.size, seed=0)
-    test_set = get_dataset(spec.data, split="test", size=spec.size, seed=0)
+    train_set = study_dataset(spec.data, "train", spec.size, spec.train_images)
+    test_set = study_dataset(spec.data, "test", spec.size, spec.test_images)
     kwargs = dict(spec.model_kwargs)
     kwargs.setdefault("num_classes", train_set.num_classes)
     kwargs.setdefault("in_channels", train_set.image_shape[0])
@@ -87,22 +94,61 @@ def train_run(spec: RunSpec, root: Path, device: str = "auto", progress: bool = 
     return model, test_set, acc
 
 
+#: Suffixes of a registered dataset's name that give its rotated-label variants (section
+#: 4.3): each image rotated by a random multiple of 90°, label kept (``-rotinv``) or
+#: ``label * 4 + rotation index`` (``-roteq``).
+ROTATED_VARIANTS = {"-rotinv": "keep", "-roteq": "equivariant"}
+
+
+def study_dataset(data: str, split: str, size: int | None = None,
+                  limit: int | None = None) -> ImageDataset:
+    """The dataset ``data`` (a registered name, or one plus a :data:`ROTATED_VARIANTS`
+    suffix such as ``"fashion-mnist-roteq"``), ``limit`` images of it drawn with a fixed
+    seed (0) before rotating; items ``(image (C, H, W), label)``.
+
+    Raises:
+        ValueError: ``limit`` below 1, or an unknown name (the registry's message).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"the image limit must be at least 1, got {limit}")
+    base_name, mode = data, None
+    for suffix, label_mode in ROTATED_VARIANTS.items():
+        if data.endswith(suffix) and data not in DATASETS and data[:-len(suffix)] in DATASETS:
+            base_name, mode = data[:-len(suffix)], label_mode
+    ds = get_dataset(base_name, split=split, size=size, seed=0)
+    if limit is not None and limit < len(ds):
+        g = torch.Generator().manual_seed(0)
+        ds = ds.subset(torch.randperm(len(ds), generator=g)[:limit].sort().values)
+    if mode is not None:
+        ds = RotatedDataset(ds, angles=RIGHT_ANGLES, seed=0, label_mode=mode).materialize()
+    ds.name = f"{data}/{split}"
+    return ds
+
+
 def train_and_measure(spec: RunSpec, root: Path, transforms: str, max_images: int = 2000,
                       device: str = "auto", progress: bool = False,
-                      margin: int = 0) -> dict[str, Any]:
+                      margin: int = 0, random_init: bool = False) -> dict[str, Any]:
     """Train (or reuse) ``spec``, measure it under ``transforms`` on its test split.
 
     Returns ``{"spec", "accuracy", "parts": {part: {metric: value}}, "report": path,
     "seconds"}``; the report is saved as ``root/spec.name/measure-<transforms>.json``.
+    With ``random_init`` the same architecture at random initialisation (seeded with
+    ``spec.seed``) is measured in the same pass and ``"parts_random_init"`` holds its
+    part means (the report file then ends in ``-ri.json``).
     """
     t0 = time.time()
     model, test_set, acc = train_run(spec, root, device, progress)
     rep = measure(model, test_set, transforms, max_images=max_images, progress=progress,
-                  model_name=spec.name, margin=margin)
-    path = root / spec.name / f"measure-{_slug(transforms)}.json"
+                  model_name=spec.name, margin=margin, random_init=random_init,
+                  init_seed=spec.seed)
+    tail = "-ri" if random_init else ""
+    path = root / spec.name / f"measure-{_slug(transforms)}{tail}.json"
     rep.save_json(path)
-    return {"spec": asdict(spec), "accuracy": acc, "parts": rep.part_summary(),
-            "report": str(path), "seconds": time.time() - t0}
+    out = {"spec": asdict(spec), "accuracy": acc, "parts": rep.part_summary(),
+           "report": str(path), "seconds": time.time() - t0}
+    if random_init:
+        out["parts_random_init"] = rep.part_summary(source="random_init")
+    return out
 
 
 def _slug(text: str) -> str:
@@ -128,6 +174,44 @@ def summarise(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = ("invaria
             continue
         out[part] = {m: mean_std([r["parts"].get(part, {}).get(m) for r in runs])
                      for m in metrics}
+    out["accuracy"] = {"accuracy": mean_std([r["accuracy"] for r in runs])}
+    return out
+
+
+#: Columns of :func:`summarise_baselines`: the trained values, the same architecture at
+#: random initialisation, their per-seed difference, and the channel-redundancy baseline.
+BASELINE_COLUMNS = ("invariance", "random-init invariance", "Δ invariance", "equivariance",
+                    "random-init equivariance", "Δ equivariance", "redundancy",
+                    "random-init redundancy", "equivariance - redundancy")
+
+
+def summarise_baselines(runs: Sequence[dict[str, Any]]
+                        ) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """``{part: {column: (mean, std)}}`` over runs measured with ``random_init``, for
+    :data:`BASELINE_COLUMNS`; ``Δ`` is trained minus random init and ``equivariance -
+    redundancy`` the trained equivariance above its own channel redundancy, both per run
+    and then averaged (so their std is the seed spread of the difference). Plus
+    ``accuracy``.
+    """
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    def column(r: dict[str, Any], part: str, col: str) -> float | None:
+        trained, rand = r["parts"].get(part, {}), r["parts_random_init"].get(part, {})
+        if col.startswith("Δ "):
+            return diff(trained.get(col[2:]), rand.get(col[2:]))
+        if " - " in col:
+            first, second = col.split(" - ")
+            return diff(trained.get(first), trained.get(second))
+        if col.startswith("random-init "):
+            return rand.get(col[len("random-init "):])
+        return trained.get(col)
+
+    out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    for part in PARTS:
+        if any(part in r["parts"] for r in runs):
+            out[part] = {c: mean_std([column(r, part, c) for r in runs])
+                         for c in BASELINE_COLUMNS}
     out["accuracy"] = {"accuracy": mean_std([r["accuracy"] for r in runs])}
     return out
 
@@ -190,5 +274,6 @@ def load_report(path: str | Path) -> Report:
     return Report.load_json(path)
 
 
-__all__ = ["RunSpec", "load_report", "markdown_table", "mean_std", "plot_parts", "summarise",
+__all__ = ["BASELINE_COLUMNS", "ROTATED_VARIANTS", "RunSpec", "load_report", "markdown_table",
+           "mean_std", "plot_parts", "study_dataset", "summarise", "summarise_baselines",
            "train_and_measure", "train_run", "write_results"]
