@@ -280,6 +280,15 @@ def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
             ("SER (all layers)", dict(ser={**ser, "layer": "all"}))]
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``"3,4,5"`` -> ``(3, 4, 5)`` (the ``--seeds`` argument)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes comma-separated integers such as 3,4,5, got {text!r}") from None
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,6 +308,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="methods of the arms study, e.g. mocov3,dino,barlow")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="seeds instead of the preset's, e.g. 3,4,5")
     p.add_argument("--size", type=int, default=None,
                    help="image size instead of the preset's (a multiple of its patch size)")
     args = p.parse_args(argv)
@@ -325,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     scale = tiny(PRESETS[args.preset]) if args.tiny else PRESETS[args.preset]
     if args.size is not None:
         scale = {**scale, "encoder": {**scale["encoder"], "image_size": args.size}}
+    if args.seeds is not None:
+        scale = {**scale, "seeds": args.seeds}
     entries = []
     with warnings.catch_warnings():
         if args.size is not None and args.size < 32:  # no patch-aligned scale at 16 px

@@ -52,3 +52,14 @@ def test_cpu_preset_is_the_three_arms_in_domain_with_three_seeds():
     assert cpu["data"] == "fashion-mnist" and len(cpu["seeds"]) == 3
     assert cpu["pretrain"]["batch_size"] * cpu["pretrain"]["ratio"] >= 1
     assert cpu["encoder"]["image_size"] % cpu["encoder"]["patch_size"] == 0
+
+
+def test_seeds_override_the_presets(tmp_path):
+    assert experiment.parse(["arms", "--preset", "cpu", "--seeds", "3,4,5"]).seeds == (3, 4, 5)
+    assert experiment.parse(["arms"]).seeds is None
+    with pytest.raises(SystemExit):
+        experiment.parse(["arms", "--seeds", "one"])
+    experiment.main(["arms", "--preset", "gpu", "--tiny", "--device", "cpu", "--data",
+                     "digits", "--out", str(tmp_path), "--quiet", "--seeds", "7"])
+    result = json.loads((tmp_path / "arms.json").read_text())
+    assert [r["seed"] for r in result["entries"][0]["runs"]] == [7]
