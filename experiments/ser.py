@@ -33,6 +33,11 @@ SER images per batch, as r = 0.01 of the paper's 4096), 100 epochs, bf16 autocas
 seeds; ``--tiny`` shrinks any preset to a few seconds on the CPU through the same code
 (tests run ``--preset gpu --tiny --device cpu``).
 
+``--preset cpu``: the arms of issue 15 at CPU scale: Fashion-MNIST in-domain at 16 px
+(4 px patches), a 48-wide 4-block encoder, 256 steps of batch 128 (r = 0.05, 6 SER images a
+batch), three seeds; about 2 min a run on one loaded core
+(``python experiments/ser.py arms --preset cpu --device cpu``).
+
 ``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
 numbers mean little; about 20 s of CPU per configuration). ``--size N`` overrides the image
 size of the preset. T_eq resizes whole images to patch-aligned canvases (token area 0.7-1.3
@@ -97,7 +102,16 @@ GPU = {
     "ratios": (0.0, 0.02, 0.04, 0.08), "severities": (1, 2, 3, 4, 5),
     "probe_steps": 1000, "probe_train": None, "probe_test": None,
 }
-PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU}
+CPU = {
+    # issue 15's three arms in-domain at CPU scale (~2-3 min a run on one loaded core):
+    # 16 px Fashion-MNIST, 4 px patches (5 T_eq canvases), 4 blocks, 3 seeds
+    "encoder": dict(image_size=16, patch_size=4, dim=48, depth=4, heads=3, cls_layer=2),
+    "data": "fashion-mnist", "patches_per_image": 24, "seeds": (0, 1, 2),
+    "pretrain": dict(epochs=4, batch_size=128, lr=1e-3, warmup_epochs=1, ratio=0.05),
+    "ratios": (0.0, 0.03, 0.06), "severities": (3,),
+    "probe_steps": 200, "pretrain_images": 8192, "probe_train": 4000, "probe_test": 2000,
+}
+PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU, "cpu": CPU}
 
 
 def tiny(scale: dict) -> dict:
@@ -136,7 +150,8 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
         seed_everything(seed)
         encoder = SSLViT(**enc_cfg)
         ser_cfg = None if ser is None else SERConfig(**{"tau": TAU[method], **ser})
-        kw = SMALL_HEADS[method] if args.quick or scale.get("tiny") else {}
+        kw = SMALL_HEADS[method] if args.preset in ("quick", "cpu") or scale.get("tiny") \
+            else {}
         m = build_method(method, encoder, ser_cfg, **kw)
         sampler = None
         if views is not None:
@@ -265,6 +280,15 @@ def study_runs(args, scale: dict) -> list[tuple[str, dict[str, Any]]]:
             ("SER (all layers)", dict(ser={**ser, "layer": "all"}))]
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``"3,4,5"`` -> ``(3, 4, 5)`` (the ``--seeds`` argument)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes comma-separated integers such as 3,4,5, got {text!r}") from None
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,6 +308,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="methods of the arms study, e.g. mocov3,dino,barlow")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="seeds instead of the preset's, e.g. 3,4,5")
     p.add_argument("--size", type=int, default=None,
                    help="image size instead of the preset's (a multiple of its patch size)")
     args = p.parse_args(argv)
@@ -303,12 +329,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    name = {"quick": "ser-quick", "full": "ser", "gpu": "ser-gpu"}[args.preset] + \
-        ("-tiny" if args.tiny else "") + (f"-{args.size}px" if args.size else "")
+    name = {"quick": "ser-quick", "full": "ser", "gpu": "ser-gpu",
+            "cpu": "ser-cpu"}[args.preset] + ("-tiny" if args.tiny else "") + \
+        (f"-{args.size}px" if args.size else "")
     args.out = args.out or Path("runs") / name
     scale = tiny(PRESETS[args.preset]) if args.tiny else PRESETS[args.preset]
     if args.size is not None:
         scale = {**scale, "encoder": {**scale["encoder"], "image_size": args.size}}
+    if args.seeds is not None:
+        scale = {**scale, "seeds": args.seeds}
     entries = []
     with warnings.catch_warnings():
         if args.size is not None and args.size < 32:  # no patch-aligned scale at 16 px

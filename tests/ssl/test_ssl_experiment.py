@@ -41,3 +41,25 @@ def test_gpu_preset_runs_tiny_on_the_cpu(tmp_path, capsys):
     assert ckpt["config"]["local_crops"] == 2 and ckpt["config"]["device"] == "cpu"
     table = (tmp_path / "arms.md").read_text()
     assert "20-NN top1 (raw pixels)" in table and "linear top1 (random init)" in table
+
+
+def test_cpu_preset_is_the_three_arms_in_domain_with_three_seeds():
+    """``--preset cpu``: issue 15's arms on Fashion-MNIST at CPU scale, three seeds, the
+    small projection heads, and at least one SER image per batch."""
+    args = experiment.parse(["arms", "--preset", "cpu"])
+    assert args.preset == "cpu" and not args.quick
+    cpu = experiment.PRESETS["cpu"]
+    assert cpu["data"] == "fashion-mnist" and len(cpu["seeds"]) == 3
+    assert cpu["pretrain"]["batch_size"] * cpu["pretrain"]["ratio"] >= 1
+    assert cpu["encoder"]["image_size"] % cpu["encoder"]["patch_size"] == 0
+
+
+def test_seeds_override_the_presets(tmp_path):
+    assert experiment.parse(["arms", "--preset", "cpu", "--seeds", "3,4,5"]).seeds == (3, 4, 5)
+    assert experiment.parse(["arms"]).seeds is None
+    with pytest.raises(SystemExit):
+        experiment.parse(["arms", "--seeds", "one"])
+    experiment.main(["arms", "--preset", "gpu", "--tiny", "--device", "cpu", "--data",
+                     "digits", "--out", str(tmp_path), "--quiet", "--seeds", "7"])
+    result = json.loads((tmp_path / "arms.json").read_text())
+    assert [r["seed"] for r in result["entries"][0]["runs"]] == [7]
