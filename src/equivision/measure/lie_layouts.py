@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..transforms.layout import Layout, TokenGrid, infer_layout
+from ..transforms.layout import Layout, TokenGrid, infer_layout, infer_token_grid
 from .capture import Captured, MeasureError, Trace, to_measurable, unknown_layout
 
 __all__ = ["LayerLayouts", "edge_mask", "guess_grid"]
@@ -20,21 +20,10 @@ __all__ = ["LayerLayouts", "edge_mask", "guess_grid"]
 
 def guess_grid(n: int, image_hw: Sequence[int], token_grid: Any = None) -> TokenGrid | None:
     """The ``(h, w, prefix)`` grid of ``n`` tokens: ``token_grid`` when it fits, else the
-    smallest prefix (0-8) leaving a grid of the image's aspect ratio whose cells are
-    whole pixels; None if none fits."""
-    if token_grid is not None:
-        h, w = int(token_grid[0]), int(token_grid[1])
-        p = int(token_grid[2]) if len(token_grid) == 3 else 0
-        if n - p == h * w:
-            return (h, w, p)
-    H, W = int(image_hw[0]), int(image_hw[1])
-    for p in range(0, min(9, n)):
-        for h in range(1, H + 1):
-            if H % h == 0 and (n - p) % h == 0:
-                w = (n - p) // h
-                if W % max(w, 1) == 0 and H // h == W // max(w, 1):
-                    return (h, w, p)
-    return None
+    one :func:`~equivision.transforms.layout.infer_token_grid` infers from the image;
+    None if none fits."""
+    given = infer_token_grid(n, image_hw, tuple(token_grid)) if token_grid is not None else None
+    return given or infer_token_grid(n, image_hw)
 
 
 @dataclass

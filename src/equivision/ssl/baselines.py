@@ -14,10 +14,10 @@ run_probes` (``baselines=True``) runs the same probes on both.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
+
+from ..measure.baselines import random_init_copy
 
 __all__ = ["pixel_features", "random_init_like"]
 
@@ -34,7 +34,7 @@ def random_init_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
 
     Encoders with a ``config()`` method (:class:`~equivision.ssl.vit.SSLViT`) are rebuilt
     with ``type(encoder)(**encoder.config())``, so their own initialisation runs; other
-    modules are deep-copied and every submodule's ``reset_parameters`` is called. The
+    modules go through :func:`equivision.measure.random_init_copy`. The
     global RNG is left as it was (the weights come from ``seed``).
     """
     device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
@@ -44,9 +44,5 @@ def random_init_like(encoder: nn.Module, seed: int = 0) -> nn.Module:
         if callable(config):
             twin = type(encoder)(**config())
         else:
-            twin = copy.deepcopy(encoder)
-            for module in twin.modules():
-                reset = getattr(module, "reset_parameters", None)
-                if callable(reset):
-                    reset()
+            twin, _ = random_init_copy(encoder, seed)
     return twin.to(device).eval()
