@@ -185,16 +185,16 @@ def per_image_score(output: Tensor, labels: Tensor, ignore_index: int = IGNORE_I
 
     Untargeted: classification correctness (1 or 0) or segmentation per-image mIoU (an image
     without valid pixels scores 1: nothing to attack). Targeted (``labels`` = targets):
-    1 - (fraction of valid pixels / images predicted as the target).
+    classification 0 where the prediction is the target, else 1; segmentation
+    1 - (fraction of the image's valid pixels predicted as their target).
     """
     pred = output.argmax(1)
+    if not is_segmentation(output):
+        return (pred != labels).double() if targeted else (pred == labels).double()
     if targeted:
-        valid = labels != ignore_index if is_segmentation(output) else torch.ones_like(
-            labels, dtype=torch.bool)
+        valid = labels != ignore_index
         hit = ((pred == labels) & valid).flatten(1).sum(1).double()
         return 1.0 - hit / valid.flatten(1).sum(1).clamp_min(1).double()
-    if not is_segmentation(output):
-        return (pred == labels).double()
     return per_image_miou(pred, labels, output.shape[1], ignore_index).nan_to_num(1.0)
 
 

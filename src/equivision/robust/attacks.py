@@ -187,14 +187,6 @@ def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
             m.training = mode
 
 
-def _score(output: Tensor, labels: Tensor, ignore_index: int, targeted: bool) -> Tensor:
-    """:func:`~equivision.metrics.per_image_score` ``(B,)``; a targeted classifier's score
-    is 0 where the prediction is the target, else 1."""
-    if targeted and output.dim() == 2:
-        return (output.argmax(1) != labels).double()
-    return per_image_score(output, labels, ignore_index, targeted)
-
-
 def _derived_seed(*parts: Any) -> int:
     key = "\x1f".join(map(str, parts)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
@@ -380,7 +372,7 @@ class IterativeAttack:
         self._check_output(out, labels)
         obj = attack_objective(out, labels, self.loss, self.targeted, self.kappa,
                                self.ignore_index)
-        return _score(out, labels, self.ignore_index, self.targeted), obj.double()
+        return per_image_score(out, labels, self.ignore_index, self.targeted), obj.double()
 
     # ------------------------------------------------------------------ pieces
 
@@ -444,7 +436,7 @@ class IterativeAttack:
         """Per image the better of ``best = (images, score, objective)`` and the iterate
         ``x`` with its output and objective: lower score, ties the higher objective (ties
         of both keep the later iterate)."""
-        score = _score(out, labels, self.ignore_index, self.targeted)
+        score = per_image_score(out, labels, self.ignore_index, self.targeted)
         obj = obj.double()
         if best is None:
             return x.clone(), score, obj
