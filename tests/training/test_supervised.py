@@ -336,3 +336,39 @@ def test_dense_labels_reject_mask_blind_augment_and_bad_outputs():
         train(pixel_net(), bad, config=quiet(epochs=1), progress=False)
     with pytest.raises(ValueError, match="ignore_index"):
         TrainConfig(ignore_index=1.5)
+
+
+class StepWatcher:
+    """A step callback that draws random numbers and records what it saw."""
+
+    def __init__(self):
+        self.steps, self.weights, self.training = [], [], []
+
+    def on_step_end(self, step, model):
+        torch.rand(5)  # must not change the training stream
+        self.steps.append(step)
+        self.weights.append(float(model.fc.weight.detach().sum()))
+        self.training.append(model.training)
+
+
+def test_step_hooks_fire_after_every_supervised_step(tmp_path):
+    """Issue 15: supervised training reports its steps, as SSL pretraining does."""
+    cfg = quiet(epochs=3)  # 40 images, batch 8: 5 steps per epoch
+    seed_everything(0)
+    plain = train(small(), Pairs(40), config=cfg, progress=False)
+    seed_everything(0)
+    watcher = StepWatcher()
+    watched = train(small(), Pairs(40), config=cfg, callbacks=[watcher], progress=False)
+    assert watcher.steps == list(range(1, 16))
+    assert len(set(watcher.weights)) == 15 and all(watcher.training)  # after each update
+    assert {k: v for k, v in plain.items() if k != "time"} == {
+        k: v for k, v in watched.items() if k != "time"}
+    # a resumed run goes on counting from where the checkpoint stopped
+    first, rest = StepWatcher(), StepWatcher()
+    seed_everything(0)
+    with pytest.raises(KeyboardInterrupt):
+        train(small(), Pairs(40), config=cfg, out_dir=tmp_path, progress=False,
+              callbacks=[first, Crash(after=1)])
+    train(small(), Pairs(40), config=cfg, out_dir=tmp_path, resume=True, progress=False,
+          callbacks=[rest])
+    assert first.steps == list(range(1, 6)) and rest.steps == list(range(6, 16))

@@ -301,6 +301,7 @@ class SupervisedTask(TrainingTask):
                    disable=not self.progress)
         for step, batch in enumerate(bar):
             self._step(batch, meter)
+            self.end_step((epoch - 1) * self.steps_per_epoch + step + 1)  # step hooks
             if self.progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{meter.loss:.4f}")
         if not math.isfinite(meter.loss):
@@ -373,8 +374,10 @@ def train(
             overwritten: ``FileExistsError`` is raised instead.
         callbacks: objects with an optional method ``on_epoch_end(epoch, model, history)``,
             called after each epoch's checkpoint is written (``epoch`` counts from 1;
-            ``history`` is a copy). They run with the RNG states preserved, so they do not
-            change the training's random stream.
+            ``history`` is a copy), and ``on_step_end(step, model)``, called after every
+            optimiser step (``step`` counts from 1 over the whole run, resumes included;
+            e.g. :class:`equivision.ssl.probe.KNNMonitor` with ``every_steps``). They run with
+            the RNG states preserved, so they do not change the training's random stream.
         augment: optional function applied to every training batch (N, C, H, W) on the device,
             e.g. random flips; it must keep its randomness on torch's (or Python's / NumPy's
             global) RNGs so that resuming is exact. Not applied to validation. If it has an
