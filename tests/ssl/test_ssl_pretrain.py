@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 import warnings
 
 import pytest
@@ -265,3 +266,45 @@ def test_two_gloo_processes_stay_in_sync_and_only_rank0_writes(tmp_path):
             torch.testing.assert_close(multi[k], v, rtol=1e-4, atol=1e-5)
     start = _MeanMethod().state_dict()["backbone.pos_embed"]
     assert not torch.equal(single["backbone.pos_embed"], start)  # it did train
+
+
+def _tiny_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        warnings.filterwarnings("ignore")
+        states = {}
+        for name in ("mocov3", "dino"):  # DINO all-reduces its centre's sum and count
+            method = make(name=name)
+            # 3 images in batches of 2: one image per process, the third dropped
+            pretrain(method, images(3), config(epochs=1, batch_size=2, warmup_epochs=0,
+                                               ratio=1.0), progress=False)
+            states[name] = {k: v.clone() for k, v in method.state_dict().items()}
+        try:  # fewer images than processes: every process refuses, none waits
+            pretrain(make(), images(1), config(batch_size=2), progress=False)
+        except PretrainError as e:
+            states["error"] = str(e)
+        torch.save(states, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_one_image_per_process_and_fewer_images_than_processes(tmp_path):
+    """Every process gets batch_size / world >= 1 images per step (batch_size divisible
+    by the world size, whole batches only), so the collectives always match."""
+    out = str(tmp_path / "run")
+    ctx = mp.spawn(_tiny_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out),
+                   nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2 processes did not finish in 120 s (a collective hung)")
+    s0, s1 = (torch.load(f"{out}.{r}", weights_only=True) for r in range(2))
+    for name in ("mocov3", "dino"):
+        for k in s0[name]:
+            assert torch.equal(s0[name][k], s1[name][k]), (name, k)
+    assert "fewer than one batch" in s0["error"] and s0["error"] == s1["error"]

@@ -103,6 +103,7 @@ from tqdm.auto import tqdm
 
 from ..io import write_atomic, write_csv
 from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score
+from ..training.distributed import gather_objects
 from ..transforms import Transform
 from ..utils import model_device, resolve_device
 from .attacks import _derived_seed, sweep_lambda
@@ -486,6 +487,8 @@ def evaluate_robustness(
     setup = _setup(model, dataset, attacks, defense, cfg)
     rows = {name: _Row(setup.device) for name in setup.names}
     attack_repr = _run_blocks(setup, cfg, rows)
+    if setup.world > 1:  # a process without blocks built no attack: take the others'
+        attack_repr = {k: v for part in gather_objects(attack_repr) for k, v in part.items()}
     _all_reduce(setup, rows)
     results = _row_results(setup, rows, attack_repr, cfg.seed)
     worst = _worst_case(setup, cfg.seed) if len(setup.names) > 1 else None
