@@ -241,7 +241,8 @@ class IterativeAttack:
             path, ties broken by the higher objective (the first success that stays the
             strongest). The scores of iterates ``0..steps-1`` come from the forward pass of
             their gradient (EOT draw 0, objective averaged over the draws); the last
-            iterate costs one more forward pass.
+            iterate costs one more forward pass, on the images not yet at the lowest
+            score only (an image fooled earlier keeps that iterate).
 
     Raises:
         ValueError: bad settings; at call time images outside [0, 1], labels that do not
@@ -421,6 +422,11 @@ class IterativeAttack:
                ) -> tuple[Tensor, Tensor]:
         """``(output, objective (B,))`` at ``x`` along the attack's path (draw 0; the
         objective with the adaptive term), detached."""
+        if self.defense is None:  # no graph: the activations are freed as they go
+            with torch.no_grad():
+                out = self.model(x.detach())
+            return out, attack_objective(out, labels, self.loss, self.targeted, self.kappa,
+                                         self.ignore_index)
         with torch.enable_grad():  # a purifier takes gradients of its own
             xr = x.detach().requires_grad_(self.through == "full")
             out = self._forward(xr, (restart, step, 0)).detach()
@@ -435,15 +441,34 @@ class IterativeAttack:
                    obj: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per image the better of ``best = (images, score, objective)`` and the iterate
         ``x`` with its output and objective: lower score, ties the higher objective (ties
-        of both keep the later iterate)."""
+        of both keep the later iterate). ``best``'s images are updated in place."""
         score = per_image_score(out, labels, self.ignore_index, self.targeted)
         obj = obj.double()
         if best is None:
-            return x.clone(), score, obj
+            return x.detach().clone(), score, obj
         better = (score < best[1]) | ((score == best[1]) & (obj >= best[2]))
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return (torch.where(better.view(shape), x, best[0]), torch.where(better, score, best[1]),
-                torch.where(better, obj, best[2]))
+        images = torch.where(better.view(shape), x.detach(), best[0], out=best[0])
+        return images, torch.where(better, score, best[1]), torch.where(better, obj, best[2])
+
+    def _best_with_last(self, best: tuple[Tensor, Tensor, Tensor], x: Tensor, labels: Tensor,
+                        restart: int) -> Tensor:
+        """The best iterate ``(B, C, H, W)`` once the last iterate ``x`` is scored. Images
+        already at the lowest score (0: fooled, or no pixel left right) keep their best
+        iterate unscored against the last one, so the last forward pass runs only on the
+        others: on none when every image is fooled. (Only an undefended model in eval mode
+        runs on a subset; a defense's draws are per batch, so it scores the whole batch.)"""
+        open_ = best[1] > 0
+        if not bool(open_.any()):
+            return best[0]
+        if bool(open_.all()) or self.defense is not None or not self.eval_mode:
+            out, obj = self._value(x, labels, restart, self.steps)
+            return self._keep_best(best, x, out, obj, labels)[0]
+        idx = open_.nonzero().squeeze(1)
+        out, obj = self._value(x[idx], labels[idx], restart, self.steps)
+        sub = self._keep_best((best[0][idx], best[1][idx], best[2][idx]), x[idx], out, obj,
+                              labels[idx])
+        return best[0].index_copy_(0, idx, sub[0])
 
     def _start(self, x0: Tensor, gen: torch.Generator) -> Tensor:
         if not self.random_start:
@@ -511,10 +536,9 @@ class IterativeAttack:
                 grad = momentum
             # the iterate is fresh (the start or a step's result): step it in place
             x = self._step(x, x0, grad, inplace=momentum is None)
-        if not self.best_iterate:
+        if best is None:
             return x.detach()
-        out, obj = self._value(x, labels, restart, self.steps)
-        return self._keep_best(best, x, out, obj, labels)[0].detach()
+        return self._best_with_last(best, x, labels, restart)
 
     @torch.enable_grad()
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
