@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -296,15 +297,19 @@ def masked_pairwise_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | 
     ``masks`` their ``(h, w)`` valid masks (None: all valid). Returns ``(B, P)``,
     differentiable; squared norms clamped at 1e-16 as in ``pairwise_cosines``.
 
-    All pairs at once (no loop over pairs): with ``m_i`` the views' masks and
-    ``s_i(p) = sum_c f_i(c, p)^2``, the dot products are those of the masked views
-    ``f_i m_i`` (one batched Gram matrix) and the squared norm of view ``i`` over the
-    positions of pair ``(i, j)`` is ``sum_p s_i(p) m_i(p) m_j(p)``.
+    ``"identity"``: the unmasked pairs in one batched product, each masked pair (a
+    rotation's) on its own (:func:`_identity_cosines`; norms clamped at 1e-8). ``"pairs"``:
+    all pairs at once: with ``m_i`` the views' masks and ``s_i(p) = sum_c f_i(c, p)^2``,
+    the dot products are those of the masked views ``f_i m_i`` (one batched Gram matrix)
+    and the squared norm of view ``i`` over the positions of pair ``(i, j)`` is
+    ``sum_p s_i(p) m_i(p) m_j(p)``.
     """
     if all(m is None for m in masks):
         return pairwise_cosines(aligned, pairing)
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "identity":
+        return _identity_cosines(aligned, masks)
     v = len(aligned)
     b, hw = aligned[0].shape[0], tuple(aligned[0].shape[-2:])
     feats = torch.stack(list(aligned), dim=1).reshape(b, v, -1, hw[0] * hw[1])  # (B,V,C,P)
@@ -312,17 +317,95 @@ def masked_pairwise_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | 
     m = torch.stack([ones if k is None else k for k in masks]).flatten(1).to(feats.dtype)
     fm = feats * m[None, :, None]  # masked views (B, V, C, P)
     sq = (feats * feats).sum(2) * m  # s_i m_i (B, V, P)
-    if pairing == "identity":
-        dots = (fm[:, 1:] * fm[:, :1]).sum((2, 3))  # (B, K)
-        n_k = sq[:, 1:] @ m[0]  # |f_k| over m_0 m_k: (B, K)
-        n_0 = sq[:, 0] @ m[1:].T  # |f_0| over m_0 m_k: (B, K)
-        return dots / (n_k.clamp_min(1e-16).sqrt() * n_0.clamp_min(1e-16).sqrt())
     flat = fm.flatten(2)  # (B, V, C P)
     gram = torch.bmm(flat, flat.transpose(1, 2))  # (B, V, V)
     norms = sq @ m.T  # norms[b, i, j] = |f_i|^2 over m_i m_j
     i, j = (list(k) for k in zip(*itertools.combinations(range(v), 2)))
     return gram[:, i, j] / (norms[:, i, j].clamp_min(1e-16).sqrt()
                             * norms[:, j, i].clamp_min(1e-16).sqrt())
+
+
+#: smallest norm in a cosine's denominator (as :func:`~equivision.measure.compare.pairwise_cosines`)
+_NORM_EPS = 1e-8
+
+
+class _RefCosines(torch.autograd.Function):
+    """``cos(v_k, ref)`` per image over the positions valid in both, ``(B, K)``.
+
+    Inputs: ``weights (K, P)`` (1 at the positions valid in both views of pair ``k``,
+    else 0), ``rows`` (the pairs ``k`` with a 0 in ``weights``), the reference ``ref``
+    and the views ``v_k``, each ``(B, C, P)``. Norms clamped at :data:`_NORM_EPS`.
+
+    Autograd through the generic ops takes several passes over the views in the
+    backward (outer products, norm gradients, a copy per view); here the views'
+    gradient is two passes, ``w (g / (|v| |r|) r - g cos / |v|^2 v)``, the reference's
+    one product with the masked views, and only the masked rows are multiplied by their
+    masks. With ``create_graph`` the backward recomputes the forward's parts from the
+    inputs, so that second derivatives are right."""
+
+    @staticmethod
+    def parts(weights: Tensor, rows: list[int], ref: Tensor, views: Sequence[Tensor]
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(masked views (B, K, C, P), |v_k| (B, K), |r| per pair (B, K), cos (B, K))``."""
+        b, k = ref.shape[0], len(views)
+        masked = torch.stack(list(views), dim=1)  # (B, K, C, P), a fresh copy
+        for row in rows:
+            masked[:, row].mul_(weights[row])
+        flat = masked.reshape(b, k, -1)
+        dots = torch.bmm(flat, ref.reshape(b, -1, 1)).squeeze(2)  # (B, K)
+        n_v = torch.linalg.vector_norm(flat, dim=2)
+        n_r = ((ref * ref).sum(1) @ weights.T).sqrt()  # |r| over each pair's positions
+        return masked, n_v, n_r, dots / (n_v.clamp_min(_NORM_EPS) * n_r.clamp_min(_NORM_EPS))
+
+    @staticmethod
+    def forward(ctx: Any, weights: Tensor, rows: list[int], ref: Tensor,  # noqa: D102
+                *views: Tensor) -> Tensor:
+        masked, n_v, n_r, cos = _RefCosines.parts(weights, rows, ref, views)
+        ctx.rows = rows
+        ctx.save_for_backward(weights, ref, masked, cos, n_v, n_r, *views)
+        return cos
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        weights, ref, masked, cos, n_v, n_r, *views = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the parts again, as functions of the inputs
+            masked, n_v, n_r, cos = _RefCosines.parts(weights, ctx.rows, ref, views)
+        b, k = masked.shape[:2]
+        nv, nr = n_v.clamp_min(_NORM_EPS), n_r.clamp_min(_NORM_EPS)
+        s_cross = grad / (nv * nr)  # (B, K): r in the view's gradient, v_k in the ref's
+        # clamped norms pass no gradient (as clamp_min's backward)
+        zero = torch.zeros_like(nv)
+        s_self = torch.where(n_v >= _NORM_EPS, grad * cos / (nv * nv), zero)
+        s_ref = torch.where(n_r >= _NORM_EPS, grad * cos / (nr * nr), zero)
+        g_views: tuple[Tensor | None, ...] = (None,) * k
+        if any(ctx.needs_input_grad[3:]):
+            g = torch.mul(masked, -s_self[:, :, None, None])
+            g = g.addcmul(ref[:, None], s_cross[:, :, None, None])
+            if ctx.rows:
+                keep = torch.ones_like(weights)
+                keep[ctx.rows] = weights[ctx.rows]
+                g = g * keep[None, :, None]
+            g_views = g.unbind(1)
+        g_ref = None
+        if ctx.needs_input_grad[2]:
+            g_ref = torch.bmm(s_cross[:, None], masked.reshape(b, k, -1)).reshape(ref.shape)
+            g_ref = g_ref - ref * (s_ref @ weights)[:, None]
+        return (None, None, g_ref, *g_views)
+
+
+def _identity_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | None]) -> Tensor:
+    """``cos(v_k, v_0)`` over the positions valid in both, ``(B, K)``, in one
+    :class:`_RefCosines` (maps ``(B, ..., h, w)``)."""
+    ref = aligned[0]
+    b, hw = ref.shape[0], tuple(ref.shape[-2:])
+    ones = torch.ones(hw, dtype=torch.bool, device=ref.device)
+    m0 = ones if masks[0] is None else masks[0]
+    both = [m0 if m is None else m0 & m for m in masks[1:]]
+    rows = [i for i, m in enumerate(both) if m is not ones]
+    weights = torch.stack(both).flatten(1).to(ref.dtype)
+    p = hw[0] * hw[1]
+    return _RefCosines.apply(weights, rows, ref.reshape(b, -1, p),
+                             *(a.reshape(b, -1, p) for a in aligned[1:]))
 
 
 def view_cosines(
