@@ -153,6 +153,9 @@ class PairStats:
         """
         ids = self._group_ids(a.shape[0], groups, a.device)
         with threads_for(a.device):
+            if a is b:  # a map with itself (the redundancy baseline): a third of the work
+                ra = per_image(a, mask)
+                return self._update_all(ra, ra, ids)
             return self._update_all(per_image(a, mask), per_image(b, mask), ids)
 
     def _group_ids(self, bsz: int, groups: Tensor | None, device: torch.device) -> Tensor:
@@ -183,7 +186,8 @@ class PairStats:
         # chunks of images small enough to stay in cache through the passes below
         step = min(bsz, max(1, CHUNK_ELEMENTS // max(1, c * m)))
         buf = workspace(step, c, m, ra.device)
-        return all(self._update(ra[i : i + step], rb[i : i + step], buf, ids[i : i + step])
+        update = self._update_same if ra is rb else self._update
+        return all(update(ra[i : i + step], rb[i : i + step], buf, ids[i : i + step])
                    for i in range(0, bsz, step))
 
     def _update(self, ra: Tensor, rb: Tensor, buf: Tensor, ids: Tensor) -> bool:
@@ -205,6 +209,23 @@ class PairStats:
         if not bool(torch.isfinite(sq).all()):
             return False
         self._add(gram.double(), sq.double().square(), sums.double(), m, ids)
+        return True
+
+    def _update_same(self, ra: Tensor, rb: Tensor, buf: Tensor, ids: Tensor) -> bool:
+        """:meth:`_update` when ``a`` is ``b`` (``rb`` is not read): one subtraction, norm,
+        sum and ``bmm`` on slot 0 of ``buf``; ``b``'s sums are ``a``'s and ``a - b`` is 0."""
+        bsz = ra.shape[0]
+        work = buf[:bsz, 0]
+        shift = self._shift[0][(...,) + (None,) * (ra.dim() - 2)]  # (C, 1[, 1])
+        torch.sub(ra, shift, out=work.view(ra.shape))
+        sq = torch.linalg.vector_norm(work, dim=-1)  # (B, C)
+        if not bool(torch.isfinite(sq).all()):
+            return False
+        gram = torch.bmm(work, work.transpose(1, 2))  # (B, C, C) shifted
+        total = work.sum(-1)  # (B, C)
+        zero = torch.zeros_like(sq)
+        self._add(gram.double(), torch.stack((sq, sq, zero), 1).double().square(),
+                  torch.stack((total, total, zero), 1).double(), work.shape[-1], ids)
         return True
 
     def _add(self, gram: Tensor, sq: Tensor, sums: Tensor, m: int, ids: Tensor) -> None:
