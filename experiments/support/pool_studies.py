@@ -44,6 +44,9 @@ TRANSFORM_SETS: dict[str, Callable[[str], bool]] = {
 STUDY_COLUMNS = BASELINE_COLUMNS + ("equivariance CI width",
                                     "random-init equivariance CI width")
 
+#: Differences below this are float round-off (e.g. exact layers, trained and random).
+ROUND_OFF = 1e-9
+
 #: Columns that are differences (marked † where the seeds show them).
 DIFF_COLUMNS = ("Δ invariance", "Δ equivariance", "equivariance - redundancy")
 
@@ -99,8 +102,8 @@ def seeds_show(values: Sequence[float | None]) -> bool:
     if len(xs) < 2:
         return False
     m, sd = mean_std(xs)
-    if not sd:
-        return m != 0
+    if sd < ROUND_OFF:  # identical seeds: shown when not zero up to round-off
+        return abs(m) > ROUND_OFF
     half = sps.t.ppf(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
     return abs(m) > half
 
@@ -126,6 +129,35 @@ def study_table(runs: dict[str, list[dict[str, Any]]], columns: Sequence[str] = 
     return "\n".join(rows), summ
 
 
+#: The columns of :func:`compact_table`: shown name -> column of :data:`STUDY_COLUMNS`.
+COMPACT_COLUMNS = {"eq": "equivariance", "random-init eq": "random-init equivariance",
+                   "Δ eq": "Δ equivariance", "inv": "invariance", "Δ inv": "Δ invariance",
+                   "eq − redundancy": "equivariance - redundancy",
+                   "CI width": "equivariance CI width"}
+
+
+def compact_table(runs: dict[str, list[dict[str, Any]]], parts: Sequence[str] = PARTS
+                  ) -> str:
+    """A narrower table for the docs: :data:`COMPACT_COLUMNS` for ``parts``, the setting
+    with its accuracy (mean ± std) and seed count, † as in :func:`study_table`."""
+    rows = ["| setting (accuracy, seeds) | part | " + " | ".join(COMPACT_COLUMNS) + " |",
+            "|" + "---|" * (2 + len(COMPACT_COLUMNS))]
+    for label, rs in runs.items():
+        summ = summarise_baselines(rs, STUDY_COLUMNS)
+        acc = _pm(summ["accuracy"]["accuracy"])
+        for part in (p for p in parts if p in summ):
+            cells = []
+            for col in COMPACT_COLUMNS.values():
+                m, sd = summ[part][col]
+                cell = "-" if m is None else (f"{m:.3f}" if col.endswith("CI width")
+                                              else f"{m:.3f} ± {sd:.3f}")
+                if col in DIFF_COLUMNS and seeds_show(_column_values(rs, part, col)):
+                    cell += " †"
+                cells.append(cell)
+            rows.append(f"| {label} ({acc}, {len(rs)}) | {part} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
 def _column_values(runs: Sequence[dict[str, Any]], part: str, col: str) -> list[float | None]:
     """Per-run values of a difference column (as :func:`summarise_baselines` takes them)."""
     out = []
@@ -146,14 +178,16 @@ def _pm(v: tuple[float | None, float | None]) -> str:
 
 def write_study(out: Path, name: str, runs: dict[str, list[dict[str, Any]]], tset: str,
                 title: str) -> str:
-    """``out/<name>-<tset>.{json,md,png}``; returns the table."""
+    """``out/<name>-<tset>.{json,md,png}`` and ``-compact.md``; returns the compact table."""
     table, summ = study_table(runs)
     stem = f"{name}-{tset}"
     plot_parts(summ, out / f"{stem}.png", metrics=("equivariance", "random-init equivariance",
                                                     "invariance", "redundancy"),
                title=f"{title}, {tset}")
     write_results(out, stem, {"transform_set": tset, "runs": runs, "summary": summ}, table)
-    return table
+    compact = compact_table(runs)
+    (out / f"{stem}-compact.md").write_text(compact + "\n")
+    return compact
 
 
 def spearman_rows(records: Sequence[dict], reports: Sequence[Report], subset: str,
@@ -226,6 +260,6 @@ def _numbers(rep: Report, t: str, layer: str, source: str) -> dict[str, float | 
     return r.random_init if source == "random_init" else r.metrics
 
 
-__all__ = ["DIFF_COLUMNS", "STUDY_COLUMNS", "TRANSFORM_SETS", "ci_widths", "cosine_rows",
-           "group_runs", "run_parts", "seeds_show", "spearman_rows", "study_table",
-           "transforms_of", "write_study"]
+__all__ = ["COMPACT_COLUMNS", "DIFF_COLUMNS", "ROUND_OFF", "STUDY_COLUMNS", "TRANSFORM_SETS",
+           "ci_widths", "compact_table", "cosine_rows", "group_runs", "run_parts",
+           "seeds_show", "spearman_rows", "study_table", "transforms_of", "write_study"]

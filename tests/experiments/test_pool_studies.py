@@ -94,7 +94,10 @@ def test_study_tables_put_baselines_and_intervals_beside_each_part(tiny_pool):
     width = early["equivariance CI width"][0]
     assert width is not None and 0 <= width <= 2
     assert early["random-init equivariance CI width"][0] is not None
-    write_study(tmp / "out", "toy", runs, "rotation", "toy")
+    compact = write_study(tmp / "out", "toy", runs, "rotation", "toy")
+    assert compact.startswith("| setting (accuracy, seeds) | part | eq |")
+    assert "| 3 channels (" in compact and ", 3) | Early |" in compact
+    assert compact == (tmp / "out" / "toy-rotation-compact.md").read_text().strip()
     assert (tmp / "out" / "toy-rotation.png").read_bytes()[:4] == b"\x89PNG"
     assert "6 channels" in (tmp / "out" / "toy-rotation.md").read_text()
 
@@ -118,6 +121,8 @@ def test_seeds_show_uses_the_t_interval():
     # n = 3: t = 4.30, so the mean must exceed 2.48 sd
     assert not seeds_show([0.0, 0.1, 0.2])  # mean 0.1, sd 0.1
     assert seeds_show([0.2, 0.25, 0.3])
+    assert not seeds_show([-1e-16, -1e-16, -1e-16])  # exact layers: round-off only
+    assert seeds_show([0.1, 0.1])
 
 
 def test_summarise_baselines_takes_extra_columns():
