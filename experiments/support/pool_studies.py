@@ -44,8 +44,8 @@ TRANSFORM_SETS: dict[str, Callable[[str], bool]] = {
 STUDY_COLUMNS = BASELINE_COLUMNS + ("equivariance CI width",
                                     "random-init equivariance CI width")
 
-#: Differences below this are float round-off (e.g. exact layers, trained and random).
-ROUND_OFF = 1e-9
+#: Differences below this are float32 round-off (exact layers, trained and random).
+ROUND_OFF = 1e-6
 
 #: Columns that are differences (marked † where the seeds show them).
 DIFF_COLUMNS = ("Δ invariance", "Δ equivariance", "equivariance - redundancy")
@@ -69,11 +69,11 @@ def ci_widths(rep: Report, transforms: Sequence[str], source: str = "trained"
     return out
 
 
-def run_parts(rep: Report, accuracy: float, tset: str) -> dict[str, Any]:
+def run_parts(rep: Report, accuracy: float, tset: str, seed: int = 0) -> dict[str, Any]:
     """One model's run dict for :func:`support.studies.summarise_baselines` restricted to
     the transformation set ``tset``, with the CI widths as an extra metric."""
     ts = transforms_of(rep, tset)
-    run: dict[str, Any] = {"accuracy": accuracy}
+    run: dict[str, Any] = {"accuracy": accuracy, "seed": seed}
     for key, source in (("parts", "trained"), ("parts_random_init", "random_init")):
         parts = rep.part_summary(transforms=ts, source=source)
         for part, width in ci_widths(rep, ts, source).items():
@@ -89,8 +89,8 @@ def group_runs(records: Sequence[dict], reports: Sequence[Report], labels: dict[
     out."""
     out: dict[str, list[dict[str, Any]]] = {}
     for pool_label, shown in labels.items():
-        runs = [run_parts(rep, rec["accuracy"], tset) for rec, rep in zip(records, reports)
-                if rec["label"] == pool_label]
+        runs = [run_parts(rep, rec["accuracy"], tset, rec["spec"]["seed"])
+                for rec, rep in zip(records, reports) if rec["label"] == pool_label]
         if runs:
             out[shown] = runs
     return out
@@ -158,6 +158,36 @@ def compact_table(runs: dict[str, list[dict[str, Any]]], parts: Sequence[str] = 
     return "\n".join(rows)
 
 
+def paired_table(runs: dict[str, list[dict[str, Any]]], reference: str,
+                 metrics: Sequence[str] = ("equivariance", "invariance"),
+                 parts: Sequence[str] = PARTS) -> str:
+    """Each setting minus ``reference``, per seed (runs paired by ``spec.seed``: the same
+    seed gives the same initialisation), mean ± std over the shared seeds, † where the
+    95% t-interval over them excludes 0; one row per setting and part."""
+    ref = {r["seed"]: r for r in runs[reference]}
+    rows = [f"| setting − {reference} | part | " + " | ".join(f"Δ {m}" for m in metrics)
+            + " |", "|" + "---|" * (2 + len(metrics))]
+    for label, rs in runs.items():
+        if label == reference:
+            continue
+        pairs = [(r, ref[r["seed"]]) for r in rs if r["seed"] in ref]
+        for part in parts:
+            cells = []
+            for m in metrics:
+                d = [_diff(a["parts"].get(part, {}).get(m), b["parts"].get(part, {}).get(m))
+                     for a, b in pairs]
+                mean, sd = mean_std(d)
+                cells.append("-" if mean is None else f"{mean:+.3f} ± {sd:.3f}"
+                             + (" †" if seeds_show(d) else ""))
+            if any(c != "-" for c in cells):
+                rows.append(f"| {label} ({len(pairs)}) | {part} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def _column_values(runs: Sequence[dict[str, Any]], part: str, col: str) -> list[float | None]:
     """Per-run values of a difference column (as :func:`summarise_baselines` takes them)."""
     out = []
@@ -186,6 +216,8 @@ def write_study(out: Path, name: str, runs: dict[str, list[dict[str, Any]]], tse
                title=f"{title}, {tset}")
     write_results(out, stem, {"transform_set": tset, "runs": runs, "summary": summ}, table)
     compact = compact_table(runs)
+    first = next(iter(runs))
+    compact += f"\n\nPaired by seed against {first}:\n\n" + paired_table(runs, first)
     (out / f"{stem}-compact.md").write_text(compact + "\n")
     return compact
 
@@ -261,5 +293,5 @@ def _numbers(rep: Report, t: str, layer: str, source: str) -> dict[str, float | 
 
 
 __all__ = ["COMPACT_COLUMNS", "DIFF_COLUMNS", "ROUND_OFF", "STUDY_COLUMNS", "TRANSFORM_SETS",
-           "ci_widths", "compact_table", "cosine_rows", "group_runs", "run_parts",
+           "ci_widths", "compact_table", "cosine_rows", "group_runs", "paired_table", "run_parts",
            "seeds_show", "spearman_rows", "study_table", "transforms_of", "write_study"]

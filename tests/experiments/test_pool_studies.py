@@ -21,6 +21,7 @@ from support.pool_studies import (
     STUDY_COLUMNS,
     cosine_rows,
     group_runs,
+    paired_table,
     seeds_show,
     spearman_rows,
     study_table,
@@ -98,8 +99,22 @@ def test_study_tables_put_baselines_and_intervals_beside_each_part(tiny_pool):
     assert compact.startswith("| setting (accuracy, seeds) | part | eq |")
     assert "| 3 channels (" in compact and ", 3) | Early |" in compact
     assert compact == (tmp / "out" / "toy-rotation-compact.md").read_text().strip()
+    assert "Paired by seed against 6 channels" in compact
     assert (tmp / "out" / "toy-rotation.png").read_bytes()[:4] == b"\x89PNG"
     assert "6 channels" in (tmp / "out" / "toy-rotation.md").read_text()
+
+
+def test_paired_table_differences_per_seed():
+    def run(seed, eq):
+        return {"seed": seed, "accuracy": 0.5, "parts": {"Late": {"equivariance": eq}},
+                "parts_random_init": {}}
+    runs = {"ref": [run(0, 0.5), run(1, 0.6), run(2, 0.7)],
+            "new": [run(1, 0.9), run(2, 1.0), run(0, 0.8)],  # +0.3 on every seed
+            "noisy": [run(0, 0.9), run(1, 0.4), run(5, 0.1)]}  # seed 5 has no partner
+    table = paired_table(runs, "ref", metrics=("equivariance",))
+    assert "| new (3) | Late | +0.300 ± 0.000 † |" in table
+    assert "| noisy (2) | Late | +0.100 ± 0.424 |" in table
+    assert "Early" not in table
 
 
 def test_spearman_and_cosine_rows_over_the_pool(tiny_pool):
