@@ -16,6 +16,15 @@ them and writes JSON, a Markdown table and a plot under --out:
     cosine   section 3.3 / figure 2: cosine and correlation invariance against the
              mean activation per layer
 
+    pool     one pool of models on --data (default sizes: 12,000 training images, 6
+             epochs, 3 seeds): cnn7 with each augmentation, cnn7 at widths 10 / 20 / 40,
+             a ViT and an MLP-Mixer, all 28 px; each is trained once and measured once
+             (rot90, hflip, shifts 1-4, a half-pixel shift) beside its random-init copy;
+             records are appended as models finish, so a stopped pool resumes
+    pool-summary  augment, width, arch (4.4-4.6), accuracy (4.2) and cosine (3.3)
+             read from the pool's finished models, with the baselines, the intervals
+             and paired-by-seed differences (support.pool_studies)
+
 ``--quick`` shrinks epochs, depths and seeds so each study takes a few minutes.
 Example: ``.venv/bin/python experiments/learned_equivariance.py task --quick``
 """
