@@ -16,6 +16,15 @@ them and writes JSON, a Markdown table and a plot under --out:
     cosine   section 3.3 / figure 2: cosine and correlation invariance against the
              mean activation per layer
 
+    pool     one pool of models on --data (default sizes: 12,000 training images, 6
+             epochs, 3 seeds): cnn7 with each augmentation, cnn7 at widths 10 / 20 / 40,
+             a ViT and an MLP-Mixer, all 28 px; each is trained once and measured once
+             (rot90, hflip, shifts 1-4, a half-pixel shift) beside its random-init copy;
+             records are appended as models finish, so a stopped pool resumes
+    pool-summary  augment, width, arch (4.4-4.6), accuracy (4.2) and cosine (3.3)
+             read from the pool's finished models, with the baselines, the intervals
+             and paired-by-seed differences (support.pool_studies)
+
 ``--quick`` shrinks epochs, depths and seeds so each study takes a few minutes.
 Example: ``.venv/bin/python experiments/learned_equivariance.py task --quick``
 """
@@ -27,6 +36,15 @@ import json
 from pathlib import Path
 
 import torch
+from support.pool import (
+    POOL_AUGMENTS,
+    POOL_WIDTHS,
+    finished_records,
+    load_reports,
+    pool_specs,
+    run_pool,
+)
+from support.pool_studies import cosine_rows, group_runs, spearman_rows, write_study
 from support.stats import pearson, spearman, spearman_by_part
 from support.studies import (
     BASELINE_COLUMNS,
@@ -234,10 +252,85 @@ def _plot_cosine(res: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def pool_groups(args) -> dict[str, list[RunSpec]]:
+    """The shared pool of models on ``args.data`` (:func:`support.pool.pool_specs`):
+    12,000 training images, 6 epochs and 3 seeds in full; 300 images, 1 epoch, 2 seeds
+    and a one-block ViT/Mixer at ``--quick``."""
+    return pool_specs(args.data, seeds(args), args.epochs or (1 if args.quick else 6),
+                      args.train_images or (300 if args.quick else 12000),
+                      args.test_images or (100 if args.quick else 2000),
+                      {"dim": 32, "depth": 1} if args.quick else {"dim": 64, "depth": 4})
+
+
+def cmd_pool(args) -> None:
+    run_pool(pool_groups(args), args.root, args.out, args.images, args.device)
+
+
+#: The pool studies: name -> (pool label -> label shown, transformation sets, title).
+POOL_STUDIES = {
+    "augment": ({f"cnn7 {a}": a for a in POOL_AUGMENTS},
+                ("translation", "sub-pixel", "flip", "rotation"),
+                "in/equivariance per augmentation (cnn7)"),
+    "width": ({f"cnn7 width {POOL_WIDTHS[0]}": f"cnn7 width {POOL_WIDTHS[0]}",
+               "cnn7 none": "cnn7 width 20",
+               **{f"cnn7 width {w}": f"cnn7 width {w}" for w in POOL_WIDTHS[1:]}},
+              ("translation", "sub-pixel", "rotation"), "in/equivariance against width"),
+    "arch": ({"cnn7 none": "cnn7", "ViT": "ViT", "MLP-Mixer": "MLP-Mixer"},
+             ("translation", "sub-pixel", "rotation", "flip"),
+             "in/equivariance per architecture"),
+}
+
+
+def cmd_pool_summary(args) -> None:
+    """Write every pool study from the finished pool models (the pool may still run)."""
+    records = finished_records(pool_groups(args), args.root, args.out)
+    if not records:
+        raise SystemExit(f"no finished pool model under {args.out}; run `pool` first")
+    reports = load_reports(records)
+    parts = [f"{len(records)} pool models on {args.data}\n"]
+    for name, (labels, tsets, title) in POOL_STUDIES.items():
+        for tset in tsets:
+            table = write_study(args.out, name, group_runs(records, reports, labels, tset),
+                                tset, f"{title}, {args.data}")
+            parts.append(f"## {name}, {tset}\n\n{table}\n")
+    parts.append(_pool_spearman(args, records, reports))
+    parts.append(_pool_cosine(args, records, reports))
+    text = "\n".join(parts)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+
+
+def _pool_spearman(args, records: list[dict], reports: list[Report]) -> str:
+    rows = ["| models | transformation | metric | source | " + " | ".join(
+        ("Early", "Middle", "Late", "Pool", "Final")) + " |", "|---" * 9 + "|"]
+    payload = {}
+    for subset, keep in (("all", lambda r: True),
+                         ("cnn7", lambda r: r["label"].startswith("cnn7"))):
+        more, data = spearman_rows(records, reports, subset, keep)
+        rows += more
+        payload.update(data)
+    payload["accuracies"] = {f"{r['label']} seed {r['spec']['seed']}": r["accuracy"]
+                             for r in records}
+    table = "\n".join(rows)
+    write_results(args.out, "accuracy", payload, table)
+    return f"## Spearman with accuracy: rho (two-sided p)\n\n{table}\n"
+
+
+def _pool_cosine(args, records: list[dict], reports: list[Report]) -> str:
+    rows, per = cosine_rows(records, reports)
+    table = "\n".join(["| group | models | trained: r(activation, correlation inv) | "
+                       "trained: r(activation, cosine inv) | random init: r(activation, "
+                       "correlation inv) | random init: r(activation, cosine inv) |",
+                       "|---" * 6 + "|"] + rows)
+    write_results(args.out, "cosine", per, table)
+    return f"## cosine vs activation (rot90, layers before pooling)\n\n{table}\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=["task", "augment", "width", "arch", "accuracy", "cosine"])
+    p.add_argument("study", choices=["task", "augment", "width", "arch", "accuracy", "cosine",
+                                          "pool", "pool-summary"])
     p.add_argument("--quick", action="store_true", help="a few minutes instead of tens")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting")
     p.add_argument("--first-seed", type=int, default=0,
@@ -261,7 +354,7 @@ def main() -> None:
     args.out = args.out or Path("runs/le-quick" if args.quick else "runs/le")
     if args.threads:
         torch.set_num_threads(args.threads)
-    globals()[f"cmd_{args.study}"](args)
+    globals()[f"cmd_{args.study.replace('-', '_')}"](args)
 
 
 if __name__ == "__main__":

@@ -185,13 +185,15 @@ BASELINE_COLUMNS = ("invariance", "random-init invariance", "Δ invariance", "eq
                     "random-init redundancy", "equivariance - redundancy")
 
 
-def summarise_baselines(runs: Sequence[dict[str, Any]]
+def summarise_baselines(runs: Sequence[dict[str, Any]],
+                        columns: Sequence[str] = BASELINE_COLUMNS,
                         ) -> dict[str, dict[str, tuple[float | None, float | None]]]:
     """``{part: {column: (mean, std)}}`` over runs measured with ``random_init``, for
-    :data:`BASELINE_COLUMNS`; ``Δ`` is trained minus random init and ``equivariance -
-    redundancy`` the trained equivariance above its own channel redundancy, both per run
-    and then averaged (so their std is the seed spread of the difference). Plus
-    ``accuracy``.
+    ``columns`` (:data:`BASELINE_COLUMNS` by default: ``"random-init <metric>"`` reads the
+    random-init part means, any other plain name the trained ones); ``Δ`` is trained
+    minus random init and ``equivariance - redundancy`` the trained equivariance above
+    its own channel redundancy, both per run and then averaged (so their std is the seed
+    spread of the difference). Plus ``accuracy``.
     """
     def diff(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
@@ -211,7 +213,7 @@ def summarise_baselines(runs: Sequence[dict[str, Any]]
     for part in PARTS:
         if any(part in r["parts"] for r in runs):
             out[part] = {c: mean_std([column(r, part, c) for r in runs])
-                         for c in BASELINE_COLUMNS}
+                         for c in columns}
     out["accuracy"] = {"accuracy": mean_std([r["accuracy"] for r in runs])}
     return out
 

@@ -111,6 +111,25 @@ def test_map_generator_matches_the_transforms_and_scales_with_stride():
                     GENERATORS.get("rotate"))
 
 
+def test_generators_share_a_maps_central_differences_through_the_cache():
+    h = blobs(2, 12).double()
+    for lay in (Layout("map", (2.0, 2.0)), Layout("tokens", (4.0, 4.0), grid=(3, 4), prefix=1)):
+        x = h[:1, :1].reshape(1, 1, 12, 12)
+        if lay.kind == "tokens":  # 1 prefix token + a 3 x 4 grid, 5 channels
+            x = torch.randn(2, 13, 5, dtype=torch.float64, generator=torch.Generator()
+                            .manual_seed(1))
+        cache: dict = {}
+        for name in ("tx", "ty", "rotate", "scale"):
+            g = GENERATORS.get(name)
+            alone = map_tangent(x, lay, g)
+            shared = map_tangent(x, lay, g, cache)
+            torch.testing.assert_close(shared, alone, rtol=0, atol=0)
+        assert sorted(cache) == [-2, -1]  # one difference per axis, reused four times
+        before = {k: v.clone() for k, v in cache.items()}
+        map_tangent(x, lay, GENERATORS.get("rotate"), cache)
+        assert all(torch.equal(cache[k], before[k]) for k in cache)  # never scaled in place
+
+
 def test_forward_and_double_backward_agree_on_a_torchvision_style_resnet():
     torch.manual_seed(0)
     model = TinyResNet()

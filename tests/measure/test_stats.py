@@ -67,3 +67,27 @@ def test_statistics_run_on_one_thread_and_restore_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("chunk", [1 << 19, 40])
+def test_a_map_with_itself_takes_the_short_path_with_the_same_sums(monkeypatch, chunk):
+    """``update(a, a)`` (the redundancy baseline) skips b's and a - b's passes; every sum,
+    per group too, and the NaN check match the general path on a copy."""
+    monkeypatch.setattr("equivision.measure.stats.CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[0] = False
+    same, general = PairStats(4, groups=3), PairStats(4, groups=3)
+    for i in range(3):
+        a = torch.randn(5, 4, 6, 6, generator=g) * 3 + 40 + 10 * i
+        ids = torch.tensor([0, 1, 2, 1, 0])
+        assert same.update(a, a, mask, ids)
+        assert general.update(a, a.clone(), mask, ids)
+    torch.testing.assert_close(same.flat(), general.flat(), rtol=1e-9, atol=1e-6)
+    assert same.redundancy()["redundancy"] == pytest.approx(
+        general.redundancy()["redundancy"], abs=1e-9)
+    bad = torch.randn(2, 4, 6, 6)
+    bad[1, 2, 3, 3] = float("nan")
+    assert not same.update(bad, bad)
+    assert not general.update(bad, bad.clone())  # (chunks before the bad one count in both)
+    torch.testing.assert_close(same.flat(), general.flat(), rtol=1e-9, atol=1e-6)

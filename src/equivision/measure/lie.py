@@ -95,10 +95,12 @@ def _measure_batch(acc: _Accumulator, layouts: LayerLayouts, names: Sequence[str
         hw = tuple(cap.value.shape[-2:]) if cap.value.dim() >= 4 else (1, 1)
         edge = edge_mask(cap.layout, hw, margin, cap.value.device)
         norms: dict[bool, tuple[Tensor, int]] = {}  # output norm, with / without the mask
+        grads: dict[int, Tensor] = {}  # the map's central differences, shared by generators
         for gi, gen in enumerate(gens):
             tan, _ = as_map(*_reshaped(name, jvps[gi][name], layouts, cap.layout))
-            try:
-                delta = tan - map_tangent(cap.value, cap.layout, gen)
+            try:  # L f = J L x - L h, and L h = 0 on vectors and under photometric ones
+                delta = tan if gen.photometric or cap.layout.kind == "vector" else \
+                    tan - map_tangent(cap.value, cap.layout, gen, grads)
             except ValueError as err:
                 acc.notes[(name, gen.name)] = f"not measured: {err}"
                 continue

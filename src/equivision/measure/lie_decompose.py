@@ -115,11 +115,14 @@ class _Forward:
             self.dec.notes.setdefault((key, "*"), "input or output has no known layout")
             return None
         errs = []
+        g_in: dict[int, Tensor] = {}  # central differences shared by the generators
+        g_out: dict[int, Tensor] = {}
         with torch.no_grad():
             for g in self.dec.gens:
                 try:
-                    v = image_tangent(inp, g) if is_image else map_tangent(inp, lay_in, g)
-                    errs.append(leaf_jvp(module, inp, v) - map_tangent(out.detach(), lay_out, g))
+                    v = image_tangent(inp, g) if is_image else map_tangent(inp, lay_in, g, g_in)
+                    errs.append(leaf_jvp(module, inp, v)
+                                - map_tangent(out.detach(), lay_out, g, g_out))
                 except ValueError as err:  # this generator only: its share stays unattributed
                     self.dec.notes.setdefault((key, g.name), str(err))
                     errs.append(torch.zeros_like(out))

@@ -125,15 +125,22 @@ def _velocity(gen: Generator, hw: tuple[int, int], stride: tuple[float, float],
     raise ValueError(f"{gen.name} is not a geometric generator")
 
 
-def spatial_tangent(h: Tensor, gen: Generator, stride: float | Sequence[float] = 1.0) -> Tensor:
-    """``L h = -v . grad h`` on the last two axes of ``h (..., H, W)`` at ``stride``."""
+def spatial_tangent(h: Tensor, gen: Generator, stride: float | Sequence[float] = 1.0,
+                    cache: dict[int, Tensor] | None = None) -> Tensor:
+    """``L h = -v . grad h`` on the last two axes of ``h (..., H, W)`` at ``stride``.
+
+    ``cache``: a dict kept by the caller for one ``h``, in which the central differences
+    are stored by axis, so that every generator acting on ``h`` takes them once."""
     hw = (int(h.shape[-2]), int(h.shape[-1]))
     vy, vx = _velocity(gen, hw, as_stride(stride), h)
+    cache = {} if cache is None else cache
     out = None
     for v, dim in ((vy, -2), (vx, -1)):
         if isinstance(v, float) and v == 0.0:
             continue
-        term = _central_diff(h, dim).mul_(-v if isinstance(v, float) else -v)
+        if dim not in cache:
+            cache[dim] = _central_diff(h, dim)
+        term = cache[dim] * (-v)
         out = term if out is None else out.add_(term)
     return torch.zeros_like(h) if out is None else out
 
@@ -147,8 +154,10 @@ def image_tangent(x: Tensor, gen: Generator) -> Tensor:
     return spatial_tangent(x, gen, 1.0)
 
 
-def map_tangent(h: Tensor, layout: Layout, gen: Generator) -> Tensor:
-    """The generator's action on a captured feature ``h`` laid out as ``layout``.
+def map_tangent(h: Tensor, layout: Layout, gen: Generator,
+                cache: dict[int, Tensor] | None = None) -> Tensor:
+    """The generator's action on a captured feature ``h`` laid out as ``layout``
+    (``cache``: as in :func:`spatial_tangent`, one dict per ``h`` and layout).
 
     Vectors ``(B, C)`` and every feature under a photometric generator: zero. Maps
     ``(B, C, h, w)`` and group maps ``(B, C, G, h, w)`` (translations and scalings act on
@@ -168,8 +177,8 @@ def map_tangent(h: Tensor, layout: Layout, gen: Generator) -> Tensor:
         if layout.grid is None:
             raise ValueError("a token layout needs its grid=(h, w)")
         moved = map_to_tokens(spatial_tangent(tokens_to_map(h, layout.grid, layout.prefix),
-                                              gen, layout.stride))
+                                              gen, layout.stride, cache))
         return torch.cat([torch.zeros_like(h[:, :layout.prefix]), moved], dim=1)
     if layout.kind not in ("map", "group"):
         raise ValueError(f"no action of {gen.name} on a {layout.kind} layout")
-    return spatial_tangent(h, gen, layout.stride)
+    return spatial_tangent(h, gen, layout.stride, cache)

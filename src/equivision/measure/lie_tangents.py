@@ -121,7 +121,8 @@ def _double_backward(model: nn.Module, names: Sequence[str], x: Tensor,
         found.append({k: (torch.zeros_like(outs[k]) if j is None else j.detach())
                       for k, j in zip(keys, jv)})
         for k, t in outs.items():  # outputs that do not depend on the image
-            found[-1].setdefault(k, torch.zeros_like(t))
+            if k not in found[-1]:
+                found[-1][k] = torch.zeros_like(t)
     return {k: t.detach() for k, t in outs.items()}, found
 
 

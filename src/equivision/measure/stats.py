@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -114,13 +114,6 @@ class PairStats:
     n: float = 0.0
     images: float = 0.0
     cos_sum: float = 0.0
-    sa: Tensor = field(default=None)  # type: ignore[assignment]
-    sb: Tensor = field(default=None)  # type: ignore[assignment]
-    saa: Tensor = field(default=None)  # type: ignore[assignment]
-    sbb: Tensor = field(default=None)  # type: ignore[assignment]
-    sab: Tensor = field(default=None)  # type: ignore[assignment]
-    sl1: Tensor = field(default=None)  # type: ignore[assignment]
-    sse: Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         c, k = self.channels, max(0, int(self.groups))
@@ -128,13 +121,58 @@ class PairStats:
             raise ValueError("groups must be 0 (no interval) or at least 2")
         # the per-channel sums are rows of one buffer, so that a batch adds with one op
         self._vec = torch.zeros(6, c, dtype=torch.float64)
-        self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse = self._vec.unbind(0)
-        self.sab = torch.zeros(c, c, dtype=torch.float64)
+        self._rows = self._vec.unbind(0)  # sa, sb, saa, sbb, sl1, sse
+        self._sab = torch.zeros(c, c, dtype=torch.float64)
         self._shift: Tensor | None = None  # (2, C) float32 reference of a and b
         # per group: (K, 3) n, images, cos_sum; (K, 6, C) as _vec; (K, C, C) as sab
         self._g_head = torch.zeros(k, 3, dtype=torch.float64)
         self._g_vec = torch.zeros(k, 6, c, dtype=torch.float64)
         self._g_sab = torch.zeros(k, c, c, dtype=torch.float64)
+        # shifted sums per group not yet turned into raw sums (:meth:`_flush`), on the
+        # statistics' device: gram (K', C, C), squares (K', 3, C), sums (K', 3, C),
+        # head (K', 3), with K' = max(1, groups)
+        self._pending: list[Tensor] | None = None
+
+    # raw sums, brought up to date on every read
+    @property
+    def sa(self) -> Tensor:
+        """``(C,)`` sums of ``a``."""
+        return self._row(0)
+
+    @property
+    def sb(self) -> Tensor:
+        """``(C,)`` sums of ``b``."""
+        return self._row(1)
+
+    @property
+    def saa(self) -> Tensor:
+        """``(C,)`` sums of ``a^2``."""
+        return self._row(2)
+
+    @property
+    def sbb(self) -> Tensor:
+        """``(C,)`` sums of ``b^2``."""
+        return self._row(3)
+
+    @property
+    def sl1(self) -> Tensor:
+        """``(C,)`` sums of ``|a - b|``."""
+        return self._row(4)
+
+    @property
+    def sse(self) -> Tensor:
+        """``(C,)`` sums of ``(a - b)^2``."""
+        return self._row(5)
+
+    @property
+    def sab(self) -> Tensor:
+        """``(C, C)`` cross-products ``sum a_c b_c'``."""
+        self._flush()
+        return self._sab
+
+    def _row(self, i: int) -> Tensor:
+        self._flush()
+        return self._rows[i]
 
     def update(self, a: Tensor, b: Tensor, mask: Tensor | None = None,
                groups: Tensor | None = None) -> bool:
@@ -153,6 +191,9 @@ class PairStats:
         """
         ids = self._group_ids(a.shape[0], groups, a.device)
         with threads_for(a.device):
+            if a is b:  # a map with itself (the redundancy baseline): a third of the work
+                ra = per_image(a, mask)
+                return self._update_all(ra, ra, ids)
             return self._update_all(per_image(a, mask), per_image(b, mask), ids)
 
     def _group_ids(self, bsz: int, groups: Tensor | None, device: torch.device) -> Tensor:
@@ -183,7 +224,8 @@ class PairStats:
         # chunks of images small enough to stay in cache through the passes below
         step = min(bsz, max(1, CHUNK_ELEMENTS // max(1, c * m)))
         buf = workspace(step, c, m, ra.device)
-        return all(self._update(ra[i : i + step], rb[i : i + step], buf, ids[i : i + step])
+        update = self._update_same if ra is rb else self._update
+        return all(update(ra[i : i + step], rb[i : i + step], buf, ids[i : i + step])
                    for i in range(0, bsz, step))
 
     def _update(self, ra: Tensor, rb: Tensor, buf: Tensor, ids: Tensor) -> bool:
@@ -207,9 +249,27 @@ class PairStats:
         self._add(gram.double(), sq.double().square(), sums.double(), m, ids)
         return True
 
+    def _update_same(self, ra: Tensor, rb: Tensor, buf: Tensor, ids: Tensor) -> bool:
+        """:meth:`_update` when ``a`` is ``b`` (``rb`` is not read): one subtraction, norm,
+        sum and ``bmm`` on slot 0 of ``buf``; ``b``'s sums are ``a``'s and ``a - b`` is 0."""
+        bsz = ra.shape[0]
+        work = buf[:bsz, 0]
+        shift = self._shift[0][(...,) + (None,) * (ra.dim() - 2)]  # (C, 1[, 1])
+        torch.sub(ra, shift, out=work.view(ra.shape))
+        sq = torch.linalg.vector_norm(work, dim=-1)  # (B, C)
+        if not bool(torch.isfinite(sq).all()):
+            return False
+        gram = torch.bmm(work, work.transpose(1, 2))  # (B, C, C) shifted
+        total = work.sum(-1)  # (B, C)
+        zero = torch.zeros_like(sq)
+        self._add(gram.double(), torch.stack((sq, sq, zero), 1).double().square(),
+                  torch.stack((total, total, zero), 1).double(), work.shape[-1], ids)
+        return True
+
     def _add(self, gram: Tensor, sq: Tensor, sums: Tensor, m: int, ids: Tensor) -> None:
-        """Turn one chunk's shifted float64 sums into raw sums and add them, in total
-        and per group.
+        """Add one chunk's shifted float64 sums into the pending sums of each image's
+        group (one ``index_add_`` each; :meth:`_flush` turns them into raw sums when
+        they are read), and the per-image global cosines.
 
         Args:
             gram: ``(B, C, C)`` per-image shifted cross-products.
@@ -227,14 +287,26 @@ class PairStats:
         na = (sq[:, 0] + 2 * ka * sa_i + m * ka * ka).sum(-1)
         nb = (sq[:, 1] + 2 * kb * sb_i + m * kb * kb).sum(-1)
         cos = dot / torch.sqrt(na * nb).clamp_min(1e-24)
-        k = max(1, self.groups)
+        head = torch.stack((torch.full_like(cos, float(m)), torch.ones_like(cos), cos), 1)
+        if self._pending is None:
+            k = max(1, self.groups)
+            self._pending = [gram.new_zeros(k, *t.shape[1:]) for t in (gram, sq, sums, head)]
+        for buf, t in zip(self._pending, (gram, sq, sums, head)):
+            buf.index_add_(0, ids, t)
+        self.n += float(m * len(cos))
+        self.images += float(len(cos))
+        self.cos_sum += float(cos.sum())
 
-        def grouped(x: Tensor) -> Tensor:  # (B, ...) -> (K, ...) sums per group
-            return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device
-                               ).index_add_(0, ids, x)
-
-        cnt = grouped(torch.ones_like(cos))  # (K,) images per group
-        g, s, t, n = grouped(gram), grouped(sq), grouped(sums), cnt * m
+    def _flush(self) -> None:
+        """Turn the pending shifted sums into raw sums (linear in them for the fixed
+        shift ``k``: ``sum ab = G + k_a sum b' + k_b sum a' + n k_a k_b``, with primes
+        for shifted values) and add them, in total and per group."""
+        if self._pending is None:
+            return
+        g, s, t, head = self._pending
+        self._pending = None
+        ka, kb = self._shift.double()  # (C,) each
+        n = head[:, 0]
         sca, scb = t[:, 0], t[:, 1]  # (K, C)
         nk = n[:, None]
         sab = (g + ka[:, None] * scb[:, None, :] + sca[:, :, None] * kb
@@ -244,21 +316,17 @@ class PairStats:
             s[:, 0] + 2 * ka * sca + nk * ka * ka,
             s[:, 1] + 2 * kb * scb + nk * kb * kb,
             t[:, 2], s[:, 2]), 1).cpu()  # (K, 6, C)
-        head = torch.stack((n, cnt, grouped(cos)), 1).cpu()  # (K, 3)
-        self.sab += sab.sum(0)
+        self._sab += sab.sum(0)
         self._vec += vec.sum(0)
-        total = head.sum(0)
-        self.n += float(total[0])
-        self.images += float(total[1])
-        self.cos_sum += float(total[2])
         if self.groups:
             self._g_sab += sab
             self._g_vec += vec
-            self._g_head += head
+            self._g_head += head.cpu()
 
     # ---- reduction across processes ------------------------------------------
     def flat(self) -> Tensor:
         """All sums (with the groups') as one float64 vector (for ``all_reduce``)."""
+        self._flush()
         head = torch.tensor([self.n, self.images, self.cos_sum], dtype=torch.float64)
         parts = [head, self.sa, self.sb, self.saa, self.sbb, self.sl1, self.sse,
                  self.sab.reshape(-1), self._g_head.reshape(-1), self._g_vec.reshape(-1),
@@ -269,10 +337,11 @@ class PairStats:
         """Inverse of :meth:`flat`."""
         c = self.channels
         v = v.double().cpu()
+        self._pending = None  # the state is replaced
         self.n, self.images, self.cos_sum = (float(t) for t in v[:3])
         self._vec.copy_(v[3 : 3 + 6 * c].reshape(6, c))  # sa, sb, saa, sbb, sl1, sse
         o = 3 + 6 * c
-        self.sab = v[o : o + c * c].reshape(c, c).clone()
+        self._sab.copy_(v[o : o + c * c].reshape(c, c))
         o += c * c
         for buf in (self._g_head, self._g_vec, self._g_sab):
             buf.copy_(v[o : o + buf.numel()].reshape(buf.shape))
@@ -297,6 +366,7 @@ class PairStats:
         and ``per_channel`` lists: ``invariance``, ``equivariance`` and ``match`` (the
         channel ``c'`` of ``g·f(X)`` that reaches channel ``c``'s equivariance).
         """
+        self._flush()
         if self.n == 0:
             raise ValueError("no samples were accumulated")
         head = torch.tensor([self.n, self.images, self.cos_sum], dtype=torch.float64)
@@ -316,6 +386,7 @@ class PairStats:
         over non-constant channels ``c`` of ``max_{c' != c} corr(f(X)_c, f(X)_c')``
         (None with fewer than two non-constant channels), and ``per_channel`` lists
         ``redundancy`` and ``redundant_with`` (that ``c'``)."""
+        self._flush()
         if self.n == 0:
             raise ValueError("no samples were accumulated")
         red, ok, match = _redundancy(torch.tensor(self.n, dtype=torch.float64), self._vec,
@@ -341,6 +412,7 @@ class PairStats:
         """
         if kind not in ("pair", "redundancy"):
             raise ValueError(f"kind must be 'pair' or 'redundancy', got {kind!r}")
+        self._flush()
         keep = torch.nonzero(self._g_head[:, 1] > 0).flatten()
         if len(keep) < 2:
             return {}
