@@ -109,6 +109,7 @@ def test_table1_tiny_end_to_end_and_resume(tmp_path):
     assert approx["errors"][0]["parts"]["Late"]["nmse"] > 1e-4
     assert [e["epoch"] for e in exact["errors"]] == [0, 1]
     assert {r["rule"] for r in recs} == {"cosine"} and recs[0]["max_epochs"] == 1
+    assert all(0 < r["cpu_s"] for r in recs)
     gr.main(["table1", *TINY, "--out", str(tmp_path)])  # everything done: nothing added
     assert len(path.read_text().splitlines()) == 3
     gr.main(["report", "--out", str(tmp_path)])
