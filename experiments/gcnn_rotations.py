@@ -203,11 +203,20 @@ def run_study(args, study: str, jobs) -> None:
               f"{rec['epochs_run']}, {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
 
 
+def with_dropout(args, study: str) -> tuple[str, dict[str, float]]:
+    """The study's name and the models' extra arguments under ``--dropout`` (a study of
+    its own, ``<study>-dropout<p>``, so the default dropout's records stay apart)."""
+    if args.dropout is None:
+        return study, {}
+    return f"{study}-dropout{args.dropout:g}", {"dropout": args.dropout}
+
+
 def cmd_table1(args) -> None:
     fn = run_upright if args.column == "upright" else run_rotated
-    jobs = [(label, s, fn, (m, size, label, s, kw)) for s in range(args.seeds)
+    study, extra = with_dropout(args, f"table1-{args.column}")
+    jobs = [(label, s, fn, (m, size, label, s, {**kw, **extra})) for s in range(args.seeds)
             for m, size, label, kw in TABLE1]
-    run_study(args, f"table1-{args.column}", jobs)
+    run_study(args, study, jobs)
 
 
 def cmd_table2(args) -> None:
@@ -220,9 +229,11 @@ def cmd_table2(args) -> None:
 
 
 def cmd_biased(args) -> None:
-    jobs = [(f"{label} sigma {sigma:g}", s, run_biased, (m, size, label, s, kw, sigma))
+    study, extra = with_dropout(args, "biased")
+    jobs = [(f"{label} sigma {sigma:g}", s, run_biased,
+             (m, size, label, s, {**kw, **extra}, sigma))
             for s in range(args.seeds) for sigma in args.sigmas for m, size, label, kw in TABLE1]
-    run_study(args, "biased", jobs)
+    run_study(args, study, jobs)
 
 
 def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -328,6 +339,8 @@ def cmd_report(args) -> None:
                                       "table1.png"),
              "errors": error_table(args.out), "biased": biased_table(args.out),
              "table2": rotation_table(args.out, "table2", None, "table2.png")}
+    for path in sorted(args.out.glob("table1-rotated-dropout*.jsonl")):
+        parts[path.stem] = rotation_table(args.out, "none", path.stem, "unused.png")
     for name, text in parts.items():
         if text:
             write_atomic(args.out / f"{name}.md", text + "\n")
@@ -359,6 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="run only the labels containing this text")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS),
                    help="biased: the standard deviations (degrees) of the training angles")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="table1, biased: the Z2CNN/P4CNN dropout (default: the models' 0.3); "
+                   "recorded as a study of its own, <study>-dropout<p>")
     p.add_argument("--resnet-depth", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",

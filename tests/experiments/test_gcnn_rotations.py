@@ -66,6 +66,16 @@ def test_cosine_rule_trains_every_epoch_and_keeps_the_best():
     assert gr.parse_args(["table1", "--rule", "plateau"]).max_epochs == 15
 
 
+def test_dropout_is_a_study_of_its_own(tmp_path):
+    gr.main(["table1", "--column", "rotated", *TINY, "--only", "Z2CNN", "--dropout", "0",
+             "--out", str(tmp_path)])
+    assert not (tmp_path / "table1-rotated.jsonl").exists()
+    recs = [json.loads(x) for x in (tmp_path / "table1-rotated-dropout0.jsonl").open()]
+    assert [r["label"] for r in recs] == ["Z2CNN (28)"]
+    gr.main(["report", "--out", str(tmp_path)])
+    assert "| Z2CNN (28) (rotated only) |" in (tmp_path / "table1-rotated-dropout0.md").read_text()
+
+
 def test_a_study_folder_never_mixes_rules(tmp_path):
     path = tmp_path / "table2.jsonl"
     path.write_text(json.dumps({"label": "ResNet (33)", "seed": 0}) + "\n")
