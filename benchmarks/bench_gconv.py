@@ -8,7 +8,9 @@ Targets (gcnn issues):
   the filter-bank gather and the shared bias;
 * the same floor on the layer's 5-D layout (``5-D/floor``: the input flattened and the
   output viewed back, as the layer's API needs) shows how much of the gap no filter-bank
-  change can remove;
+  change can remove, and ``5-D+clone/floor`` the same with a freshly built weight (a
+  ``clone`` of it, one autograd node that passes the gradient through): the part of the
+  gap any filter bank built on every training forward costs before the gather itself;
 * inference (eval mode, no grad) of the p4 layer, whose filter bank is then cached, is
   printed against the same floor;
 * the exported P4CNN (``equivision.gcnn.export``: plain ``nn.Conv2d`` / ``nn.BatchNorm2d``)
@@ -64,6 +66,16 @@ class Floor5D(Floor):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
         out = F.conv2d(x.reshape(b, -1, h, w), self.weight, self.bias)
+        return out.view(b, -1, x.shape[2], out.shape[-2], out.shape[-1])
+
+
+class Floor5DFresh(Floor5D):
+    """:class:`Floor5D` convolving with ``weight.clone()``: a fresh filter tensor and one
+    more autograd node on every forward, as a built filter bank has, without a gather."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        out = F.conv2d(x.reshape(b, -1, h, w), self.weight.clone(), self.bias)
         return out.view(b, -1, x.shape[2], out.shape[-2], out.shape[-1])
 
 
@@ -133,12 +145,14 @@ def bench_conv(batch: int, size: int, channels: int, repeats: int,
     gconv = GroupConv2d(c, c, k, group="p4").train()
     floor = Floor(4 * c, 4 * c, k).train()
     floor5 = Floor5D(4 * c, 4 * c, k).train()
+    fresh = Floor5DFresh(4 * c, 4 * c, k).train()
     xg = torch.randn(batch, c, 4, size, size)
     xf = xg.reshape(batch, 4 * c, size, size)
     iters = max(2, 128 // batch)
     fns = {"p4conv": step_fn(gconv, gconv, xg, iters, clock),
            "floor conv2d": step_fn(floor, floor, xf, iters, clock),
            "floor 5-D": step_fn(floor5, floor5, xg, iters, clock),
+           "floor 5-D clone": step_fn(fresh, fresh, xg, iters, clock),
            "p4conv eval": infer_fn(gconv, xg, iters, clock),
            "floor eval": infer_fn(floor, xf, iters, clock)}
     esc = _escnn_layer(c, c, k)
@@ -186,7 +200,7 @@ def conv_rows(batches: list[int], args: argparse.Namespace, clock: Clock) -> Non
         have_escnn = False
         print("escnn rows skipped: escnn is not installed (import escnn failed)")
     print(f"{'batch':>5} {'p4conv ms':>10} {'floor ms':>9} {'ratio':>6} {'target':>6} "
-          f"{'5-D/floor':>9} {'eval ms':>8} {'floor ms':>9} {'ratio':>6}"
+          f"{'5-D/floor':>9} {'5-D+clone/floor':>15} {'eval ms':>8} {'floor ms':>9} {'ratio':>6}"
           + (f" {'escnn ms':>9} {'escnn/floor':>11}" if have_escnn else ""))
     missed = []
     for b in batches:
@@ -197,6 +211,7 @@ def conv_rows(batches: list[int], args: argparse.Namespace, clock: Clock) -> Non
             missed.append(b)
         row = (f"{b:>5} {1e3 * t['p4conv']:>10.3f} {1e3 * t['floor conv2d']:>9.3f} "
                f"{ratio:>6.3f} {target:>6.2f} {t['floor 5-D'] / t['floor conv2d']:>9.3f} "
+               f"{t['floor 5-D clone'] / t['floor conv2d']:>15.3f} "
                f"{1e3 * t['p4conv eval']:>8.3f} "
                f"{1e3 * t['floor eval']:>9.3f} {t['p4conv eval'] / t['floor eval']:>6.3f}")
         if "escnn R2Conv" in t:

@@ -12,11 +12,15 @@
             seen (upright) vs unseen (90/180/270, 0-360°) rotations
     report  the tables (mean ± std over seeds) and plots from the records written so far
 
-The paper's recipe: Adam, lr 0.01 (constant here; the paper halves it every 10 epochs),
-no weight decay, batch 64, CircleCrop on train, validation and test images; a 29 px
-input is the 28 px image enlarged bilinearly (torchvision ``Resize(29)``). Training
-stops when the validation accuracy (on the training distribution) has not improved for
-``--patience`` epochs (at most ``--max-epochs``); the best epoch's weights are tested.
+The paper's recipe: Adam, lr 0.01, no weight decay, batch 64, CircleCrop on train,
+validation and test images; a 29 px input is the 28 px image enlarged bilinearly
+(torchvision ``Resize(29)``). The paper halves the learning rate every 10 epochs; two
+stopping rules here (``--rule``), the best validation epoch's weights tested in both:
+``cosine`` (default): ``--max-epochs`` epochs with the learning rate decayed from 0.01 to
+0 by a cosine, no early stop; ``plateau`` (the first runs): a constant lr 0.01, stopped
+when the validation accuracy (on the training distribution) has not improved for
+``--patience`` epochs (at most ``--max-epochs``). Each rule writes to its own folder
+(``runs/gcnn-fmnist-<rule>``), so a table never mixes rules.
 
 Each trained model appends one JSON line to ``--out/<study>.jsonl``; a rerun skips the
 (label, seed) pairs already there, so an interrupted study resumes. ``--quick`` runs a
@@ -97,9 +101,11 @@ def fit(args, model_name: str, size: int, seed: int, train_set, val_set, augment
     "train_acc"}``."""
     seed_everything(seed)
     model = create_model(model_name, in_channels=1, num_classes=10, **kwargs)
-    stop = EarlyStopping(args.patience)
+    cosine = args.rule == "cosine"
+    stop = EarlyStopping(args.max_epochs if cosine else args.patience)
     cfg = TrainConfig(epochs=args.max_epochs, batch_size=64, lr=0.01, optimizer="adam",
-                      weight_decay=0.0, schedule="constant", seed=seed, device="cpu")
+                      weight_decay=0.0, schedule="cosine" if cosine else "constant",
+                      seed=seed, device="cpu")
     history: dict[str, list] = {"val_acc": [], "train_acc": []}
 
     class Log:  # keeps the history when StopTraining ends train() early
@@ -118,11 +124,16 @@ def fit(args, model_name: str, size: int, seed: int, train_set, val_set, augment
     return stop.restore(model).eval(), info
 
 
-def done_keys(path: Path) -> set[tuple[str, int]]:
-    """The (label, seed) pairs already recorded in ``path`` (a JSON-lines file)."""
+def done_keys(path: Path, rule: str) -> set[tuple[str, int]]:
+    """The (label, seed) pairs already recorded in ``path`` (a JSON-lines file); raises
+    ``ValueError`` if a record there was trained with another stopping rule."""
     if not path.exists():
         return set()
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    other = {r.get("rule", "plateau") for r in recs} - {rule}
+    if other:
+        raise ValueError(f"{path} holds runs of --rule {', '.join(sorted(other))}, not "
+                         f"{rule}: pass --rule {min(other)} or another --out folder")
     return {(r["label"], r["seed"]) for r in recs}
 
 
@@ -144,7 +155,7 @@ def run_upright(args, model_name: str, size: int, label: str, seed: int, kwargs)
     """One Table 1 / Table 2 upright run, with figure 4's error log for group models."""
     tr, va, te = data_for(args, size)
     cbs = []
-    if model_name.startswith("p4") or model_name == "z2cnn":
+    if model_name in ("p4cnn", "z2cnn"):
         cbs = [EquivarianceErrorCallback(te, "rot90", max_images=128, metrics=("mse", "nmse"))]
     model, info = fit(args, model_name, size, seed, tr, va, callbacks=cbs, **kwargs)
     right = accuracy_vs_rotation(model, te, RIGHT)
@@ -176,26 +187,36 @@ def run_biased(args, model_name: str, size: int, label: str, seed: int, kwargs,
 def run_study(args, study: str, jobs) -> None:
     """Run ``jobs`` = ``[(label, seed, fn, fn_args)]`` not yet in ``study``'s records."""
     path = args.out / f"{study}.jsonl"
-    done = done_keys(path)
+    done = done_keys(path, args.rule)
     for label, seed, fn, fn_args in jobs:
         if (label, seed) in done or seed < args.first_seed or args.only not in label:
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec = fn(args, *fn_args)
         rec.update(study=study, label=label, seed=seed, model=fn_args[0], size=fn_args[1],
-                   wall_s=round(time.perf_counter() - t0, 1), dataset=args.dataset,
+                   wall_s=round(time.perf_counter() - t0, 1),
+                   cpu_s=round(time.process_time() - c0, 1), dataset=args.dataset,
                    sizes=[args.train_size, args.val_size, args.test_size, args.curve_size],
-                   max_epochs=args.max_epochs, patience=args.patience)
+                   max_epochs=args.max_epochs, patience=args.patience, rule=args.rule)
         append_record(path, rec)
         print(f"{study} {label} seed {seed}: best epoch {rec['best_epoch']} of "
-              f"{rec['epochs_run']}, {rec['wall_s']} s", flush=True)
+              f"{rec['epochs_run']}, {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
+
+
+def with_dropout(args, study: str) -> tuple[str, dict[str, float]]:
+    """The study's name and the models' extra arguments under ``--dropout`` (a study of
+    its own, ``<study>-dropout<p>``, so the default dropout's records stay apart)."""
+    if args.dropout is None:
+        return study, {}
+    return f"{study}-dropout{args.dropout:g}", {"dropout": args.dropout}
 
 
 def cmd_table1(args) -> None:
     fn = run_upright if args.column == "upright" else run_rotated
-    jobs = [(label, s, fn, (m, size, label, s, kw)) for s in range(args.seeds)
+    study, extra = with_dropout(args, f"table1-{args.column}")
+    jobs = [(label, s, fn, (m, size, label, s, {**kw, **extra})) for s in range(args.seeds)
             for m, size, label, kw in TABLE1]
-    run_study(args, f"table1-{args.column}", jobs)
+    run_study(args, study, jobs)
 
 
 def cmd_table2(args) -> None:
@@ -208,9 +229,11 @@ def cmd_table2(args) -> None:
 
 
 def cmd_biased(args) -> None:
-    jobs = [(f"{label} sigma {sigma:g}", s, run_biased, (m, size, label, s, kw, sigma))
+    study, extra = with_dropout(args, "biased")
+    jobs = [(f"{label} sigma {sigma:g}", s, run_biased,
+             (m, size, label, s, {**kw, **extra}, sigma))
             for s in range(args.seeds) for sigma in args.sigmas for m, size, label, kw in TABLE1]
-    run_study(args, "biased", jobs)
+    run_study(args, study, jobs)
 
 
 def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -316,6 +339,8 @@ def cmd_report(args) -> None:
                                       "table1.png"),
              "errors": error_table(args.out), "biased": biased_table(args.out),
              "table2": rotation_table(args.out, "table2", None, "table2.png")}
+    for path in sorted(args.out.glob("table1-rotated-dropout*.jsonl")):
+        parts[path.stem] = rotation_table(args.out, "none", path.stem, "unused.png")
     for name, text in parts.items():
         if text:
             write_atomic(args.out / f"{name}.md", text + "\n")
@@ -335,14 +360,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test images for upright/90°/rotated accuracy")
     p.add_argument("--curve-size", type=int, default=500,
                    help="test images for the accuracy-against-angle curves")
-    p.add_argument("--max-epochs", type=int, default=15)
-    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--rule", choices=["cosine", "plateau"], default="cosine",
+                   help="cosine: lr decayed to 0 over --max-epochs; plateau: constant lr, "
+                   "stop after --patience epochs without a validation gain")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs (cosine; default 10) or the cap (plateau; default 15)")
+    p.add_argument("--patience", type=int, default=3, help="plateau only")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0,
                    help="skip the seeds below this (to split a study between processes)")
     p.add_argument("--only", default="", help="run only the labels containing this text")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS),
                    help="biased: the standard deviations (degrees) of the training angles")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="table1, biased: the Z2CNN/P4CNN dropout (default: the models' 0.3); "
+                   "recorded as a study of its own, <study>-dropout<p>")
     p.add_argument("--resnet-depth", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",
@@ -352,7 +384,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.dataset, args.train_size, args.val_size = "digits", 300, 100
         args.test_size, args.curve_size, args.max_epochs, args.seeds = 200, 100, 3, 1
-    args.out = args.out or Path("runs/gcnn-quick" if args.quick else "runs/gcnn-fmnist")
+    if args.max_epochs is None:
+        args.max_epochs = 10 if args.rule == "cosine" else 15
+    args.out = args.out or Path("runs/gcnn-quick" if args.quick
+                                else f"runs/gcnn-fmnist-{args.rule}")
     return args
 
 

@@ -45,11 +45,43 @@ def test_fit_stops_early_on_a_flat_validation_accuracy():
     torch.manual_seed(0)
     x = torch.rand(16, 1, 28, 28)
     data = ImageDataset(x, torch.zeros(16, dtype=torch.long), [str(i) for i in range(10)])
-    args = gr.parse_args(["table1", "--max-epochs", "9", "--patience", "2"])
+    args = gr.parse_args(["table1", "--rule", "plateau", "--max-epochs", "9",
+                          "--patience", "2"])
     model, info = gr.fit(args, "z2cnn", 28, 0, data, data, width=2)
     # one class only: val accuracy is 1.0 from some epoch on, then cannot improve
     assert info["epochs_run"] == info["best_epoch"] + 2 < 9
     assert len(info["val_acc"]) == info["epochs_run"] and not model.training
+
+
+def test_cosine_rule_trains_every_epoch_and_keeps_the_best():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    data = ImageDataset(x, torch.zeros(16, dtype=torch.long), [str(i) for i in range(10)])
+    args = gr.parse_args(["table1", "--max-epochs", "4", "--patience", "1"])
+    assert args.rule == "cosine" and args.out.name == "gcnn-fmnist-cosine"
+    _, info = gr.fit(args, "z2cnn", 28, 0, data, data, width=2)
+    # the flat validation accuracy would stop the plateau rule; cosine runs all epochs
+    assert info["epochs_run"] == 4 and info["best_epoch"] < 4
+    assert gr.parse_args(["table1"]).max_epochs == 10
+    assert gr.parse_args(["table1", "--rule", "plateau"]).max_epochs == 15
+
+
+def test_dropout_is_a_study_of_its_own(tmp_path):
+    gr.main(["table1", "--column", "rotated", *TINY, "--only", "Z2CNN", "--dropout", "0",
+             "--out", str(tmp_path)])
+    assert not (tmp_path / "table1-rotated.jsonl").exists()
+    recs = [json.loads(x) for x in (tmp_path / "table1-rotated-dropout0.jsonl").open()]
+    assert [r["label"] for r in recs] == ["Z2CNN (28)"]
+    gr.main(["report", "--out", str(tmp_path)])
+    assert "| Z2CNN (28) (rotated only) |" in (tmp_path / "table1-rotated-dropout0.md").read_text()
+
+
+def test_a_study_folder_never_mixes_rules(tmp_path):
+    path = tmp_path / "table2.jsonl"
+    path.write_text(json.dumps({"label": "ResNet (33)", "seed": 0}) + "\n")
+    assert gr.done_keys(path, "plateau") == {("ResNet (33)", 0)}  # old records: plateau
+    with pytest.raises(ValueError, match="--rule plateau"):
+        gr.done_keys(path, "cosine")
 
 
 def test_prepare_and_rotate_fixed():
@@ -86,6 +118,8 @@ def test_table1_tiny_end_to_end_and_resume(tmp_path):
     assert exact["errors"][0]["parts"]["Late"]["mse"] < 1e-10
     assert approx["errors"][0]["parts"]["Late"]["nmse"] > 1e-4
     assert [e["epoch"] for e in exact["errors"]] == [0, 1]
+    assert {r["rule"] for r in recs} == {"cosine"} and recs[0]["max_epochs"] == 1
+    assert all(0 < r["cpu_s"] for r in recs)
     gr.main(["table1", *TINY, "--out", str(tmp_path)])  # everything done: nothing added
     assert len(path.read_text().splitlines()) == 3
     gr.main(["report", "--out", str(tmp_path)])
