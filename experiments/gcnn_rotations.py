@@ -339,8 +339,11 @@ def cmd_report(args) -> None:
                                       "table1.png"),
              "errors": error_table(args.out), "biased": biased_table(args.out),
              "table2": rotation_table(args.out, "table2", None, "table2.png")}
-    for path in sorted(args.out.glob("table1-rotated-dropout*.jsonl")):
-        parts[path.stem] = rotation_table(args.out, "none", path.stem, "unused.png")
+    suffixes = {path.stem.rsplit("-", 1)[1] for path in args.out.glob("table1-*-dropout*.jsonl")}
+    for suffix in sorted(suffixes):  # e.g. "dropout0": its upright and rotated columns
+        parts[f"table1-{suffix}"] = rotation_table(
+            args.out, f"table1-upright-{suffix}", f"table1-rotated-{suffix}",
+            f"table1-{suffix}.png")
     for name, text in parts.items():
         if text:
             write_atomic(args.out / f"{name}.md", text + "\n")

@@ -73,7 +73,13 @@ def test_dropout_is_a_study_of_its_own(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "table1-rotated-dropout0.jsonl").open()]
     assert [r["label"] for r in recs] == ["Z2CNN (28)"]
     gr.main(["report", "--out", str(tmp_path)])
-    assert "| Z2CNN (28) (rotated only) |" in (tmp_path / "table1-rotated-dropout0.md").read_text()
+    assert "| Z2CNN (28) (rotated only) |" in (tmp_path / "table1-dropout0.md").read_text()
+    # with the upright column too, the report pairs both columns of the same dropout
+    gr.main(["table1", "--column", "upright", *TINY, "--only", "Z2CNN", "--dropout", "0",
+             "--out", str(tmp_path)])
+    gr.main(["report", "--out", str(tmp_path)])
+    table = (tmp_path / "table1-dropout0.md").read_text()
+    assert "(rotated only)" not in table and "| Z2CNN (28) | 1 |" in table
 
 
 def test_a_study_folder_never_mixes_rules(tmp_path):
