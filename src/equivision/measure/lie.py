@@ -27,7 +27,7 @@ from ..transforms.layout import Layout, TokenGrid, as_map
 from ..utils import model_device
 from .capture import MeasureError, select_layers, trace_layers
 from .lie_decompose import Decomposition, leaf_names
-from .lie_generators import Generator, as_generators, image_tangent, map_tangent
+from .lie_generators import Generator, acts_as_zero, as_generators, image_tangent, map_tangent
 from .lie_layouts import LayerLayouts, edge_mask
 from .lie_report import LieReport, LieRow, RunningMean, per_image_norm
 from .lie_tangents import OUTPUT, layer_jvps
@@ -98,8 +98,8 @@ def _measure_batch(acc: _Accumulator, layouts: LayerLayouts, names: Sequence[str
         grads: dict[int, Tensor] = {}  # the map's central differences, shared by generators
         for gi, gen in enumerate(gens):
             tan, _ = as_map(*_reshaped(name, jvps[gi][name], layouts, cap.layout))
-            try:  # L f = J L x - L h, and L h = 0 on vectors and under photometric ones
-                delta = tan if gen.photometric or cap.layout.kind == "vector" else \
+            try:  # L f = J L x - L h (L h = 0 where the generator has no action)
+                delta = tan if acts_as_zero(cap.layout, gen) else \
                     tan - map_tangent(cap.value, cap.layout, gen, grads)
             except ValueError as err:
                 acc.notes[(name, gen.name)] = f"not measured: {err}"

@@ -154,6 +154,12 @@ def image_tangent(x: Tensor, gen: Generator) -> Tensor:
     return spatial_tangent(x, gen, 1.0)
 
 
+def acts_as_zero(layout: Layout, gen: Generator) -> bool:
+    """True where ``gen`` has no action on a feature laid out as ``layout``: vectors, and
+    every feature under a photometric generator (:func:`map_tangent` is zero there)."""
+    return gen.photometric or layout.kind == "vector"
+
+
 def map_tangent(h: Tensor, layout: Layout, gen: Generator,
                 cache: dict[int, Tensor] | None = None) -> Tensor:
     """The generator's action on a captured feature ``h`` laid out as ``layout``
@@ -168,7 +174,7 @@ def map_tangent(h: Tensor, layout: Layout, gen: Generator,
         ValueError: a rotation on a group map (an infinitesimal rotation has no action on
             the discrete rotation axis of a p4 / p4m map).
     """
-    if gen.photometric or layout.kind == "vector":
+    if acts_as_zero(layout, gen):
         return torch.zeros_like(h)
     if layout.kind == "group" and gen.kind == "rotate":
         raise ValueError("an infinitesimal rotation has no action on the rotation axis of a "
