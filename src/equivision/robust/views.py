@@ -297,8 +297,9 @@ def masked_pairwise_cosines(aligned: Sequence[Tensor], masks: Sequence[Tensor | 
     ``masks`` their ``(h, w)`` valid masks (None: all valid). Returns ``(B, P)``,
     differentiable; squared norms clamped at 1e-16 as in ``pairwise_cosines``.
 
-    ``"identity"``: the unmasked pairs in one batched product, each masked pair (a
-    rotation's) on its own (:func:`_identity_cosines`; norms clamped at 1e-8). ``"pairs"``:
+    ``"identity"``: every view against view 0 in one :class:`_RefCosines` (only the
+    masked pairs, a rotation's, are multiplied by their masks; norms clamped at 1e-8, the
+    same bound). ``"pairs"``:
     all pairs at once: with ``m_i`` the views' masks and ``s_i(p) = sum_c f_i(c, p)^2``,
     the dot products are those of the masked views ``f_i m_i`` (one batched Gram matrix)
     and the squared norm of view ``i`` over the positions of pair ``(i, j)`` is
