@@ -21,7 +21,7 @@ from typing import Any
 
 from equivision.io import write_atomic
 from equivision.measure import Report, measure
-from support.studies import RunSpec, _slug, train_run
+from support.studies import RunSpec, measure_path, train_run
 
 #: Transformations every pool model is measured under, in one pass: 90° rotations (the
 #: rotation and cosine studies), the mirror, diagonal whole-pixel shifts 1-4 px (valid
@@ -68,7 +68,7 @@ def seed_major(groups: dict[str, list[RunSpec]]) -> list[tuple[str, RunSpec]]:
 
 def report_path(root: Path, spec: RunSpec, transforms: str = POOL_TRANSFORMS) -> Path:
     """Where the pool keeps ``spec``'s measurement (with its random-init baseline)."""
-    return root / spec.name / f"measure-{_slug(transforms)}-ri.json"
+    return measure_path(root, spec, transforms, random_init=True)
 
 
 def pool_record(label: str, spec: RunSpec, root: Path, max_images: int,

@@ -125,6 +125,13 @@ def study_dataset(data: str, split: str, size: int | None = None,
     return ds
 
 
+def measure_path(root: Path, spec: RunSpec, transforms: str, random_init: bool) -> Path:
+    """Where ``spec``'s measurement under ``transforms`` is saved:
+    ``root/spec.name/measure-<transforms>[-ri].json`` (``-ri``: with the random-init
+    baseline)."""
+    return root / spec.name / f"measure-{_slug(transforms)}{'-ri' if random_init else ''}.json"
+
+
 def train_and_measure(spec: RunSpec, root: Path, transforms: str, max_images: int = 2000,
                       device: str = "auto", progress: bool = False,
                       margin: int = 0, random_init: bool = False) -> dict[str, Any]:
@@ -141,8 +148,7 @@ def train_and_measure(spec: RunSpec, root: Path, transforms: str, max_images: in
     rep = measure(model, test_set, transforms, max_images=max_images, progress=progress,
                   model_name=spec.name, margin=margin, random_init=random_init,
                   init_seed=spec.seed)
-    tail = "-ri" if random_init else ""
-    path = root / spec.name / f"measure-{_slug(transforms)}{tail}.json"
+    path = measure_path(root, spec, transforms, random_init)
     rep.save_json(path)
     out = {"spec": asdict(spec), "accuracy": acc, "parts": rep.part_summary(),
            "report": str(path), "seconds": time.time() - t0}
@@ -277,5 +283,6 @@ def load_report(path: str | Path) -> Report:
 
 
 __all__ = ["BASELINE_COLUMNS", "ROTATED_VARIANTS", "RunSpec", "load_report", "markdown_table",
+           "measure_path",
            "mean_std", "plot_parts", "study_dataset", "summarise", "summarise_baselines",
            "train_and_measure", "train_run", "write_results"]
