@@ -38,6 +38,14 @@ seeds; ``--tiny`` shrinks any preset to a few seconds on the CPU through the sam
 batch), three seeds; about 2 min a run on one loaded core
 (``python experiments/ser.py arms --preset cpu --device cpu``).
 
+``--preset cpu-large``: the same arms at the largest size that fits about 45 core-minutes
+for three seeds: 28 px (4 px patches, 7x7 tokens, 10 T_eq canvases), the 48-wide 4-block
+encoder, 768 steps of batch 64 (r = 0.1, 6 SER images a batch); about 5 min a run on an
+idle core (``python experiments/ser.py arms --preset cpu-large --device cpu``).
+
+Every study runs seed by seed (all configurations of seed 0, then of seed 1, ...) and
+rewrites its results after each seed, so that a run stopped part-way leaves paired seeds.
+
 ``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
 numbers mean little; about 20 s of CPU per configuration). ``--size N`` overrides the image
 size of the preset. T_eq resizes whole images to patch-aligned canvases (token area 0.7-1.3
@@ -111,7 +119,23 @@ CPU = {
     "ratios": (0.0, 0.03, 0.06), "severities": (3,),
     "probe_steps": 200, "pretrain_images": 8192, "probe_train": 4000, "probe_test": 2000,
 }
-PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU, "cpu": CPU}
+CPU_LARGE = {
+    # issue 15's arms at the largest size three seeds x three arms fit in ~45 core-minutes
+    # (~5 min a run on an idle core): 28 px with 4 px patches (7x7 tokens, 10 T_eq canvases
+    # instead of 5), 768 steps of batch 64 (3x the cpu preset's steps), r = 0.1 (6 SER images
+    # a batch, as in the cpu preset), 16384 pretraining images
+    "encoder": dict(image_size=28, patch_size=4, dim=48, depth=4, heads=3, cls_layer=2),
+    "data": "fashion-mnist", "patches_per_image": 24, "seeds": (0, 1, 2),
+    "pretrain": dict(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5, ratio=0.1),
+    "ratios": (0.0, 0.05, 0.1), "severities": (3,),
+    "probe_steps": 200, "pretrain_images": 16384, "probe_train": 4000, "probe_test": 2000,
+}
+PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU, "cpu": CPU, "cpu-large": CPU_LARGE}
+#: presets whose methods get the small projection heads (:data:`SMALL_HEADS`)
+SMALL_PRESETS = ("quick", "cpu", "cpu-large")
+#: where each preset writes by default (``runs/<name>``)
+OUT_NAMES = {"quick": "ser-quick", "full": "ser", "gpu": "ser-gpu", "cpu": "ser-cpu",
+             "cpu-large": "ser-cpu-large"}
 
 
 def tiny(scale: dict) -> dict:
@@ -150,7 +174,7 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
         seed_everything(seed)
         encoder = SSLViT(**enc_cfg)
         ser_cfg = None if ser is None else SERConfig(**{"tau": TAU[method], **ser})
-        kw = SMALL_HEADS[method] if args.preset in ("quick", "cpu") or scale.get("tiny") \
+        kw = SMALL_HEADS[method] if args.preset in SMALL_PRESETS or scale.get("tiny") \
             else {}
         m = build_method(method, encoder, ser_cfg, **kw)
         sampler = None
@@ -329,8 +353,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    name = {"quick": "ser-quick", "full": "ser", "gpu": "ser-gpu",
-            "cpu": "ser-cpu"}[args.preset] + ("-tiny" if args.tiny else "") + \
+    name = OUT_NAMES[args.preset] + ("-tiny" if args.tiny else "") + \
         (f"-{args.size}px" if args.size else "")
     args.out = args.out or Path("runs") / name
     scale = tiny(PRESETS[args.preset]) if args.tiny else PRESETS[args.preset]
@@ -338,14 +361,28 @@ def main(argv: list[str] | None = None) -> None:
         scale = {**scale, "encoder": {**scale["encoder"], "image_size": args.size}}
     if args.seeds is not None:
         scale = {**scale, "seeds": args.seeds}
-    entries = []
     with warnings.catch_warnings():
         if args.size is not None and args.size < 32:  # no patch-aligned scale at 16 px
             warnings.filterwarnings("ignore", message="no patch-aligned scale")
+        run_seed_major(args, scale)
+
+
+def run_seed_major(args, scale: dict) -> list[dict[str, Any]]:
+    """Run every configuration of the study seed by seed (all configurations of the first
+    seed, then of the next), writing the results after each seed, so that a run stopped
+    part-way still leaves paired seeds on disk; returns the entries (one per configuration,
+    its ``runs`` in seed order)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for seed in scale["seeds"]:
         for label, kw in study_runs(args, scale):
-            entries.append(run(args, scale, args.study, label, **kw))
-    if rank_and_world()[0] == 0:
-        write(args, args.study, entries)
+            entry = run(args, {**scale, "seeds": (seed,)}, args.study, label, **kw)
+            if label in entries:
+                entries[label]["runs"].extend(entry["runs"])
+            else:
+                entries[label] = entry
+        if rank_and_world()[0] == 0:
+            write(args, args.study, list(entries.values()))
+    return list(entries.values())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 import ser as experiment
 
 from equivision.checkpoint import load_checkpoint
+from equivision.ssl import EquivariantPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,3 +64,52 @@ def test_seeds_override_the_presets(tmp_path):
                      "digits", "--out", str(tmp_path), "--quiet", "--seeds", "7"])
     result = json.loads((tmp_path / "arms.json").read_text())
     assert [r["seed"] for r in result["entries"][0]["runs"]] == [7]
+
+
+def test_cpu_large_preset_trains_longer_on_more_canvases():
+    """``--preset cpu-large``: the same arms with more optimizer steps than ``cpu`` at
+    28 px, where T_eq has more patch-aligned canvases than the five at 16 px."""
+    cpu, large = experiment.PRESETS["cpu"], experiment.PRESETS["cpu-large"]
+
+    def steps(scale: dict) -> int:
+        pre = scale["pretrain"]
+        return pre["epochs"] * (scale["pretrain_images"] // pre["batch_size"])
+
+    assert steps(large) >= 2 * steps(cpu)
+    assert large["data"] == "fashion-mnist" and len(large["seeds"]) == 3
+    enc = large["encoder"]
+    assert enc["image_size"] % enc["patch_size"] == 0
+    assert large["pretrain"]["batch_size"] * large["pretrain"]["ratio"] >= 1
+    at_16px = EquivariantPolicy(16, 4).grids
+    assert len(EquivariantPolicy(enc["image_size"], enc["patch_size"]).grids) > len(at_16px)
+    assert experiment.parse(["arms", "--preset", "cpu-large"]).preset == "cpu-large"
+
+
+def test_cpu_large_runs_seed_major_at_its_image_size(tmp_path, monkeypatch):
+    """The preset's code path (28 px, small heads, in-domain data) at a tiny width, two
+    seeds: every arm of seed 0 runs before seed 1, and the results are written after each
+    seed, so a run stopped part-way still leaves paired seeds."""
+    order, written = [], []
+    real_run, real_write = experiment.run, experiment.write
+
+    def spy_run(args, scale, study, label, **kw):
+        order.append((scale["seeds"], label))
+        return real_run(args, scale, study, label, **kw)
+
+    def spy_write(args, study, entries):
+        written.append([[r["seed"] for r in e["runs"]] for e in entries])
+        real_write(args, study, entries)
+
+    monkeypatch.setattr(experiment, "run", spy_run)
+    monkeypatch.setattr(experiment, "write", spy_write)
+    experiment.main(["arms", "--preset", "cpu-large", "--tiny", "--size", "28", "--device",
+                     "cpu", "--data", "digits", "--out", str(tmp_path), "--quiet",
+                     "--seeds", "0,1"])
+    assert [seeds for seeds, _ in order] == [(0,)] * 3 + [(1,)] * 3
+    assert written == [[[0]] * 3, [[0, 1]] * 3]
+    result = json.loads((tmp_path / "arms.json").read_text())
+    assert result["preset"] == "cpu-large"
+    assert [e["ratio"] for e in result["entries"]] == [0.1, 0.1, 0.0]
+    ckpt = load_checkpoint(tmp_path / "arms" / "mocov3_SER-seed1" / "last.pt")
+    assert ckpt["encoder_config"]["image_size"] == 28
+    assert ckpt["method_kwargs"]["proj_dim"] == experiment.SMALL_HEADS["mocov3"]["proj_dim"]
