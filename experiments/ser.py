@@ -40,8 +40,8 @@ batch), three seeds; about 2 min a run on one loaded core
 
 ``--preset cpu-large``: the same arms at the largest size that fits about 45 core-minutes
 for three seeds: 28 px (4 px patches, 7x7 tokens, 10 T_eq canvases), the 48-wide 4-block
-encoder, 768 steps of batch 64 (r = 0.1, 6 SER images a batch); about 5 min a run on an
-idle core (``python experiments/ser.py arms --preset cpu-large --device cpu``).
+encoder, 768 steps of batch 64 (r = 0.1, 6 SER images a batch); about 4 core-minutes a
+run, 37 for the nine (``python experiments/ser.py arms --preset cpu-large --device cpu``).
 
 Every study runs seed by seed (all configurations of seed 0, then of seed 1, ...) and
 rewrites its results after each seed, so that a run stopped part-way leaves paired seeds.
@@ -121,9 +121,9 @@ CPU = {
 }
 CPU_LARGE = {
     # issue 15's arms at the largest size three seeds x three arms fit in ~45 core-minutes
-    # (~5 min a run on an idle core): 28 px with 4 px patches (7x7 tokens, 10 T_eq canvases
-    # instead of 5), 768 steps of batch 64 (3x the cpu preset's steps), r = 0.1 (6 SER images
-    # a batch, as in the cpu preset), 16384 pretraining images
+    # (measured: 37 for the nine runs): 28 px with 4 px patches (7x7 tokens, 10 T_eq
+    # canvases instead of 5), 768 steps of batch 64 (3x the cpu preset's steps), r = 0.1
+    # (6 SER images a batch, as in the cpu preset), 16384 pretraining images
     "encoder": dict(image_size=28, patch_size=4, dim=48, depth=4, heads=3, cls_layer=2),
     "data": "fashion-mnist", "patches_per_image": 24, "seeds": (0, 1, 2),
     "pretrain": dict(epochs=3, batch_size=64, lr=1e-3, warmup_epochs=0.5, ratio=0.1),
