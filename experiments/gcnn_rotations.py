@@ -281,6 +281,12 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def layout_title(recs_by_label: dict[str, list[dict[str, Any]]]) -> str:
+    """``", layout <name>"`` for plot titles when the records hold Z2CNN / P4CNN runs."""
+    found = {record_layout(r) for rs in recs_by_label.values() for r in rs} - {None}
+    return f", layout {', '.join(sorted(found))}" if found else ""
+
+
 def cell(values, fmt: str = ".3f") -> str:
     """``"mean ± std"`` of the defined values (sample std over seeds), or ``"-"``."""
     m, sd = mean_std(list(values))
@@ -316,7 +322,8 @@ def rotation_table(out: Path, upright: str, rotated: str | None, png: str) -> st
             "| trained+tested rotated (seeds) |", "|---|---|---|---|---|---|---|"]
     if recs:
         plot_accuracy_vs_rotation({k: mean_curve(v) for k, v in recs.items()}, out / png,
-                                  "trained upright, CircleCrop, mean over seeds")
+                                  "trained upright, CircleCrop, mean over seeds"
+                                  + layout_title(recs))
     extra = [f"| {k} (rotated only) | - | - | - | - | - | {cell(r['rotated_test'] for r in v)}"
              f" ({len(v)}) |" for k, v in rot.items() if k not in recs]
     return "\n".join([*head, *rotation_rows(recs, rot), *extra])
@@ -364,7 +371,7 @@ def biased_table(out: Path) -> str:
     if recs:
         plot_accuracy_vs_rotation({k: mean_curve(v) for k, v in recs.items()},
                                   out / "biased.png", "trained on rotations ~ N(45°, sigma), "
-                                  "CircleCrop, mean over seeds")
+                                  "CircleCrop, mean over seeds" + layout_title(recs))
     return "\n".join(rows) if recs else ""
 
 

@@ -122,6 +122,9 @@ def test_a_study_folder_never_mixes_layouts(tmp_path):
     (tmp_path / "table2.jsonl").write_text(json.dumps(
         {"label": "ResNet (33)", "seed": 0, "model": "resnet44"}) + "\n")
     gr.check_layout(tmp_path, "bn-relu")
+    old = gr.load_records(tmp_path / "table1-upright.jsonl")
+    assert gr.layout_title(old) == ", layout bn-relu"
+    assert gr.layout_title(gr.load_records(tmp_path / "table2.jsonl")) == ""
 
 
 def test_prepare_and_rotate_fixed():
