@@ -22,6 +22,13 @@ when the validation accuracy (on the training distribution) has not improved for
 ``--patience`` epochs (at most ``--max-epochs``). Each rule writes to its own folder
 (``runs/gcnn-fmnist-<rule>``), so a table never mixes rules.
 
+The Z2CNN / P4CNN block layout (``--layout``): ``paper`` (default; the paper's "ReLU
+and then batch norm" after each layer, dropout after layers 1-5) or ``bn-relu`` (batch
+norm before ReLU, dropout after all 7 layers: the layout of the first runs, in
+``runs/gcnn-fmnist-<rule>``). Every Z2CNN / P4CNN record holds its layout, and a study
+refuses to add one layout's runs to an ``--out`` folder holding the other's, so a table
+never mixes layouts: give each layout its own ``--out``.
+
 Each trained model appends one JSON line to ``--out/<study>.jsonl``; a rerun skips the
 (label, seed) pairs already there, so an interrupted study resumes. ``--quick`` runs a
 minute-long version on the built-in digits.
@@ -65,6 +72,10 @@ RIGHT = (0.0, 90.0, 180.0, 270.0)
 TABLE1 = (("z2cnn", 28, "Z2CNN (28)", {}), ("p4cnn", 28, "P4CNN exact (28)", {}),
           ("p4cnn", 29, "P4CNN approximate (29)", {}))
 SIGMAS = (20.0, 40.0)
+#: --layout: the Z2CNN / P4CNN arguments of each block layout
+LAYOUTS = {"paper": {"order": "relu-bn", "dropout_layers": 5},
+           "bn-relu": {"order": "bn-relu", "dropout_layers": 7}}
+SEVEN_LAYER = ("z2cnn", "p4cnn")
 
 
 @functools.lru_cache(maxsize=8)
@@ -122,6 +133,23 @@ def fit(args, model_name: str, size: int, seed: int, train_set, val_set, augment
     info = {"epochs_run": len(history["val_acc"]), "best_epoch": stop.best_epoch,
             "val_acc": history["val_acc"], "train_acc": history["train_acc"]}
     return stop.restore(model).eval(), info
+
+
+def record_layout(rec: dict[str, Any]) -> str | None:
+    """A record's ``--layout`` (records written before the option: ``bn-relu``); None for
+    models other than Z2CNN / P4CNN."""
+    return rec.get("layout", "bn-relu") if rec.get("model") in SEVEN_LAYER else None
+
+
+def check_layout(out: Path, layout: str) -> None:
+    """Raise ``ValueError`` if a Z2CNN / P4CNN record in ``out/*.jsonl`` has another
+    layout than ``layout`` (one folder, one layout: its tables never mix them)."""
+    for path in sorted(out.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            found = record_layout(json.loads(line)) if line.strip() else None
+            if found not in (None, layout):
+                raise ValueError(f"{path} holds runs of --layout {found}, not {layout}: pass "
+                                 f"--layout {found} or another --out folder")
 
 
 def done_keys(path: Path, rule: str) -> set[tuple[str, int]]:
@@ -188,6 +216,8 @@ def run_study(args, study: str, jobs) -> None:
     """Run ``jobs`` = ``[(label, seed, fn, fn_args)]`` not yet in ``study``'s records."""
     path = args.out / f"{study}.jsonl"
     done = done_keys(path, args.rule)
+    if any(job[3][0] in SEVEN_LAYER for job in jobs):
+        check_layout(args.out, args.layout)
     for label, seed, fn, fn_args in jobs:
         if (label, seed) in done or seed < args.first_seed or args.only not in label:
             continue
@@ -198,17 +228,21 @@ def run_study(args, study: str, jobs) -> None:
                    cpu_s=round(time.process_time() - c0, 1), dataset=args.dataset,
                    sizes=[args.train_size, args.val_size, args.test_size, args.curve_size],
                    max_epochs=args.max_epochs, patience=args.patience, rule=args.rule)
+        if fn_args[0] in SEVEN_LAYER:
+            rec["layout"] = args.layout
         append_record(path, rec)
         print(f"{study} {label} seed {seed}: best epoch {rec['best_epoch']} of "
               f"{rec['epochs_run']}, {rec['wall_s']} s wall, {rec['cpu_s']} s CPU", flush=True)
 
 
-def with_dropout(args, study: str) -> tuple[str, dict[str, float]]:
-    """The study's name and the models' extra arguments under ``--dropout`` (a study of
-    its own, ``<study>-dropout<p>``, so the default dropout's records stay apart)."""
+def with_dropout(args, study: str) -> tuple[str, dict[str, Any]]:
+    """The study's name and the Z2CNN / P4CNN arguments: ``--layout``'s, and ``--dropout``
+    (a study of its own, ``<study>-dropout<p>``, so the default dropout's records stay
+    apart)."""
+    extra: dict[str, Any] = dict(LAYOUTS[args.layout])
     if args.dropout is None:
-        return study, {}
-    return f"{study}-dropout{args.dropout:g}", {"dropout": args.dropout}
+        return study, extra
+    return f"{study}-dropout{args.dropout:g}", {**extra, "dropout": args.dropout}
 
 
 def cmd_table1(args) -> None:
@@ -247,6 +281,12 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def layout_title(recs_by_label: dict[str, list[dict[str, Any]]]) -> str:
+    """``", layout <name>"`` for plot titles when the records hold Z2CNN / P4CNN runs."""
+    found = {record_layout(r) for rs in recs_by_label.values() for r in rs} - {None}
+    return f", layout {', '.join(sorted(found))}" if found else ""
+
+
 def cell(values, fmt: str = ".3f") -> str:
     """``"mean ± std"`` of the defined values (sample std over seeds), or ``"-"``."""
     m, sd = mean_std(list(values))
@@ -282,7 +322,8 @@ def rotation_table(out: Path, upright: str, rotated: str | None, png: str) -> st
             "| trained+tested rotated (seeds) |", "|---|---|---|---|---|---|---|"]
     if recs:
         plot_accuracy_vs_rotation({k: mean_curve(v) for k, v in recs.items()}, out / png,
-                                  "trained upright, CircleCrop, mean over seeds")
+                                  "trained upright, CircleCrop, mean over seeds"
+                                  + layout_title(recs))
     extra = [f"| {k} (rotated only) | - | - | - | - | - | {cell(r['rotated_test'] for r in v)}"
              f" ({len(v)}) |" for k, v in rot.items() if k not in recs]
     return "\n".join([*head, *rotation_rows(recs, rot), *extra])
@@ -330,7 +371,7 @@ def biased_table(out: Path) -> str:
     if recs:
         plot_accuracy_vs_rotation({k: mean_curve(v) for k, v in recs.items()},
                                   out / "biased.png", "trained on rotations ~ N(45°, sigma), "
-                                  "CircleCrop, mean over seeds")
+                                  "CircleCrop, mean over seeds" + layout_title(recs))
     return "\n".join(rows) if recs else ""
 
 
@@ -378,6 +419,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=None,
                    help="table1, biased: the Z2CNN/P4CNN dropout (default: the models' 0.3); "
                    "recorded as a study of its own, <study>-dropout<p>")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="paper",
+                   help="table1, biased: Z2CNN/P4CNN blocks as in the paper (conv, ReLU, batch "
+                   "norm; dropout after layers 1-5) or bn-relu (batch norm before ReLU, dropout "
+                   "after all 7: the first runs' layout); one layout per --out folder")
     p.add_argument("--resnet-depth", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true",

@@ -90,6 +90,43 @@ def test_a_study_folder_never_mixes_rules(tmp_path):
         gr.done_keys(path, "cosine")
 
 
+def test_layout_reaches_the_models_and_the_records(tmp_path, monkeypatch):
+    built = []
+    create = gr.create_model
+
+    def spy(name, **kwargs):
+        model = create(name, **kwargs)
+        built.append((name, model.order, model.dropout_layers))
+        return model
+
+    monkeypatch.setattr(gr, "create_model", spy)
+    gr.main(["table1", "--column", "rotated", *TINY, "--only", "Z2CNN",
+             "--out", str(tmp_path / "paper")])
+    gr.main(["table1", "--column", "rotated", *TINY, "--only", "Z2CNN", "--layout", "bn-relu",
+             "--out", str(tmp_path / "old")])
+    assert built == [("z2cnn", "relu-bn", 5), ("z2cnn", "bn-relu", 7)]
+    for folder, layout in (("paper", "paper"), ("old", "bn-relu")):
+        recs = [json.loads(x) for x in (tmp_path / folder / "table1-rotated.jsonl").open()]
+        assert [r["layout"] for r in recs] == [layout]
+
+
+def test_a_study_folder_never_mixes_layouts(tmp_path):
+    # a record written before --layout existed is the bn-relu layout
+    (tmp_path / "table1-upright.jsonl").write_text(json.dumps(
+        {"label": "Z2CNN (28)", "seed": 0, "model": "z2cnn", "rule": "cosine"}) + "\n")
+    with pytest.raises(ValueError, match="holds runs of --layout bn-relu, not paper"):
+        gr.main(["table1", "--column", "rotated", *TINY, "--out", str(tmp_path)])
+    assert not (tmp_path / "table1-rotated.jsonl").exists()
+    gr.check_layout(tmp_path, "bn-relu")  # the same layout: accepted
+    # ResNet records carry no layout and never conflict
+    (tmp_path / "table2.jsonl").write_text(json.dumps(
+        {"label": "ResNet (33)", "seed": 0, "model": "resnet44"}) + "\n")
+    gr.check_layout(tmp_path, "bn-relu")
+    old = gr.load_records(tmp_path / "table1-upright.jsonl")
+    assert gr.layout_title(old) == ", layout bn-relu"
+    assert gr.layout_title(gr.load_records(tmp_path / "table2.jsonl")) == ""
+
+
 def test_prepare_and_rotate_fixed():
     x = torch.rand(3, 1, 28, 28)
     data = ImageDataset(x, torch.tensor([0, 1, 2]), ["a", "b", "c"])

@@ -54,7 +54,8 @@ def test_cnn7_kwargs():
     model = create_model("cnn7", in_channels=3, num_classes=5, width=8, padding=1, dropout=0.0)
     assert model.equivision_name == "cnn7"
     assert model.equivision_kwargs == {
-        "in_channels": 3, "num_classes": 5, "width": 8, "padding": 1, "dropout": 0.0
+        "in_channels": 3, "num_classes": 5, "width": 8, "padding": 1, "dropout": 0.0,
+        "order": "bn-relu", "dropout_layers": 7,
     }
     assert model.fc.out_features == 5 and model.features.conv3.out_channels == 8
     assert model.min_size == 4

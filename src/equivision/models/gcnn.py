@@ -1,9 +1,13 @@
 """p4 / p4m group-equivariant networks and their plain counterparts.
 
 * ``z2cnn`` / ``p4cnn``: the 7-layer Z2CNN and P4CNN of Cohen & Welling (2016) as used by
-  Edixhoven et al. (2023). ``z2cnn`` is :class:`~equivision.models.cnn.CNN7`; P4CNN has
-  ``int(20 / sqrt(G))`` channels so that both have about the same number of parameters.
-  Exact at 28x28, not at 27x27 or 29x29 (odd size before the 2x2 max pool).
+  Edixhoven et al. (2023), in that paper's layout by default: each convolution followed
+  by ReLU and then batch norm, dropout 0.3 after layers 1-5 only (``order="relu-bn"``,
+  ``dropout_layers=5``; ``order="bn-relu", dropout_layers=7`` is the layout the first
+  runs of issue 13 used, and ``cnn7``'s default). ``z2cnn`` is
+  :class:`~equivision.models.cnn.CNN7`; P4CNN has ``int(20 / sqrt(G))`` channels so that
+  both have about the same number of parameters. Exact at 28x28, not at 27x27 or 29x29
+  (odd size before the 2x2 max pool).
 * ``resnet44`` / ``p4resnet44``: CIFAR-style ResNet (6n+2 layers, widths 16/32/64, 1x1
   stride-2 projection shortcuts with batch norm); p4 widths divided by sqrt(G). Exact at
   33x33, not at 32x32.
@@ -19,14 +23,22 @@ global pooling and the classifier. The group models return group feature maps
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ..gcnn.layers import GroupConv2d, group_order
 from ..gcnn.norm_pool import GroupBatchNorm2d, GroupGlobalPool, GroupMaxPool2d
-from .cnn import CNN7, GlobalAvgPool, _check_input, _check_int, _check_prob
+from .cnn import (
+    CNN7,
+    GlobalAvgPool,
+    _check_dropout_layers,
+    _check_input,
+    _check_int,
+    _check_order,
+    _check_prob,
+    seven_layer_features,
+)
 from .registry import register_model
 
 __all__ = ["BasicBlock", "Ops", "P4CNN", "ResNet", "p4cnn", "p4resnet18", "p4resnet44",
@@ -105,13 +117,20 @@ def _min_size(padding: int) -> int:
 
 # ---- 7-layer P4CNN -------------------------------------------------------------------------
 class P4CNN(nn.Module):
-    """The 7-layer P4CNN (Cohen & Welling 2016): CNN7 with group convolutions.
+    """The 7-layer P4CNN (Cohen & Welling 2016): Z2CNN with group convolutions.
 
     ``features.conv1`` lifts images to ``group`` maps; ``features.conv{2..7}`` are group
     convolutions (3x3, 4x4 for layer 7, ``width`` channels, ``padding``), each followed by
-    ``features.bn{i}`` (:class:`GroupBatchNorm2d`), ``features.relu{i}``,
-    ``features.drop{i}``; ``features.maxpool2`` (2x2) after layer 2; then ``pool``
-    (coset max pooling + spatial average, :class:`GroupGlobalPool`) and ``fc``.
+    ``features.relu{i}`` and ``features.bn{i}`` (:class:`GroupBatchNorm2d`) in ``order``,
+    and by ``features.drop{i}`` for i <= ``dropout_layers``; ``features.maxpool2`` (2x2)
+    after layer 2; then ``pool`` (coset max pooling + spatial average,
+    :class:`GroupGlobalPool`) and ``fc``.
+
+    The defaults are Edixhoven et al.'s (2023) layout: ReLU then batch norm
+    (``order="relu-bn"``), dropout after layers 1-5 (``dropout_layers=5``);
+    ``order="bn-relu", dropout_layers=7`` is the layout of the first issue-13 runs.
+    ``equivision_layers`` names each block's output (``features.bn{i}`` in the paper's
+    layout, ``features.relu{i}`` in the other), then ``pool`` and ``fc``.
 
     ``width=None`` gives ``int(20 / sqrt(G))``: 10 for p4, 7 for p4m.
 
@@ -120,7 +139,8 @@ class P4CNN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int | None = None,
-                 padding: int = 0, dropout: float = 0.3, group: str = "p4") -> None:
+                 padding: int = 0, dropout: float = 0.3, group: str = "p4",
+                 order: str = "relu-bn", dropout_layers: int = 5) -> None:
         super().__init__()
         self.group = _check_group("p4cnn", group)
         ops = Ops(group)
@@ -130,22 +150,16 @@ class P4CNN(nn.Module):
         self.width = _check_int("p4cnn", "width", width, 1)
         self.padding = _check_int("p4cnn", "padding", padding, 0)
         self.dropout = _check_prob("p4cnn", dropout)
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        channels = in_channels
-        for i in range(1, 8):
-            layers[f"conv{i}"] = ops.conv(channels, width, 4 if i == 7 else 3, padding=padding,
-                                          lifting=i == 1)
-            layers[f"bn{i}"] = ops.bn(width)
-            layers[f"relu{i}"] = nn.ReLU()
-            layers[f"drop{i}"] = nn.Dropout(dropout)
-            if i == 2:
-                layers["maxpool2"] = ops.maxpool(2, 2)
-            channels = width
-        self.features = nn.Sequential(layers)
+        self.order = _check_order("p4cnn", order)
+        self.dropout_layers = _check_dropout_layers("p4cnn", dropout_layers)
+        self.features, points = seven_layer_features(
+            lambda i, cin, k: ops.conv(cin, width, k, padding=padding, lifting=i == 1),
+            ops.bn, lambda: ops.maxpool(2, 2), in_channels, width, order, dropout,
+            dropout_layers)
         self.pool = ops.global_pool()
         self.fc = nn.Linear(width, num_classes)
         #: measurement points: each conv block's output, the pooling, the logits
-        self.equivision_layers = [f"features.relu{i}" for i in range(1, 8)] + ["pool", "fc"]
+        self.equivision_layers = points + ["pool", "fc"]
         self.min_size = _min_size(padding)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,16 +274,21 @@ def _imagenet_resnet18(name: str, group: str | None, in_channels: int, num_class
 # ---- registry ------------------------------------------------------------------------------
 @register_model("z2cnn")
 def z2cnn(in_channels: int = 1, num_classes: int = 10, width: int = 20, padding: int = 0,
-          dropout: float = 0.3) -> CNN7:
-    """The paper's Z2CNN, the plain baseline of P4CNN: the same network as ``cnn7``."""
-    return CNN7(in_channels, num_classes, width, padding, dropout)
+          dropout: float = 0.3, order: str = "relu-bn", dropout_layers: int = 5) -> CNN7:
+    """The paper's Z2CNN, the plain baseline of P4CNN: :class:`CNN7` in Edixhoven et al.'s
+    layout by default (ReLU then batch norm, dropout after layers 1-5); ``cnn7`` is the
+    same network in the ``"bn-relu"`` layout with dropout after all 7 layers."""
+    return CNN7(in_channels, num_classes, width, padding, dropout, order, dropout_layers)
 
 
 @register_model("p4cnn")
 def p4cnn(in_channels: int = 1, num_classes: int = 10, width: int | None = None,
-          padding: int = 0, dropout: float = 0.3, group: str = "p4") -> P4CNN:
-    """The 7-layer P4CNN (``group="p4m"`` for P4MCNN); see :class:`P4CNN`. Exact at 28x28."""
-    return P4CNN(in_channels, num_classes, width, padding, dropout, group)
+          padding: int = 0, dropout: float = 0.3, group: str = "p4", order: str = "relu-bn",
+          dropout_layers: int = 5) -> P4CNN:
+    """The 7-layer P4CNN (``group="p4m"`` for P4MCNN) in Edixhoven et al.'s layout by
+    default; see :class:`P4CNN`. Exact at 28x28."""
+    return P4CNN(in_channels, num_classes, width, padding, dropout, group, order,
+                 dropout_layers)
 
 
 @register_model("resnet44")
