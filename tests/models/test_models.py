@@ -158,3 +158,24 @@ def test_create_model_module_attr():
         create_model("no_such_module:thing")
     with pytest.raises(TypeError, match="not an nn.Module"):
         create_model("collections:OrderedDict")
+
+
+@pytest.mark.parametrize("name", ["z2cnn", "p4cnn"])
+def test_checkpoint_from_before_the_layout_option_keeps_its_layout(tmp_path, name):
+    """A z2cnn / p4cnn checkpoint whose arguments predate ``order`` / ``dropout_layers``
+    was trained in the old layout; it must not load silently into the new default."""
+    from equivision.checkpoint import save_checkpoint
+    from equivision.models import model_from_checkpoint
+
+    old = create_model(name, order="bn-relu", dropout_layers=7).eval()
+    kwargs = {k: v for k, v in old.equivision_kwargs.items()
+              if k not in ("order", "dropout_layers")}  # as written before the options
+    path = save_checkpoint(tmp_path / "old.pt", {
+        "model": old.state_dict(), "model_name": name, "model_kwargs": kwargs})
+    x = torch.rand(2, 1, 28, 28)
+    for again in (model_from_checkpoint(path), create_model(name, checkpoint=path).eval()):
+        assert again.equivision_kwargs["order"] == "bn-relu"
+        assert again.equivision_kwargs["dropout_layers"] == 7
+        assert torch.equal(again(x), old(x))
+    new = create_model(name)  # without a checkpoint: today's default, the paper's layout
+    assert new.equivision_kwargs["order"] == "relu-bn"

@@ -39,7 +39,7 @@ from .cnn import (
     _check_prob,
     seven_layer_features,
 )
-from .registry import register_model
+from .registry import register_legacy_arguments, register_model
 
 __all__ = ["BasicBlock", "Ops", "P4CNN", "ResNet", "p4cnn", "p4resnet18", "p4resnet44",
            "resnet18", "resnet44", "z2cnn"]
@@ -289,6 +289,11 @@ def p4cnn(in_channels: int = 1, num_classes: int = 10, width: int | None = None,
     default; see :class:`P4CNN`. Exact at 28x28."""
     return P4CNN(in_channels, num_classes, width, padding, dropout, group, order,
                  dropout_layers)
+
+
+# checkpoints written before the layout options existed hold the old layout
+for _name in ("z2cnn", "p4cnn"):
+    register_legacy_arguments(_name, order="bn-relu", dropout_layers=7)
 
 
 @register_model("resnet44")

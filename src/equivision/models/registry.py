@@ -32,7 +32,7 @@ from ..registry import Registry
 
 __all__ = [
     "MODELS", "register_model", "create_model", "list_models", "model_defaults",
-    "model_from_checkpoint",
+    "model_from_checkpoint", "register_legacy_arguments",
 ]
 
 Builder = Callable[..., nn.Module]
@@ -40,6 +40,28 @@ B = TypeVar("B", bound=Builder)
 
 #: Every registered model builder, by name.
 MODELS: Registry[Builder] = Registry("model")
+
+#: Per model name: arguments added after checkpoints of the model were written, with the
+#: value those older checkpoints were built with (see :func:`register_legacy_arguments`).
+LEGACY_ARGUMENTS: dict[str, dict[str, Any]] = {}
+
+
+def register_legacy_arguments(name: str, **values: Any) -> None:
+    """Declare that checkpoints of model ``name`` written before the arguments ``values``
+    existed were built with these values.
+
+    A checkpoint whose stored arguments lack such a key is rebuilt with the legacy value,
+    not with today's default, so that changing a default never silently changes what an
+    old checkpoint computes (e.g. ``z2cnn``'s block order).
+    """
+    LEGACY_ARGUMENTS.setdefault(name, {}).update(values)
+
+
+def _with_legacy(name: str, stored: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` (a checkpoint's arguments of model ``name``) with the legacy value of
+    every argument it lacks."""
+    missing = {k: v for k, v in LEGACY_ARGUMENTS.get(name, {}).items() if k not in stored}
+    return {**missing, **stored}
 
 
 def register_model(name: str) -> Callable[[B], B]:
@@ -150,7 +172,7 @@ def _stored_kwargs(name: str, checkpoint: str | os.PathLike) -> dict[str, Any]:
         return {}  # a bare state dict, or broken: load_model_weights says which
     if state.get("model_name") != name or not isinstance(state.get("model_kwargs"), dict):
         return {}
-    return dict(state["model_kwargs"])
+    return _with_legacy(name, dict(state["model_kwargs"]))
 
 
 def _build_registered(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -206,6 +228,7 @@ def model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") ->
             "was not built with equivision.models.create_model); build the model yourself and "
             "call load_model_weights(model, path)"
         )
+    kwargs = _with_legacy(name, kwargs)
     try:
         model = create_model(name, **kwargs)
     except (TypeError, ValueError) as e:
