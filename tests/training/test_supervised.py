@@ -372,3 +372,30 @@ def test_step_hooks_fire_after_every_supervised_step(tmp_path):
     train(small(), Pairs(40), config=cfg, out_dir=tmp_path, resume=True, progress=False,
           callbacks=[rest])
     assert first.steps == list(range(1, 6)) and rest.steps == list(range(6, 16))
+
+
+def _drop_layout_arguments(path):
+    """Rewrite a training checkpoint as one written before ``order`` / ``dropout_layers``
+    existed."""
+    state = load_checkpoint(path)
+    state["model_kwargs"] = {k: v for k, v in state["model_kwargs"].items()
+                             if k not in ("order", "dropout_layers")}
+    save_checkpoint(path, state)
+
+
+def test_resume_from_a_checkpoint_older_than_an_argument(tmp_path):
+    """An argument added since the checkpoint was written counts with the value the old
+    model had: cnn7's default, z2cnn's legacy layout; a model in another layout is refused."""
+    data = Pairs(8, size=28)
+    for name, old in (("cnn7", {}), ("z2cnn", {"order": "bn-relu", "dropout_layers": 7})):
+        out = tmp_path / name
+        torch.manual_seed(0)
+        train(create_model(name, width=4, num_classes=2, **old), data,
+              config=quiet(epochs=1), out_dir=out, progress=False)
+        _drop_layout_arguments(out / "last.pt")
+        hist = train(create_model(name, width=4, num_classes=2, **old), data,
+                     config=quiet(epochs=2), out_dir=out, resume=True, progress=False)
+        assert len(hist["train_loss"]) == 2
+    with pytest.raises(CheckpointError, match="order"):
+        train(create_model("z2cnn", width=4, num_classes=2), data, config=quiet(epochs=3),
+              out_dir=tmp_path / "z2cnn", resume=True, progress=False)

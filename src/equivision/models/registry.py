@@ -32,7 +32,7 @@ from ..registry import Registry
 
 __all__ = [
     "MODELS", "register_model", "create_model", "list_models", "model_defaults",
-    "model_from_checkpoint", "register_legacy_arguments",
+    "model_from_checkpoint", "register_legacy_arguments", "checkpoint_arguments",
 ]
 
 Builder = Callable[..., nn.Module]
@@ -62,6 +62,20 @@ def _with_legacy(name: str, stored: dict[str, Any]) -> dict[str, Any]:
     every argument it lacks."""
     missing = {k: v for k, v in LEGACY_ARGUMENTS.get(name, {}).items() if k not in stored}
     return {**missing, **stored}
+
+
+def checkpoint_arguments(name: str, stored: dict[str, Any]) -> dict[str, Any]:
+    """Every argument a checkpoint of registered model ``name`` was built with: its stored
+    ``model_kwargs``, then the legacy value (:func:`register_legacy_arguments`) or else
+    today's default of each argument it lacks (one added since it was written).
+
+    Compare this, not the raw stored dict, with a model's ``equivision_kwargs``.
+    """
+    if name not in MODELS:
+        return dict(stored)
+    defaults = {k: v for k, v in model_defaults(name).items()
+                if v is not inspect.Parameter.empty}
+    return {**defaults, **_with_legacy(name, stored)}
 
 
 def register_model(name: str) -> Callable[[B], B]:

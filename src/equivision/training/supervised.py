@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, _load_weights, check_weights_only_safe
 from ..metrics import ConfusionMeter
+from ..models.registry import checkpoint_arguments
 from ..utils import model_device, resolve_device, seed_everything
 from .batches import (
     apply_augment,
@@ -146,6 +147,8 @@ def _check_resume_model(model: nn.Module, ckpt: dict[str, Any], where: str) -> N
     """Refuse a checkpoint of another model (name, arguments or class)."""
     name, kwargs = _model_identity(model)
     c_name, c_kwargs = ckpt.get("model_name"), ckpt.get("model_kwargs")
+    if isinstance(c_name, str) and isinstance(c_kwargs, dict):
+        c_kwargs = checkpoint_arguments(c_name, c_kwargs)  # arguments added since it was saved
     if name is not None and c_name is not None and (name, kwargs) != (c_name, c_kwargs):
         raise CheckpointError(
             f"cannot resume from {where}: it holds model {c_name!r} with arguments "
