@@ -1,5 +1,6 @@
 """Patch-wise NT-Xent (gradients!), base SSL losses and the methods with/without SER."""
 
+import math
 import warnings
 
 import pytest
@@ -254,3 +255,32 @@ def test_bad_configuration_messages():
         MoCoV3(tiny_vit(), SERConfig(variant="bogus"))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="SSLViT"):
         MoCoV3(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def test_dino_collapse_stats_tell_uniform_from_one_hot_from_healthy():
+    crit = DINOLoss(8)  # teacher temperature 0.04 at the start
+    k = 8
+    same = torch.randn(1, k).repeat(6, 1) * 0.5
+    crit.center.copy_(same[:1])  # the centre has caught up with a constant output
+    uniform = crit.collapse_stats(same)
+    assert uniform["entropy_sample"] == pytest.approx(math.log(k), abs=1e-5)
+    assert uniform["entropy_mean"] == pytest.approx(math.log(k), abs=1e-5)
+    assert uniform["image_std"] == pytest.approx(0.0, abs=1e-6)
+    crit.center.zero_()
+    dominant = crit.collapse_stats(torch.eye(k)[[0] * 6])  # one prototype for every image
+    assert dominant["entropy_mean"] < 0.01 and dominant["entropy_sample"] < 0.01
+    healthy = crit.collapse_stats(torch.eye(k)[[0, 1, 2, 3, 4, 5]])
+    assert healthy["entropy_sample"] < 0.01 < math.log(6) - 0.01 < healthy["entropy_mean"]
+    assert healthy["max_entropy"] == pytest.approx(math.log(k))
+    with pytest.raises(ValueError, match="teacher logits"):
+        crit.collapse_stats(torch.zeros(3, k + 1))
+
+
+def test_dino_method_collapse_stats_read_the_teacher():
+    method = DINO(tiny_vit(), None, **METHOD_KW["dino"])
+    stats = method.collapse_stats(batch(4).views[0])
+    assert set(stats) == {"entropy_sample", "entropy_mean", "max_entropy", "logit_std",
+                          "image_std"}
+    assert 0 <= stats["entropy_sample"] <= stats["entropy_mean"] + 1e-6
+    assert stats["entropy_mean"] <= stats["max_entropy"] + 1e-6
+    assert 0 < stats["logit_std"] <= 1

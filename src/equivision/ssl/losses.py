@@ -199,6 +199,33 @@ class DINOLoss(nn.Module):
         return total / pairs
 
     @torch.no_grad()
+    def collapse_stats(self, teacher: Tensor) -> dict[str, float]:
+        """How far teacher logits ``(B, K)`` are from DINO's two collapses, with the
+        current centre and teacher temperature (local batch; nothing is updated).
+
+        * ``entropy_sample``: mean per-image entropy of the teacher distribution (nats);
+          near ``max_entropy = ln K``: uniform collapse (every output flat).
+        * ``entropy_mean``: entropy of the batch-mean distribution; near 0: one
+          prototype dominates for every image (dominant-dimension collapse).
+          A healthy teacher has ``entropy_sample`` well below ``entropy_mean``, and
+          ``entropy_mean`` close to ``max_entropy``.
+        * ``logit_std``: per-image std over the K logits before centring and temperature
+          (they are cosines, so at most 1); ``image_std``: std over the images of each
+          logit, averaged over K (what differs between images; divided by the
+          temperature it bounds how sharp the centred teacher can be).
+        """
+        if teacher.dim() != 2 or teacher.shape[1] != self.center.shape[1]:
+            raise ValueError(f"expected teacher logits (B, {self.center.shape[1]}), got "
+                             f"{tuple(teacher.shape)}")
+        p = F.softmax((teacher - self.center) / self.current_teacher_temp, dim=-1)
+        mean = p.mean(0)
+        return {"entropy_sample": float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()),
+                "entropy_mean": float(-(mean * mean.clamp_min(1e-30).log()).sum()),
+                "max_entropy": math.log(teacher.shape[1]),
+                "logit_std": float(teacher.std(-1).mean()),
+                "image_std": float(teacher.std(0).mean()) if teacher.shape[0] > 1 else 0.0}
+
+    @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
         """EMA of the global-batch mean of teacher logits ``(B, K)``."""
         s = all_reduce_sum(teacher.sum(0, keepdim=True))

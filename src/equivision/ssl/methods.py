@@ -395,6 +395,12 @@ class DINO(SSLMethod):
         _ema(self.teacher_head, self.head, self.momentum)
         self.criterion.set_progress(step + 1, total_steps)
 
+    @torch.no_grad()
+    def collapse_stats(self, images: Tensor) -> dict[str, float]:
+        """The teacher's :meth:`DINOLoss.collapse_stats` on ``images (B, C, H, W)``
+        (unaugmented; a fixed held-out batch makes a collapse monitor)."""
+        return self.criterion.collapse_stats(self.teacher_head(self.teacher_backbone(images).cls))
+
 
 class BarlowTwins(SSLMethod):
     """Barlow Twins: 3-layer BN-ReLU projector, loss with off-diagonal weight ``lambd``."""
