@@ -124,8 +124,9 @@ TASKS: dict[str, dict[str, Any]] = {
 FASHION_CLS: dict[str, Any] = dict(
     dataset="fashion-mnist", size=28, model="cnn7", model_kwargs=dict(padding=1, dropout=0.1),
     eps=0.1, eps_v_ratio=1.5, head_layer="features.relu6", strong="cw", metric="accuracy",
-    feature_layer="features.relu6", augment="views", epochs=2, train_n=20000, seeds=(0, 1, 2),
+    feature_layer="features.relu6", augment="views", epochs=4, train_n=None, seeds=(0, 1, 2),
     train=dict(lr=2e-3, batch_size=64, optimizer="adam", weight_decay=0.0),
+    channels_last=True,
 )
 DATA_CHOICES = ("digits", "fashion-mnist")
 COLUMNS = ("Vanilla", "Random", "Rotation", "Contrastive", "Invariance", "Equivariance")
@@ -203,13 +204,16 @@ def train_model(ctx: Ctx, task: str, seed: int) -> nn.Module:
     ckpt = run_dir / "last.pt"
     epochs = t.get("epochs") or ctx.scale["cls_epochs" if task == "cls" else "seg_epochs"]
     config = TrainConfig(epochs=epochs, seed=seed, device="cpu", **t["train"])
+    # channels-last weights: 1.6-1.9x faster convolutions of cnn7 on one CPU thread (same
+    # numbers up to rounding), for training and for every purification and attack
+    fmt = torch.channels_last if t.get("channels_last") else torch.contiguous_format
     if ckpt.exists():
-        model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt).to(memory_format=fmt)
         if int(torch.load(ckpt, weights_only=True)["epoch"]) >= epochs:
             return model.eval()
     torch.manual_seed(seed)
     in_ch = 1 if task == "cls" else 3
-    model = create_model(t["model"], in_channels=in_ch, **t["model_kwargs"])
+    model = create_model(t["model"], in_channels=in_ch, **t["model_kwargs"]).to(memory_format=fmt)
     augment = ViewAugment() if t.get("augment") == "views" else None
     train(model, ctx.data(task, "train"), config=config, out_dir=run_dir,
           resume=ckpt.exists(), progress=False, augment=augment)
