@@ -41,6 +41,14 @@ def test_fashion_ctx_trains_cnn7_with_view_augment(tmp_path: Path,
     model = ctx.model("cls", 0)
     assert not model.training
     assert (ctx.models_dir / "cls-cnn7-seed0" / "last.pt").exists()
+    # channels-last weights (faster on CPU), also when reloaded from the checkpoint
+    w = model.features.conv2.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    again = Ctx(True, tmp_path / "runs", "fashion-mnist")
+    again.tasks["cls"] = ctx.tasks["cls"]
+    reloaded = again.model("cls", 0).features.conv2.weight
+    assert reloaded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(reloaded, w)
     with torch.no_grad():  # any size the defense's views make (0.3x of 28 px = 8 px)
         assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     digits = Ctx(True, tmp_path / "runs")
