@@ -15,6 +15,8 @@ Sub-commands (each takes ``--quick``; ``all`` runs them in order):
     table5   equivariance defense with subsets of the transformations
     table6   eps_v trade-off: clean vs robust metric for several eps_v
     fig3     robust metric against the number of constraints K (PNG)
+    throughput  images per core-second of a defended prediction and of one BPDA+EOT
+             draw-step, batch 1 / 16 / 64, T = 5 / 20 (plans the sizes of ``worstcase``)
     checks   honest-evaluation checks: undefended robustness, transfer vs white-box,
              metric -> 0 as eps grows, more steps/restarts, worst case over repeated
              defended predictions, the released code's preset vs ours
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from support.defense_throughput import throughput
 from support.view_augment import ViewAugment
 from support.worstcase import COLUMNS as WORST_COLUMNS
 from support.worstcase import WORST_FULL, WORST_QUICK, worstcase, worstcase_markdown
@@ -555,6 +558,27 @@ def cmd_worstcase(ctx: Ctx) -> dict[str, Any]:
     return {"results": out, "markdown": md, "worst_settings": st}
 
 
+def cmd_throughput(ctx: Ctx) -> dict[str, Any]:
+    """Images per core-second of the equivariance defense's prediction and of one BPDA+EOT
+    draw-step on the classifier (an untrained model of the task's architecture: the cost
+    does not depend on the weights), batch 1 / 16 / 64, T = 5 / 20 (quick: batch 1 / 4,
+    T = 2)."""
+    t = ctx.tasks["cls"]
+    torch.manual_seed(0)
+    model = create_model(t["model"], in_channels=1, **t["model_kwargs"]).eval()
+    if t.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    rows = throughput(model, t["feature_layer"], ctx.eps("cls"), ctx.eps_v("cls"),
+                      (1, t["size"], t["size"]), batches=(1, 4) if ctx.quick else (1, 16, 64),
+                      steps=(2,) if ctx.quick else (5, 20), budget=0.1 if ctx.quick else 2.0)
+    lines = ["| T | batch | defended predictions / core-s | BPDA draw-steps / core-s |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['T']} | {r['batch']} | {r['predict']:.1f} | {r['bpda_step']:.1f} |"
+              for r in rows]
+    return {"results": rows, "markdown": f"{t['model']} at {t['size']} px, "
+            f"{torch.get_num_threads()} thread(s)\n\n" + "\n".join(lines)}
+
+
 COMMANDS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "models": cmd_models,
     "table1": lambda ctx: paper_table(ctx, "cls"),
@@ -564,6 +588,7 @@ COMMANDS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "table6": cmd_table6,
     "fig3": cmd_fig3,
     "checks": cmd_checks,
+    "throughput": cmd_throughput,
     "worstcase": cmd_worstcase,
 }
 
@@ -669,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         tasks = _task_list(parser, args.check_tasks, "--check-tasks")
         ctx.scale = {**ctx.scale, "check_tasks": tasks}
         ctx.suffix = "-" + "-".join(tasks)
-    names = list(COMMANDS) if args.command == "all" else [args.command]
+    names = [c for c in COMMANDS if c != "throughput"] if args.command == "all" else \
+        [args.command]
     times = {name: run_command(ctx, name) for name in names}
     if len(names) > 1:
         print("wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
