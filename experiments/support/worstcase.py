@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from equivision.measure import write_atomic
@@ -36,7 +37,7 @@ from equivision.robust.registry import build_attack, build_defense, parse_attack
 from .cascade import Stage, clean_draws, run_cascade, sweep_stage
 
 __all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "load_parts", "merge_parts",
-           "worstcase", "worstcase_markdown"]
+           "paired_counts", "paired_markdown", "worstcase", "worstcase_markdown"]
 
 WORST_FULL = dict(n=64, clean_n=500, undefended_n=500, steps=20, bpda_steps=50, eot=8,
                   lambdas=(0.0, 1.0, 10.0, 100.0, 1000.0), repeats=4, apgd_steps=100,
@@ -129,9 +130,12 @@ def _column(ctx: Any, task: str, seed: int, col: str, st: dict[str, Any],
     system = defense if defense is not None else model
     draws = st["repeats"] if bool(getattr(defense, "randomized", False)) else 1
     n_clean = st["clean_n"] if defense is not None else st["undefended_n"]
-    clean = _clean(system, x[:n_clean], y[:n_clean], draws, seg)
     n = st["n"] if defense is not None else st["undefended_n"]
     off = st.get("offset", 0)
+    # the clean cost is the offset-0 part's (merge_parts keeps the largest): a later slice
+    # of the cascade images does not pay for it again
+    clean = _clean(system, x[:n_clean], y[:n_clean], draws, seg) if off == 0 else \
+        {"n": 0, "draws": draws}
     stages = build_stages(task, model, defense, ctx.eps(task), st, kind)
     casc = run_cascade(system, stages, x[off:off + n], y[off:off + n], eval_draws=draws,
                        seed=EVAL_SEED, block=st["block"], log=lambda m: print(m, flush=True))
@@ -217,6 +221,47 @@ def _settings(ctx: Any, task: str, st: dict[str, Any]) -> dict[str, Any]:
             "feature_layer": ctx.tasks[task]["feature_layer"]}
 
 
+def paired_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Paired comparison of two classification columns on the cascade images both ran:
+    ``{"n", "a_only" (kept by a, lost by b), "b_only", "both", "p", "a_clean", "b_clean"}``,
+    ``p`` the exact two-sided sign (McNemar) test of the discordant images (1.0 when there
+    are none), ``*_clean`` the images each gets right clean (worst of its draws)."""
+    sa = {r["index"]: r["score"] > 0 for r in a["cascade"]["records"]}
+    sb = {r["index"]: r["score"] > 0 for r in b["cascade"]["records"]}
+    common = sorted(set(sa) & set(sb))
+    ca = {r["index"]: r["score_clean"] > 0 for r in a["cascade"]["records"]}
+    cb = {r["index"]: r["score_clean"] > 0 for r in b["cascade"]["records"]}
+    a_only = sum(1 for i in common if sa[i] and not sb[i])
+    b_only = sum(1 for i in common if sb[i] and not sa[i])
+    both = sum(1 for i in common if sa[i] and sb[i])
+    p = binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
+    return {"n": len(common), "a_only": a_only, "b_only": b_only, "both": both,
+            "p": float(p), "a_clean": sum(ca[i] for i in common),
+            "b_clean": sum(cb[i] for i in common)}
+
+
+def paired_markdown(cols: dict[str, Any]) -> str:
+    """One row per pair of columns of one (task, seed): images kept by one and lost by
+    the other on their common cascade images, and the sign test's p."""
+    names = [c for c in cols if not cols[c].get("seg")]
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pc = paired_counts(cols[a], cols[b])
+            if pc["n"]:
+                rows.append(f"| {a} vs {b} | {pc['n']} | {pc['a_clean']} / {pc['b_clean']} "
+                            f"| {pc['a_only']} | {pc['b_only']} | {pc['both']} | "
+                            f"{pc['p']:.3g} |")
+    if not rows:
+        return ""
+    return ("| pair (a vs b) | common images | clean a / b | kept by a only | kept by b only "
+            "| kept by both | sign test p |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def _clean_cell(clean: dict[str, Any], key: str) -> str:
+    return _pct(clean[key], clean[f"{key}_ci"]) if key in clean else "-"
+
+
 def _pct(v: float, ci: Sequence[float] | None = None) -> str:
     s = f"{100 * v:.1f}"
     return s if ci is None else f"{s} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
@@ -231,9 +276,9 @@ def worstcase_markdown(results: dict[str, Any]) -> str:
         head = ["", *names]
         rows = [["n (clean / cascade)", *(f"{c['clean']['n']} / {c['cascade']['n']}"
                                           for c in cols.values())],
-                ["clean, one prediction", *(_pct(c["clean"]["single"], c["clean"]["single_ci"])
+                ["clean, one prediction", *(_clean_cell(c["clean"], "single")
                                             for c in cols.values())],
-                ["clean, worst of the draws", *(_pct(c["clean"]["worst"], c["clean"]["worst_ci"])
+                ["clean, worst of the draws", *(_clean_cell(c["clean"], "worst")
                                                 for c in cols.values())]]
         order: list[str] = []
         for c in cols.values():
@@ -261,7 +306,9 @@ def worstcase_markdown(results: dict[str, Any]) -> str:
                 for c in cols.values())])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-        blocks.append(f"**{key}**\n\n" + "\n".join(lines))
+        paired = paired_markdown(cols)
+        blocks.append(f"**{key}**\n\n" + "\n".join(lines)
+                      + (f"\n\nPaired, per image:\n\n{paired}" if paired else ""))
     return "\n\n".join(blocks) + (
         "\n\nCells: metric (%) after the stage, cumulative per image (the images it broke, "
         "i.e. whose worst case it produced); [95 % interval]: Wilson (accuracy) or bootstrap "

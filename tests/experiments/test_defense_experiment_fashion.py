@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from defense import Ctx, main, model_seeds
+from defense import Ctx, cmd_throughput, main, model_seeds
 
 STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -41,6 +41,14 @@ def test_fashion_ctx_trains_cnn7_with_view_augment(tmp_path: Path,
     model = ctx.model("cls", 0)
     assert not model.training
     assert (ctx.models_dir / "cls-cnn7-seed0" / "last.pt").exists()
+    # channels-last weights (faster on CPU), also when reloaded from the checkpoint
+    w = model.features.conv2.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    again = Ctx(True, tmp_path / "runs", "fashion-mnist")
+    again.tasks["cls"] = ctx.tasks["cls"]
+    reloaded = again.model("cls", 0).features.conv2.weight
+    assert reloaded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(reloaded, w)
     with torch.no_grad():  # any size the defense's views make (0.3x of 28 px = 8 px)
         assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     digits = Ctx(True, tmp_path / "runs")
@@ -58,3 +66,17 @@ def test_bad_options_give_one_line(argv: list[str], message: str,
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_throughput_rows(tmp_path: Path) -> None:
+    ctx = Ctx(True, tmp_path / "runs", "fashion-mnist")
+    ctx.tasks["cls"] = {**ctx.tasks["cls"], "model_kwargs": dict(padding=1, width=4)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI's --threads 1: several threads on a busy CPU crawl
+    try:
+        res = cmd_throughput(ctx)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["T"], r["batch"]) for r in res["results"]] == [(2, 1), (2, 4)]
+    assert all(r["predict"] > 0 for r in res["results"])
+    assert "| 2 | 4 |" in res["markdown"]

@@ -16,6 +16,7 @@ from support.worstcase import (
     _interval,
     build_stages,
     merge_parts,
+    paired_counts,
     worstcase,
     worstcase_markdown,
 )
@@ -204,3 +205,43 @@ def test_merge_parts_joins_slices_per_image() -> None:
     assert [r["index"] for r in c["records"]] == [0, 1, 2, 3]
     assert out["Eq"]["clean"] == {"n": 9}
     assert cols["Eq"]["cascade"]["n"] == 2  # the inputs are left alone
+
+
+def _col(kept: list[bool], clean: list[bool], first: int = 0) -> dict[str, Any]:
+    recs = [{"index": first + i, "score": float(k), "score_clean": float(c)}
+            for i, (k, c) in enumerate(zip(kept, clean))]
+    return {"cascade": {"records": recs}, "seg": False}
+
+
+def test_paired_counts_compare_the_common_images() -> None:
+    a = _col([True, True, False, True, False], [True] * 5)
+    b = _col([False, True, True], [True, False, True], first=2)  # images 2, 3, 4
+    pc = paired_counts(a, b)
+    # on images 2..4: a keeps 3, b keeps 3 and 4 -> a only: none, b only: image 4
+    assert pc["n"] == 3 and pc["a_only"] == 0 and pc["b_only"] == 1 and pc["both"] == 1
+    assert pc["a_clean"] == 3 and pc["b_clean"] == 2
+    assert pc["p"] == 1.0  # one discordant image: no evidence
+    many = paired_counts(_col([True] * 12, [True] * 12), _col([False] * 12, [True] * 12))
+    assert many["a_only"] == 12 and many["p"] < 0.001  # 12 of 12 discordant one way
+    md = worstcase_markdown({"cls-seed0": {
+        "A": {"clean": {"n": 5, "single": 1.0, "single_ci": [0.5, 1.0], "worst": 1.0,
+                        "worst_ci": [0.5, 1.0]},
+              "cascade": {"stages": ["clean"], "after": [1.0], "broken": {"clean": 3},
+                          "score": [1.0, 1.0, 0.0, 1.0, 0.0], "n": 5, "score_ci": [0, 1],
+                          **a["cascade"]}},
+        "B": {"clean": {"n": 0, "draws": 4},  # an offset slice: no clean cost of its own
+              "cascade": {"stages": ["clean"], "after": [0.67], "broken": {"clean": 2},
+                          "score": [0.0, 1.0, 1.0], "n": 3, "score_ci": [0, 1],
+                          **b["cascade"]}}}})
+    assert "| A vs B | 3 | 3 / 2 | 0 | 1 | 1 | 1 |" in md
+    assert "| clean, one prediction | 100.0 [50.0, 100.0] | - |" in md
+
+
+def test_offset_slice_skips_the_clean_cost(tmp_path: Path) -> None:
+    model, data = _tiny()
+    ctx = _Ctx(model, data, tmp_path)
+    st = {**WORST_QUICK, "defense_steps": 1, "n": 2, "offset": 2}
+    out = worstcase(ctx, st, (0,), ("Random",), ("cls",))
+    col = out["cls-seed0"]["Random"]
+    assert col["clean"]["n"] == 0 and "single" not in col["clean"]
+    assert [r["index"] for r in col["cascade"]["records"]] == [2, 3]
