@@ -57,13 +57,6 @@ def register_legacy_arguments(name: str, **values: Any) -> None:
     LEGACY_ARGUMENTS.setdefault(name, {}).update(values)
 
 
-def _with_legacy(name: str, stored: dict[str, Any]) -> dict[str, Any]:
-    """``stored`` (a checkpoint's arguments of model ``name``) with the legacy value of
-    every argument it lacks."""
-    missing = {k: v for k, v in LEGACY_ARGUMENTS.get(name, {}).items() if k not in stored}
-    return {**missing, **stored}
-
-
 def checkpoint_arguments(name: str, stored: dict[str, Any]) -> dict[str, Any]:
     """Every argument a checkpoint of registered model ``name`` was built with: its stored
     ``model_kwargs``, then the legacy value (:func:`register_legacy_arguments`) or else
@@ -75,7 +68,8 @@ def checkpoint_arguments(name: str, stored: dict[str, Any]) -> dict[str, Any]:
         return dict(stored)
     defaults = {k: v for k, v in model_defaults(name).items()
                 if v is not inspect.Parameter.empty}
-    return {**defaults, **_with_legacy(name, stored)}
+    legacy = LEGACY_ARGUMENTS.get(name, {})
+    return {**defaults, **legacy, **stored}
 
 
 def register_model(name: str) -> Callable[[B], B]:
@@ -186,7 +180,7 @@ def _stored_kwargs(name: str, checkpoint: str | os.PathLike) -> dict[str, Any]:
         return {}  # a bare state dict, or broken: load_model_weights says which
     if state.get("model_name") != name or not isinstance(state.get("model_kwargs"), dict):
         return {}
-    return _with_legacy(name, dict(state["model_kwargs"]))
+    return checkpoint_arguments(name, dict(state["model_kwargs"]))
 
 
 def _build_registered(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -242,7 +236,7 @@ def model_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") ->
             "was not built with equivision.models.create_model); build the model yourself and "
             "call load_model_weights(model, path)"
         )
-    kwargs = _with_legacy(name, kwargs)
+    kwargs = checkpoint_arguments(name, kwargs)
     try:
         model = create_model(name, **kwargs)
     except (TypeError, ValueError) as e:

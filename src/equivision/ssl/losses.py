@@ -219,8 +219,8 @@ class DINOLoss(nn.Module):
                              f"{tuple(teacher.shape)}")
         p = F.softmax((teacher - self.center) / self.current_teacher_temp, dim=-1)
         mean = p.mean(0)
-        return {"entropy_sample": float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()),
-                "entropy_mean": float(-(mean * mean.clamp_min(1e-30).log()).sum()),
+        return {"entropy_sample": float(torch.special.entr(p).sum(-1).mean()),
+                "entropy_mean": float(torch.special.entr(mean).sum()),
                 "max_entropy": math.log(teacher.shape[1]),
                 "logit_std": float(teacher.std(-1).mean()),
                 "image_std": float(teacher.std(0).mean()) if teacher.shape[0] > 1 else 0.0}
