@@ -162,10 +162,11 @@ BASELINE = {"weight": 0.0}
 
 def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
         ser: dict | None = None, ratio: float | None = None, views: dict | None = None,
-        which=("linear", "knn")) -> dict[str, Any]:
-    """Pretrain one configuration for every seed and probe it; returns per-seed results."""
+        which=("linear", "knn"), loaded: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
+    """Pretrain one configuration for every seed and probe it; returns per-seed results.
+    ``loaded``: the study's :func:`datasets`, if already loaded."""
     enc_cfg = scale["encoder"]
-    data, tr, te = datasets(args, scale)
+    data, tr, te = loaded if loaded is not None else datasets(args, scale)
     if ser is None and ratio is None:
         ratio = 0.0  # the plain baseline: every image gets the base policy T
     p_cfg = {**scale["pretrain"], **({} if ratio is None else {"ratio": ratio})}
@@ -373,9 +374,11 @@ def run_seed_major(args, scale: dict) -> list[dict[str, Any]]:
     part-way still leaves paired seeds on disk; returns the entries (one per configuration,
     its ``runs`` in seed order)."""
     entries: dict[str, dict[str, Any]] = {}
+    loaded = datasets(args, scale)  # the same images for every seed and configuration
     for seed in scale["seeds"]:
         for label, kw in study_runs(args, scale):
-            entry = run(args, {**scale, "seeds": (seed,)}, args.study, label, **kw)
+            entry = run(args, {**scale, "seeds": (seed,)}, args.study, label, loaded=loaded,
+                        **kw)
             if label in entries:
                 entries[label]["runs"].extend(entry["runs"])
             else:
