@@ -198,3 +198,62 @@ class TokenViT(nn.Module):
             x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)
         x = self.norm(self.blocks(x + self.pos_embed))
         return self.head(x[:, 0] if self.cls_token is not None else x.mean(1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block as its authors write it: depthwise 7x7 conv, then LayerNorm and
+    two Linear layers on the permuted, channels-last map ``(B, H, W, C)``, a GELU
+    module between them, permuted back and added to the input."""
+
+    def __init__(self, dim: int, kernel: int = 7) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    """Patchify stem (k = s = 4), ConvNeXt blocks, global mean in ``forward`` and a
+    LayerNorm + Linear head (timm's layout). ``kernel=1`` makes every layer pointwise:
+    exactly equivariant to 90° rotations and flips of the stem's map."""
+
+    def __init__(self, dim: int = 8, depth: int = 2, kernel: int = 7, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.stages = nn.Sequential(*[ConvNeXtBlock(dim, kernel) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.head(self.norm(x.mean((-2, -1))))
+
+
+class TorchEncoderViT(nn.Module):
+    """A ViT built from ``nn.TransformerEncoderLayer`` (whose attention calls its
+    ``out_proj`` weight functionally, so that module is never called), a [CLS] token,
+    and the mean of the patch tokens as the pooled feature (timm's ``global_pool='avg'``)."""
+
+    def __init__(self, image: int = 16, patch: int = 4, dim: int = 16, depth: int = 2,
+                 num_classes: int = 10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        n = (image // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[
+            nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True)
+            for _ in range(depth)])
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return self.head(self.blocks(x)[:, 1:].mean(1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -116,6 +116,21 @@ def select_layers(
     return out
 
 
+def named_literally(model: nn.Module, layers: Sequence[str | type] | str | None) -> set[str]:
+    """The layers of ``layers`` given by their exact module name (no pattern, no type, not
+    the model's own ``equivision_layers``): a measurement must fail when one of them is
+    never called, while a default, pattern or type selection skips those and says so."""
+    if layers is None or isinstance(layers, str):
+        return set()
+    named = {n for n, _ in model.named_modules() if n}
+    return {spec for spec in layers if isinstance(spec, str) and spec in named}
+
+
+#: Why a selected layer is not measured when the forward pass never calls it.
+NEVER_CALLED = ("skipped: never called in the forward pass (e.g. nn.MultiheadAttention's "
+                "out_proj, whose weight is used functionally)")
+
+
 def first_tensor(output: Any) -> Tensor | None:
     """The tensor a module returned: itself, or the first tensor in a tuple, list or dict."""
     if isinstance(output, Tensor):
@@ -143,8 +158,8 @@ class Captured:
     squeezed: bool = False  # the raw output was a (B, C, 1, 1) map
 
 
-def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool = False
-                   ) -> str | None:
+def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool = False,
+                   looks_channels_last: bool = False) -> str | None:
     """Why the spatial layout of a raw output cannot be known, or ``None`` when it can.
 
     Not floating point, not 2- to 5-D, or a 5-D output whose group axis is not 4 or 8:
@@ -153,7 +168,8 @@ def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool
     their length, e.g. an attention map ``(B, heads, N, N)``, indexes tokens, not image
     positions, unless its module's input is a spatial descendant of the image
     (``spatial_input``, :attr:`Trace.spatial`): no transformation acts on it as on an
-    image.
+    image. A 4-D output that only looks channels-last (``looks_channels_last``,
+    :func:`find_channels_last`) has no known layout either.
     """
     if not out.is_floating_point():
         return f"skipped: returns a {out.dtype} tensor; only floating-point outputs are measured"
@@ -168,6 +184,10 @@ def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool
             and int(out.shape[-2]) in counts and int(out.shape[-1]) in counts):
         return (f"skipped: {tuple(out.shape[1:])} indexes tokens x tokens (e.g. attention), "
                 "not image positions")
+    if looks_channels_last:
+        return (f"skipped: {tuple(out.shape[1:])} looks channels-last (B, H, W, C), but only "
+                "the outputs of nn.Linear / nn.LayerNorm / nn.RMSNorm on such a map (and what "
+                "follows them shape for shape) are read so; measure the permuted-back map")
     return None
 
 
@@ -177,6 +197,7 @@ def to_measurable(
     input_hw: tuple[int, int],
     token_grid: TokenGrid | None,
     strides: Mapping[str, float | tuple[float, float] | Geometry] | None = None,
+    channels_last: bool = False,
 ) -> Captured:
     """Interpret a raw layer output ``out`` and give it a :class:`Layout`
     (:func:`~equivision.transforms.layout.infer_layout`).
@@ -188,8 +209,11 @@ def to_measurable(
     The stride is the given or traced one (``strides[name]``: a stride or the traced
     :class:`~equivision.transforms.layout.Geometry`, whose grid offset the layout
     keeps; a token layer may be given the geometry of the map its grid was made from),
-    else the size ratio.
+    else the size ratio. A ``channels_last`` output ``(B, H, W, C)``
+    (:func:`find_channels_last`) is measured as the map ``(B, C, H, W)``.
     """
+    if channels_last and out.dim() == 4:
+        out = out.permute(0, 3, 1, 2).contiguous()
     pooled = out.dim() == 4 and out.shape[-2:] == (1, 1)
     if pooled:
         out = out.flatten(1)
@@ -254,6 +278,7 @@ class LayerCapture:
         self.order: list[str] = []
         self.repeated: set[str] = set()
         self.inputs_from: dict[str, int] = {}  # storage of each module's input (trace)
+        self.input_shape: dict[str, tuple[int, ...]] = {}  # shape of each module's input
         self.output_at: dict[str, int] = {}  # storage of each output before the copy
         self._runs = 0
         self._spatial_numel: int | None = None
@@ -288,6 +313,7 @@ class LayerCapture:
             else None)
         if first is not None:
             self.inputs_from[name] = first.untyped_storage().data_ptr()
+            self.input_shape[name] = tuple(first.shape)
         if t.dim() >= 3 and not _is_vector(t):
             self._spatial_numel = t[0].numel()
         elif _is_vector(t):
@@ -377,12 +403,79 @@ class Trace:
     ``strides``: the :class:`~equivision.transforms.layout.Geometry` (stride and grid
     offset) of every spatial output, leaves and containers; ``token_counts``: the ``N``
     of every token output ``(B, N, C)``; ``spatial``: the modules whose input is a
-    spatial descendant of the image (see :func:`trace_layers`).
+    spatial descendant of the image (see :func:`trace_layers`); ``channels_last``,
+    ``channels_last_input`` and ``looks_channels_last``: see :func:`find_channels_last`.
     """
 
     strides: dict[str, Geometry]
     token_counts: set[int]
     spatial: set[str]
+    channels_last: set[str] = field(default_factory=set)
+    channels_last_input: set[str] = field(default_factory=set)
+    looks_channels_last: set[str] = field(default_factory=set)
+
+
+#: Leaf types that act on the last axis of a tensor: given a channels-last map
+#: ``(B, H, W, C)`` (ConvNeXt's and Swin's blocks) they return one. Exact types only: a
+#: subclass (timm's ``LayerNorm2d``) may permute inside.
+LAST_AXIS = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+
+
+def _acts_on_last_axis(module: nn.Module) -> bool:
+    if type(module) not in LAST_AXIS:
+        return False
+    return len(getattr(module, "normalized_shape", (0,))) == 1
+
+
+def find_channels_last(
+    order: Sequence[str],
+    modules: Mapping[str, nn.Module],
+    outs: Mapping[str, Tensor],
+    trace: LayerCapture,
+    image_hw: Sequence[int],
+) -> tuple[set[str], set[str], set[str]]:
+    """The modules whose output, and those whose input, is a channels-last map
+    ``(B, H, W, C)`` (a ``LayerNorm`` or ``Linear`` applied to a permuted map).
+
+    A 4-D tensor is read as ``(B, C, H, W)`` unless its axes 1-2 are the size of the image
+    or of a map output before it and it is the output of a module that acts on the last
+    axis (:data:`LAST_AXIS`) on such a map, of a module whose input was a channels-last
+    output of the same shape (an activation between two ``Linear`` layers), or a
+    channels-last output itself (a container returning it). No module type is guessed
+    beyond that: a tensor that only looks channels-last is left to
+    :func:`unknown_layout`.
+
+    Returns:
+        ``(outputs, inputs, look-alikes)``: module names; a look-alike's output is 4-D,
+        its axes 1-2 are a map size seen before and its last two axes are not (a module
+        that permutes a map, or, rarely, a non-square kernel): it looks channels-last, but
+        no rule above says so.
+    """
+    sizes = {tuple(int(v) for v in image_hw)}
+    stored: set[int] = set()  # storages of channels-last outputs
+    outs_cl: set[str] = set()
+    ins_cl: set[str] = set()
+    looks: set[str] = set()
+    for name in order:
+        t, shape = outs.get(name), trace.input_shape.get(name)
+        module = modules[name]
+        src = trace.inputs_from.get(name) in stored
+        if shape is not None and len(shape) == 4 and (src or (
+                _acts_on_last_axis(module) and tuple(shape[1:3]) in sizes)):
+            ins_cl.add(name)
+        if t is None or t.dim() != 4:
+            continue
+        evidence = (name in ins_cl and (_acts_on_last_axis(module) or shape == tuple(t.shape))
+                    ) or trace.output_at.get(name) in stored
+        first, last = tuple(t.shape[1:3]), (int(t.shape[-2]), int(t.shape[-1]))
+        if evidence and first in sizes:
+            outs_cl.add(name)
+            stored.add(trace.output_at[name])
+            continue
+        if first in sizes and last not in sizes:
+            looks.add(name)
+        sizes.add(last)
+    return outs_cl, ins_cl, looks
 
 
 def trace_layers(model: nn.Module, x: Tensor) -> Trace:
@@ -392,7 +485,8 @@ def trace_layers(model: nn.Module, x: Tensor) -> Trace:
     A module's input is a spatial descendant of the image when its size is the image's or
     that of such an output seen earlier, and, when both of its sides are token counts
     (a token x token attention map at 16 tokens on a 16 px image), it is also the very
-    tensor the image or such an output is stored in.
+    tensor the image or such an output is stored in. Channels-last maps
+    (:func:`find_channels_last`) take their size from axes 1-2.
     """
     names = [n for n, _ in model.named_modules() if n]
     with LayerCapture(model, names, pool_input=False, require_tensor=False) as tracer:
@@ -401,6 +495,9 @@ def trace_layers(model: nn.Module, x: Tensor) -> Trace:
         inputs_from, output_at = tracer.inputs_from, tracer.output_at
     out_hw = {n: (t.shape[-2], t.shape[-1]) if t.dim() >= 4 else None for n, t in outs.items()}
     modules = dict(model.named_modules())
+    cl_out, cl_in, looks = find_channels_last(order, modules, outs, tracer, x.shape[-2:])
+    out_hw.update({n: (outs[n].shape[1], outs[n].shape[2]) for n in cl_out})
+    in_hw.update({n: tracer.input_shape[n][1:3] for n in cl_in})  # type: ignore[misc]
     geometry = trace_geometry(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
     counts = {int(t.shape[1]) for t in outs.values() if t.dim() == 3}
     reached, spatial = {(x.shape[-2], x.shape[-1])}, set()
@@ -414,7 +511,7 @@ def trace_layers(model: nn.Module, x: Tensor) -> Trace:
             if ho is not None:
                 reached.add(tuple(ho))
                 stored.add(output_at[name])
-    return Trace(geometry, counts, spatial)
+    return Trace(geometry, counts, spatial, cl_out, cl_in, looks)
 
 
 def pool_point(values: Sequence[Captured], spatial_input: Sequence[bool] = ()) -> int | None:

@@ -18,11 +18,14 @@ from ..transforms.layout import Geometry, TokenGrid, infer_token_grid
 from ..utils import model_device
 from .baselines import random_init_copy
 from .capture import (
+    NEVER_CALLED,
     Captured,
     FunctionalPool,
     LayerCapture,
     MeasureError,
+    Trace,
     layer_pattern,
+    named_literally,
     pool_point,
     select_layers,
     to_measurable,
@@ -126,8 +129,10 @@ def measure(
     if clone is not None:
         sessions.append(_Session(clone, ts, names, token_grid, strides, margin, device,
                                  use_dist, ci_groups, rank))
+    literal = named_literally(model, layers)
     for session in sessions:
         session.centre_grids = grid_offsets == "ignore"
+        session.must_call = literal
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
@@ -247,10 +252,12 @@ class _Session:
         self.info: dict[str, Captured] = {}
         self.order: list[str] = []
         self.skipped: dict[str, str] = {}
+        self.must_call: set[str] = set()  # layers named literally: not called is an error
         self.layer_strides: dict = {}
         self.centre_grids = False  # measure(grid_offsets="ignore")
         self.token_counts: set[int] = set()
         self.spatial: set[str] = set()
+        self.trace = Trace({}, set(), set())
         self.scale: dict[str, float] = {}
         self.use_dist = use_dist
         self.seen = 0
@@ -281,14 +288,15 @@ class _Session:
         token layer takes the traced geometry of the first map of its grid's size (the
         patch layer's), so that its stride and grid offset are the traced ones."""
         out = {}
-        for name in self.order:
+        for name in (n for n in self.order if n in raw):
             grid = self._grid(name, raw[name], hw)
             known = self.layer_strides
             if grid is not None and raw[name].dim() == 3 and name not in known:
                 geo = next((g for g in known.values()
                             if isinstance(g, Geometry) and g.size == tuple(grid[:2])), None)
                 known = {name: geo} if geo is not None else known
-            out[name] = to_measurable(name, raw[name], hw, grid, known)
+            out[name] = to_measurable(name, raw[name], hw, grid, known,
+                                      name in self.trace.channels_last)
             if self.centre_grids:
                 c = out[name]
                 out[name] = replace(c, layout=replace(c.layout, offset=(0.0, 0.0),
@@ -318,9 +326,18 @@ class _Session:
 
     def _choose(self, called: Sequence[str], raw: Mapping[str, Tensor]) -> None:
         """The measured layers in forward order: the called ones whose layout can be
-        known (:func:`~.capture.unknown_layout`); the others go to ``skipped``."""
+        known (:func:`~.capture.unknown_layout`); the others go to ``skipped``, and so do
+        selected layers the forward pass never called, unless named literally
+        (``must_call``: then it is an error)."""
+        missing = [n for n in self.names if n not in raw]
+        named = [n for n in missing if n in self.must_call]
+        if named:
+            raise MeasureError(
+                f"layer(s) {named[:5]} were never called in the forward pass; leave them out")
+        self.skipped.update({n: NEVER_CALLED for n in missing})
         for name in called:
-            reason = unknown_layout(raw[name], self.token_counts, name in self.spatial)
+            reason = unknown_layout(raw[name], self.token_counts, name in self.spatial,
+                                    name in self.trace.looks_channels_last)
             if reason is None:
                 self.order.append(name)
             else:
@@ -340,10 +357,10 @@ class _Session:
         hw = (x.shape[-2], x.shape[-1])
         first = not self.order and not self.skipped
         if first:
-            trace = trace_layers(self.model, x)
+            self.trace = trace = trace_layers(self.model, x)
             self.layer_strides = {**trace.strides, **(self.strides or {})}
             self.token_counts, self.spatial = trace.token_counts, trace.spatial
-        base_raw = cap.run(x)
+        base_raw = cap.run(x, strict=False)
         if first:
             self._choose(cap.order, base_raw)
             self._choose_scales(base_raw)
@@ -358,14 +375,18 @@ class _Session:
             except ShapeError as err:
                 raise MeasureError(f"input images {tuple(x.shape)}: {err}") from None
             try:
-                moved = self._capture(cap.run(gx), hw)
+                moved = self._capture(cap.run(gx, strict=False), hw)
             except MeasureError as err:  # this g breaks the model: say so per layer
                 for name in self.order:
                     self.inexact.setdefault(
                         (name, ti), f"the model's forward failed on the transformed input: {err}")
                 continue
             for name in self.order:
-                if (name, ti) not in self.inexact:
+                if name not in moved:
+                    self.inexact.setdefault(
+                        (name, ti), "the forward pass did not call this layer on the "
+                        "transformed input (data-dependent control flow)")
+                elif (name, ti) not in self.inexact:
                     self._compare(name, ti, moved[name].value, base[name], ids)
         self.info = base
         self.seen += len(x)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..transforms.layout import Layout, TokenGrid, as_map
 from ..utils import model_device
-from .capture import MeasureError, select_layers, trace_layers
+from .capture import NEVER_CALLED, MeasureError, select_layers, trace_layers
 from .lie_decompose import Decomposition, leaf_names
 from .lie_generators import Generator, acts_as_zero, as_generators, image_tangent, map_tangent
 from .lie_layouts import LayerLayouts, edge_mask
@@ -85,8 +85,7 @@ def _measure_batch(acc: _Accumulator, layouts: LayerLayouts, names: Sequence[str
                    gens: Sequence[Generator], margin: int) -> None:
     for name in [*names, OUTPUT]:
         if name not in primals:
-            acc.notes.update({(name, g.name): "skipped: never called in the forward pass"
-                              for g in gens})
+            acc.notes.update({(name, g.name): NEVER_CALLED for g in gens})
             continue
         cap = layouts.measurable(name, primals[name])
         if isinstance(cap, str):
@@ -117,6 +116,8 @@ def _measure_batch(acc: _Accumulator, layouts: LayerLayouts, names: Sequence[str
 def _reshaped(name: str, t: Tensor, layouts: LayerLayouts, layout: Layout
               ) -> tuple[Tensor, Layout]:
     """A raw tangent reshaped as the primal was by ``to_measurable`` (same layout)."""
+    if t.dim() == 4 and name in layouts.trace.channels_last:
+        t = t.permute(0, 3, 1, 2)
     if t.dim() == 4 and t.shape[-2:] == (1, 1):
         return t.flatten(1), layout
     if t.dim() == 3:

@@ -107,6 +107,11 @@ class _Forward:
         if inp is None or not inp.is_floating_point():
             self.dec.notes.setdefault((key, "*"), "its input is not a float tensor")
             return None
+        trace = self.dec.layouts.trace
+        if key in trace.channels_last or key in trace.channels_last_input:
+            self.dec.notes.setdefault((key, "*"), "a channels-last (B, H, W, C) input or "
+                                      "output: its share is left unattributed")
+            return None
         is_image = inp.shape == self.x.shape and bool(torch.equal(inp, self.x))
         s_in = self.by_size.get(tuple(inp.shape[-2:])) if inp.dim() >= 4 else None
         lay_in = self.dec.layouts.layout_of(inp, s_in)

@@ -40,7 +40,8 @@ class LayerLayouts:
 
     def measurable(self, name: str, raw: Tensor) -> Captured | str:
         """The captured output with its layout, or why it cannot be measured."""
-        reason = unknown_layout(raw, self.trace.token_counts, name in self.trace.spatial)
+        reason = unknown_layout(raw, self.trace.token_counts, name in self.trace.spatial,
+                                name in self.trace.looks_channels_last)
         if reason:
             return reason
         if raw.dim() == 3 and self.grid_for(name, raw) is None:
@@ -48,7 +49,7 @@ class LayerLayouts:
                     "token_grid=(h, w, prefix)")
         try:
             return to_measurable(name, raw, self.image_hw, self.grid_for(name, raw),
-                                 self.trace.strides)
+                                 self.trace.strides, name in self.trace.channels_last)
         except MeasureError as err:
             return f"skipped: {err}"
 
