@@ -257,3 +257,20 @@ class TorchEncoderViT(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
         return self.head(self.blocks(x)[:, 1:].mean(1))
+
+
+class DictOutCNN(nn.Module):
+    """A classifier that returns a dict, as Hugging Face models do (``{"logits": ...,
+    "features": ...}``); ``key`` renames the logits entry."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, key: str = "logits"):
+        super().__init__()
+        self.key = key
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = self.body(x)
+        return {"features": f, self.key: self.fc(f.mean((2, 3)))}

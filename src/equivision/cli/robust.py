@@ -19,6 +19,7 @@ from ..io import check_writable_file
 from ..models import model_from_checkpoint
 from ..robust.evaluate import RobustnessConfig, evaluate_robustness
 from ..robust.view_fit import parse_views
+from ..robust.wrappers import select_output
 from ..utils import resolve_device, seed_everything
 from .common import (
     CLIError,
@@ -45,6 +46,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registry name or module:attr (default: the checkpoint's)")
     p.add_argument("--model-args",
                    help="constructor arguments, e.g. width=8,num_classes=10")
+    p.add_argument("--output-key", type=_output_key, default=None,
+                   help="the logits in a model whose forward returns a dict or tuple: a key "
+                   "or an index (default: 'logits' or 'out' of a dict, item 0 of a tuple)")
     add_data_options(p, dest="dataset", aliases=("--dataset",))
     p.add_argument("--split", default="test", help="train, test or all (default test)")
     p.add_argument("--size", type=image_size, default=None,
@@ -126,8 +130,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_defend)
 
 
+def _output_key(text: str) -> str | int:
+    """``--output-key``: an integer is an index into a tuple output, anything else a key."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model of ``--checkpoint`` (rebuilt from it) or of ``--model``."""
+    """The model of ``--checkpoint`` (rebuilt from it) or of ``--model``, made to return
+    its logits (:func:`~equivision.robust.select_output` with ``--output-key``)."""
+    model, name = _build_model(args)
+    select_output(model, args.output_key)
+    return model, name
+
+
+def _build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
     if not args.model and not args.checkpoint:
         raise CLIError("give --checkpoint PATH (an equivision checkpoint) or --model NAME")
     if not args.model:

@@ -48,12 +48,12 @@ from .registry import (
     parse_attack,
     save_head,
 )
-from .wrappers import Normalize
+from .wrappers import Normalize, pick_output, select_output
 
 __all__ = [
     "BPDA", "CW", "FGSM", "IFGSM", "MIM", "PGD", "Adaptive", "ConfusionMeter", "FullGradient",
     "Houdini", "IterativeAttack", "Normalize", "SweepResult", "accuracy", "is_segmentation",
-    "miou", "sweep_lambda", "task_loss",
+    "miou", "pick_output", "select_output", "sweep_lambda", "task_loss",
     "ContrastiveDefense", "ContrastiveHead", "Defense", "EquivarianceDefense",
     "InvarianceDefense", "PurifierDefense", "RandomNoiseDefense", "RotationDefense",
     "RotationHead", "default_transforms", "equivariance_score", "train_contrastive_head",

@@ -380,7 +380,8 @@ class IterativeAttack:
     def _check_output(self, out: Any, labels: Tensor) -> None:
         if not isinstance(out, Tensor):
             raise ValueError(f"the model must return a tensor of logits, got "
-                             f"{type(out).__name__}")
+                             f"{type(out).__name__}; pick them with --output-key KEY (Python: "
+                             "equivision.robust.select_output(model, KEY))")
         check_output_labels(out, labels, self.ignore_index)
         if not bool(torch.isfinite(out).all()):
             raise ValueError("the model returned NaN or infinite logits; check the model and "

@@ -304,7 +304,9 @@ def _batch(dataset: Dataset, start: int, stop: int) -> tuple[Tensor, Tensor]:
 
 def _check_output(out: Any, labels: Tensor, ignore_index: int, what: str) -> Tensor:
     if not isinstance(out, Tensor):
-        raise ValueError(f"the model must return a tensor of logits, got {type(out).__name__}")
+        raise ValueError(f"the model must return a tensor of logits, got "
+                         f"{type(out).__name__}; pick them with --output-key KEY (Python: "
+                         "equivision.robust.select_output(model, KEY))")
     check_output_labels(out, labels, ignore_index)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"the model returned NaN or infinite logits on {what}; check the "

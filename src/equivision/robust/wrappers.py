@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Normalize"]
+__all__ = ["Normalize", "pick_output", "select_output"]
+
+#: Keys :func:`pick_output` looks for in a dict output, in this order: Hugging Face's
+#: ``ModelOutput.logits``, torchvision's segmentation ``{"out": ..., "aux": ...}``.
+LOGIT_KEYS = ("logits", "out")
 
 
 class Normalize(nn.Module):
@@ -45,3 +51,58 @@ class Normalize(nn.Module):
         if x.dim() != 4 or (c > 1 and x.shape[1] != c):
             raise ValueError(f"Normalize expects images (B, {c}, H, W), got {tuple(x.shape)}")
         return self.model((x - self.mean) / self.std)
+
+
+def pick_output(out: Any, key: str | int | None = None) -> Any:
+    """The logits in a model's output: a tensor as it is; from a dict (or a Hugging Face
+    ``ModelOutput``) the entry ``key``, else the first of :data:`LOGIT_KEYS` it has; from a
+    tuple or list item ``key``, else the first item.
+
+    Raises:
+        ValueError: a dict without ``key`` or any of :data:`LOGIT_KEYS`, an index out of
+            range, or an entry that is not a tensor.
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        keys = list(out.keys())
+        found = key if key is not None else next((k for k in LOGIT_KEYS if k in out), None)
+        if found not in out:
+            raise ValueError(
+                f"the model returns a {type(out).__name__} with keys {keys[:8]}, "
+                f"{'none is ' + repr(key) if key is not None else 'no logits or out'}; "
+                "pick the logits: --output-key KEY (Python: select_output(model, KEY))")
+        picked, where = out[found], found
+    elif isinstance(out, (tuple, list)):
+        index = 0 if key is None else key
+        if not isinstance(index, int) or not -len(out) <= index < len(out):
+            raise ValueError(f"the model returns a {type(out).__name__} of {len(out)} items; "
+                             f"--output-key must be an index below {len(out)}, got {key!r}")
+        picked, where = out[index], index
+    else:
+        return out  # the attack's own check names the type
+    if not isinstance(picked, Tensor):
+        raise ValueError(f"the model's output entry {where!r} is a {type(picked).__name__}, "
+                         "not a tensor of logits; pick another with --output-key")
+    return picked
+
+
+def select_output(model: nn.Module, key: str | int | None = None) -> RemovableHandle:
+    """Make ``model`` return only its logits (:func:`pick_output`), by a forward hook, so
+    that attacks, defenses and evaluations take models whose ``forward`` returns a dict,
+    a ``ModelOutput`` or a tuple. The model keeps its layer names (feature layers of the
+    defenses are found as before). ``handle.remove()`` undoes it.
+
+    Example::
+
+        handle = select_output(hf_model, "logits")
+        evaluate_robustness(hf_model, data, ["pgd"])
+        handle.remove()
+    """
+    if key is not None and not isinstance(key, (str, int)):
+        raise ValueError(f"an output key is a name or an index, got {type(key).__name__}")
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        return pick_output(output, key)
+
+    return model.register_forward_hook(hook)
