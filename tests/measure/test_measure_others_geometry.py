@@ -110,3 +110,28 @@ def test_token_grid_inference_and_its_errors():
     with pytest.raises(MeasureError, match=r"'blocks.0'.*17 tokens.*\(3, 3, 1\).*per layer"):
         measure(TokenViT().eval(), noise(), "rot90:1", ["blocks.0"], token_grid=(3, 3, 1),
                 progress=False)
+
+
+class ResizeFirst(torch.nn.Module):
+    """Resizes its input to 32 px in ``forward`` (``F.interpolate``), then convolves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear",
+                                            align_corners=False)
+        return self.fc(torch.relu(self.conv1(x)).mean((2, 3)))
+
+
+def test_a_map_enlarged_in_forward_has_the_exact_size_ratio_as_stride():
+    """28 -> 32 px: a 7 px shift is 8 map positions, a 2 px shift no whole number of them
+    (the rounded ratio, 1, measured it as a 2-position shift)."""
+    torch.manual_seed(0)
+    rep = measure(ResizeFirst().eval(), noise(size=28), "shift:2,shift:7", progress=False,
+                  ci_groups=0)
+    assert rep.get("shift(7,7)", "conv1").stride == [0.875, 0.875]
+    assert rep.get("shift(7,7)", "conv1").exact
+    assert not rep.get("shift(2,2)", "conv1").exact

@@ -80,7 +80,11 @@ def test_token_map_round_trip_and_token_action():
 def test_strides_from_sizes_and_layers():
     assert size_stride((28, 28), (7, 7)) == (4.0, 4.0)
     assert size_stride((26, 26), (7, 7)) == (4.0, 4.0)
-    assert size_stride((10, 10), (20, 20)) == (1.0, 1.0)
+    # an enlargement (functional upsampling) has the exact ratio, as an upsampling layer
+    # has (it was rounded up to 1, so a whole shift of the input looked whole on the map)
+    assert size_stride((10, 10), (20, 20)) == (0.5, 0.5)
+    assert size_stride((28, 28), (32, 32)) == (0.875, 0.875)
+    assert size_stride((28, 28), (26, 26)) == (1.0, 1.0)  # a valid conv shrink
     conv = nn.Conv2d(1, 1, 3, stride=2)
     assert local_stride(conv, (12, 12), (5, 5)) == (2.0, 2.0)
     assert local_stride(nn.ReLU(), (12, 12), (10, 10)) == (1.0, 1.0)  # valid conv shrink

@@ -87,11 +87,23 @@ def as_stride(stride: float | Sequence[float]) -> Stride:
     return (float(stride[0]), float(stride[1]))
 
 
+def _ratio_stride(size_in: int, size_out: int) -> float:
+    """Input positions per output position from sizes alone: 1 for small shrinks (valid
+    convolutions), the rounded ratio for large ones (strided layers, floor pooling), the
+    exact ratio for enlargements (``28 -> 32`` is 0.875: no whole shift of the input is a
+    whole shift of the map, unless it is a multiple of 7); ``inf`` for an empty axis."""
+    if not size_out:
+        return math.inf
+    r = size_in / size_out
+    return 1.0 if 1.0 <= r < 1.5 else float(round(r)) if r >= 1.5 else r
+
+
 def size_stride(input_hw: Sequence[int], hw: Sequence[int]) -> Stride:
-    """Stride from sizes alone: input pixels per map position, ``round(H / h)`` per axis
-    (at least 1; ``inf`` for an empty axis)."""
-    return tuple(  # type: ignore[return-value]
-        float(max(1, round(i / m))) if m else math.inf for i, m in zip(input_hw, hw))
+    """Stride from sizes alone: input pixels per map position per axis
+    (:func:`_ratio_stride`: 1 for small shrinks, ``round(H / h)`` for large ones, the exact
+    ratio for enlargements)."""
+    return (_ratio_stride(int(input_hw[0]), int(hw[0])),
+            _ratio_stride(int(input_hw[1]), int(hw[1])))
 
 
 def tokens_to_map(x: Tensor, grid: Sequence[int], prefix: int = 0) -> Tensor:
@@ -261,11 +273,7 @@ def local_stride(module: nn.Module, hw_in: Sequence[int], hw_out: Sequence[int])
     if isinstance(module, _STRIDED) and own is not None and not _is_transposed(module):
         pair = own if isinstance(own, (tuple, list)) else (own, own)
         return (float(pair[-2] if len(pair) > 1 else pair[0]), float(pair[-1]))
-    out = []
-    for i, o in zip(hw_in, hw_out):
-        r = i / o if o else math.inf
-        out.append(1.0 if 1.0 <= r < 1.5 else float(round(r)) if r >= 1.5 else r)
-    return (out[0], out[1])
+    return size_stride(hw_in, hw_out)
 
 
 def grid_shift(module: nn.Module, hw_in: Sequence[int], hw_out: Sequence[int]) -> Stride:
