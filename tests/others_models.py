@@ -224,9 +224,10 @@ class TinyConvNeXt(nn.Module):
     LayerNorm + Linear head (timm's layout). ``kernel=1`` makes every layer pointwise:
     exactly equivariant to 90° rotations and flips of the stem's map."""
 
-    def __init__(self, dim: int = 8, depth: int = 2, kernel: int = 7, num_classes: int = 10):
+    def __init__(self, dim: int = 8, depth: int = 2, kernel: int = 7, num_classes: int = 10,
+                 in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.stem = nn.Conv2d(in_channels, dim, 4, stride=4)
         self.stages = nn.Sequential(*[ConvNeXtBlock(dim, kernel) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)

@@ -195,3 +195,20 @@ def test_exactness_translation_mode_and_in_channels(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         main(["exactness", "--model", "cnn7", "--input-size", "28", "--in-channels", "0"])
     assert bad.value.code == 2
+
+
+def test_train_a_module_attr_model_then_measure_and_resume_it(tmp_path):
+    """``train --model module:attr``: the user's model gets only its --model-args (no
+    num_classes / in_channels it may not take); measure takes it back from last.pt."""
+    run, out = tmp_path / "run", tmp_path / "m"
+    train_args = ["train", "--model", "others_models:TinyConvNeXt", "--model-args",
+                  "in_channels=1", "--data", "digits", "--size", "16", "--batch-size", "128",
+                  "--out", str(run), "--quiet"]
+    assert main([*train_args, "--epochs", "1"]) == 0
+    assert main(["measure", "--model", "others_models:TinyConvNeXt", "--model-args",
+                 "in_channels=1", "--checkpoint", str(run / "last.pt"), "--data", "digits",
+                 "--size", "16", "--transforms", "rot90", "--max-images", "16",
+                 "--no-random-init", "--out", str(out), "--quiet"]) == 0
+    layers = {r["layer"] for r in json.loads((out / "report.json").read_text())["results"]}
+    assert {"stem", "stages.0.norm", "stages.1.pwconv2"} <= layers
+    assert main([*train_args, "--epochs", "2", "--resume"]) == 0

@@ -14,6 +14,7 @@ from .common import (
     add_data_options,
     check_new_run,
     image_size,
+    load_model,
     parse_kwargs,
     positive_int,
     resolve_dataset,
@@ -35,12 +36,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     build_augment(args.augment)  # a bad spec fails before the data are built
     train_set = resolve_dataset(args.data, "train", root=args.data_root, size=args.size)
     val_set = resolve_dataset(args.data, "val", root=args.data_root, size=args.size)
-    kwargs.setdefault("num_classes", train_set.num_classes)
-    kwargs.setdefault("in_channels", train_set.image_shape[0])
-    if "image_size" in model_defaults(args.model):  # ViT / Mixer: fixed input size
-        kwargs.setdefault("image_size", train_set.image_shape[-1])
+    if ":" not in args.model:  # a registry model: class count, channels, size from the data
+        kwargs.setdefault("num_classes", train_set.num_classes)
+        kwargs.setdefault("in_channels", train_set.image_shape[0])
+        if "image_size" in model_defaults(args.model):  # ViT / Mixer: fixed input size
+            kwargs.setdefault("image_size", train_set.image_shape[-1])
     seed_everything(args.seed, deterministic=args.deterministic)  # before the weights exist
-    model = create_model(args.model, **kwargs)
+    # a module:attr model gets only its --model-args; measure, attack and defend then take
+    # it back with --model module:attr --checkpoint last.pt
+    model = load_model(args.model, args.model_args, None)[0] if ":" in args.model \
+        else create_model(args.model, **kwargs)
     augment = build_augment(args.augment, num_classes=train_set.num_classes)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -58,9 +63,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: Any) -> None:
     """Add ``train`` to the ``equivision`` subcommand parsers ``sub``."""
-    t = sub.add_parser("train", help="train a registry model on a dataset",
+    t = sub.add_parser("train", help="train a registry model or your own on a dataset",
                        description="Supervised training with atomic checkpoints and exact resume.")
-    t.add_argument("--model", required=True, help="registry name or module:attr")
+    t.add_argument("--model", required=True,
+                   help="registry name, or module:attr (a class, a factory or an nn.Module "
+                   "instance: it gets only --model-args, and takes images (B, C, H, W) in "
+                   "[0, 1] of the dataset's channels and size)")
     t.add_argument("--model-args", help="constructor arguments, e.g. width=8")
     add_data_options(t)
     t.add_argument("--size", type=image_size, default=None,
