@@ -179,3 +179,21 @@ def model_device(module: torch.nn.Module, default: str | torch.device = "cpu") -
     for t in module.buffers():
         return t.device
     return torch.device(default)
+
+
+@contextmanager
+def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Run the block with ``model`` (an ``nn.Module``) and all its submodules in eval mode,
+    then restore each submodule's own mode: the model is left as it was found (BatchNorm
+    statistics and dropout untouched). Other callables, or ``enabled=False``, run as they
+    are."""
+    if not enabled or not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode

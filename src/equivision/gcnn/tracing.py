@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..utils import evaluating
 from .rules import (
     PAD_MODULES,
     RESAMPLING_MODULES,
@@ -563,21 +564,17 @@ def trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
            judge: WeightJudge | None = None) -> ExactnessReport:
     dev, dt = device_dtype(model)
     device, dtype = device or dev, dtype or dt
-    modes = {m: m.training for m in model.modules()}
     tracer = Tracer(model, group, judge)
     x = torch.zeros(1, in_channels, *hw, device=device, dtype=dtype)
     tracer.mark(x)
-    model.eval()
     tracer.attach()
     try:
-        with torch.no_grad(), tracer:
+        with torch.no_grad(), evaluating(model), tracer:
             out = model(x)
     except Exception as err:
         raise TraceError(_failure(model, hw, in_channels, tracer, err)) from err
     finally:
         tracer.detach()
-        for m, training in modes.items():
-            m.training = training
     if first_tensor(out) is None:
         raise TraceError(
             f"cannot trace {type(model).__name__} at input {hw[0]}x{hw[1]}: it returned "

@@ -44,8 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score, task_loss
+from ..utils import evaluating
 
 __all__ = [
     "LOSSES",
@@ -167,24 +167,6 @@ def _houdini(margin: Tensor, labels: Tensor, targeted: bool, ignore_index: int) 
     value = log_e.exp() - 1.0 if targeted else log_e.exp()
     surrogate = value.detach() + (log_e - log_e.detach())
     return torch.where(count > 0, surrogate, torch.zeros_like(surrogate)).to(margin.dtype)
-
-
-@contextmanager
-def evaluating(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Run the block with ``model`` (an ``nn.Module``) and all its submodules in eval mode,
-    then restore each submodule's own mode: an attack leaves the model as it found it
-    (BatchNorm statistics and dropout untouched). Other callables, or ``enabled=False``,
-    run as they are."""
-    if not enabled or not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _derived_seed(*parts: Any) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..measure.capture import PASS_THROUGH, LayerCapture, first_tensor
+from ..measure.capture import PASS_THROUGH, LayerCapture, Trace, first_tensor, trace_layers
 from ..measure.compare import (
     PAIRINGS,
     Comparator,
@@ -42,6 +42,7 @@ from ..measure.compare import (
     pairwise_cosines,
 )
 from ..transforms import Layout, Transform, size_stride
+from ..utils import evaluating
 
 __all__ = [
     "AUTO_LAYER", "CPU_MAX_BATCH", "PAIRINGS", "FeatureExtractor", "align_view",
@@ -71,20 +72,29 @@ def resolve_max_batch(max_batch: int | str | None, device: torch.device) -> int 
 AUTO_LAYER = "auto"
 
 
-def last_spatial_layer(model: nn.Module, x: Tensor) -> str:
+def last_spatial_layer(model: nn.Module, x: Tensor, trace: Trace | None = None) -> str:
     """Name of the submodule whose output is the model's last spatial map on ``x``
-    ``(B, C, H, W)``: of the submodules that return ``(B, C, h, w)`` with ``h w > 1``, the
-    last to finish in the forward pass (a classifier's last conv block, before the global
-    pooling; a segmenter's last map); dropout, identity and flatten modules are skipped.
+    ``(B, C, H, W)``: of the submodules that return ``(B, C, h, w)`` with ``h w > 1`` (or a
+    channels-last ``(B, h, w, C)``, :func:`~equivision.measure.capture.find_channels_last`;
+    outputs that only look channels-last are passed over), the last to finish in the
+    forward pass (a classifier's last conv block, before the global pooling; a
+    segmenter's last map); dropout, identity and flatten modules are skipped.
 
     Raises:
         ValueError: no submodule returns a spatial map (pass a layer name).
     """
+    trace = trace if trace is not None else trace_layers(model, x[:1].detach())
     names = [n for n, m in model.named_modules() if n and not isinstance(m, PASS_THROUGH)]
     with LayerCapture(model, names) as cap:
         outs = cap.run(x[:1].detach(), strict=False)
         order = list(cap.order)
-    spatial = [n for n in order if outs[n].dim() == 4 and outs[n].shape[-1] * outs[n].shape[-2] > 1]
+
+    def area(n: str) -> int:
+        hw = outs[n].shape[1:3] if n in trace.channels_last else outs[n].shape[-2:]
+        return int(hw[0] * hw[1])
+
+    spatial = [n for n in order if outs[n].dim() == 4 and n not in trace.looks_channels_last
+               and area(n) > 1]
     if not spatial:
         raise ValueError(f"{type(model).__name__} has no submodule that returns a spatial map "
                          "(B, C, h, w); pass feature_layer= a layer name, 'logits' or 'output'")
@@ -120,6 +130,8 @@ class FeatureExtractor:
         self.model = model
         self.feature_layer = layer
         self.module: nn.Module | None = None
+        self._trace: Trace | None = None  # read by resolve() on the first input
+        self._channels_last = False
         named = dict(model.named_modules())
         if layer == "logits" and "logits" in named:
             self.module = named["logits"]
@@ -134,16 +146,27 @@ class FeatureExtractor:
             self.module = named[layer]
 
     def resolve(self, x: Tensor) -> str:
-        """Resolve ``"auto"`` to the last spatial layer on ``x (B, C, H, W)`` (once);
-        returns the layer's name."""
-        if self.feature_layer == AUTO_LAYER:
-            try:
-                name = last_spatial_layer(self.model, x)
-            except ValueError:  # no spatial map at all (an MLP): the model output
-                self.feature_layer = "output"
-                return self.feature_layer
-            self.module = dict(self.model.named_modules())[name]
-            self.feature_layer = name
+        """Resolve ``"auto"`` to the last spatial layer on ``x (B, C, H, W)`` and read the
+        layer's layout (once): a channels-last output ``(B, h, w, C)`` is returned as
+        ``(B, C, h, w)``; one that only looks channels-last is refused. Returns the
+        layer's name."""
+        if self._trace is not None or (self.module is None and self.feature_layer != AUTO_LAYER):
+            return self.feature_layer
+        with evaluating(self.model):  # BatchNorm statistics untouched
+            self._trace = trace = trace_layers(self.model, x[:1].detach())
+            if self.feature_layer == AUTO_LAYER:
+                try:
+                    name = last_spatial_layer(self.model, x, trace)
+                except ValueError:  # no spatial map at all (an MLP): the model output
+                    self.feature_layer = "output"
+                    return self.feature_layer
+                self.module = dict(self.model.named_modules())[name]
+                self.feature_layer = name
+        if self.feature_layer in trace.looks_channels_last:
+            raise ValueError(
+                f"feature layer {self.feature_layer!r} returns a map that looks channels-last "
+                "(B, H, W, C) but cannot be known to be; choose the layer that permutes it back")
+        self._channels_last = self.feature_layer in trace.channels_last
         return self.feature_layer
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -175,7 +198,7 @@ class FeatureExtractor:
                 f"layer {self.feature_layer!r} was not called during the forward pass; "
                 "choose a layer that the model uses"
             )
-        return box[0]
+        return box[0].permute(0, 3, 1, 2) if self._channels_last else box[0]
 
 
 def view_features(
