@@ -243,21 +243,23 @@ class TorchEncoderViT(nn.Module):
     and the mean of the patch tokens as the pooled feature (timm's ``global_pool='avg'``)."""
 
     def __init__(self, image: int = 16, patch: int = 4, dim: int = 16, depth: int = 2,
-                 num_classes: int = 10):
+                 num_classes: int = 10, batch_first: bool = True):
         super().__init__()
+        self.batch_first = batch_first  # False: the blocks see (N, B, C), as in DETR
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         n = (image // patch) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
         self.blocks = nn.Sequential(*[
-            nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True)
+            nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=batch_first)
             for _ in range(depth)])
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
-        return self.head(self.blocks(x)[:, 1:].mean(1))
+        x = self.blocks(x) if self.batch_first else self.blocks(x.transpose(0, 1)).transpose(0, 1)
+        return self.head(x[:, 1:].mean(1))
 
 
 class DictOutCNN(nn.Module):

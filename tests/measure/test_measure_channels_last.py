@@ -169,3 +169,50 @@ def test_lie_derivative_of_channels_last_layers_equals_their_twin():
     assert set(a) == set(b) and len(a) == 2 * len(names) + 2
     for k, v in b.items():
         assert a[k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
+
+
+def test_sequence_first_tokens_measure_as_their_batch_first_twin():
+    """A ``batch_first=False`` transformer's blocks return (N, B, C): measured as the same
+    weights with ``batch_first=True``; the attention's inner outputs whose first axis is
+    not the batch are skipped with their reason."""
+    torch.manual_seed(0)
+    first = TorchEncoderViT().eval()
+    seq = TorchEncoderViT(batch_first=False).eval()
+    seq.load_state_dict(first.state_dict())
+    x = noise(6)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x[:][0]), first(x[:][0]))
+    trace = trace_layers(seq, x[:][0])
+    assert "blocks.0" in trace.sequence_first and "blocks.1.norm2" in trace.sequence_first
+    names = ["patch_embed", "blocks.0", "blocks.1", "blocks.1.linear1", "head"]
+    got = measure(seq, x, "rot90,shift:4", names, progress=False, ci_groups=0)
+    ref = measure(first, x, "rot90,shift:4", names, progress=False, ci_groups=0)
+    assert got.layers == ref.layers
+    for r in ref.results:
+        g = got.get(r.transform, r.layer)
+        assert g.shape == r.shape and g.exact == r.exact
+        for k, v in r.metrics.items():
+            if v is not None:
+                assert g.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (r.layer, k)
+
+
+def test_an_output_whose_first_axis_is_not_the_batch_is_skipped():
+    class HeadsFirst(nn.Module):
+        """Folds its channel groups into the batch axis: (B * 2, 2, H, W)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fold = nn.Identity()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.conv(x)
+            heads = self.fold(y.reshape(-1, 2, *y.shape[-2:]))
+            return self.fc(heads.reshape(len(x), 4, -1).mean(-1))
+
+    model = HeadsFirst()
+    rep = measure(model.eval(), noise(), "rot90", progress=False, ci_groups=0,
+                  layers=["conv", "fold", "fc"])
+    assert "first axis is not the batch" in rep.meta["skipped"]["fold"]
+    assert rep.get("rot90", "conv").exact

@@ -159,7 +159,7 @@ class Captured:
 
 
 def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool = False,
-                   looks_channels_last: bool = False) -> str | None:
+                   traced: str | None = None) -> str | None:
     """Why the spatial layout of a raw output cannot be known, or ``None`` when it can.
 
     Not floating point, not 2- to 5-D, or a 5-D output whose group axis is not 4 or 8:
@@ -168,8 +168,9 @@ def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool
     their length, e.g. an attention map ``(B, heads, N, N)``, indexes tokens, not image
     positions, unless its module's input is a spatial descendant of the image
     (``spatial_input``, :attr:`Trace.spatial`): no transformation acts on it as on an
-    image. A 4-D output that only looks channels-last (``looks_channels_last``,
-    :func:`find_channels_last`) has no known layout either.
+    image. ``traced``: what the trace found against the output's layout
+    (:meth:`Trace.layout_note`: its first axis is not the batch, or it only looks
+    channels-last).
     """
     if not out.is_floating_point():
         return f"skipped: returns a {out.dtype} tensor; only floating-point outputs are measured"
@@ -184,11 +185,7 @@ def unknown_layout(out: Tensor, token_counts: Iterable[int], spatial_input: bool
             and int(out.shape[-2]) in counts and int(out.shape[-1]) in counts):
         return (f"skipped: {tuple(out.shape[1:])} indexes tokens x tokens (e.g. attention), "
                 "not image positions")
-    if looks_channels_last:
-        return (f"skipped: {tuple(out.shape[1:])} looks channels-last (B, H, W, C), but only "
-                "the outputs of nn.Linear / nn.LayerNorm / nn.RMSNorm on such a map (and what "
-                "follows them shape for shape) are read so; measure the permuted-back map")
-    return None
+    return traced
 
 
 def to_measurable(
@@ -404,7 +401,9 @@ class Trace:
     offset) of every spatial output, leaves and containers; ``token_counts``: the ``N``
     of every token output ``(B, N, C)``; ``spatial``: the modules whose input is a
     spatial descendant of the image (see :func:`trace_layers`); ``channels_last``,
-    ``channels_last_input`` and ``looks_channels_last``: see :func:`find_channels_last`.
+    ``channels_last_input`` and ``looks_channels_last``: see :func:`find_channels_last`;
+    ``sequence_first``: 3-D outputs ``(N, B, C)``; ``batch_not_first``: outputs whose first
+    axis is not the batch (read on the batch-1 trace: that axis is not 1).
     """
 
     strides: dict[str, Geometry]
@@ -413,6 +412,25 @@ class Trace:
     channels_last: set[str] = field(default_factory=set)
     channels_last_input: set[str] = field(default_factory=set)
     looks_channels_last: set[str] = field(default_factory=set)
+    sequence_first: set[str] = field(default_factory=set)
+    batch_not_first: set[str] = field(default_factory=set)
+
+    def layout_note(self, name: str) -> str | None:
+        """Why the trace says output ``name`` has no known layout, or None."""
+        if name in self.batch_not_first:
+            return ("skipped: its first axis is not the batch (e.g. (B * heads, N, d) inside "
+                    "an attention); only outputs (B, ...) and sequence-first tokens (N, B, C) "
+                    "are measured")
+        if name in self.looks_channels_last:
+            return ("skipped: looks channels-last (B, H, W, C), but only the outputs of "
+                    "nn.Linear / nn.LayerNorm / nn.RMSNorm on such a map (and what follows them "
+                    "shape for shape) are read so; measure the permuted-back map")
+        return None
+
+    def batch_first(self, name: str, out: Tensor) -> Tensor:
+        """``out`` with the batch first: sequence-first tokens ``(N, B, C)`` (a
+        ``batch_first=False`` transformer) as ``(B, N, C)``."""
+        return out.transpose(0, 1) if name in self.sequence_first and out.dim() == 3 else out
 
 
 #: Leaf types that act on the last axis of a tensor: given a channels-last map
@@ -499,7 +517,11 @@ def trace_layers(model: nn.Module, x: Tensor) -> Trace:
     out_hw.update({n: (outs[n].shape[1], outs[n].shape[2]) for n in cl_out})
     in_hw.update({n: tracer.input_shape[n][1:3] for n in cl_in})  # type: ignore[misc]
     geometry = trace_geometry(order, modules, in_hw, out_hw, (x.shape[-2], x.shape[-1]))
-    counts = {int(t.shape[1]) for t in outs.values() if t.dim() == 3}
+    # on a batch of 1 the batch axis has length 1: (N, 1, C) is sequence-first tokens
+    seq = {n for n, t in outs.items() if t.dim() == 3 and t.shape[0] > 1 and t.shape[1] == 1}
+    other = {n for n, t in outs.items() if t.dim() >= 2 and t.shape[0] != 1 and n not in seq}
+    counts = {int(t.shape[0] if n in seq else t.shape[1]) for n, t in outs.items()
+              if t.dim() == 3 and n not in other}
     reached, spatial = {(x.shape[-2], x.shape[-1])}, set()
     stored = {x.untyped_storage().data_ptr()}
     for name in order:
@@ -511,7 +533,7 @@ def trace_layers(model: nn.Module, x: Tensor) -> Trace:
             if ho is not None:
                 reached.add(tuple(ho))
                 stored.add(output_at[name])
-    return Trace(geometry, counts, spatial, cl_out, cl_in, looks)
+    return Trace(geometry, counts, spatial, cl_out, cl_in, looks, seq, other)
 
 
 def pool_point(values: Sequence[Captured], spatial_input: Sequence[bool] = ()) -> int | None:

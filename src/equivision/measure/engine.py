@@ -288,6 +288,7 @@ class _Session:
         token layer takes the traced geometry of the first map of its grid's size (the
         patch layer's), so that its stride and grid offset are the traced ones."""
         out = {}
+        raw = {n: self.trace.batch_first(n, t) for n, t in raw.items()}
         for name in (n for n in self.order if n in raw):
             grid = self._grid(name, raw[name], hw)
             known = self.layer_strides
@@ -337,7 +338,7 @@ class _Session:
         self.skipped.update({n: NEVER_CALLED for n in missing})
         for name in called:
             reason = unknown_layout(raw[name], self.token_counts, name in self.spatial,
-                                    name in self.trace.looks_channels_last)
+                                    self.trace.layout_note(name))
             if reason is None:
                 self.order.append(name)
             else:

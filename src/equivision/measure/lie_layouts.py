@@ -41,9 +41,10 @@ class LayerLayouts:
     def measurable(self, name: str, raw: Tensor) -> Captured | str:
         """The captured output with its layout, or why it cannot be measured."""
         reason = unknown_layout(raw, self.trace.token_counts, name in self.trace.spatial,
-                                name in self.trace.looks_channels_last)
+                                self.trace.layout_note(name))
         if reason:
             return reason
+        raw = self.trace.batch_first(name, raw)
         if raw.dim() == 3 and self.grid_for(name, raw) is None:
             return (f"skipped: {int(raw.shape[1])} tokens form no grid of the image; pass "
                     "token_grid=(h, w, prefix)")
