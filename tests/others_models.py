@@ -277,3 +277,23 @@ class DictOutCNN(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.body(x)
         return {"features": f, self.key: self.fc(f.mean((2, 3)))}
+
+
+class ToChannelsLast(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class PermutingNet(nn.Module):
+    """A module that itself permutes a map to channels-last (its output only looks so),
+    then a LayerNorm and a mean over the grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.to_last = ToChannelsLast()
+        self.norm = nn.LayerNorm(5)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.norm(self.to_last(self.conv(x))).mean((1, 2)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from others_models import ConvNeXtBlock, TinyConvNeXt, TorchEncoderViT
+from others_models import ConvNeXtBlock, PermutingNet, TinyConvNeXt, TorchEncoderViT
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -116,25 +116,6 @@ def test_pointwise_convnext_with_symmetric_stem_is_exactly_rotation_equivariant(
     assert {r.layer for r in spatial} >= {f"stages.1.{n}" for n in CL_LEAVES}
     for r in spatial:
         assert r.exact and r.metrics["equivariance"] > 1 - 1e-5, (r.transform, r.layer)
-
-
-class ToChannelsLast(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class PermutingNet(nn.Module):
-    """A module that itself permutes to channels-last: its output only looks so."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 5, 3, padding=1)
-        self.to_last = ToChannelsLast()
-        self.norm = nn.LayerNorm(5)
-        self.fc = nn.Linear(5, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.norm(self.to_last(self.conv(x))).mean((1, 2)))
 
 
 def test_output_that_only_looks_channels_last_is_skipped_with_a_reason():

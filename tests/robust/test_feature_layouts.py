@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from others_models import TinyConvNeXt
+from others_models import PermutingNet, TinyConvNeXt
 from torch import Tensor, nn
 
 from equivision.robust.views import FeatureExtractor, last_spatial_layer
@@ -25,24 +25,6 @@ class SwinLike(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.mlp(self.norm(self.bn(self.patch(x)).permute(0, 2, 3, 1)))
         return self.head(y.mean((1, 2)))
-
-
-class ToLast(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class Permuting(nn.Module):
-    """A module that permutes to channels-last itself: its output only looks so."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 5, 3, padding=1)
-        self.to_last = ToLast()
-        self.fc = nn.Linear(5, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.to_last(self.conv(x)).mean((1, 2)))
 
 
 def images(n: int = 2, size: int = 16) -> Tensor:
@@ -76,4 +58,4 @@ def test_a_named_channels_last_layer_is_read_as_bchw_and_auto_keeps_the_containe
 
 def test_a_layer_that_only_looks_channels_last_is_refused():
     with pytest.raises(ValueError, match="looks channels-last"):
-        FeatureExtractor(Permuting().eval(), "to_last")(images())
+        FeatureExtractor(PermutingNet().eval(), "to_last")(images())
