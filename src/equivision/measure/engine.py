@@ -122,17 +122,13 @@ def measure(
     use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
     loader, max_images = _loader(data, batch_size, max_images, rank, world)
-    names = select_layers(model, layers)
-    sessions = [_Session(model, ts, names, token_grid, strides, margin, device, use_dist,
-                         ci_groups, rank)]
     clone, kept = random_init_copy(model, init_seed) if random_init else (None, [])
-    if clone is not None:
-        sessions.append(_Session(clone, ts, names, token_grid, strides, margin, device,
-                                 use_dist, ci_groups, rank))
-    literal = named_literally(model, layers)
+    sessions = [_Session(m, ts, select_layers(model, layers), token_grid, strides, margin,
+                         device, use_dist, ci_groups, rank)
+                for m in ([model] if clone is None else [model, clone])]
     for session in sessions:
         session.centre_grids = grid_offsets == "ignore"
-        session.must_call = literal
+        session.must_call = named_literally(model, layers)
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
