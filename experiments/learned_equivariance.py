@@ -109,13 +109,29 @@ def merged_runs(paths: list[Path]) -> dict[str, list[dict]]:
     return runs
 
 
+def task_runs(records: list[dict]) -> dict[str, list[dict]]:
+    """The task study's runs per setting (in the order first seen) from
+    :func:`support.pool.run_pool` records: each record plus its report's part means,
+    trained (``"parts"``) and at random initialisation (``"parts_random_init"``)."""
+    runs: dict[str, list[dict]] = {}
+    for rec in records:
+        rep = Report.load_json(rec["report"])
+        runs.setdefault(rec["label"], []).append(
+            {**rec, "parts": rep.part_summary(),
+             "parts_random_init": rep.part_summary(source="random_init"),
+             "seconds": rec["train_seconds"] + rec["measure_seconds"]})
+    return runs
+
+
 def cmd_task(args) -> None:
+    """Train and measure the task study seed by seed (every setting's seed 0 first), each
+    model logged to ``--out``/records.jsonl as it finishes (a rerun reuses the logged
+    models), or summarise ``--merge``'d task.json files; then the tables and plot."""
     if args.merge:
         runs = merged_runs(args.merge)
     else:
-        runs = {label: [train_and_measure(s, args.root, "rot90", args.images, args.device,
-                                          random_init=True) for s in specs]
-                for label, specs in task_specs(args).items()}
+        runs = task_runs(run_pool(task_specs(args), args.root, args.out, args.images,
+                                  args.device, transforms="rot90"))
     summ = {label: summarise_baselines(rs) for label, rs in runs.items()}
     table = markdown_table(summ, metrics=BASELINE_COLUMNS)
     plot_parts(summ, args.out / "task.png", metrics=("equivariance", "random-init equivariance",
