@@ -123,20 +123,42 @@ def task_runs(records: list[dict]) -> dict[str, list[dict]]:
     return runs
 
 
+#: The task study's docs table (:func:`support.pool_studies.compact_table` columns): the
+#: trained values beside random init, the channel redundancy and the bootstrap widths.
+TASK_COLUMNS = {"eq": "equivariance", "random-init eq": "random-init equivariance",
+                "Δ eq": "Δ equivariance", "redundancy": "redundancy",
+                "eq − redundancy": "equivariance - redundancy", "inv": "invariance",
+                "random-init inv": "random-init invariance", "Δ inv": "Δ invariance",
+                "CI width": "equivariance CI width",
+                "random-init CI width": "random-init equivariance CI width"}
+
+
+def task_tables(out: Path, records: list[dict], labels: list[str], title: str) -> str:
+    """``out/task-rotation{.json,.md,.png,-compact.md}`` from the task study's records:
+    :data:`TASK_COLUMNS` per setting and part with † where the seeds show a difference,
+    and each task paired by seed against the first (upright); returns the compact text."""
+    runs = group_runs(records, load_reports(records), {la: la for la in labels}, "rotation")
+    return write_study(out, "task", runs, "rotation", title, columns=TASK_COLUMNS)
+
+
 def cmd_task(args) -> None:
     """Train and measure the task study seed by seed (every setting's seed 0 first), each
     model logged to ``--out``/records.jsonl as it finishes (a rerun reuses the logged
     models), or summarise ``--merge``'d task.json files; then the tables and plot."""
+    title = f"rotation in/equivariance per part (cnn7, {args.data})"
     if args.merge:
         runs = merged_runs(args.merge)
     else:
-        runs = task_runs(run_pool(task_specs(args), args.root, args.out, args.images,
-                                  args.device, transforms="rot90"))
+        specs = task_specs(args)
+        records = run_pool(specs, args.root, args.out, args.images, args.device,
+                           transforms="rot90")
+        runs = task_runs(records)
+        print(task_tables(args.out, records, list(specs), title) + "\n")
     summ = {label: summarise_baselines(rs) for label, rs in runs.items()}
     table = markdown_table(summ, metrics=BASELINE_COLUMNS)
     plot_parts(summ, args.out / "task.png", metrics=("equivariance", "random-init equivariance",
                                                      "invariance", "redundancy"),
-               title=f"rotation in/equivariance per part (cnn7, {args.data})")
+               title=title)
     write_results(args.out, "task", {"transforms": "rot90", "runs": runs, "summary": summ},
                   table)
     print(table)

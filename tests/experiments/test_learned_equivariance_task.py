@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from learned_equivariance import merged_runs, task_runs, task_specs
+from learned_equivariance import TASK_COLUMNS, merged_runs, task_runs, task_specs, task_tables
 from support.pool import run_pool
 from support.studies import (
     BASELINE_COLUMNS,
@@ -139,3 +139,9 @@ def test_task_study_runs_seed_major_logs_and_resumes(tmp_path: Path):
     assert len(log.read_text().splitlines()) == 5  # only that model was redone
     assert again[0]["train_seconds"] == records[0]["train_seconds"]  # logged record kept
     assert Path(again[3]["report"]).exists()
+    text = task_tables(out, again, ["up", "eq"], "tiny")
+    head = text.splitlines()[0]
+    assert all(f" {c} |" in head for c in TASK_COLUMNS) and "| up (" in text
+    assert "Paired by seed against up" in text and "| eq (2) | Early |" in text
+    assert (out / "task-rotation-compact.md").read_text().strip() == text.strip()
+    assert (out / "task-rotation.png").read_bytes()[:4] == b"\x89PNG"
