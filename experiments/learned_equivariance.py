@@ -6,7 +6,9 @@ them and writes JSON, a Markdown table and a plot under --out:
     task     section 4.3 / figure 5: rotation in/equivariance for an upright dataset
              (--data: digits6, or fashion-mnist from IDX files), its rotation-invariant
              and its rotation-equivariant variant (cnn7, 3 seeds), beside the same
-             network at random initialisation and the channel-redundancy baseline
+             network at random initialisation and the channel-redundancy baseline;
+             seed by seed, each model logged to records.jsonl as it finishes and
+             reused on a rerun (task-rotation-compact.md: † and paired-by-seed tables)
     augment  section 4.4 / figure 6a: translation in/equivariance per augmentation
              (CIFAR-style ResNet, 3 seeds, diagonal shifts, valid region only)
     width    section 4.5 / figure 6b: translation in/equivariance against WRN width
