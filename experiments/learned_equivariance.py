@@ -6,7 +6,9 @@ them and writes JSON, a Markdown table and a plot under --out:
     task     section 4.3 / figure 5: rotation in/equivariance for an upright dataset
              (--data: digits6, or fashion-mnist from IDX files), its rotation-invariant
              and its rotation-equivariant variant (cnn7, 3 seeds), beside the same
-             network at random initialisation and the channel-redundancy baseline
+             network at random initialisation and the channel-redundancy baseline;
+             seed by seed, each model logged to records.jsonl as it finishes and
+             reused on a rerun (task-rotation-compact.md: † and paired-by-seed tables)
     augment  section 4.4 / figure 6a: translation in/equivariance per augmentation
              (CIFAR-style ResNet, 3 seeds, diagonal shifts, valid region only)
     width    section 4.5 / figure 6b: translation in/equivariance against WRN width
@@ -109,18 +111,56 @@ def merged_runs(paths: list[Path]) -> dict[str, list[dict]]:
     return runs
 
 
+def task_runs(records: list[dict]) -> dict[str, list[dict]]:
+    """The task study's runs per setting (in the order first seen) from
+    :func:`support.pool.run_pool` records: each record plus its report's part means,
+    trained (``"parts"``) and at random initialisation (``"parts_random_init"``)."""
+    runs: dict[str, list[dict]] = {}
+    for rec in records:
+        rep = Report.load_json(rec["report"])
+        runs.setdefault(rec["label"], []).append(
+            {**rec, "parts": rep.part_summary(),
+             "parts_random_init": rep.part_summary(source="random_init"),
+             "seconds": rec["train_seconds"] + rec["measure_seconds"]})
+    return runs
+
+
+#: The task study's docs table (:func:`support.pool_studies.compact_table` columns): the
+#: trained values beside random init, the channel redundancy and the bootstrap widths.
+TASK_COLUMNS = {"eq": "equivariance", "random-init eq": "random-init equivariance",
+                "Δ eq": "Δ equivariance", "redundancy": "redundancy",
+                "eq − redundancy": "equivariance - redundancy", "inv": "invariance",
+                "random-init inv": "random-init invariance", "Δ inv": "Δ invariance",
+                "CI width": "equivariance CI width",
+                "random-init CI width": "random-init equivariance CI width"}
+
+
+def task_tables(out: Path, records: list[dict], labels: list[str], title: str) -> str:
+    """``out/task-rotation{.json,.md,.png,-compact.md}`` from the task study's records:
+    :data:`TASK_COLUMNS` per setting and part with † where the seeds show a difference,
+    and each task paired by seed against the first (upright); returns the compact text."""
+    runs = group_runs(records, load_reports(records), {la: la for la in labels}, "rotation")
+    return write_study(out, "task", runs, "rotation", title, columns=TASK_COLUMNS)
+
+
 def cmd_task(args) -> None:
+    """Train and measure the task study seed by seed (every setting's seed 0 first), each
+    model logged to ``--out``/records.jsonl as it finishes (a rerun reuses the logged
+    models), or summarise ``--merge``'d task.json files; then the tables and plot."""
+    title = f"rotation in/equivariance per part (cnn7, {args.data})"
     if args.merge:
         runs = merged_runs(args.merge)
     else:
-        runs = {label: [train_and_measure(s, args.root, "rot90", args.images, args.device,
-                                          random_init=True) for s in specs]
-                for label, specs in task_specs(args).items()}
+        specs = task_specs(args)
+        records = run_pool(specs, args.root, args.out, args.images, args.device,
+                           transforms="rot90")
+        runs = task_runs(records)
+        print(task_tables(args.out, records, list(specs), title) + "\n")
     summ = {label: summarise_baselines(rs) for label, rs in runs.items()}
     table = markdown_table(summ, metrics=BASELINE_COLUMNS)
     plot_parts(summ, args.out / "task.png", metrics=("equivariance", "random-init equivariance",
                                                      "invariance", "redundancy"),
-               title=f"rotation in/equivariance per part (cnn7, {args.data})")
+               title=title)
     write_results(args.out, "task", {"transforms": "rot90", "runs": runs, "summary": summ},
                   table)
     print(table)

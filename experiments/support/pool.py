@@ -72,32 +72,43 @@ def report_path(root: Path, spec: RunSpec, transforms: str = POOL_TRANSFORMS) ->
 
 
 def pool_record(label: str, spec: RunSpec, root: Path, max_images: int,
-                device: str = "auto") -> dict[str, Any]:
-    """Train (or reuse) and measure (or reuse the saved report of) one pool model.
+                device: str = "auto", transforms: str = POOL_TRANSFORMS) -> dict[str, Any]:
+    """Train (or reuse) and measure under ``transforms`` (or reuse the saved report of)
+    one pool model.
 
     Returns ``{"label", "spec", "accuracy", "report", "train_seconds",
-    "measure_seconds"}`` (seconds 0 for reused steps)."""
-    t0 = time.time()
-    path = report_path(root, spec)
+    "measure_seconds", "train_cpu_seconds", "measure_cpu_seconds"}`` (wall and process
+    CPU time; near 0 for reused steps)."""
+    t0, c0 = time.time(), time.process_time()
+    path = report_path(root, spec, transforms)
     model, test_set, acc = train_run(spec, root, device)
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     if not path.exists():
-        rep = measure(model, test_set, POOL_TRANSFORMS, max_images=max_images,
+        rep = measure(model, test_set, transforms, max_images=max_images,
                       progress=False, model_name=spec.name, random_init=True,
                       init_seed=spec.seed)
         rep.save_json(path)
     return {"label": label, "spec": asdict(spec), "accuracy": acc, "report": str(path),
-            "train_seconds": t1 - t0, "measure_seconds": time.time() - t1}
+            "train_seconds": t1 - t0, "measure_seconds": time.time() - t1,
+            "train_cpu_seconds": c1 - c0, "measure_cpu_seconds": time.process_time() - c1}
 
 
 def run_pool(groups: dict[str, list[RunSpec]], root: Path, out: Path, max_images: int,
-             device: str = "auto") -> list[dict[str, Any]]:
-    """Train and measure every pool model (seed-major), appending each record to
-    ``out/records.jsonl`` as it finishes; returns the records."""
+             device: str = "auto", transforms: str = POOL_TRANSFORMS
+             ) -> list[dict[str, Any]]:
+    """Train and measure every model of ``groups`` under ``transforms`` (seed-major),
+    appending each record to ``out/records.jsonl`` as it finishes; a model already
+    logged there with its report (of these transformations) is not touched again and
+    keeps its logged record (and times). Returns the records, in seed-major order."""
     out.mkdir(parents=True, exist_ok=True)
+    logged = _logged_records(out)
     records = []
     for label, spec in seed_major(groups):
-        rec = pool_record(label, spec, root, max_images, device)
+        old = logged.get(spec.name)
+        if old is not None and old["report"] == str(report_path(root, spec, transforms)):
+            records.append(old)
+            continue
+        rec = pool_record(label, spec, root, max_images, device, transforms)
         records.append(rec)
         with open(out / "records.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -108,10 +119,9 @@ def run_pool(groups: dict[str, list[RunSpec]], root: Path, out: Path, max_images
     return records
 
 
-def finished_records(groups: dict[str, list[RunSpec]], root: Path, out: Path
-                     ) -> list[dict[str, Any]]:
-    """The records of ``out/records.jsonl`` whose report exists, the last per model, in
-    seed-major order (for summarising a pool that is still running or was stopped)."""
+def _logged_records(out: Path) -> dict[str, dict[str, Any]]:
+    """The records of ``out/records.jsonl`` whose report exists, the last per model,
+    keyed by the run's name."""
     seen: dict[str, dict[str, Any]] = {}
     log = out / "records.jsonl"
     if log.exists():
@@ -119,6 +129,14 @@ def finished_records(groups: dict[str, list[RunSpec]], root: Path, out: Path
             rec = json.loads(line)
             if Path(rec["report"]).exists():
                 seen[RunSpec(**rec["spec"]).name] = rec
+    return seen
+
+
+def finished_records(groups: dict[str, list[RunSpec]], root: Path, out: Path
+                     ) -> list[dict[str, Any]]:
+    """The records of ``out/records.jsonl`` whose report exists, the last per model, in
+    seed-major order (for summarising a pool that is still running or was stopped)."""
+    seen = _logged_records(out)
     return [seen[spec.name] for _, spec in seed_major(groups) if spec.name in seen]
 
 

@@ -136,18 +136,20 @@ COMPACT_COLUMNS = {"eq": "equivariance", "random-init eq": "random-init equivari
                    "CI width": "equivariance CI width"}
 
 
-def compact_table(runs: dict[str, list[dict[str, Any]]], parts: Sequence[str] = PARTS
-                  ) -> str:
-    """A narrower table for the docs: :data:`COMPACT_COLUMNS` for ``parts``, the setting
+def compact_table(runs: dict[str, list[dict[str, Any]]], parts: Sequence[str] = PARTS,
+                  columns: dict[str, str] | None = None) -> str:
+    """A narrower table for the docs: ``columns`` (shown name -> column of
+    :data:`STUDY_COLUMNS`; default :data:`COMPACT_COLUMNS`) for ``parts``, the setting
     with its accuracy (mean ± std) and seed count, † as in :func:`study_table`."""
-    rows = ["| setting (accuracy, seeds) | part | " + " | ".join(COMPACT_COLUMNS) + " |",
-            "|" + "---|" * (2 + len(COMPACT_COLUMNS))]
+    columns = columns or COMPACT_COLUMNS
+    rows = ["| setting (accuracy, seeds) | part | " + " | ".join(columns) + " |",
+            "|" + "---|" * (2 + len(columns))]
     for label, rs in runs.items():
         summ = summarise_baselines(rs, STUDY_COLUMNS)
         acc = _pm(summ["accuracy"]["accuracy"])
         for part in (p for p in parts if p in summ):
             cells = []
-            for col in COMPACT_COLUMNS.values():
+            for col in columns.values():
                 m, sd = summ[part][col]
                 cell = "-" if m is None else (f"{m:.3f}" if col.endswith("CI width")
                                               else f"{m:.3f} ± {sd:.3f}")
@@ -207,15 +209,17 @@ def _pm(v: tuple[float | None, float | None]) -> str:
 
 
 def write_study(out: Path, name: str, runs: dict[str, list[dict[str, Any]]], tset: str,
-                title: str) -> str:
-    """``out/<name>-<tset>.{json,md,png}`` and ``-compact.md``; returns the compact table."""
+                title: str, columns: dict[str, str] | None = None) -> str:
+    """``out/<name>-<tset>.{json,md,png}`` and ``-compact.md`` (:func:`compact_table` with
+    ``columns``, then each setting paired by seed against the first); returns the
+    compact table."""
     table, summ = study_table(runs)
     stem = f"{name}-{tset}"
     plot_parts(summ, out / f"{stem}.png", metrics=("equivariance", "random-init equivariance",
                                                     "invariance", "redundancy"),
                title=f"{title}, {tset}")
     write_results(out, stem, {"transform_set": tset, "runs": runs, "summary": summ}, table)
-    compact = compact_table(runs)
+    compact = compact_table(runs, columns=columns)
     first = next(iter(runs))
     compact += f"\n\nPaired by seed against {first}:\n\n" + paired_table(runs, first)
     (out / f"{stem}-compact.md").write_text(compact + "\n")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from learned_equivariance import merged_runs, task_specs
+from learned_equivariance import TASK_COLUMNS, merged_runs, task_runs, task_specs, task_tables
+from support.pool import run_pool
 from support.studies import (
     BASELINE_COLUMNS,
     RunSpec,
@@ -113,3 +114,34 @@ def test_merged_runs_concatenate_seeds(tmp_path: Path):
     merged = merged_runs([tmp_path / "a.json", tmp_path / "b.json"])
     assert list(merged) == ["up", "inv"]
     assert [r["seed"] for r in merged["inv"]] == [10, 11, 12]
+
+
+def test_task_study_runs_seed_major_logs_and_resumes(tmp_path: Path):
+    def spec(data: str, seed: int) -> RunSpec:
+        return RunSpec("cnn-small", data, seed=seed, size=12, epochs=1,
+                       model_kwargs={"width": 3}, train_images=48, test_images=24)
+    groups = {"up": [spec("digits", s) for s in (0, 1)],
+              "eq": [spec("digits-roteq", s) for s in (0, 1)]}
+    models, out = tmp_path / "models", tmp_path / "out"
+    records = run_pool(groups, models, out, 16, "cpu", transforms="rot90")
+    assert [(r["label"], r["spec"]["seed"]) for r in records] == [
+        ("up", 0), ("eq", 0), ("up", 1), ("eq", 1)]  # seed-major
+    assert all(r["report"].endswith("measure-rot90-ri.json") for r in records)
+    assert records[0]["train_cpu_seconds"] > 0 and records[0]["measure_cpu_seconds"] > 0
+    runs = task_runs(records)
+    assert list(runs) == ["up", "eq"] and [len(v) for v in runs.values()] == [2, 2]
+    assert set(runs["eq"][1]["parts_random_init"]) == set(runs["eq"][1]["parts"])
+    assert summarise_baselines(runs["up"])["Early"]["Δ equivariance"][0] is not None
+    log = out / "records.jsonl"
+    assert len(log.read_text().splitlines()) == 4
+    Path(records[3]["report"]).unlink()  # a stopped run: the last model lacks its report
+    again = run_pool(groups, models, out, 16, "cpu", transforms="rot90")
+    assert len(log.read_text().splitlines()) == 5  # only that model was redone
+    assert again[0]["train_seconds"] == records[0]["train_seconds"]  # logged record kept
+    assert Path(again[3]["report"]).exists()
+    text = task_tables(out, again, ["up", "eq"], "tiny")
+    head = text.splitlines()[0]
+    assert all(f" {c} |" in head for c in TASK_COLUMNS) and "| up (" in text
+    assert "Paired by seed against up" in text and "| eq (2) | Early |" in text
+    assert (out / "task-rotation-compact.md").read_text().strip() == text.strip()
+    assert (out / "task-rotation.png").read_bytes()[:4] == b"\x89PNG"
