@@ -22,6 +22,13 @@ when the validation accuracy (on the training distribution) has not improved for
 ``--patience`` epochs (at most ``--max-epochs``). Each rule writes to its own folder
 (``runs/gcnn-fmnist-<rule>``), so a table never mixes rules.
 
+Data size and epochs: 3,000 training, 600 validation and 2,000 test images (500 for the
+curves) and 10 epochs by default; ``--train-size 12000`` is the paper's MNIST-rot size.
+Every record holds its rule, sizes and epochs, a study refuses to add runs of another
+rule, size or epoch count to a folder, and the default ``--out`` appends the sizes that
+differ from the defaults (``runs/gcnn-fmnist-cosine-train12000``). ``report`` also
+writes the validation accuracy by epoch of the upright Table 1 runs (``table1-val.md``).
+
 The Z2CNN / P4CNN block layout (``--layout``): ``paper`` (default; the paper's "ReLU
 and then batch norm" after each layer, dropout after layers 1-5) or ``bn-relu`` (batch
 norm before ReLU, dropout after all 7 layers: the layout of the first runs, in
@@ -76,6 +83,10 @@ SIGMAS = (20.0, 40.0)
 LAYOUTS = {"paper": {"order": "relu-bn", "dropout_layers": 5},
            "bn-relu": {"order": "bn-relu", "dropout_layers": 7}}
 SEVEN_LAYER = ("z2cnn", "p4cnn")
+SIZE_FLAGS = ("--train-size", "--val-size", "--test-size", "--curve-size")
+#: the default sizes and epochs; other values get their own default --out folder
+DEFAULT_SIZES = (3000, 600, 2000, 500)
+DEFAULT_EPOCHS = {"cosine": 10, "plateau": 15}
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,16 +163,40 @@ def check_layout(out: Path, layout: str) -> None:
                                  f"--layout {found} or another --out folder")
 
 
-def done_keys(path: Path, rule: str) -> set[tuple[str, int]]:
+def recipe(args) -> dict[str, Any]:
+    """What a study folder holds one of: the stopping rule, the data sizes ``[train, val,
+    test, curve]`` and the epochs; every record carries these fields."""
+    return {"rule": args.rule, "sizes": [args.train_size, args.val_size, args.test_size,
+                                         args.curve_size], "max_epochs": args.max_epochs}
+
+
+def recipe_conflict(rec: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """The first field where ``rec`` differs from ``want`` as ``"--flag value"`` of the
+    record (records written before ``--rule``: plateau), or None if none differs."""
+    rule = rec.get("rule", "plateau")
+    if rule != want["rule"]:
+        return f"--rule {rule}"
+    sizes = rec.get("sizes", want["sizes"])
+    for flag, have, wanted in zip(SIZE_FLAGS, sizes, want["sizes"]):
+        if have != wanted:
+            return f"{flag} {have}"
+    if rec.get("max_epochs", want["max_epochs"]) != want["max_epochs"]:
+        return f"--max-epochs {rec['max_epochs']}"
+    return None
+
+
+def done_keys(path: Path, want: dict[str, Any]) -> set[tuple[str, int]]:
     """The (label, seed) pairs already recorded in ``path`` (a JSON-lines file); raises
-    ``ValueError`` if a record there was trained with another stopping rule."""
+    ``ValueError`` if a record there has another :func:`recipe` than ``want`` (another
+    stopping rule, data size or number of epochs), so a table never mixes them."""
     if not path.exists():
         return set()
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    other = {r.get("rule", "plateau") for r in recs} - {rule}
-    if other:
-        raise ValueError(f"{path} holds runs of --rule {', '.join(sorted(other))}, not "
-                         f"{rule}: pass --rule {min(other)} or another --out folder")
+    for rec in recs:
+        found = recipe_conflict(rec, want)
+        if found:
+            raise ValueError(f"{path} holds runs of {found}, not this run's: pass "
+                             f"{found} or another --out folder")
     return {(r["label"], r["seed"]) for r in recs}
 
 
@@ -215,7 +250,7 @@ def run_biased(args, model_name: str, size: int, label: str, seed: int, kwargs,
 def run_study(args, study: str, jobs) -> None:
     """Run ``jobs`` = ``[(label, seed, fn, fn_args)]`` not yet in ``study``'s records."""
     path = args.out / f"{study}.jsonl"
-    done = done_keys(path, args.rule)
+    done = done_keys(path, recipe(args))
     if any(job[3][0] in SEVEN_LAYER for job in jobs):
         check_layout(args.out, args.layout)
     for label, seed, fn, fn_args in jobs:
@@ -226,8 +261,7 @@ def run_study(args, study: str, jobs) -> None:
         rec.update(study=study, label=label, seed=seed, model=fn_args[0], size=fn_args[1],
                    wall_s=round(time.perf_counter() - t0, 1),
                    cpu_s=round(time.process_time() - c0, 1), dataset=args.dataset,
-                   sizes=[args.train_size, args.val_size, args.test_size, args.curve_size],
-                   max_epochs=args.max_epochs, patience=args.patience, rule=args.rule)
+                   patience=args.patience, **recipe(args))
         if fn_args[0] in SEVEN_LAYER:
             rec["layout"] = args.layout
         append_record(path, rec)
@@ -329,6 +363,22 @@ def rotation_table(out: Path, upright: str, rotated: str | None, png: str) -> st
     return "\n".join([*head, *rotation_rows(recs, rot), *extra])
 
 
+def val_table(out: Path, study: str) -> str:
+    """The validation accuracy by epoch (mean ± std over seeds) of each model in
+    ``out/<study>.jsonl``, to see whether it had stopped improving; markdown, one row per
+    model and epoch (empty if there are no records)."""
+    recs = load_records(out / f"{study}.jsonl")
+    rows = ["| model | epoch | seeds | validation accuracy | gain on the epoch before |",
+            "|---|---|---|---|---|"]
+    for label, rs in recs.items():
+        for e in range(max(len(r["val_acc"]) for r in rs)):
+            have = [r["val_acc"] for r in rs if len(r["val_acc"]) > e]
+            gain = cell(v[e] - v[e - 1] for v in have) if e else "-"
+            rows.append(f"| {label} | {e + 1} | {len(have)} | {cell(v[e] for v in have)} "
+                        f"| {gain} |")
+    return "\n".join(rows) if recs else ""
+
+
 def part_error(rec: dict[str, Any], index: int, part: str, metric: str) -> float | None:
     """The logged ``metric`` of ``part`` at entry ``index`` of ``rec``'s error history."""
     return rec["errors"][index]["parts"].get(part, {}).get(metric)
@@ -379,7 +429,8 @@ def cmd_report(args) -> None:
     parts = {"table1": rotation_table(args.out, "table1-upright", "table1-rotated",
                                       "table1.png"),
              "errors": error_table(args.out), "biased": biased_table(args.out),
-             "table2": rotation_table(args.out, "table2", None, "table2.png")}
+             "table2": rotation_table(args.out, "table2", None, "table2.png"),
+             "table1-val": val_table(args.out, "table1-upright")}
     suffixes = {path.stem.rsplit("-", 1)[1] for path in args.out.glob("table1-*-dropout*.jsonl")}
     for suffix in sorted(suffixes):  # e.g. "dropout0": its upright and rotated columns
         parts[f"table1-{suffix}"] = rotation_table(
@@ -391,6 +442,18 @@ def cmd_report(args) -> None:
             print(f"## {name}\n{text}\n")
 
 
+def default_out(args) -> Path:
+    """``runs/gcnn-fmnist-<rule>``, with the sizes that differ from the defaults appended
+    (``runs/gcnn-fmnist-cosine-train12000``), so each data size has its own folder (another
+    ``--max-epochs`` is refused there: give it an ``--out``); ``runs/gcnn-quick`` for
+    ``--quick``."""
+    if args.quick:
+        return Path("runs/gcnn-quick")
+    parts = [f"{flag[2:].split('-')[0]}{have}" for flag, have, default in
+             zip(SIZE_FLAGS, recipe(args)["sizes"], DEFAULT_SIZES) if have != default]
+    return Path("-".join([f"runs/gcnn-fmnist-{args.rule}", *parts]))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,11 +461,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--column", choices=["upright", "rotated"], default="upright",
                    help="table1: train upright or on the uniformly rotated copy")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--train-size", type=int, default=3000)
-    p.add_argument("--val-size", type=int, default=600)
-    p.add_argument("--test-size", type=int, default=2000,
+    p.add_argument("--train-size", type=int, default=DEFAULT_SIZES[0],
+                   help="training images (the paper's MNIST-rot: 12000)")
+    p.add_argument("--val-size", type=int, default=DEFAULT_SIZES[1])
+    p.add_argument("--test-size", type=int, default=DEFAULT_SIZES[2],
                    help="test images for upright/90°/rotated accuracy")
-    p.add_argument("--curve-size", type=int, default=500,
+    p.add_argument("--curve-size", type=int, default=DEFAULT_SIZES[3],
                    help="test images for the accuracy-against-angle curves")
     p.add_argument("--rule", choices=["cosine", "plateau"], default="cosine",
                    help="cosine: lr decayed to 0 over --max-epochs; plateau: constant lr, "
@@ -433,9 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dataset, args.train_size, args.val_size = "digits", 300, 100
         args.test_size, args.curve_size, args.max_epochs, args.seeds = 200, 100, 3, 1
     if args.max_epochs is None:
-        args.max_epochs = 10 if args.rule == "cosine" else 15
-    args.out = args.out or Path("runs/gcnn-quick" if args.quick
-                                else f"runs/gcnn-fmnist-{args.rule}")
+        args.max_epochs = DEFAULT_EPOCHS[args.rule]
+    args.out = args.out or default_out(args)
     return args
 
 

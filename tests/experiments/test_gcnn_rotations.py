@@ -85,9 +85,55 @@ def test_dropout_is_a_study_of_its_own(tmp_path):
 def test_a_study_folder_never_mixes_rules(tmp_path):
     path = tmp_path / "table2.jsonl"
     path.write_text(json.dumps({"label": "ResNet (33)", "seed": 0}) + "\n")
-    assert gr.done_keys(path, "plateau") == {("ResNet (33)", 0)}  # old records: plateau
+    plateau = gr.recipe(gr.parse_args(["table2", "--rule", "plateau"]))
+    assert gr.done_keys(path, plateau) == {("ResNet (33)", 0)}  # old records: plateau
     with pytest.raises(ValueError, match="--rule plateau"):
-        gr.done_keys(path, "cosine")
+        gr.done_keys(path, gr.recipe(gr.parse_args(["table2"])))
+
+
+def test_a_study_folder_never_mixes_data_sizes_or_epochs(tmp_path):
+    gr.main(["table1", *TINY, "--only", "Z2CNN", "--out", str(tmp_path)])
+    path = tmp_path / "table1-upright.jsonl"
+    (rec,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rec["sizes"] == [40, 20, 24, 8] and rec["max_epochs"] == 1
+    bigger = [*TINY[:2], "--train-size", "50", *TINY[4:]]
+    with pytest.raises(ValueError, match="holds runs of --train-size 40, not"):
+        gr.main(["table1", *bigger, "--only", "Z2CNN", "--out", str(tmp_path)])
+    longer = [*TINY[:-4], "--max-epochs", "2", *TINY[-2:]]
+    with pytest.raises(ValueError, match="holds runs of --max-epochs 1, not"):
+        gr.main(["table1", *longer, "--only", "Z2CNN", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--curve-size 8"):
+        gr.main(["table1", *TINY[:-6], "--curve-size", "9", *TINY[-4:], "--out",
+                 str(tmp_path)])
+    assert len(path.read_text().splitlines()) == 1  # nothing was added
+    gr.main(["table1", *bigger, "--only", "Z2CNN", "--out", str(tmp_path / "bigger")])
+    assert json.loads((tmp_path / "bigger" / path.name).read_text())["sizes"][0] == 50
+
+
+def test_default_out_names_the_recipe():
+    assert gr.parse_args(["table1"]).out.name == "gcnn-fmnist-cosine"
+    assert gr.parse_args(["table1", "--rule", "plateau", "--max-epochs", "15"]
+                         ).out.name == "gcnn-fmnist-plateau"
+    args = gr.parse_args(["table1", "--train-size", "12000", "--max-epochs", "12"])
+    assert args.out.name == "gcnn-fmnist-cosine-train12000"
+    assert gr.parse_args(["table1", "--val-size", "2000"]).out.name == (
+        "gcnn-fmnist-cosine-val2000")
+    assert gr.parse_args(["table1", "--quick"]).out.name == "gcnn-quick"
+    assert gr.parse_args(["table1", "--out", "x"]).out.name == "x"
+
+
+def test_val_table_gives_the_validation_curve_per_epoch(tmp_path):
+    recs = [{"label": "Z2CNN (28)", "seed": s, "val_acc": [0.5, 0.7 + 0.1 * s, 0.8]}
+            for s in range(2)]
+    recs.append({"label": "P4CNN exact (28)", "seed": 0, "val_acc": [0.6, 0.6]})
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    rows = gr.val_table(tmp_path, "t").splitlines()
+    assert len(rows) == 2 + 3 + 2
+    assert rows[2] == "| Z2CNN (28) | 1 | 2 | 0.500 ± 0.000 | - |"
+    assert rows[3] == "| Z2CNN (28) | 2 | 2 | 0.750 ± 0.071 | 0.250 ± 0.071 |"
+    assert rows[4] == "| Z2CNN (28) | 3 | 2 | 0.800 ± 0.000 | 0.050 ± 0.071 |"
+    assert rows[6] == "| P4CNN exact (28) | 2 | 1 | 0.600 ± 0.000 | 0.000 ± 0.000 |"
+    assert gr.val_table(tmp_path, "missing") == ""
 
 
 def test_layout_reaches_the_models_and_the_records(tmp_path, monkeypatch):
@@ -169,6 +215,7 @@ def test_table1_tiny_end_to_end_and_resume(tmp_path):
     table = (tmp_path / "table1.md").read_text()
     assert "P4CNN exact (28) | 1 |" in table and (tmp_path / "table1.png").exists()
     assert "| P4CNN approximate (29) | Final |" in (tmp_path / "errors.md").read_text()
+    assert "| P4CNN exact (28) | 1 | 1 |" in (tmp_path / "table1-val.md").read_text()
 
 
 def _curve(peak):
