@@ -43,8 +43,16 @@ for three seeds: 28 px (4 px patches, 7x7 tokens, 10 T_eq canvases), the 48-wide
 encoder, 768 steps of batch 64 (r = 0.1, 6 SER images a batch); about 4 core-minutes a
 run, 37 for the nine (``python experiments/ser.py arms --preset cpu-large --device cpu``).
 
+``--preset cpu-hour``: issue 15's "about an hour per arm on CPU" (the three seeds of an
+arm), ~20 core-minutes a run: cpu-large's encoder, images and probes with 5x its
+optimizer steps (3840 of batch 64 over 30720 images, 8 epochs); about 5 hours of one core
+for the nine runs, so it resumes run by run (below).
+
 Every study runs seed by seed (all configurations of seed 0, then of seed 1, ...) and
 rewrites its results after each seed, so that a run stopped part-way leaves paired seeds.
+A rerun of the same command resumes run by run: a finished (configuration, seed) is read
+back from its ``probes.json`` (written with the settings it came from; other settings
+probe it again), a pretraining stopped part-way resumes from its last epoch's checkpoint.
 
 ``--quick`` = a tiny encoder, few images and epochs, one seed (checks that it runs; the
 numbers mean little; about 20 s of CPU per configuration). ``--size N`` overrides the image
@@ -130,12 +138,25 @@ CPU_LARGE = {
     "ratios": (0.0, 0.05, 0.1), "severities": (3,),
     "probe_steps": 200, "pretrain_images": 16384, "probe_train": 4000, "probe_test": 2000,
 }
-PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU, "cpu": CPU, "cpu-large": CPU_LARGE}
+CPU_HOUR = {
+    # issue 15's "about an hour per arm on CPU" (an arm = its three seeds, so ~20
+    # core-minutes a run): cpu-large's encoder and probes, 5x its optimizer steps (3840 of
+    # batch 64) over 30720 images. A short trial (one thread, online 20-NN on 2000 / 1000
+    # held-out images) chose steps over size: at 400 steps 48-wide x 4 blocks reached
+    # 0.66 at 0.33 CPU-s a step, 64-wide x 6 blocks 0.61 at 0.60 CPU-s a step
+    "encoder": dict(image_size=28, patch_size=4, dim=48, depth=4, heads=3, cls_layer=2),
+    "data": "fashion-mnist", "patches_per_image": 24, "seeds": (0, 1, 2),
+    "pretrain": dict(epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, ratio=0.1),
+    "ratios": (0.0, 0.05, 0.1), "severities": (3,),
+    "probe_steps": 200, "pretrain_images": 30720, "probe_train": 4000, "probe_test": 2000,
+}
+PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU, "cpu": CPU, "cpu-large": CPU_LARGE,
+           "cpu-hour": CPU_HOUR}
 #: presets whose methods get the small projection heads (:data:`SMALL_HEADS`)
-SMALL_PRESETS = ("quick", "cpu", "cpu-large")
+SMALL_PRESETS = ("quick", "cpu", "cpu-large", "cpu-hour")
 #: where each preset writes by default (``runs/<name>``)
 OUT_NAMES = {"quick": "ser-quick", "full": "ser", "gpu": "ser-gpu", "cpu": "ser-cpu",
-             "cpu-large": "ser-cpu-large"}
+             "cpu-large": "ser-cpu-large", "cpu-hour": "ser-cpu-hour"}
 
 
 def tiny(scale: dict) -> dict:
@@ -164,19 +185,37 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
         ser: dict | None = None, ratio: float | None = None, views: dict | None = None,
         which=("linear", "knn"), loaded: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
     """Pretrain one configuration for every seed and probe it; returns per-seed results.
-    ``loaded``: the study's :func:`datasets`, if already loaded."""
+    ``loaded``: the study's :func:`datasets`, if already loaded.
+
+    Resumes run by run: a seed whose ``probes.json`` holds the same settings is read back
+    (neither pretrained nor probed again); a seed with a ``last.pt`` but no matching
+    ``probes.json`` resumes pretraining from its last epoch's checkpoint (a finished one
+    trains nothing) and is probed."""
     enc_cfg = scale["encoder"]
     data, tr, te = loaded if loaded is not None else datasets(args, scale)
     if ser is None and ratio is None:
         ratio = 0.0  # the plain baseline: every image gets the base policy T
     p_cfg = {**scale["pretrain"], **({} if ratio is None else {"ratio": ratio})}
+    kw = SMALL_HEADS[method] if args.preset in SMALL_PRESETS or scale.get("tiny") else {}
+    options = {"linear": {"steps": scale["probe_steps"]},
+               "mlp": {"steps": scale["probe_steps"]},
+               "transform_prediction": {"steps": scale["probe_steps"]},
+               "corruptions": {"steps": scale["probe_steps"],
+                               "severities": list(scale["severities"])}}
+    options = {k: v for k, v in options.items() if k in which}
     per_seed = []
     for seed in scale["seeds"]:
+        out = args.out / study / f"{label}-seed{seed}".replace(" ", "_")
+        settings = run_settings(args, scale, seed, method=method, kwargs=kw,
+                                ser=None if ser is None else {"tau": TAU[method], **ser},
+                                pretrain=p_cfg, views=views, which=which, options=options)
+        done = finished(out, settings)
+        if done is not None:
+            per_seed.append(done)
+            continue
         seed_everything(seed)
         encoder = SSLViT(**enc_cfg)
         ser_cfg = None if ser is None else SERConfig(**{"tau": TAU[method], **ser})
-        kw = SMALL_HEADS[method] if args.preset in SMALL_PRESETS or scale.get("tiny") \
-            else {}
         m = build_method(method, encoder, ser_cfg, **kw)
         sampler = None
         if views is not None:
@@ -185,24 +224,49 @@ def run(args, scale: dict, study: str, label: str, method: str = "mocov3",
             local = local_policy(p_cfg["local_size"], enc_cfg["patch_size"]) if n_local \
                 else None
             sampler = ViewSampler(BasePolicy(), eq, p_cfg["ratio"], local, n_local)
-        out = args.out / study / f"{label}-seed{seed}".replace(" ", "_")
         config = PretrainConfig(**p_cfg, seed=seed, device=args.device)
         history = pretrain(m, data, config, out_dir=out,
                            resume=(out / "last.pt").exists(), views=sampler,
                            progress=not args.quiet, method_kwargs=kw)
         if rank_and_world()[0] != 0:  # under torchrun only rank 0 probes and writes
             continue
-        options = {"linear": {"steps": scale["probe_steps"]},
-                   "mlp": {"steps": scale["probe_steps"]},
-                   "transform_prediction": {"steps": scale["probe_steps"]},
-                   "corruptions": {"steps": scale["probe_steps"],
-                                   "severities": list(scale["severities"])}}
         probes = run_probes(m.backbone, tr, te, which=which, device=args.device,
-                            options={k: v for k, v in options.items() if k in which},
-                            baselines=True)
-        per_seed.append({"seed": seed, "final_loss": history["loss"][-1], **probes})
+                            options=options, baselines=True)
+        result = {"seed": seed, "final_loss": history["loss"][-1], **probes}
+        write_atomic(out / PROBES_NAME, json.dumps({"settings": settings, "result": result}))
+        per_seed.append(result)
     return {"label": label, "method": method, "ser": ser, "ratio": p_cfg["ratio"],
             "views": views, "runs": per_seed}
+
+
+#: the file in a run's folder that holds its probe results and the settings they came from
+PROBES_NAME = "probes.json"
+
+
+def run_settings(args, scale: dict, seed: int, **config: Any) -> dict[str, Any]:
+    """Everything one (configuration, seed) run's results depend on, as plain JSON values:
+    the encoder, the data (name and sizes), the seed and ``config`` (method, SER, heads,
+    pretraining settings, views, probes and their options)."""
+    data = {"data": args.data or scale.get("data"), "probe_data": args.probe_data,
+            **{k: scale.get(k) for k in ("pretrain_images", "probe_train", "probe_test",
+                                         "patches_per_image")}}
+    settings = {"encoder": scale["encoder"], "seed": seed, **data, **config}
+    return json.loads(json.dumps(settings))
+
+
+def finished(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of the run in ``out`` when its ``probes.json`` was written with the
+    same ``settings`` and its checkpoint is there; else None (the run is (re)done)."""
+    path = out / PROBES_NAME
+    if not path.exists() or not (out / "last.pt").exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("settings") != settings:
+        return None
+    return saved.get("result")
 
 
 def datasets(args, scale: dict) -> tuple[Any, Any, Any]:
