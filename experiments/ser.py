@@ -144,11 +144,9 @@ CPU_HOUR = {
     # batch 64) over 30720 images. A short trial (one thread, online 20-NN on 2000 / 1000
     # held-out images) chose steps over size: at 400 steps 48-wide x 4 blocks reached
     # 0.66 at 0.33 CPU-s a step, 64-wide x 6 blocks 0.61 at 0.60 CPU-s a step
-    "encoder": dict(image_size=28, patch_size=4, dim=48, depth=4, heads=3, cls_layer=2),
-    "data": "fashion-mnist", "patches_per_image": 24, "seeds": (0, 1, 2),
-    "pretrain": dict(epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, ratio=0.1),
-    "ratios": (0.0, 0.05, 0.1), "severities": (3,),
-    "probe_steps": 200, "pretrain_images": 30720, "probe_train": 4000, "probe_test": 2000,
+    **CPU_LARGE,
+    "pretrain": {**CPU_LARGE["pretrain"], "epochs": 8},
+    "pretrain_images": 30720,
 }
 PRESETS = {"quick": QUICK, "full": FULL, "gpu": GPU, "cpu": CPU, "cpu-large": CPU_LARGE,
            "cpu-hour": CPU_HOUR}

@@ -194,7 +194,6 @@ def to_measurable(
     input_hw: tuple[int, int],
     token_grid: TokenGrid | None,
     strides: Mapping[str, float | tuple[float, float] | Geometry] | None = None,
-    channels_last: bool = False,
 ) -> Captured:
     """Interpret a raw layer output ``out`` and give it a :class:`Layout`
     (:func:`~equivision.transforms.layout.infer_layout`).
@@ -206,11 +205,9 @@ def to_measurable(
     The stride is the given or traced one (``strides[name]``: a stride or the traced
     :class:`~equivision.transforms.layout.Geometry`, whose grid offset the layout
     keeps; a token layer may be given the geometry of the map its grid was made from),
-    else the size ratio. A ``channels_last`` output ``(B, H, W, C)``
-    (:func:`find_channels_last`) is measured as the map ``(B, C, H, W)``.
+    else the size ratio. ``out`` is in a layout the measurement knows
+    (:meth:`Trace.canonical`).
     """
-    if channels_last and out.dim() == 4:
-        out = out.permute(0, 3, 1, 2).contiguous()
     pooled = out.dim() == 4 and out.shape[-2:] == (1, 1)
     if pooled:
         out = out.flatten(1)
@@ -427,10 +424,16 @@ class Trace:
                     "shape for shape) are read so; measure the permuted-back map")
         return None
 
-    def batch_first(self, name: str, out: Tensor) -> Tensor:
-        """``out`` with the batch first: sequence-first tokens ``(N, B, C)`` (a
-        ``batch_first=False`` transformer) as ``(B, N, C)``."""
-        return out.transpose(0, 1) if name in self.sequence_first and out.dim() == 3 else out
+    def canonical(self, name: str, out: Tensor) -> Tensor:
+        """Output ``out`` of module ``name`` in the layouts the measurement knows:
+        sequence-first tokens ``(N, B, C)`` (a ``batch_first=False`` transformer) as
+        ``(B, N, C)``, a channels-last map ``(B, H, W, C)`` (:func:`find_channels_last`) as
+        ``(B, C, H, W)``; anything else as it is."""
+        if name in self.sequence_first and out.dim() == 3:
+            return out.transpose(0, 1)
+        if name in self.channels_last and out.dim() == 4:
+            return out.permute(0, 3, 1, 2).contiguous()
+        return out
 
 
 #: Leaf types that act on the last axis of a tensor: given a channels-last map
@@ -449,7 +452,7 @@ def find_channels_last(
     order: Sequence[str],
     modules: Mapping[str, nn.Module],
     outs: Mapping[str, Tensor],
-    trace: LayerCapture,
+    capture: LayerCapture,
     image_hw: Sequence[int],
 ) -> tuple[set[str], set[str], set[str]]:
     """The modules whose output, and those whose input, is a channels-last map
@@ -475,20 +478,20 @@ def find_channels_last(
     ins_cl: set[str] = set()
     looks: set[str] = set()
     for name in order:
-        t, shape = outs.get(name), trace.input_shape.get(name)
+        t, shape = outs.get(name), capture.input_shape.get(name)
         module = modules[name]
-        src = trace.inputs_from.get(name) in stored
+        src = capture.inputs_from.get(name) in stored
         if shape is not None and len(shape) == 4 and (src or (
                 _acts_on_last_axis(module) and tuple(shape[1:3]) in sizes)):
             ins_cl.add(name)
         if t is None or t.dim() != 4:
             continue
         evidence = (name in ins_cl and (_acts_on_last_axis(module) or shape == tuple(t.shape))
-                    ) or trace.output_at.get(name) in stored
+                    ) or capture.output_at.get(name) in stored
         first, last = tuple(t.shape[1:3]), (int(t.shape[-2]), int(t.shape[-1]))
         if evidence and first in sizes:
             outs_cl.add(name)
-            stored.add(trace.output_at[name])
+            stored.add(capture.output_at[name])
             continue
         if first in sizes and last not in sizes:
             looks.add(name)

@@ -123,12 +123,12 @@ def measure(
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
     loader, max_images = _loader(data, batch_size, max_images, rank, world)
     clone, kept = random_init_copy(model, init_seed) if random_init else (None, [])
-    sessions = [_Session(m, ts, select_layers(model, layers), token_grid, strides, margin,
-                         device, use_dist, ci_groups, rank)
-                for m in ([model] if clone is None else [model, clone])]
+    names, literal = select_layers(model, layers), named_literally(model, layers)
+    sessions = [_Session(m, ts, names, token_grid, strides, margin, device, use_dist,
+                         ci_groups, rank) for m in ([model] if clone is None else [model, clone])]
     for session in sessions:
         session.centre_grids = grid_offsets == "ignore"
-        session.must_call = named_literally(model, layers)
+        session.must_call = literal
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(loader, total=total, desc="measure", unit="batch",
                disable=not progress or rank != 0)
@@ -251,9 +251,7 @@ class _Session:
         self.must_call: set[str] = set()  # layers named literally: not called is an error
         self.layer_strides: dict = {}
         self.centre_grids = False  # measure(grid_offsets="ignore")
-        self.token_counts: set[int] = set()
-        self.spatial: set[str] = set()
-        self.trace = Trace({}, set(), set())
+        self.trace = Trace({}, set(), set())  # trace_layers on the first batch
         self.scale: dict[str, float] = {}
         self.use_dist = use_dist
         self.seen = 0
@@ -284,7 +282,7 @@ class _Session:
         token layer takes the traced geometry of the first map of its grid's size (the
         patch layer's), so that its stride and grid offset are the traced ones."""
         out = {}
-        raw = {n: self.trace.batch_first(n, t) for n, t in raw.items()}
+        raw = {n: self.trace.canonical(n, t) for n, t in raw.items()}
         for name in (n for n in self.order if n in raw):
             grid = self._grid(name, raw[name], hw)
             known = self.layer_strides
@@ -292,8 +290,7 @@ class _Session:
                 geo = next((g for g in known.values()
                             if isinstance(g, Geometry) and g.size == tuple(grid[:2])), None)
                 known = {name: geo} if geo is not None else known
-            out[name] = to_measurable(name, raw[name], hw, grid, known,
-                                      name in self.trace.channels_last)
+            out[name] = to_measurable(name, raw[name], hw, grid, known)
             if self.centre_grids:
                 c = out[name]
                 out[name] = replace(c, layout=replace(c.layout, offset=(0.0, 0.0),
@@ -333,8 +330,8 @@ class _Session:
                 f"layer(s) {named[:5]} were never called in the forward pass; leave them out")
         self.skipped.update({n: NEVER_CALLED for n in missing})
         for name in called:
-            reason = unknown_layout(raw[name], self.token_counts, name in self.spatial,
-                                    self.trace.layout_note(name))
+            reason = unknown_layout(raw[name], self.trace.token_counts,
+                                    name in self.trace.spatial, self.trace.layout_note(name))
             if reason is None:
                 self.order.append(name)
             else:
@@ -354,9 +351,8 @@ class _Session:
         hw = (x.shape[-2], x.shape[-1])
         first = not self.order and not self.skipped
         if first:
-            self.trace = trace = trace_layers(self.model, x)
-            self.layer_strides = {**trace.strides, **(self.strides or {})}
-            self.token_counts, self.spatial = trace.token_counts, trace.spatial
+            self.trace = trace_layers(self.model, x)
+            self.layer_strides = {**self.trace.strides, **(self.strides or {})}
         base_raw = cap.run(x, strict=False)
         if first:
             self._choose(cap.order, base_raw)
@@ -444,7 +440,7 @@ class _Session:
                 raise MeasureError(f"pool_layer {pool_layer!r} is not among the measured layers")
             return self.order.index(pool_layer)
         return pool_point([self.info[name] for name in self.order],
-                          [name in self.spatial for name in self.order])
+                          [name in self.trace.spatial for name in self.order])
 
     def results(self, pool_index: int | None, repeated: set[str]) -> list[LayerResult]:
         """One :class:`LayerResult` per (transformation, layer)."""

@@ -116,9 +116,7 @@ def _measure_batch(acc: _Accumulator, layouts: LayerLayouts, names: Sequence[str
 def _reshaped(name: str, t: Tensor, layouts: LayerLayouts, layout: Layout
               ) -> tuple[Tensor, Layout]:
     """A raw tangent reshaped as the primal was by ``to_measurable`` (same layout)."""
-    t = layouts.trace.batch_first(name, t)
-    if t.dim() == 4 and name in layouts.trace.channels_last:
-        t = t.permute(0, 3, 1, 2)
+    t = layouts.trace.canonical(name, t)
     if t.dim() == 4 and t.shape[-2:] == (1, 1):
         return t.flatten(1), layout
     if t.dim() == 3:

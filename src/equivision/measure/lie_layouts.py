@@ -44,13 +44,13 @@ class LayerLayouts:
                                 self.trace.layout_note(name))
         if reason:
             return reason
-        raw = self.trace.batch_first(name, raw)
+        raw = self.trace.canonical(name, raw)
         if raw.dim() == 3 and self.grid_for(name, raw) is None:
             return (f"skipped: {int(raw.shape[1])} tokens form no grid of the image; pass "
                     "token_grid=(h, w, prefix)")
         try:
             return to_measurable(name, raw, self.image_hw, self.grid_for(name, raw),
-                                 self.trace.strides, name in self.trace.channels_last)
+                                 self.trace.strides)
         except MeasureError as err:
             return f"skipped: {err}"
 

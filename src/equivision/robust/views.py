@@ -131,7 +131,6 @@ class FeatureExtractor:
         self.feature_layer = layer
         self.module: nn.Module | None = None
         self._trace: Trace | None = None  # read by resolve() on the first input
-        self._channels_last = False
         named = dict(model.named_modules())
         if layer == "logits" and "logits" in named:
             self.module = named["logits"]
@@ -166,7 +165,6 @@ class FeatureExtractor:
             raise ValueError(
                 f"feature layer {self.feature_layer!r} returns a map that looks channels-last "
                 "(B, H, W, C) but cannot be known to be; choose the layer that permutes it back")
-        self._channels_last = self.feature_layer in trace.channels_last
         return self.feature_layer
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -198,7 +196,8 @@ class FeatureExtractor:
                 f"layer {self.feature_layer!r} was not called during the forward pass; "
                 "choose a layer that the model uses"
             )
-        return box[0].permute(0, 3, 1, 2) if self._channels_last else box[0]
+        assert self._trace is not None
+        return self._trace.canonical(self.feature_layer, box[0])
 
 
 def view_features(
