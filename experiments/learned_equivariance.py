@@ -111,13 +111,14 @@ def merged_runs(paths: list[Path]) -> dict[str, list[dict]]:
     return runs
 
 
-def task_runs(records: list[dict]) -> dict[str, list[dict]]:
+def task_runs(records: list[dict], reports: list[Report] | None = None
+              ) -> dict[str, list[dict]]:
     """The task study's runs per setting (in the order first seen) from
     :func:`support.pool.run_pool` records: each record plus its report's part means,
-    trained (``"parts"``) and at random initialisation (``"parts_random_init"``)."""
+    trained (``"parts"``) and at random initialisation (``"parts_random_init"``);
+    ``reports``: the records' loaded reports (default: loaded here)."""
     runs: dict[str, list[dict]] = {}
-    for rec in records:
-        rep = Report.load_json(rec["report"])
+    for rec, rep in zip(records, reports if reports is not None else load_reports(records)):
         runs.setdefault(rec["label"], []).append(
             {**rec, "parts": rep.part_summary(),
              "parts_random_init": rep.part_summary(source="random_init"),
@@ -135,11 +136,14 @@ TASK_COLUMNS = {"eq": "equivariance", "random-init eq": "random-init equivarianc
                 "random-init CI width": "random-init equivariance CI width"}
 
 
-def task_tables(out: Path, records: list[dict], labels: list[str], title: str) -> str:
-    """``out/task-rotation{.json,.md,.png,-compact.md}`` from the task study's records:
-    :data:`TASK_COLUMNS` per setting and part with † where the seeds show a difference,
-    and each task paired by seed against the first (upright); returns the compact text."""
-    runs = group_runs(records, load_reports(records), {la: la for la in labels}, "rotation")
+def task_tables(out: Path, records: list[dict], labels: list[str], title: str,
+                reports: list[Report] | None = None) -> str:
+    """``out/task-rotation{.json,.md,.png,-compact.md}`` from the task study's records (and
+    their loaded ``reports``, default: loaded here): :data:`TASK_COLUMNS` per setting and
+    part with † where the seeds show a difference, and each task paired by seed against
+    the first (upright); returns the compact text."""
+    reports = reports if reports is not None else load_reports(records)
+    runs = group_runs(records, reports, {la: la for la in labels}, "rotation")
     return write_study(out, "task", runs, "rotation", title, columns=TASK_COLUMNS)
 
 
@@ -154,8 +158,9 @@ def cmd_task(args) -> None:
         specs = task_specs(args)
         records = run_pool(specs, args.root, args.out, args.images, args.device,
                            transforms="rot90")
-        runs = task_runs(records)
-        print(task_tables(args.out, records, list(specs), title) + "\n")
+        reports = load_reports(records)  # once, for both summaries
+        runs = task_runs(records, reports)
+        print(task_tables(args.out, records, list(specs), title, reports) + "\n")
     summ = {label: summarise_baselines(rs) for label, rs in runs.items()}
     table = markdown_table(summ, metrics=BASELINE_COLUMNS)
     plot_parts(summ, args.out / "task.png", metrics=("equivariance", "random-init equivariance",
