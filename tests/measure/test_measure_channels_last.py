@@ -152,6 +152,23 @@ def test_lie_derivative_of_channels_last_layers_equals_their_twin():
         assert a[k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 
 
+def test_lie_decomposition_attributes_channels_last_leaves_as_their_twin():
+    """Every channels-last leaf gets the contribution its channels-first twin gets; what
+    stays unattributed (the mean in ``forward``, the residual add) is the same."""
+    model, x = convnext(), noise(3)[:][0]
+    got = lie_derivative(model, x, "tx,rotate")
+    ref = lie_derivative(twin(model), x, "tx,rotate")
+    a = {(r.layer, r.generator): r for r in got.layer_rows("contribution")}
+    b = {(r.layer, r.generator): r for r in ref.layer_rows("contribution")}
+    assert set(a) == set(b)
+    for n in CL_LEAVES:
+        for gen in ("tx", "rotate"):
+            r = a[f"stages.0.{n}", gen]
+            assert not r.note and r.value is not None and r.value > 0, (n, gen)
+    for k, r in b.items():
+        assert a[k].value == pytest.approx(r.value, rel=1e-3, abs=1e-6), k
+
+
 def test_sequence_first_tokens_measure_as_their_batch_first_twin():
     """A ``batch_first=False`` transformer's blocks return (N, B, C): measured as the same
     weights with ``batch_first=True``; the attention's inner outputs whose first axis is

@@ -63,6 +63,16 @@ def leaf_jvp(module: nn.Module, inp: Tensor, v: Tensor) -> Tensor:
     return jv
 
 
+def _channels_first(t: Tensor, last: bool) -> Tensor:
+    """A channels-last map ``(B, H, W, C)`` as ``(B, C, H, W)`` (``last``), else ``t``."""
+    return t.permute(0, 3, 1, 2) if last and t.dim() == 4 else t
+
+
+def _channels_last(t: Tensor, last: bool) -> Tensor:
+    """The inverse of :func:`_channels_first`."""
+    return t.permute(0, 2, 3, 1) if last and t.dim() == 4 else t
+
+
 class _Forward:
     """Hooks of one decomposition forward pass: each leaf's ``e_l`` per generator and the
     zero ``z_l`` added to its output."""
@@ -93,7 +103,9 @@ class _Forward:
             geo = self.dec.layouts.trace.strides.get(name)
             s_out = None if geo is None else geo.stride
             if output.dim() >= 4:
-                self.by_size.setdefault(tuple(output.shape[-2:]), s_out or (1.0, 1.0))
+                hw = output.shape[1:3] if name in self.dec.layouts.trace.channels_last \
+                    else output.shape[-2:]
+                self.by_size.setdefault(tuple(hw), s_out or (1.0, 1.0))
             errors = self._errors(module, key, inp, output, s_out)
             if errors is None:
                 return None
@@ -108,14 +120,13 @@ class _Forward:
             self.dec.notes.setdefault((key, "*"), "its input is not a float tensor")
             return None
         trace = self.dec.layouts.trace
-        if key in trace.channels_last or key in trace.channels_last_input:
-            self.dec.notes.setdefault((key, "*"), "a channels-last (B, H, W, C) input or "
-                                      "output: its share is left unattributed")
-            return None
+        name = key.split("#")[0]
+        last_in, last_out = name in trace.channels_last_input, name in trace.channels_last
         is_image = inp.shape == self.x.shape and bool(torch.equal(inp, self.x))
-        s_in = self.by_size.get(tuple(inp.shape[-2:])) if inp.dim() >= 4 else None
-        lay_in = self.dec.layouts.layout_of(inp, s_in)
-        lay_out = self.dec.layouts.layout_of(out.detach(), s_out)
+        inp_c, out_c = _channels_first(inp, last_in), _channels_first(out.detach(), last_out)
+        s_in = self.by_size.get(tuple(inp_c.shape[-2:])) if inp.dim() >= 4 else None
+        lay_in = self.dec.layouts.layout_of(inp_c, s_in)
+        lay_out = self.dec.layouts.layout_of(out_c, s_out)
         if lay_in is None or lay_out is None:
             self.dec.notes.setdefault((key, "*"), "input or output has no known layout")
             return None
@@ -125,9 +136,10 @@ class _Forward:
         with torch.no_grad():
             for g in self.dec.gens:
                 try:
-                    v = image_tangent(inp, g) if is_image else map_tangent(inp, lay_in, g, g_in)
-                    errs.append(leaf_jvp(module, inp, v)
-                                - map_tangent(out.detach(), lay_out, g, g_out))
+                    v = image_tangent(inp, g) if is_image else _channels_last(
+                        map_tangent(inp_c, lay_in, g, g_in), last_in)
+                    errs.append(leaf_jvp(module, inp, v) - _channels_last(
+                        map_tangent(out_c, lay_out, g, g_out), last_out))
                 except ValueError as err:  # this generator only: its share stays unattributed
                     self.dec.notes.setdefault((key, g.name), str(err))
                     errs.append(torch.zeros_like(out))
