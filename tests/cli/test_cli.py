@@ -197,6 +197,20 @@ def test_exactness_translation_mode_and_in_channels(tmp_path, capsys):
     assert bad.value.code == 2
 
 
+def test_train_a_dict_output_model_with_its_output_key(tmp_path):
+    """A model whose forward returns a dict (Hugging Face style) trains on the entry
+    ``--output-key`` names (default: ``logits``); a wrong key or a dict whose logits
+    cannot be found is a one-line error that says how to pick them."""
+    common = ["train", "--model", "others_models:DictOutCNN", "--data", "digits",
+              "--size", "12", "--epochs", "1", "--batch-size", "256", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "last.pt").exists()
+    assert main([*common, "--model-args", "key='scores'", "--output-key", "scores",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert main([*common, "--output-key", "features", "--out", str(tmp_path / "c")]) == 2
+    assert main([*common, "--model-args", "key='scores'", "--out", str(tmp_path / "d")]) == 2
+
+
 def test_train_a_module_attr_model_then_measure_and_resume_it(tmp_path):
     """``train --model module:attr``: the user's model gets only its --model-args (no
     num_classes / in_channels it may not take); measure takes it back from last.pt."""

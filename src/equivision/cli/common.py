@@ -24,7 +24,7 @@ from ..data import resolve_dataset
 from ..io import check_writable_dir, write_atomic
 from ..models import create_model
 
-__all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "check_new_run",
+__all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "add_output_key", "check_new_run",
            "distributed_session", "finite", "image_size", "load_model", "names", "number",
            "parse_kwargs", "positive_int",
            "resolve_dataset", "show_progress", "unit_interval", "warn_other_input",
@@ -33,6 +33,22 @@ __all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "check_new_run",
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+def _output_key(text: str) -> str | int:
+    """``--output-key``: an integer is an index into a tuple output, anything else a key."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def add_output_key(p: argparse.ArgumentParser) -> None:
+    """``--output-key``: which entry of a dict or tuple output holds the logits
+    (:func:`~equivision.robust.select_output`)."""
+    p.add_argument("--output-key", type=_output_key, default=None,
+                   help="the logits in a model whose forward returns a dict or tuple: a key "
+                   "or an index (default: 'logits' or 'out' of a dict, item 0 of a tuple)")
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ..utils import resolve_device, seed_everything
 from .common import (
     CLIError,
     add_data_options,
+    add_output_key,
     distributed_session,
     image_size,
     load_model,
@@ -46,9 +47,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registry name or module:attr (default: the checkpoint's)")
     p.add_argument("--model-args",
                    help="constructor arguments, e.g. width=8,num_classes=10")
-    p.add_argument("--output-key", type=_output_key, default=None,
-                   help="the logits in a model whose forward returns a dict or tuple: a key "
-                   "or an index (default: 'logits' or 'out' of a dict, item 0 of a tuple)")
+    add_output_key(p)
     add_data_options(p, dest="dataset", aliases=("--dataset",))
     p.add_argument("--split", default="test", help="train, test or all (default test)")
     p.add_argument("--size", type=image_size, default=None,
@@ -128,14 +127,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--repeats", type=int, default=1,
                    help="defended predictions per image; the worst is reported")
     d.set_defaults(func=cmd_defend)
-
-
-def _output_key(text: str) -> str | int:
-    """``--output-key``: an integer is an index into a tuple output, anything else a key."""
-    try:
-        return int(text)
-    except ValueError:
-        return text
 
 
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:

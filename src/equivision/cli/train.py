@@ -8,10 +8,12 @@ from typing import Any
 
 from ..augment import build_augment
 from ..models import create_model, model_defaults
+from ..robust.wrappers import select_output
 from ..training import TrainConfig, train
 from ..utils import seed_everything
 from .common import (
     add_data_options,
+    add_output_key,
     check_new_run,
     image_size,
     load_model,
@@ -46,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     # it back with --model module:attr --checkpoint last.pt
     model = load_model(args.model, args.model_args, None)[0] if ":" in args.model \
         else create_model(args.model, **kwargs)
+    select_output(model, args.output_key)  # a dict or tuple output: train on its logits
     augment = build_augment(args.augment, num_classes=train_set.num_classes)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -70,6 +73,7 @@ def add_parsers(sub: Any) -> None:
                    "instance: it gets only --model-args, and takes images (B, C, H, W) in "
                    "[0, 1] of the dataset's channels and size)")
     t.add_argument("--model-args", help="constructor arguments, e.g. width=8")
+    add_output_key(t)
     add_data_options(t)
     t.add_argument("--size", type=image_size, default=None,
                    help="image size (default: the dataset's own)")

@@ -4,7 +4,7 @@ checking the model's logits, label-aware augmentation, the cross-entropy loss.""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Mapping, Sized
 from typing import Any
 
 import torch
@@ -67,9 +67,12 @@ def check_outputs(out: Any, y: Tensor, ignore_index: int = 255) -> None:
         ok = isinstance(out, Tensor) and out.dim() == 2 and out.shape[0] == y.shape[0]
         want = f"(N, num_classes) = ({y.shape[0]}, K)"
     if not ok:
+        hint = ("; pick the logits with equivision.robust.select_output(model, KEY) "
+                "(CLI: --output-key KEY)") if isinstance(out, (Mapping, tuple, list)) else ""
         raise TrainError(
             f"the model must return logits of shape {want} for labels of shape "
-            f"{tuple(y.shape)}; got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+            f"{tuple(y.shape)}; got {type(out).__name__} "
+            f"{tuple(getattr(out, 'shape', ()))}{hint}"
         )
     valid = y[y != ignore_index] if dense else y
     if valid.numel() == 0:
