@@ -297,3 +297,60 @@ class PermutingNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.norm(self.to_last(self.conv(x))).mean((1, 2)))
+
+
+class SqueezeExcite(nn.Module):
+    """A squeeze-excitation gate: torchvision's way (``AdaptiveAvgPool2d`` and 1x1 convs
+    on the ``(B, C, 1, 1)`` map), or the original paper code's (``x.mean`` in ``forward``
+    and ``Linear`` layers, ``linear=True``); ``x * gate``."""
+
+    def __init__(self, c: int, linear: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(c, c // 4) if linear else nn.Conv2d(c, c // 4, 1)
+        self.act = nn.SiLU(inplace=True)
+        self.fc2 = nn.Linear(c // 4, c) if linear else nn.Conv2d(c // 4, c, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3)) if self.linear else self.avg(x)
+        g = self.gate(self.fc2(self.act(self.fc1(s))))
+        return x * (g[:, :, None, None] if self.linear else g)
+
+
+class MBConv(nn.Module):
+    """EfficientNet's inverted residual: 1x1 expand, depthwise 3x3, squeeze-excitation,
+    1x1 project, residual add when the shape allows (SiLU in place)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, linear_se: bool = False) -> None:
+        super().__init__()
+        mid = 2 * cin
+        self.expand = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid),
+                                    nn.SiLU(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False),
+                                nn.BatchNorm2d(mid), nn.SiLU(inplace=True))
+        self.se = SqueezeExcite(mid, linear_se)
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.project(self.se(self.dw(self.expand(x))))
+        return x + y if self.skip else y
+
+
+class TinyEffNet(nn.Module):
+    """An EfficientNet-style network: squeeze-excitation gates (vectors) inside every
+    block, then ``F.adaptive_avg_pool2d`` + ``torch.flatten`` + dropout in ``forward``."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, linear_se: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, 2, 1, bias=False),
+                                  nn.BatchNorm2d(8), nn.SiLU(inplace=True))
+        self.blocks = nn.Sequential(MBConv(8, 8, 1, linear_se), MBConv(8, 16, 2, linear_se))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1)
+        x = torch.flatten(x, 1)
+        return self.head(torch.nn.functional.dropout(x, 0.2, self.training))

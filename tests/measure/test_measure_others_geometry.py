@@ -4,7 +4,7 @@ layer-name patterns."""
 
 import pytest
 import torch
-from others_models import MeanPoolCNN, StagedResNet, TinyResNet, TinyViT, TokenViT
+from others_models import MeanPoolCNN, StagedResNet, TinyEffNet, TinyResNet, TinyViT, TokenViT
 from torch.utils.data import TensorDataset
 
 from equivision.measure import MeasureError, measure, select_layers
@@ -65,6 +65,22 @@ def test_pool_point_keeps_pooling_modules_and_1x1_maps_before_a_pool():
     explicit = measure(TinyResNet().eval(), noise(), "rot90:1", ["conv1", "fc:input", "fc"],
                        progress=False)
     assert explicit.meta["pool_layer"] == "fc:input"
+
+
+@pytest.mark.parametrize("linear_se", [False, True])
+def test_squeeze_excitation_vectors_inside_blocks_are_not_the_pool_point(linear_se):
+    """EfficientNet-style blocks pool a gate (a vector) and go back to maps: the pool point
+    is the first vector after the *last* map (the pooled input of the head), so the blocks
+    stay in Early / Middle / Late and only the head is Final."""
+    torch.manual_seed(0)
+    rep = measure(TinyEffNet(linear_se=linear_se).eval(), noise(size=17), "rot90:1",
+                  progress=False)
+    assert rep.meta["pool_layer"] == "head:input"
+    parts = {n: rep.get("rot90", n).part for n in rep.layers}
+    assert parts["head:input"] == "Pool" and parts["head"] == "Final"
+    assert {p for n, p in parts.items() if n.startswith(("stem", "blocks"))} == {
+        "Early", "Middle", "Late"}
+    assert ("blocks.0.se.fc1:input" in rep.layers) == linear_se  # a pooled vector, measured
 
 
 def test_layer_patterns_stay_within_one_dotted_part():

@@ -249,7 +249,7 @@ class LayerCapture:
 
     Names ending in ``":input"`` record the first input of that module instead. With
     ``pool_input`` (the default), the first forward also looks for the pool point that
-    no module returns: when the first vector-valued tensor after the spatial outputs
+    no module returns: when the first vector-valued tensor after the (last) spatial outputs
     (maps, tokens) is the input of a captured module ``M`` (``x.mean((2, 3))`` or
     ``x[:, 0]`` computed in ``forward``, not a flattened map), ``"M:input"`` is added
     before ``M`` to this and every later forward.
@@ -309,7 +309,9 @@ class LayerCapture:
             self.inputs_from[name] = first.untyped_storage().data_ptr()
             self.input_shape[name] = tuple(first.shape)
         if t.dim() >= 3 and not _is_vector(t):
-            self._spatial_numel = t[0].numel()
+            # a map after vectors (a squeeze-excitation gate inside a block): the pool
+            # point is still to come
+            self._spatial_numel, self._vector_seen = t[0].numel(), False
         elif _is_vector(t):
             self._vector_seen = True
 
@@ -331,8 +333,9 @@ class LayerCapture:
         return hook
 
     def _is_pool_point(self, t: Tensor) -> bool:
-        """The first ``(B, C)`` vector after the spatial outputs, not a flattened map (a
-        ``(B, C, 1, 1)`` input is some module's output, measured as that module)."""
+        """The first ``(B, C)`` vector after the last spatial outputs so far, not a
+        flattened map (a ``(B, C, 1, 1)`` input is some module's output, measured as that
+        module)."""
         return (self._spatial_numel is not None and not self._vector_seen and t.dim() == 2
                 and t.is_floating_point() and t[0].numel() != self._spatial_numel)
 
@@ -541,20 +544,23 @@ def trace_layers(model: nn.Module, x: Tensor) -> Trace:
 
 def pool_point(values: Sequence[Captured], spatial_input: Sequence[bool] = ()) -> int | None:
     """Index of the pool point among captured layers in forward order: the first
-    vector-valued one after a spatial one (map, group map or token grid), or whose
-    module read a spatial input (``spatial_input[i]``, :attr:`Trace.spatial`; when the
-    maps before it are not measured), however it was computed; ``None`` when there is
-    none. A ``(B, C, 1, 1)`` map directly followed by a vector of the same ``C`` (a
+    vector-valued one after the *last* spatial one (map, group map or token grid), or
+    whose module read a spatial input (``spatial_input[i]``, :attr:`Trace.spatial`; when
+    the maps before it are not measured), however it was computed; ``None`` when there is
+    none. Vectors followed by maps again (a squeeze-excitation block's pooled gate) are
+    not it. A ``(B, C, 1, 1)`` map directly followed by a vector of the same ``C`` (a
     network whose last map is 1 x 1 at this size, then its global pooling) defers to
     that vector."""
-    spatial = False
+    spatial, found = False, None
     reads = list(spatial_input) + [False] * (len(values) - len(spatial_input))
     for i, c in enumerate(values):
-        if c.layout.kind == "vector" and (spatial or reads[i]):
+        if c.layout.kind != "vector":
+            spatial, found = True, None
+            continue
+        if found is None and (spatial or reads[i]):
             nxt = values[i + 1] if i + 1 < len(values) else None
             if not (c.squeezed and nxt is not None and nxt.layout.kind == "vector"
                     and nxt.value.shape[1:] == c.value.shape[1:]):
-                return i
+                found = i
             spatial = True
-        spatial = spatial or c.layout.kind != "vector"
-    return None
+    return found

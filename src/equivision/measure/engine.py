@@ -427,8 +427,8 @@ class _Session:
 
     def pool_index(self, pool_layer: str | None) -> int | None:
         """Index of the pool point among the measured layers: the given one, the model's
-        ``equivision_pool_layer``, else the first vector-valued output after the spatial
-        ones, however it was computed (:func:`~.capture.pool_point`: a global pooling
+        ``equivision_pool_layer``, else the first vector-valued output after the last
+        spatial one, however it was computed (:func:`~.capture.pool_point`: a global pooling
         module, a 1 x 1 map, or a vector pooled in ``forward`` and captured as the next
         module's input, ``"fc:input"``)."""
         declared = getattr(self.model, "equivision_pool_layer", None) if pool_layer is None \
