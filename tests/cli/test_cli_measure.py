@@ -55,3 +55,29 @@ def test_bad_ci_groups_is_a_clear_error(tmp_path, capsys):
         main(["measure", *TINY, "--ci-groups", "1", "--out", str(tmp_path / "m")])
     assert e.value.code == 2
     assert "--ci-groups: must be 0 (no intervals) or at least 2" in capsys.readouterr().err
+
+
+def test_registry_model_without_checkpoint_is_built_for_the_users_data(tmp_path):
+    """An RGB image folder of 3 classes: ``measure``, ``lie`` and ``attack`` build an
+    untrained registry model with the data's channels and classes (as ``train`` does),
+    instead of failing on the default of 1 channel; --model-args still wins."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                tmp_path / "pics" / cls / f"{i}.png")
+    data = ["--data", str(tmp_path / "pics"), "--split", "all", "--quiet"]
+    assert main(["measure", "--model", "cnn-small", *data, "--transforms", "rot90",
+                 "--out", str(tmp_path / "m")]) == 0
+    rep = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert rep["results"][-1]["shape"] == [3]  # three classes
+    assert main(["lie", "--model", "cnn-small", *data, "--generators", "tx",
+                 "--out", str(tmp_path / "l")]) == 0
+    assert main(["attack", "--model", "cnn-small", *data, "--attack", "fgsm",
+                 "--checks", "none"]) == 0
+    assert main(["measure", "--model", "cnn-small", "--model-args", "in_channels=1", *data,
+                 "--transforms", "rot90", "--out", str(tmp_path / "m1")]) == 2

@@ -362,8 +362,12 @@ def test_load_image_folder(tmp_path):
         assert torch.equal(got, torch.from_numpy(written[key]))
     assert load_image_folder(tmp_path, size=8, grayscale=True).image_shape == (1, 8, 8)
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "dog" / "big.png")
-    with pytest.raises(ValueError, match="big.png.*differs"):
+    with pytest.raises(ValueError, match=r"big.png.*differs.*--size N"):
         load_image_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png: cannot read image.*remove or replace"):
+        load_image_folder(tmp_path, size=4)
+    (tmp_path / "dog" / "broken.png").unlink()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty.*empty class folder"):
         load_image_folder(tmp_path, size=4)

@@ -22,13 +22,12 @@ from torch import nn
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import resolve_dataset
 from ..io import check_writable_dir, write_atomic
-from ..models import create_model
+from ..models import create_model, model_defaults
 
 __all__ = ["CLIError", "DATA_ROOT_ENV", "add_data_options", "add_output_key", "check_new_run",
-           "distributed_session", "finite", "image_size", "load_model", "names", "number",
-           "parse_kwargs", "positive_int",
-           "resolve_dataset", "show_progress", "unit_interval", "warn_other_input",
-           "write_json"]
+           "distributed_session", "finite", "fit_to_data", "image_size", "load_model",
+           "names", "number", "parse_kwargs", "positive_int", "resolve_dataset",
+           "show_progress", "unit_interval", "warn_other_input", "write_json"]
 
 
 class CLIError(Exception):
@@ -114,14 +113,36 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "must be >= 1")
 
 
-def load_model(spec: str, model_args: str | None, checkpoint: str | None
-               ) -> tuple[nn.Module, str]:
+def fit_to_data(spec: str, kwargs: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """``kwargs`` of registry model ``spec`` with the class count, the channels and (ViT /
+    Mixer) the image size of ``dataset`` where not given; a ``module:attr`` model gets
+    only its own arguments."""
+    if ":" in spec:
+        return kwargs
+    out = dict(kwargs)
+    shape = getattr(dataset, "image_shape", None)
+    if getattr(dataset, "num_classes", None) is not None:
+        out.setdefault("num_classes", dataset.num_classes)
+    if shape is not None:
+        out.setdefault("in_channels", shape[0])
+        if "image_size" in model_defaults(spec):
+            out.setdefault("image_size", shape[-1])
+    return out
+
+
+def load_model(spec: str, model_args: str | None, checkpoint: str | None,
+               dataset: Any = None) -> tuple[nn.Module, str]:
     """``--model``, ``--model-args`` and ``--checkpoint`` -> (model, its display name):
-    :func:`equivision.models.create_model` with the parsed arguments. A ``module:attr``
-    model is imported with the current folder on the import path (as ``python`` does)."""
+    :func:`equivision.models.create_model` with the parsed arguments; without a
+    checkpoint a registry model is built for ``dataset`` (:func:`fit_to_data`). A
+    ``module:attr`` model is imported with the current folder on the import path (as
+    ``python`` does)."""
     if ":" in spec and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    model = create_model(spec, checkpoint=checkpoint, **parse_kwargs(model_args))
+    kwargs = parse_kwargs(model_args)
+    if checkpoint is None and dataset is not None:
+        kwargs = fit_to_data(spec, kwargs, dataset)
+    model = create_model(spec, checkpoint=checkpoint, **kwargs)
     return model, spec.partition(":")[2] or spec
 
 

@@ -48,7 +48,7 @@ def cmd_lie(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dataset = resolve_dataset(args.data, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)
-    model, name = load_model(args.model, args.model_args, args.checkpoint)
+    model, name = load_model(args.model, args.model_args, args.checkpoint, dataset)
     warn_other_input(args.checkpoint, dataset, "lie")
     reports = {"": _run(args, model, name, dataset, device)}
     if args.checkpoint is None:

@@ -53,7 +53,7 @@ def _measure(args: argparse.Namespace, device: torch.device, rank: int) -> None:
     transforms = parse_transforms(args.transforms)
     dataset = resolve_dataset(args.data, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)  # same initial weights in every process without a checkpoint
-    model, name = load_model(args.model, args.model_args, args.checkpoint)
+    model, name = load_model(args.model, args.model_args, args.checkpoint, dataset)
     if rank == 0:
         warn_other_input(args.checkpoint, dataset, "measure")
     if args.checkpoint is None and rank == 0:

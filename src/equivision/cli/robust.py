@@ -129,15 +129,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_defend)
 
 
-def _load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+def _load_model(args: argparse.Namespace, dataset: Any) -> tuple[nn.Module, str]:
     """The model of ``--checkpoint`` (rebuilt from it) or of ``--model``, made to return
     its logits (:func:`~equivision.robust.select_output` with ``--output-key``)."""
-    model, name = _build_model(args)
+    model, name = _build_model(args, dataset)
     select_output(model, args.output_key)
     return model, name
 
 
-def _build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+def _build_model(args: argparse.Namespace, dataset: Any) -> tuple[nn.Module, str]:
     if not args.model and not args.checkpoint:
         raise CLIError("give --checkpoint PATH (an equivision checkpoint) or --model NAME")
     if not args.model:
@@ -152,7 +152,7 @@ def _build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
         if stored and stored != args.model:
             raise CLIError(f"checkpoint {args.checkpoint!r} holds a {stored!r} model, not "
                            f"{args.model!r}; drop --model or pass --model {stored}")
-    return load_model(args.model, args.model_args, args.checkpoint)
+    return load_model(args.model, args.model_args, args.checkpoint, dataset)
 
 
 def _run(args: argparse.Namespace, defense: str | None, attacks: list[str],
@@ -172,7 +172,7 @@ def _evaluate(args: argparse.Namespace, defense: str | None, attacks: list[str],
               extra: dict[str, Any], device: torch.device, rank: int) -> None:
     dataset = resolve_dataset(args.dataset, args.split, root=args.data_root, size=args.size)
     seed_everything(args.seed)  # same weights in every process without a checkpoint
-    model, name = _load_model(args)
+    model, name = _load_model(args, dataset)
     if rank == 0:
         warn_other_input(args.checkpoint, dataset, args.command)
     config = RobustnessConfig(

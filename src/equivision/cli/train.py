@@ -7,7 +7,6 @@ import argparse
 from typing import Any
 
 from ..augment import build_augment
-from ..models import create_model, model_defaults
 from ..robust.wrappers import select_output
 from ..training import TrainConfig, train
 from ..utils import seed_everything
@@ -17,7 +16,6 @@ from .common import (
     check_new_run,
     image_size,
     load_model,
-    parse_kwargs,
     positive_int,
     resolve_dataset,
     show_progress,
@@ -34,20 +32,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     image size default to the dataset's. The seed is set before the model is built, so
     two runs with the same ``--seed`` give the same weights."""
     check_new_run(args.out, args.resume)
-    kwargs = parse_kwargs(args.model_args)
     build_augment(args.augment)  # a bad spec fails before the data are built
     train_set = resolve_dataset(args.data, "train", root=args.data_root, size=args.size)
     val_set = resolve_dataset(args.data, "val", root=args.data_root, size=args.size)
-    if ":" not in args.model:  # a registry model: class count, channels, size from the data
-        kwargs.setdefault("num_classes", train_set.num_classes)
-        kwargs.setdefault("in_channels", train_set.image_shape[0])
-        if "image_size" in model_defaults(args.model):  # ViT / Mixer: fixed input size
-            kwargs.setdefault("image_size", train_set.image_shape[-1])
     seed_everything(args.seed, deterministic=args.deterministic)  # before the weights exist
-    # a module:attr model gets only its --model-args; measure, attack and defend then take
-    # it back with --model module:attr --checkpoint last.pt
-    model = load_model(args.model, args.model_args, None)[0] if ":" in args.model \
-        else create_model(args.model, **kwargs)
+    # a registry model takes its class count, channels and size from the data; a
+    # module:attr model gets only its --model-args (measure, attack and defend then take
+    # it back with --model module:attr --checkpoint last.pt)
+    model = load_model(args.model, args.model_args, None, train_set)[0]
     select_output(model, args.output_key)  # a dict or tuple output: train on its logits
     augment = build_augment(args.augment, num_classes=train_set.num_classes)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -218,13 +218,15 @@ def load_image_folder(
                         im = im.resize((size, size), Image.BILINEAR)
                     arr = np.asarray(im, dtype=np.uint8)
             except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"{f}: cannot read image ({e})") from e
+                raise ValueError(f"{f}: cannot read image ({e}); remove or replace the "
+                                 "file") from e
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             if shape_of is None:
                 shape_of = (f, arr.shape)
             elif arr.shape != shape_of[1]:
                 raise ValueError(f"{f}: size {arr.shape[1:]} differs from {shape_of[0]} "
-                                 f"{shape_of[1][1:]}; pass size= to resize")
+                                 f"{shape_of[1][1:]}; resize them all with --size N "
+                                 "(Python: size=N)")
             images.append(arr)
             labels.append(k)
     x = torch.from_numpy(np.stack(images).astype(np.float32) / 255.0)
