@@ -214,3 +214,27 @@ def test_pretrain_local_crops_reach_the_views(tmp_path):
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["config"]["local_crops"] == 2 and ckpt["config"]["local_size"] == 8
     assert math.isfinite(ckpt["history"]["loss"][-1])
+
+
+def test_pretrain_and_probe_a_folder_of_images_of_many_sizes(tmp_path, capsys):
+    """A user's class-per-folder images, each of its own size and mode (RGB, grey,
+    palette): read at the encoder's size by pretrain and probe. The probe's default
+    table has no equivariance rows (that probe did not run), not even the baseline's."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(14):
+            h, w = (int(v) for v in rng.integers(10, 40, 2))
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            im.convert(("RGB", "L", "P")[i % 3]).save(tmp_path / "pics" / cls / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--method", "mocov3", "--data", str(tmp_path / "pics"),
+                 "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["probe", "--checkpoint", str(run), "--data", str(tmp_path / "pics"),
+                 "--steps", "5", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "linear top1 / top5, raw pixels" in text and "equivariance" not in text

@@ -198,9 +198,6 @@ def _baseline_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"{label} top1 / top5, random-init encoder",
                      _top(base["random_init"].get(name))))
         rows.append((f"{label} top1 / top5, raw pixels", _top(base["raw_pixels"].get(name))))
-    for g, scores in base["random_init"]["equivariance"]["centred"].items():
-        rows.append((f"equivariance (centred) {g}, random-init encoder",
-                     " ".join(f"{s:.3f}" for s in scores)))
     return rows
 
 
@@ -208,18 +205,23 @@ def probe_table(results: dict[str, Any]) -> str:
     """A plain-text summary of :func:`~equivision.ssl.probe.run_probes`'s result: one line
     per headline number (classification top-1/top-5, per-block equivariance scores,
     transformation-prediction accuracy per block, corruption accuracies), then the
-    baselines when present (linear and k-NN on a random-init encoder and on raw pixels,
-    the random-init encoder's centred equivariance per block)."""
+    baselines when present (linear and k-NN on a random-init encoder and on raw pixels;
+    the random-init encoder's centred equivariance per block beside the trained one's,
+    when the equivariance probe ran)."""
     rows: list[tuple[str, str]] = []
     for name in ("linear", "knn", "mlp"):
         r = results.get(name)
         if r:
             rows.append((f"{name} top1 / top5", _top(r)))
     eq = results.get("equivariance")
-    if eq:
+    base = (results.get("baselines") or {}).get("random_init", {}).get("equivariance")
+    if eq:  # the random-init encoder's scores beside the trained ones, not without them
         for g, scores in eq["centred"].items():
             cells = " ".join(f"{s:.3f}" for s in scores)
             rows.append((f"equivariance (centred) {g} (blocks 1..{len(scores)})", cells))
+            if base and g in base["centred"]:
+                rows.append((f"equivariance (centred) {g}, random-init encoder",
+                             " ".join(f"{s:.3f}" for s in base["centred"][g])))
             rows.append((f"[CLS] invariance {g}", _fmt(eq["cls"].get(g))))
     tp = results.get("transform_prediction")
     if tp:

@@ -4,6 +4,7 @@ to the encoder's input size."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,8 @@ def load_images(name: str, split: str, size: int, images: int | None = None, see
     patches of the bundled photographs (``images`` spread evenly over them; default 80
     per photograph for train, 20 for test); any other dataset (e.g. ``digits``) is
     built at its own size and fitted with
-    :func:`equivision.ssl.probe.fit_dataset` (zero-padded or resized, channels repeated).
+    :func:`equivision.ssl.probe.fit_dataset` (zero-padded or resized, channels repeated);
+    a dataset folder is resized to ``size`` as it is read (its images may differ in size).
 
     Raises:
         ValueError: unknown dataset name, a dataset that is not images with class labels,
@@ -39,7 +41,9 @@ def load_images(name: str, split: str, size: int, images: int | None = None, see
         ds = photos(split, size=size, patches_per_image=per, seed=seed,
                     grayscale=channels == 1)
     else:
-        found = resolve_dataset(name, split, root=root, seed=seed)
+        # a folder of the user's images may hold many sizes: resized to ``size`` on load
+        found = resolve_dataset(name, split, root=root, seed=seed,
+                                size=size if Path(name).expanduser().is_dir() else None)
         if not isinstance(found, ImageDataset):
             raise ValueError(
                 f"dataset {name!r} gives {type(found).__name__} items, not images with class "
