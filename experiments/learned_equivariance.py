@@ -300,11 +300,23 @@ def _plot_cosine(res: dict, path: Path) -> None:
 def pool_groups(args) -> dict[str, list[RunSpec]]:
     """The shared pool of models on ``args.data`` (:func:`support.pool.pool_specs`):
     12,000 training images, 6 epochs and 3 seeds in full; 300 images, 1 epoch, 2 seeds
-    and a one-block ViT/Mixer at ``--quick``."""
-    return pool_specs(args.data, seeds(args), args.epochs or (1 if args.quick else 6),
-                      args.train_images or (300 if args.quick else 12000),
-                      args.test_images or (100 if args.quick else 2000),
-                      {"dim": 32, "depth": 1} if args.quick else {"dim": 64, "depth": 4})
+    and a one-block ViT/Mixer at ``--quick``; only the groups of ``--studies``."""
+    groups = pool_specs(args.data, seeds(args), args.epochs or (1 if args.quick else 6),
+                        args.train_images or (300 if args.quick else 12000),
+                        args.test_images or (100 if args.quick else 2000),
+                        {"dim": 32, "depth": 1} if args.quick else {"dim": 64, "depth": 4})
+    wanted = {label for s in pool_studies(args) for label in POOL_STUDIES[s][0]}
+    return {label: specs for label, specs in groups.items() if label in wanted}
+
+
+def pool_studies(args) -> list[str]:
+    """``--studies``: the pool studies to train for and summarise (default all)."""
+    names = [s.strip() for s in (args.studies or ",".join(POOL_STUDIES)).split(",") if s.strip()]
+    bad = [s for s in names if s not in POOL_STUDIES]
+    if bad or not names:
+        raise SystemExit(f"--studies takes a comma list of {', '.join(POOL_STUDIES)}; "
+                         f"got {args.studies!r}")
+    return names
 
 
 def cmd_pool(args) -> None:
@@ -333,13 +345,16 @@ def cmd_pool_summary(args) -> None:
         raise SystemExit(f"no finished pool model under {args.out}; run `pool` first")
     reports = load_reports(records)
     parts = [f"{len(records)} pool models on {args.data}\n"]
-    for name, (labels, tsets, title) in POOL_STUDIES.items():
+    studies = pool_studies(args)
+    for name in studies:
+        labels, tsets, title = POOL_STUDIES[name]
         for tset in tsets:
             table = write_study(args.out, name, group_runs(records, reports, labels, tset),
                                 tset, f"{title}, {args.data}")
             parts.append(f"## {name}, {tset}\n\n{table}\n")
-    parts.append(_pool_spearman(args, records, reports))
-    parts.append(_pool_cosine(args, records, reports))
+    if len(studies) == len(POOL_STUDIES):  # both read every model of the pool
+        parts.append(_pool_spearman(args, records, reports))
+        parts.append(_pool_cosine(args, records, reports))
     text = "\n".join(parts)
     (args.out / "summary.md").write_text(text)
     print(text)
@@ -392,6 +407,10 @@ def main() -> None:
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="task: summarise the runs of these task.json files instead of "
                         "training (seeds split over processes)")
+    p.add_argument("--studies", default=None,
+                   help="pool, pool-summary: the pool studies to train for and summarise, "
+                   "a comma list of augment,width,arch (default all; the accuracy and "
+                   "cosine studies read every model, so they need all three)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--root", type=Path, default=Path("runs/le-models"), help="model runs")
     p.add_argument("--out", type=Path, default=None, help="results (default runs/le[-quick])")

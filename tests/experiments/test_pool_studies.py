@@ -48,6 +48,26 @@ def test_pool_specs_cover_every_study_and_order_by_seed():
     assert order[0][0] == "cnn7 none" and order[9][0] == "cnn7 none"
 
 
+def test_pool_studies_option_trains_only_their_groups():
+    """``pool --studies width,arch`` trains the groups those two studies read (cnn7 at
+    widths 10 / 20 / 40, the ViT and the Mixer), not the augmented cnn7s."""
+    import argparse
+
+    from learned_equivariance import pool_groups
+
+    args = argparse.Namespace(data="fashion-mnist", seeds=None, first_seed=0, quick=False,
+                              epochs=None, train_images=24000, test_images=None,
+                              studies="width,arch")
+    groups = pool_groups(args)
+    assert set(groups) == {"cnn7 none", "cnn7 width 10", "cnn7 width 40", "ViT", "MLP-Mixer"}
+    assert all(s.train_images == 24000 and s.epochs == 6 for v in groups.values() for s in v)
+    args.studies = None
+    assert len(pool_groups(args)) == 9
+    args.studies = "width,depth"
+    with pytest.raises(SystemExit, match="--studies takes"):
+        pool_groups(args)
+
+
 def _tiny_groups() -> dict[str, list[RunSpec]]:
     def spec(seed: int, width: int) -> RunSpec:
         return RunSpec("cnn-small", "digits", seed=seed, size=12, epochs=1,
