@@ -34,7 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..measure.capture import PASS_THROUGH, LayerCapture, Trace, first_tensor, trace_layers
+from ..measure.capture import (
+    PASS_THROUGH,
+    LayerCapture,
+    Trace,
+    first_tensor,
+    trace_layers,
+    unknown_layout,
+)
 from ..measure.compare import (
     PAIRINGS,
     Comparator,
@@ -42,6 +49,7 @@ from ..measure.compare import (
     pairwise_cosines,
 )
 from ..transforms import Layout, Transform, size_stride
+from ..transforms.layout import TokenGrid, infer_token_grid, tokens_to_map
 from ..utils import evaluating
 
 __all__ = [
@@ -72,13 +80,26 @@ def resolve_max_batch(max_batch: int | str | None, device: torch.device) -> int 
 AUTO_LAYER = "auto"
 
 
+def token_grid(out: Tensor, image_hw: Sequence[int]) -> TokenGrid | None:
+    """The ``(h, w, prefix)`` grid of tokens ``out (B, N, C)`` on an ``image_hw`` image
+    (:func:`~equivision.transforms.layout.infer_token_grid`; [CLS]-like prefix tokens
+    are dropped), or None: not tokens, no grid fits, or a single cell."""
+    if out.dim() != 3:
+        return None
+    grid = infer_token_grid(int(out.shape[1]), image_hw)
+    return grid if grid is not None and grid[0] * grid[1] > 1 else None
+
+
 def last_spatial_layer(model: nn.Module, x: Tensor, trace: Trace | None = None) -> str:
     """Name of the submodule whose output is the model's last spatial map on ``x``
     ``(B, C, H, W)``: of the submodules that return ``(B, C, h, w)`` with ``h w > 1`` (or a
-    channels-last ``(B, h, w, C)``, :func:`~equivision.measure.capture.find_channels_last`;
-    outputs that only look channels-last are passed over), the last to finish in the
-    forward pass (a classifier's last conv block, before the global pooling; a
-    segmenter's last map); dropout, identity and flatten modules are skipped.
+    channels-last ``(B, h, w, C)``, :func:`~equivision.measure.capture.find_channels_last`,
+    or tokens ``(B, N, C)`` that form a grid of the image, :func:`token_grid`), the last to
+    finish in the forward pass (a classifier's last conv block, before the global
+    pooling; a segmenter's last map; a ViT's last token grid); dropout, identity and
+    flatten modules are skipped, and so are outputs whose layout cannot be known
+    (:func:`~equivision.measure.capture.unknown_layout`: an attention map
+    ``(B, heads, N, N)``, an output that only looks channels-last).
 
     Raises:
         ValueError: no submodule returns a spatial map (pass a layer name).
@@ -86,19 +107,24 @@ def last_spatial_layer(model: nn.Module, x: Tensor, trace: Trace | None = None) 
     trace = trace if trace is not None else trace_layers(model, x[:1].detach())
     names = [n for n, m in model.named_modules() if n and not isinstance(m, PASS_THROUGH)]
     with LayerCapture(model, names) as cap:
-        outs = cap.run(x[:1].detach(), strict=False)
+        outs = {n: trace.canonical(n, t) for n, t in cap.run(x[:1].detach(), strict=False
+                                                              ).items()}
         order = list(cap.order)
 
-    def area(n: str) -> int:
-        hw = outs[n].shape[1:3] if n in trace.channels_last else outs[n].shape[-2:]
-        return int(hw[0] * hw[1])
+    def spatial(n: str) -> bool:
+        out = outs[n]
+        if unknown_layout(out, trace.token_counts, n in trace.spatial, trace.layout_note(n)):
+            return False
+        if out.dim() == 3:
+            return token_grid(out, x.shape[-2:]) is not None
+        return out.dim() == 4 and int(out.shape[-2] * out.shape[-1]) > 1
 
-    spatial = [n for n in order if outs[n].dim() == 4 and n not in trace.looks_channels_last
-               and area(n) > 1]
-    if not spatial:
+    found = [n for n in order if spatial(n)]
+    if not found:
         raise ValueError(f"{type(model).__name__} has no submodule that returns a spatial map "
-                         "(B, C, h, w); pass feature_layer= a layer name, 'logits' or 'output'")
-    return spatial[-1]
+                         "(B, C, h, w) or a token grid; pass feature_layer= a layer name, "
+                         "'logits' or 'output'")
+    return found[-1]
 
 
 class _Stop(Exception):
@@ -167,6 +193,24 @@ class FeatureExtractor:
                 "(B, H, W, C) but cannot be known to be; choose the layer that permutes it back")
         return self.feature_layer
 
+    def _as_map(self, out: Tensor, image_hw: Sequence[int]) -> Tensor:
+        """A token output ``(B, N, C)`` as its patch map ``(B, C, h, w)``; an output whose
+        layout cannot be known (an attention map) is refused."""
+        assert self._trace is not None
+        why = unknown_layout(out, self._trace.token_counts,
+                             self.feature_layer in self._trace.spatial)
+        if why:
+            raise ValueError(f"feature layer {self.feature_layer!r} {why.removeprefix('skipped: ')}"
+                             "; choose a layer whose output is a map or a token grid")
+        if out.dim() != 3:
+            return out
+        grid = token_grid(out, image_hw)
+        if grid is None:
+            raise ValueError(
+                f"feature layer {self.feature_layer!r} returns tokens {tuple(out.shape)} that "
+                f"form no grid of the {image_hw[0]}x{image_hw[1]} image; choose another layer")
+        return tokens_to_map(out, grid[:2], grid[2])
+
     def __call__(self, x: Tensor) -> Tensor:
         """``x (B, C, H, W)`` -> the layer's output, ``(B, ...)``."""
         self.resolve(x)
@@ -197,7 +241,7 @@ class FeatureExtractor:
                 "choose a layer that the model uses"
             )
         assert self._trace is not None
-        return self._trace.canonical(self.feature_layer, box[0])
+        return self._as_map(self._trace.canonical(self.feature_layer, box[0]), x.shape[-2:])
 
 
 def view_features(
