@@ -7,7 +7,8 @@ from others_models import MeanPoolCNN, ScaledConv, TinyResNet, TinyViT
 from torch.utils.data import TensorDataset
 
 from equivision.measure import LayerCapture, measure
-from equivision.measure.capture import unknown_layout
+from equivision.measure.capture import MeasureError, unknown_layout
+from equivision.measure.lie import lie_derivative
 
 
 def noise(n=8, size=16, seed=0):
@@ -99,3 +100,15 @@ def test_constant_channels_do_not_depend_on_the_layers_scale():
         assert b.metrics["mse"] == pytest.approx(a.metrics["mse"] * 1e-10, rel=1e-3)
         assert b.metrics["l1"] == pytest.approx(a.metrics["l1"] * 1e-5, rel=1e-3)
         assert b.metrics["activation"] == pytest.approx(a.metrics["activation"] * 1e-5, rel=1e-3)
+
+
+def test_torchscript_models_are_refused_with_what_to_pass():
+    """A scripted or traced model runs compiled code: hooks on its layers never fire, so
+    measuring it would report every layer 'never called' (traced) or fail inside torch
+    (scripted); both get one line asking for the nn.Module."""
+    model = TinyResNet().eval()
+    for compiled in (torch.jit.script(model), torch.jit.trace(model, torch.rand(1, 3, 16, 16))):
+        with pytest.raises(MeasureError, match="TorchScript module.*original nn.Module"):
+            measure(compiled, noise(), "rot90", progress=False)
+        with pytest.raises(MeasureError, match="TorchScript module"):
+            lie_derivative(compiled, torch.rand(2, 3, 16, 16), "tx")

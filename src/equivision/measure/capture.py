@@ -231,6 +231,19 @@ def to_measurable(
     return Captured(value, layout, pooled)
 
 
+def check_hookable(model: nn.Module) -> None:
+    """Refuse a TorchScript model (``torch.jit.script`` / ``trace``): its forward runs
+    compiled code, so forward hooks on its layers never fire (or cannot be registered).
+
+    Raises:
+        MeasureError: ``model`` is a ``torch.jit.ScriptModule``.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise MeasureError(
+            f"{type(model).__name__} is a TorchScript module: its layers cannot be hooked; "
+            "pass the original nn.Module (build its class and load_state_dict)")
+
+
 def _is_vector(t: Tensor) -> bool:
     """A pooled vector: ``(B, C)`` or ``(B, C, 1, 1)``."""
     return t.dim() == 2 or (t.dim() == 4 and tuple(t.shape[-2:]) == (1, 1))
@@ -280,6 +293,7 @@ class LayerCapture:
         self._handles: list[Any] = []
 
     def __enter__(self) -> LayerCapture:
+        check_hookable(self.model)
         modules = dict(self.model.named_modules())
         for name in self.names:
             base = name[: -len(INPUT)] if name.endswith(INPUT) else name
