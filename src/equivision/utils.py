@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ __all__ = [
     "set_rng_state",
     "preserve_rng_state",
     "model_device",
+    "model_dtype",
 ]
 
 try:  # numpy is a dependency, but keep the helpers usable without it
@@ -179,6 +181,15 @@ def model_device(module: torch.nn.Module, default: str | torch.device = "cpu") -
     for t in module.buffers():
         return t.device
     return torch.device(default)
+
+
+def model_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (or buffer), the dtype its
+    inputs must have; ``torch.float32`` when it has none."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
 @contextmanager

@@ -1,6 +1,8 @@
 """Capture on models the project did not write (issue 11): in-place ops, 1 x 1 pooled
 maps, scale-free constant channels, attention maps."""
 
+import copy
+
 import pytest
 import torch
 from others_models import MeanPoolCNN, ScaledConv, TinyResNet, TinyViT
@@ -112,3 +114,23 @@ def test_torchscript_models_are_refused_with_what_to_pass():
             measure(compiled, noise(), "rot90", progress=False)
         with pytest.raises(MeasureError, match="TorchScript module"):
             lie_derivative(compiled, torch.rand(2, 3, 16, 16), "tx")
+
+
+def test_a_float64_or_bfloat16_model_is_fed_its_own_dtype():
+    """Images arrive as float32; a float64 model (exactness checks) or a bfloat16 one is
+    measured on images cast to its dtype, with the float32 twin's numbers (bfloat16's 8
+    bits of mantissa: the first convolutions only)."""
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    ref = measure(model, noise(), "rot90,shift:1", progress=False, ci_groups=0)
+    for dtype, tol in ((torch.float64, 1e-4), (torch.bfloat16, 0.03)):
+        got = measure(copy.deepcopy(model).to(dtype), noise(), "rot90,shift:1", progress=False,
+                      ci_groups=0)
+        for r in ref.results:
+            g = got.get(r.transform, r.layer)
+            if r.exact and (dtype == torch.float64 or r.layer in ("conv1", "layer1.conv1")):
+                assert g.metrics["equivariance"] == pytest.approx(
+                    r.metrics["equivariance"], abs=tol), (dtype, r.layer)
+        lie = lie_derivative(copy.deepcopy(model).to(dtype), noise()[:][0], "tx")
+        assert lie.value("fc", "tx") == pytest.approx(
+            lie_derivative(model, noise()[:][0], "tx").value("fc", "tx"), rel=10 * tol)

@@ -1,5 +1,6 @@
 """Robustness evaluation (robust/evaluate.py) and the attack/defense registries."""
 
+import copy
 import json
 import math
 
@@ -212,6 +213,9 @@ def test_bad_inputs(digits, scenes):
         evaluate_robustness(model, data, ["nope"], eps=0.1)
     with pytest.raises(ValueError, match="NaN"):
         evaluate_robustness(_NaNModel(), data, ["pgd"], eps=0.1)
+    with pytest.raises(ValueError, match=r"parameters are torch.float64.*model.float\(\)"):
+        evaluate_robustness(copy.deepcopy(model).double(), data, ["pgd"], eps=0.1)
+    assert next(model.parameters()).dtype == torch.float32  # the model as it was
     seg_model, _ = scenes
     gray_seg = create_model("segmenter", in_channels=1, width=4)
     with pytest.raises(ValueError, match="do not match the model output"):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..transforms import InexactActionError, ShapeError, Transform, as_transforms
 from ..transforms.layout import Geometry, TokenGrid, infer_token_grid
-from ..utils import model_device
+from ..utils import model_device, model_dtype
 from .baselines import random_init_copy
 from .capture import (
     NEVER_CALLED,
@@ -237,6 +237,7 @@ class _Session:
         self.token_grid = token_grid
         self.strides = strides
         self.device = torch.device(device) if device is not None else model_device(model)
+        self.dtype = model_dtype(model)  # a float64 / bfloat16 model gets its own dtype
         self.modules = dict(model.named_modules())
         self.compare = Comparator(margin)
         self.stats: dict[tuple[str, int], PairStats] = {}
@@ -341,7 +342,7 @@ class _Session:
 
     def step(self, cap: LayerCapture, x: Tensor, max_images: int | None) -> bool:
         """Measure one batch ``x (B, C, H, W)``; False once ``max_images`` are measured."""
-        x = x.to(self.device)
+        x = x.to(self.device, self.dtype)
         if x.dim() != 4:
             raise MeasureError(f"expected image batches (B, C, H, W), got {tuple(x.shape)}")
         if max_images is not None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..transforms.layout import Layout, TokenGrid, as_map
-from ..utils import model_device
+from ..utils import model_device, model_dtype
 from .capture import NEVER_CALLED, MeasureError, select_layers, trace_layers
 from .lie_decompose import Decomposition, leaf_names
 from .lie_generators import Generator, acts_as_zero, as_generators, image_tangent, map_tangent
@@ -177,7 +177,7 @@ def lie_derivative(
     model.eval()
     try:
         for x in batches(data, batch_size, max_images):
-            x = x.to(dev)
+            x = x.to(dev, model_dtype(model))
             if layouts is None:
                 layouts = LayerLayouts((int(x.shape[-2]), int(x.shape[-1])),
                                        trace_layers(model, x), token_grid)

@@ -105,7 +105,7 @@ from ..io import write_atomic, write_csv
 from ..metrics import IGNORE_INDEX, check_output_labels, per_image_score
 from ..training.distributed import gather_objects
 from ..transforms import Transform
-from ..utils import model_device, resolve_device
+from ..utils import model_device, model_dtype, resolve_device
 from .attacks import _derived_seed, sweep_lambda
 from .checks import CheckResult, checks_summary
 from .defenses import Defense, EquivarianceDefense, default_transforms, equivariance_score
@@ -525,6 +525,10 @@ def _setup(model: nn.Module, dataset: Dataset,
         raise ValueError(f"attack labels must be unique and not 'clean', got {labels_seen}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if model_dtype(model) != torch.float32:  # steps of 1/255 vanish in bfloat16 pixels
+        raise ValueError(f"the model's parameters are {model_dtype(model)}; attacks and "
+                         "defenses work on float32 images in [0, 1]: evaluate a float32 copy "
+                         "(model.float())")
     dev = model_device(model) if cfg.device is None else resolve_device(cfg.device)
     model.to(dev).eval()
     defense_obj = build_defense(defense, model, **dict(cfg.defense_kwargs or {}))
