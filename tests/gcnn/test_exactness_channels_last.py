@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from others_models import PermutingNet, TinyConvNeXt
 from torch import Tensor, nn
 
@@ -200,3 +201,62 @@ def test_a_module_that_permutes_to_channels_last_is_read():
     report = analyze_exactness(PermutingNet(), 16)
     assert report.geometry == ALIGNED, report.table()
     assert report.layers[-1].kind == "global pool"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of a (B, C, H, W) map, permuting
+    to channels-last and back inside its forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """ConvNeXt V2's global response normalisation on a channels-last map."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(1, 1, 1, dim, dtype=DT))
+        self.beta = nn.Parameter(torch.randn(1, 1, 1, dim, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        return self.gamma * (x * gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)) + self.beta + x
+
+
+class ConvNeXtV2Pointwise(nn.Module):
+    """A pointwise ConvNeXt V2 block as timm writes it (LayerNorm2d, GRN, layer scale), or
+    Swin's patch merging (four stride-2 slices of the channels-last map, concatenated)."""
+
+    def __init__(self, merge: bool = False) -> None:
+        super().__init__()
+        self.merge = merge
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, dtype=DT)
+        self.norm = LayerNorm2d(4, dtype=DT)
+        self.fc = nn.Linear(16 if merge else 4, 4, dtype=DT)
+        self.grn = GRN(4)
+        self.scale = nn.Parameter(torch.randn(4, dtype=DT))
+        with torch.no_grad():
+            self.stem.weight.copy_(symmetric(self.stem.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm(self.stem(x)).permute(0, 2, 3, 1)
+        if self.merge:
+            y = torch.cat([y[:, i::2, j::2, :] for j in range(2) for i in range(2)], -1)
+        return self.grn(F.gelu(self.fc(y))).mul(self.scale).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_timm_style_channels_last_blocks_agree_with_the_measured_error(merge):
+    torch.manual_seed(0)
+    net = ConvNeXtV2Pointwise(merge)
+    report = analyze_exactness(net, 8, in_channels=1)
+    if merge:  # Swin's patch merging: the four sub-grids trade places under a rotation
+        assert report.verdict == NOT_EXACT and report.geometry != CANNOT_VERIFY
+        assert all(":__getitem__()" in r.name for r in report.breaking)
+        assert error(net, 8) > 1e-3
+    else:
+        assert report.verdict == EXACT, report.table()
+        assert error(net, 8) < TOL
