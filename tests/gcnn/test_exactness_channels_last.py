@@ -131,6 +131,7 @@ class TransposePairs(nn.Module):
         y = self.conv(x)
         y = y.transpose(1, 3).transpose(1, 2) if self.how == "pair" else y.movedim(1, -1)
         y = torch.relu(self.fc(self.norm(y))) * self.scale
+        y = torch.cat([y[..., 1:], y[:, :, :, :1]], -1)  # channels split and swapped
         return y.transpose(1, 2).transpose(1, 3) if self.how == "pair" else y.movedim(-1, 1)
 
 

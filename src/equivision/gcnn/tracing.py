@@ -420,8 +420,10 @@ class Tracer(TorchFunctionMode):
                 name, "function", "unknown", in_hw, None, exact=None,
                 reason=f"{fname}() mixes channels-first (B, C, H, W) and channels-last "
                        "(B, H, W, C) maps; cannot verify")
-        x = next(t for t, o in zip(maps, orders) if o == CHANNELS_LAST)
-        return True, self._channels_last_row(func, fname, base, name, args, kwargs, x, out)
+        last = next((t for t, o in zip(maps, orders) if o == CHANNELS_LAST), None)
+        if last is None:  # a permute-like call that does not permute its map
+            return False, None
+        return True, self._channels_last_row(func, fname, base, name, args, kwargs, last, out)
 
     def _channels_last_row(self, func: Any, fname: str, base: str, name: str, args: tuple,
                            kwargs: dict, x: Tensor, out: Any) -> LayerExactness | None:
@@ -451,7 +453,8 @@ class Tracer(TorchFunctionMode):
             ok = isinstance(dim, int) and dim % 4 in (0, 3)
         elif base in ("__getitem__", "__setitem__") and first_is_x and len(args) > 1:
             index = layouts.reordered_index(args[1], CHANNELS_LAST)
-            ok = index is not None and _leading_index(index, 4)
+            ok = index is not None and all(isinstance(p, slice) and p == slice(None)
+                                           for p in index[2:])
             if not ok and index is not None and base == "__getitem__" and y is not None:
                 row = self._slice_row(name, in_hw, out_hw, 4, index, y.movedim(-1, 1))
                 ok = row is not None
