@@ -1,7 +1,9 @@
 """The exactness analyzer's tracer: one forward pass with hooks on every module and a
 :class:`~torch.overrides.TorchFunctionMode` watching the tensor functions called between
 them (and inside leaf modules whose type it does not know), each turned into a row by
-:mod:`equivision.gcnn.rules`; the weights are judged by :mod:`equivision.gcnn.weights`."""
+:mod:`equivision.gcnn.rules`; the weights are judged by :mod:`equivision.gcnn.weights`.
+Maps permuted to channels-last ``(B, H, W, C)`` are followed by their axis order
+(:mod:`equivision.gcnn.layouts`): layers acting on their last axis read them pixel by pixel."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..utils import evaluating
+from . import layouts
+from .layouts import CHANNELS_FIRST, CHANNELS_LAST, Order
 from .rules import (
     PAD_MODULES,
+    POINTWISE_MODULES,
     RESAMPLING_MODULES,
     Rules,
     Unverifiable,
@@ -121,6 +126,18 @@ def _keeps_spatial_axes(fname: str, args: tuple, kwargs: dict, ndim: int) -> boo
     return not {d % ndim for d in dims if isinstance(d, int)} & {ndim - 2, ndim - 1}
 
 
+def _reduced_axes(args: tuple, kwargs: Mapping[str, Any], ndim: int) -> set[int] | None:
+    """The axes a reduction (``x.mean(dims)``, ``x.sum()``) reduces, or ``None``."""
+    dims = _bind(("dim",), args, kwargs).get("dim", kwargs.get("axis"))
+    if dims is None and len(args) == 1:
+        dims = tuple(range(ndim))
+    if isinstance(dims, int):
+        dims = (dims,)
+    if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
+        return {d % ndim for d in dims}
+    return None
+
+
 class Tracer(TorchFunctionMode):
     """Forward hooks on every module plus a watch on tensor functions called between them."""
 
@@ -139,6 +156,7 @@ class Tracer(TorchFunctionMode):
         self.handles: list[Any] = []
         self.pads: dict[int, LayerExactness] = {}   # asymmetric padding, by output tensor
         self.flat: set[int] = set()   # 4-D maps whose channels hide a group axis (C·G)
+        self.orders: dict[int, Order] = {}   # 4-D maps not stored (B, C, H, W): their order
 
     # -- hooks --
     def attach(self) -> None:
@@ -187,7 +205,9 @@ class Tracer(TorchFunctionMode):
                     if x is not None and map_size(x) is not None:
                         count = self.calls[name] = self.calls.get(name, 0) + 1
                         label = name if count == 1 else f"{name} (call {count})"
-                        row = self._module_row(label, module, x, output)
+                        order = self.orders.get(id(x))
+                        row = (self._module_row(label, module, x, output) if order is None
+                               else self._reordered_module_row(label, module, x, order, output))
                         if row.kernel_size is not None and row.exact is not None:
                             row.weights, row.weights_reason = self.judge.module(
                                 name, module, x, row.kernel_size, row.stride, row.padding,
@@ -263,6 +283,32 @@ class Tracer(TorchFunctionMode):
                               reason=f"unknown layer changes the size from {in_hw[0]}x"
                                      f"{in_hw[1]} to {out_hw[0]}x{out_hw[1]}; cannot verify")
 
+    def _reordered_module_row(self, name: str, module: nn.Module, x: Tensor, order: Order,
+                              output: Any) -> LayerExactness:
+        """A leaf module reading a 4-D map stored in another order than ``(B, C, H, W)``:
+        pixel by pixel (and its output channels-last) for an activation or dropout on a
+        channels-last map, else "cannot verify"."""
+        type_ = type(module).__name__
+        in_hw = layouts.map_size(x, order)
+        y = first_tensor(output)
+        if (order == CHANNELS_LAST and y is not None and y.shape == x.shape
+                and layouts.per_pixel_on_channels_last(module, POINTWISE_MODULES)):
+            self._set_order(output, order)
+            return LayerExactness(name, type_, "pointwise", in_hw, in_hw,
+                                  reason="pixel by pixel on a channels-last map (B, H, W, C)")
+        return LayerExactness(name, type_, "unknown", in_hw, None, exact=None,
+                              reason=f"{type_} reads a map stored {layouts.describe(order)} as "
+                                     "if it were (B, C, H, W); cannot verify")
+
+    def _set_order(self, out: Any, order: Order) -> None:
+        """Record the order of every 4-D tensor in ``out`` (channels-first: nothing kept)."""
+        for t in iter_tensors(out):
+            if t.dim() == 4 and t.is_floating_point():
+                if order == CHANNELS_FIRST:
+                    self.orders.pop(id(t), None)
+                else:
+                    self.orders[id(t)] = order
+
     # -- group axes flattened into channels --
     def _propagate_flat(self, inputs: list[Tensor], out: Any, fname: str = "") -> None:
         """Mark 4-D outputs that carry a group axis in their channels: a reshape of a
@@ -320,13 +366,111 @@ class Tracer(TorchFunctionMode):
                     if x is not None and isinstance(y, Tensor) and y.is_floating_point():
                         self.paused = True
                         try:
-                            row = self._function_row(func, args, kwargs, x, y)
+                            done, row = self._layout_row(func, args, kwargs, inputs, x, out)
+                            if not done:
+                                row = self._function_row(func, args, kwargs, x, y)
                         finally:
                             self.paused = False
                         if row is not None:
                             self.rows.append(self.rules.finish(row))
                             self._remember_pad(row, y)
         return out
+
+    def _layout_row(self, func: Any, args: tuple, kwargs: dict, inputs: list[Tensor],
+                    x: Tensor, out: Any) -> tuple[bool, LayerExactness | None]:
+        """Permutes of 4-D maps and functions reading a map not stored ``(B, C, H, W)``:
+        ``(True, row or None)``, or ``(False, None)`` for :meth:`_function_row`'s rules."""
+        fname = _name(func)
+        base = fname if fname.startswith("__") else fname.rstrip("_")
+        name = f"{self.owners[-1] if self.owners else 'model'}:{fname}()"
+        maps = [t for t in inputs if t.dim() == 4]
+        orders = [self.orders.get(id(t), CHANNELS_FIRST) for t in maps]
+        if x.dim() != 4 or (base not in layouts.PERMUTES and orders.count(CHANNELS_FIRST)
+                            == len(orders)):
+            return False, None
+        order = self.orders.get(id(x), CHANNELS_FIRST)
+        in_hw = layouts.map_size(x, order)
+        if base in layouts.PERMUTES and args and args[0] is x:
+            new = layouts.permuted(func, args, kwargs, order)
+            if new is None:
+                return True, LayerExactness(name, "function", "unknown", in_hw, None, exact=None,
+                                            reason=f"{fname}() of a map, not understood; "
+                                                   "cannot verify")
+            self._set_order(out, new)
+            if new == order or new not in (CHANNELS_FIRST, CHANNELS_LAST):
+                return True, None  # judged where the tensor is read
+            return True, LayerExactness(
+                name, "function", "pointwise", in_hw, in_hw,
+                reason=f"layout change {layouts.describe(order)} -> {layouts.describe(new)}: "
+                       "no pixel moves")
+        odd = next((o for o in orders if o not in (CHANNELS_FIRST, CHANNELS_LAST)), None)
+        if odd is not None:
+            if base in layouts.MEMORY and len(maps) == 1 and args and args[0] is x:
+                self._set_order(out, odd)
+                return True, None
+            return True, LayerExactness(
+                name, "function", "unknown", in_hw, None, exact=None,
+                reason=f"{fname}() reads a map whose axes are permuted to "
+                       f"{layouts.describe(odd)} (only (B, C, H, W) and channels-last (B, H, W, "
+                       "C) maps are read); cannot verify")
+        # a per-sample scalar (B, 1, 1, 1) broadcasts alike in both layouts; a pooled
+        # (B, C, 1, 1) against a channels-last map scales its rows instead of its channels
+        if len({o for o, t in zip(orders, maps) if t.shape[1:].numel() > 1}) > 1:
+            return True, LayerExactness(
+                name, "function", "unknown", in_hw, None, exact=None,
+                reason=f"{fname}() mixes channels-first (B, C, H, W) and channels-last "
+                       "(B, H, W, C) maps; cannot verify")
+        last = next((t for t, o in zip(maps, orders) if o == CHANNELS_LAST), None)
+        if last is None:  # a permute-like call that does not permute its map
+            return False, None
+        return True, self._channels_last_row(func, fname, base, name, args, kwargs, last, out)
+
+    def _channels_last_row(self, func: Any, fname: str, base: str, name: str, args: tuple,
+                           kwargs: dict, x: Tensor, out: Any) -> LayerExactness | None:
+        """A function reading a channels-last map ``x`` ``(B, H, W, C)``: ``None`` or an exact
+        row when it acts pixel by pixel (its 4-D outputs then channels-last), else a row
+        saying why it cannot be verified (or, for a positional tensor mixed in, not exact)."""
+        in_hw = layouts.map_size(x, CHANNELS_LAST)
+        y = args[0] if base == "__setitem__" else first_tensor(out)
+        out_hw = layouts.map_size(y, CHANNELS_LAST) if y is not None and y.dim() == 4 else None
+        first_is_x = bool(args) and args[0] is x
+        row: LayerExactness | None = None
+        ok = False
+        if base in layouts.LAST_AXIS_FUNCS:
+            ok = layouts.acts_on_last_axis(base, args, kwargs, x, self.active)
+            row = LayerExactness(name, "function", "pointwise", in_hw, out_hw,
+                                 reason=f"{fname}() on the channel axis of a channels-last "
+                                        "map (B, H, W, C): pixel by pixel")
+        elif base in _REDUCTIONS and first_is_x:
+            reduced = _reduced_axes(args, kwargs, 4)
+            if reduced is not None and reduced & {1, 2} == {1, 2}:
+                self._set_order(out, CHANNELS_LAST)
+                return LayerExactness(name, "function", "global pool", in_hw, None,
+                                      reason=f"global {fname} over H and W")
+            ok = reduced is not None and not reduced & {1, 2}
+        elif base in ("softmax", "log_softmax", "softmin"):
+            dim = _bind(("dim",), args, kwargs).get("dim")
+            ok = isinstance(dim, int) and dim % 4 in (0, 3)
+        elif base in ("__getitem__", "__setitem__") and first_is_x and len(args) > 1:
+            index = layouts.reordered_index(args[1], CHANNELS_LAST)
+            ok = index is not None and all(isinstance(p, slice) and p == slice(None)
+                                           for p in index[2:])
+            if not ok and index is not None and base == "__getitem__" and y is not None:
+                row = self._slice_row(name, in_hw, out_hw, 4, index, y.movedim(-1, 1))
+                ok = row is not None
+        else:
+            ok = base in _POINTWISE_FUNCS and base not in layouts.CHANNELS_FIRST_ONLY
+        if ok and out_hw is not None and (out_hw == in_hw or row is not None):
+            self._set_order(out, CHANNELS_LAST)
+            if base in layouts.LAST_AXIS_FUNCS:  # its other tensors act on the channels
+                return row
+            return self._mixed_in(name, fname, list(iter_tensors((args, kwargs))), in_hw,
+                                  channels_last=True) or row
+        if ok and out_hw is None and y is not None and y.dim() < 4:
+            return self.rules.reshape(name, "function", x.movedim(-1, 1), y)
+        return LayerExactness(name, "function", "unknown", in_hw, out_hw, exact=None,
+                              reason=f"{fname}() on a channels-last map (B, H, W, C) is not known "
+                                     "to act pixel by pixel; cannot verify")
 
     def _function_row(self, func: Any, args: tuple, kwargs: dict, x: Tensor,
                       y: Tensor) -> LayerExactness | None:
@@ -400,13 +544,8 @@ class Tracer(TorchFunctionMode):
             if row is not None:
                 return row
         if fname in _REDUCTIONS and first_is_x:
-            dims = _bind(("dim",), args, kwargs).get("dim", kwargs.get("axis"))
-            if dims is None and len(args) == 1:
-                dims = tuple(range(ndim))
-            if isinstance(dims, int):
-                dims = (dims,)
-            if isinstance(dims, (tuple, list)) and all(isinstance(d, int) for d in dims):
-                reduced = {d % ndim for d in dims}
+            reduced = _reduced_axes(args, kwargs, ndim)
+            if reduced is not None:
                 spatial = reduced & {ndim - 2, ndim - 1}
                 if spatial == {ndim - 2, ndim - 1}:
                     return LayerExactness(name, "function", "global pool", in_hw, out_hw,
@@ -436,6 +575,9 @@ class Tracer(TorchFunctionMode):
         elif base in ("softmax", "log_softmax", "softmin"):
             dim = _bind(("dim",), args, kwargs).get("dim")
             moves = not isinstance(dim, int) or dim % ndim in spatial
+        elif base in ("layer_norm", "rms_norm"):  # over W alone unless over H and W too
+            shape = _bind(("normalized_shape",), args, kwargs).get("normalized_shape")
+            moves = not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2
         elif base in _POINTWISE_FUNCS:
             moves = False
         if moves is not False:
@@ -449,15 +591,29 @@ class Tracer(TorchFunctionMode):
             return LayerExactness(name, "function", "unknown", in_hw, in_hw, exact=True,
                                   reason=f"{fname}() with parameters", weights=None,
                                   weights_reason=_FLAT)
+        return self._mixed_in(name, fname, tensors, in_hw)
+
+    def _mixed_in(self, name: str, fname: str, tensors: list[Tensor], in_hw: Pair,
+                  channels_last: bool = False) -> LayerExactness | None:
+        """A "positional" row for the first tensor not computed from the input that a
+        pixel-by-pixel function mixes into a map and that is not invariant (on a
+        channels-last map its axes ``-3, -2`` meet H and W), else ``None``."""
         for t in tensors:
-            if id(t) in self.active or t.dim() < 2 or tuple(t.shape[-2:]) == (1, 1):
+            if id(t) in self.active:
+                continue
+            shown = t
+            if channels_last:
+                t = layouts.as_channels_first(self.judge.value(t))  # type: ignore[assignment]
+                if t is None:
+                    continue
+            if t.dim() < 2 or tuple(t.shape[-2:]) == (1, 1):
                 continue
             ok, why = self.judge.invariant(t)
             if ok is not True:
                 return LayerExactness(
                     name, "function", "positional", in_hw, in_hw, exact=ok,
                     reason=f"{fname}() mixes in a position-dependent tensor of shape "
-                           f"{tuple(t.shape)} ({why})" + ("" if ok is False else
+                           f"{tuple(shown.shape)} ({why})" + ("" if ok is False else
                                                           "; cannot verify"))
         return None
 
@@ -580,6 +736,16 @@ def trace(model: nn.Module, hw: Pair, in_channels: int, group: str,
             f"cannot trace {type(model).__name__} at input {hw[0]}x{hw[1]}: it returned "
             f"{type(out).__name__}, no tensor; the analyzer compares outputs, so wrap the model "
             "in a module whose forward returns a tensor (or a tuple, list or dict holding one)")
+    for t in iter_tensors(out):
+        order = tracer.orders.get(id(t))
+        if order is not None:
+            size = layouts.map_size(t, order)
+            tracer.rows.append(LayerExactness(
+                "model output", "output", "unknown", size, size, exact=None,
+                reason=f"the model returns a map stored {layouts.describe(order)}; the verdict "
+                       "is about (B, C, H, W) maps: permute it back to compare it; cannot "
+                       "verify"))
+            break
     report = ExactnessReport(hw, group, tracer.rows)
     if rotations(group) and hw[0] != hw[1]:
         report.notes.append(f"the input {hw[0]}x{hw[1]} is not square: a 90° rotation turns it "
