@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernels import symmetric
 from others_models import PermutingNet, TinyConvNeXt
 from torch import Tensor, nn
 
@@ -21,17 +22,12 @@ from equivision.gcnn.exactness import (
     exact_sizes,
 )
 from equivision.gcnn.translation import analyze_translation
-from equivision.transforms import group_elements
 
 DT = torch.float64
 TOL = 1e-9
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def symmetric(w: Tensor, group: str = "p4m") -> Tensor:
-    """``w`` averaged over the group's action on its last two axes."""
-    return sum(g.apply_map(w) for g in group_elements(group)) / len(group_elements(group))
 
 
 def pointwise_convnext(seed: int = 0) -> TinyConvNeXt:
@@ -40,7 +36,7 @@ def pointwise_convnext(seed: int = 0) -> TinyConvNeXt:
     torch.manual_seed(seed)
     model = TinyConvNeXt(kernel=1, in_channels=1).to(DT).eval()
     with torch.no_grad():
-        model.stem.weight.copy_(symmetric(model.stem.weight))
+        model.stem.weight.copy_(symmetric(model.stem.weight, "p4m"))
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.normal_(1.0, 0.5)
@@ -94,7 +90,7 @@ class SwapNet(nn.Module):
         self.fc = nn.Linear(4, 4, dtype=DT)
         self.head = nn.Conv2d(4, 2, 3, padding=1, dtype=DT)
         with torch.no_grad():
-            self.conv.weight.copy_(symmetric(self.conv.weight))
+            self.conv.weight.copy_(symmetric(self.conv.weight, "p4m"))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
@@ -125,7 +121,7 @@ class TransposePairs(nn.Module):
         self.fc = nn.Linear(4, 3, dtype=DT)
         self.scale = nn.Parameter(torch.randn(3, dtype=DT))
         with torch.no_grad():
-            self.conv.weight.copy_(symmetric(self.conv.weight))
+            self.conv.weight.copy_(symmetric(self.conv.weight, "p4m"))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
@@ -154,7 +150,7 @@ class ChannelsLastMisuse(nn.Module):
         self.bn = nn.BatchNorm2d(9, dtype=DT)   # normalises axis 1: H of a channels-last map
         self.pos = nn.Parameter(torch.randn(9, 9, 9, dtype=DT))   # (H, W, C)
         with torch.no_grad():
-            self.conv.weight.copy_(symmetric(self.conv.weight))
+            self.conv.weight.copy_(symmetric(self.conv.weight, "p4m"))
             self.bn.running_mean.normal_()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -187,7 +183,7 @@ def test_other_readings_of_a_channels_last_map_are_not_waved_through(what, verdi
 def test_layer_norm_over_the_width_of_a_channels_first_map_is_not_pixel_by_pixel():
     conv = nn.Conv2d(1, 3, 3, padding=1, dtype=DT)
     with torch.no_grad():
-        conv.weight.copy_(symmetric(conv.weight))
+        conv.weight.copy_(symmetric(conv.weight, "p4m"))
     net = nn.Sequential(conv, nn.LayerNorm(9, elementwise_affine=False, dtype=DT))
     report = analyze_exactness(net, 9, in_channels=1)
     assert report.verdict == CANNOT_VERIFY, report.table()
@@ -240,7 +236,7 @@ class ConvNeXtV2Pointwise(nn.Module):
         self.grn = GRN(4)
         self.scale = nn.Parameter(torch.randn(4, dtype=DT))
         with torch.no_grad():
-            self.stem.weight.copy_(symmetric(self.stem.weight))
+            self.stem.weight.copy_(symmetric(self.stem.weight, "p4m"))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.norm(self.stem(x)).permute(0, 2, 3, 1)

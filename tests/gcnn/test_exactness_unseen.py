@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernels import symmetric
 from others_models import BasicBlock  # tests/others_models.py: torchvision-style blocks
 from torch import Tensor, nn
 
@@ -25,17 +26,12 @@ from equivision.gcnn.exactness import (
     exact_sizes,
 )
 from equivision.models import create_model
-from equivision.transforms import group_elements
 
 DT = torch.float64
 TOL = 1e-9
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def symmetric(w: Tensor, group: str = "p4") -> Tensor:
-    """``w`` averaged over the group's action on its last two axes (D4-symmetric kernels)."""
-    return sum(g.apply_map(w) for g in group_elements(group)) / len(group_elements(group))
 
 
 def error(model: nn.Module, size, group: str = "p4", in_channels: int | None = None) -> float:
