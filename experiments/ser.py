@@ -59,7 +59,9 @@ numbers mean little; about 20 s of CPU per configuration). ``--size N`` override
 size of the preset. T_eq resizes whole images to patch-aligned canvases (token area 0.7-1.3
 of N, aspect 3/4-4/3; at 32 px / 4 px patches 13 canvases from 24 to 40 px a side, at 16 px
 five), so ``--quick --size 16`` (about half the cost) scales too.
-Results: ``runs/ser[-quick][-SIZEpx]/<study>.json`` and ``.md``; checkpoints
+Results: ``runs/ser[-quick][-SIZEpx]/<study>.json`` and ``.md`` (for ``arms`` with the
+arms paired by seed, :mod:`support.ser_tables`, which also joins the ``arms.json`` of
+seeds run in separate processes); checkpoints
 under ``runs/ser[-quick]/<study>/<run>/`` (an existing finished run is reused).
 Example: ``python experiments/ser.py lambda0 --quick``; on several processes:
 ``torchrun --nproc_per_node 4 experiments/ser.py table2`` (the batch is sharded); on a GPU:
@@ -74,6 +76,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from support.ser_tables import tables as arms_tables
 from support.studies import mean_std
 
 from equivision.data import get_dataset, photos
@@ -327,6 +330,8 @@ def write(args, study: str, entries: list[dict[str, Any]]) -> None:
     for label, s in rows:
         cells = [f"{s[c][0]:.4f} ± {s[c][1]:.4f}" if c in s else "" for c in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if study == "arms":  # the arms paired by seed, with intervals (support.ser_tables)
+        lines += ["", arms_tables([{"entries": entries}])]
     write_atomic(args.out / f"{study}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

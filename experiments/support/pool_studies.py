@@ -19,10 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scipy import stats as sps
-
 from equivision.measure import PARTS, Report
-from support.stats import pearson, spearman_test
+from support.stats import pearson, spearman_test, t_interval
 from support.studies import (
     BASELINE_COLUMNS,
     mean_std,
@@ -101,11 +99,10 @@ def seeds_show(values: Sequence[float | None]) -> bool:
     xs = [v for v in values if v is not None]
     if len(xs) < 2:
         return False
-    m, sd = mean_std(xs)
+    m, sd, lo, hi = t_interval(xs)
     if sd < ROUND_OFF:  # identical seeds: shown when not zero up to round-off
         return abs(m) > ROUND_OFF
-    half = sps.t.ppf(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
-    return abs(m) > half
+    return lo > 0 or hi < 0
 
 
 def study_table(runs: dict[str, list[dict[str, Any]]], columns: Sequence[str] = STUDY_COLUMNS

@@ -21,7 +21,7 @@ from equivision.measure.parts import PARTS
 from equivision.measure.report import METRICS, Report
 
 __all__ = ["Correlation", "rankdata", "pearson", "pearson_test", "spearman", "spearman_test",
-           "spearman_by_part", "spearman_by_part_test"]
+           "spearman_by_part", "spearman_by_part_test", "t_interval"]
 
 
 class Correlation(NamedTuple):
@@ -176,3 +176,18 @@ def spearman_by_part_test(
         out[part] = (spearman_test(xs, ys) if len(xs) >= 2
                      else Correlation(math.nan, math.nan, len(xs)))
     return out
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
+    """(mean, sample std, lower, upper) of the 95% t-interval of the mean of ``values``
+    (2 or more; with one value the interval is (-inf, inf))."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        raise ValueError("t_interval needs at least one defined value")
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, 0.0, -math.inf, math.inf
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return m, sd, m - half, m + half
