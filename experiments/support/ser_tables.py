@@ -114,6 +114,17 @@ def _arm_table(arms: dict[str, dict[int, dict[str, Any]]], method: str) -> list[
     return lines
 
 
+def _random_init_equivariance(arms: dict[str, dict[int, dict[str, Any]]], method: str
+                              ) -> list[str]:
+    """The random-init encoder's centred scores per block (the baseline row; the probe
+    gives every run the same fixed-seed encoder, so the first run's is read)."""
+    runs = [r for suffix in ARMS.values() for r in arms.get(f"{method} {suffix}", {}).values()]
+    base = ((runs[0].get("baselines") or {}).get("random_init") or {}) if runs else {}
+    cells = [" / ".join(f"{v:.2f}" for v in _centred(base, g)) or "-" for g in GROUPS]
+    return [] if cells == ["-"] * len(GROUPS) else \
+        ["| random init (baseline) | " + " | ".join(cells) + " |"]
+
+
 def _equivariance_lines(arms: dict[str, dict[int, dict[str, Any]]], method: str) -> list[str]:
     lines = ["| arm | " + " | ".join(f"{g} (blocks)" for g in GROUPS) + " |", "|---|---|---|---|"]
     for key, suffix in ARMS.items():
@@ -125,6 +136,7 @@ def _equivariance_lines(arms: dict[str, dict[int, dict[str, Any]]], method: str)
             per_block = list(zip(*[_centred(r, g) for r in runs], strict=False))
             cells.append(" / ".join(f"{mean_std(list(b))[0]:.2f}" for b in per_block) or "-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += _random_init_equivariance(arms, method)
     ser, ctl = arms.get(f"{method} {ARMS['SER']}", {}), arms.get(f"{method} {ARMS['control']}", {})
     seeds = sorted(set(ser) & set(ctl))
     for where, idx in (("first block", 0), ("last block", -1)):

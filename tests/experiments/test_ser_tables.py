@@ -16,7 +16,10 @@ def _run(seed: int, linear: float, centred_rot: list[float]) -> dict:
             "equivariance": {"centred": {"rot90": centred_rot, "hflip": [0.5, 0.5],
                                          "scale": [0.6, 0.6]}},
             "baselines": {"raw_pixels": {"linear": {"top1": 0.8}, "knn": {"top1": 0.77}},
-                          "random_init": {"linear": {"top1": 0.58}, "knn": {"top1": 0.53}}}}
+                          "random_init": {"linear": {"top1": 0.58}, "knn": {"top1": 0.53},
+                                          "equivariance": {"centred": {
+                                              "rot90": [0.63, 0.59], "hflip": [0.64, 0.62],
+                                              "scale": [0.68, 0.65]}}}}}
 
 
 def _payload(seeds: list[int], shift: float = 0.0) -> dict:
@@ -58,6 +61,7 @@ def test_tables_show_baselines_and_the_sign_of_every_seed(capsys, tmp_path):
     text = tables([_payload([0, 1, 2])])
     assert "raw pixels (baseline) | - | 80.0 | 77.0" in text
     assert "random init (baseline) | - | 58.0 | 53.0" in text
+    assert "| random init (baseline) | 0.63 / 0.59 | 0.64 / 0.62 | 0.68 / 0.65 |" in text
     # SER's first-block rot90 is above the control's on all three seeds; the last block ties
     assert "rot90, first block, per seed: +0.300 +0.300 +0.300 (3 positive, 0 negative" in text
     assert "rot90, last block, per seed: +0.300" in text

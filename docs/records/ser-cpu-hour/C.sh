@@ -1,0 +1,4 @@
+cd /work/main
+export OMP_NUM_THREADS=1 PYTHONPATH=src:experiments
+/usr/bin/time -v .venv/bin/python experiments/ser.py arms --preset cpu-hour --device cpu --seeds 1 --out /work/runs/s15c/seeds-C --quiet >> /work/runs/s15c/C.log 2>&1
+echo done > /work/runs/s15c/C.done
