@@ -44,9 +44,9 @@ encoder, 768 steps of batch 64 (r = 0.1, 6 SER images a batch); about 4 core-min
 run, 37 for the nine (``python experiments/ser.py arms --preset cpu-large --device cpu``).
 
 ``--preset cpu-hour``: issue 15's "about an hour per arm on CPU" (the three seeds of an
-arm), ~20 core-minutes a run: cpu-large's encoder, images and probes with 5x its
-optimizer steps (3840 of batch 64 over 30720 images, 8 epochs); about 5 hours of one core
-for the nine runs, so it resumes run by run (below).
+arm), ~23 core-minutes a run (measured): cpu-large's encoder, images and probes with 5x its
+optimizer steps (3840 of batch 64 over 30720 images, 8 epochs); about 3.5 hours of one core
+for the nine runs (measured 207 core-minutes), so it resumes run by run (below).
 
 Every study runs seed by seed (all configurations of seed 0, then of seed 1, ...) and
 rewrites its results after each seed, so that a run stopped part-way leaves paired seeds.
@@ -143,7 +143,7 @@ CPU_LARGE = {
 }
 CPU_HOUR = {
     # issue 15's "about an hour per arm on CPU" (an arm = its three seeds, so ~20
-    # core-minutes a run): cpu-large's encoder and probes, 5x its optimizer steps (3840 of
+    # core-minutes a run planned; 23 measured, docs/results.md Part 3): cpu-large's encoder and probes, 5x its optimizer steps (3840 of
     # batch 64) over 30720 images. A short trial (one thread, online 20-NN on 2000 / 1000
     # held-out images) chose steps over size: at 400 steps 48-wide x 4 blocks reached
     # 0.66 at 0.33 CPU-s a step, 64-wide x 6 blocks 0.61 at 0.60 CPU-s a step
