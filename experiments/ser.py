@@ -145,8 +145,9 @@ CPU_HOUR = {
     # issue 15's "about an hour per arm on CPU" (an arm = its three seeds, so ~20
     # core-minutes a run planned; 23 measured, docs/results.md Part 3): cpu-large's
     # encoder and probes, 5x its optimizer steps (3840 of batch 64) over 30720 images.
-    # A short trial (one thread, online 20-NN on 2000 / 1000 held-out images) chose steps over size: at 400 steps 48-wide x 4 blocks reached
-    # 0.66 at 0.33 CPU-s a step, 64-wide x 6 blocks 0.61 at 0.60 CPU-s a step
+    # A short trial (one thread, online 20-NN on 2000 / 1000 held-out images) chose
+    # steps over size: at 400 steps 48-wide x 4 blocks reached 0.66 at 0.33 CPU-s a
+    # step, 64-wide x 6 blocks 0.61 at 0.60 CPU-s a step
     **CPU_LARGE,
     "pretrain": {**CPU_LARGE["pretrain"], "epochs": 8},
     "pretrain_images": 30720,
