@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from support.ser_tables import tables as arms_tables
+from support.ser_tables import value_at
 from support.studies import mean_std
 
 from equivision.data import get_dataset, photos
@@ -291,15 +292,6 @@ def datasets(args, scale: dict) -> tuple[Any, Any, Any]:
 
 def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
     """Mean and std over seeds of the headline numbers of one configuration."""
-    def get(path: str) -> list[float | None]:
-        vals = []
-        for r in entry["runs"]:
-            v: Any = r
-            for key in path.split("/"):
-                v = v.get(key) if isinstance(v, dict) else None
-            vals.append(v)
-        return vals
-
     keys = {"linear top1": "linear/top1", "linear top5": "linear/top5", "20-NN top1": "knn/top1",
             "MLP top1": "mlp/top1", "corrupt appearance": "corruptions/mean_appearance",
             "corrupt geometric": "corruptions/mean_geometric",
@@ -307,7 +299,8 @@ def summary(entry: dict[str, Any]) -> dict[str, tuple[float | None, float | None
             "20-NN top1 (random init)": "baselines/random_init/knn/top1",
             "linear top1 (raw pixels)": "baselines/raw_pixels/linear/top1",
             "20-NN top1 (raw pixels)": "baselines/raw_pixels/knn/top1"}
-    out = {name: mean_std(get(path)) for name, path in keys.items()}
+    out = {name: mean_std([value_at(r, path) for r in entry["runs"]])
+           for name, path in keys.items()}
     for g in ("rot90", "hflip", "scale"):
         vals = [(r.get("equivariance") or {}).get("centred", {}).get(g, [None])[-1]
                 for r in entry["runs"]]

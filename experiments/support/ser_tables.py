@@ -27,7 +27,7 @@ from scipy import stats as sps
 from support.stats import t_interval
 from support.studies import mean_std
 
-__all__ = ["ARMS", "METRICS", "join", "paired_rows", "tables"]
+__all__ = ["ARMS", "METRICS", "join", "paired_rows", "tables", "value_at"]
 
 #: Arm label suffixes of ``ser.py arms`` (after ``"<method> "``).
 ARMS = {"control": "baseline (lambda=0)", "SER": "SER", "plain": "plain (no T_eq)"}
@@ -43,7 +43,8 @@ PAIRS = (("SER", "control"), ("SER", "plain"), ("plain", "control"))
 GROUPS = ("rot90", "hflip", "scale")
 
 
-def _get(run: dict[str, Any], path: str) -> float | None:
+def value_at(run: dict[str, Any], path: str) -> float | None:
+    """The number at ``path`` (keys joined by ``/``) of a run record, None where absent."""
     v: Any = run
     for key in path.split("/"):
         v = v.get(key) if isinstance(v, dict) else None
@@ -80,8 +81,8 @@ def paired_rows(arms: dict[str, dict[int, dict[str, Any]]], method: str
         seeds = sorted(set(ra) & set(rb))
         for name, path in METRICS.items():
             diffs = [100 * (va - vb) for s in seeds
-                     if (va := _get(ra[s], path)) is not None
-                     and (vb := _get(rb[s], path)) is not None]
+                     if (va := value_at(ra[s], path)) is not None
+                     and (vb := value_at(rb[s], path)) is not None]
             if len(diffs) >= 2:
                 rows.append((f"{a} − {b}", name, diffs, t_interval(diffs)))
     return rows
@@ -101,13 +102,13 @@ def _arm_table(arms: dict[str, dict[int, dict[str, Any]]], method: str) -> list[
         first = first or next(iter(runs.values()))
         cells = []
         for path in METRICS.values():
-            m, sd = mean_std([_get(r, path) for r in runs.values()])
+            m, sd = mean_std([value_at(r, path) for r in runs.values()])
             cells.append("-" if m is None else f"{100 * m:.1f} ± {100 * sd:.1f}")
         lines.append(f"| {key} | {len(runs)} | " + " | ".join(cells) + " |")
     if first is not None:
         for base in ("raw_pixels", "random_init"):
-            lin = _get(first, f"baselines/{base}/linear/top1")
-            knn = _get(first, f"baselines/{base}/knn/top1")
+            lin = value_at(first, f"baselines/{base}/linear/top1")
+            knn = value_at(first, f"baselines/{base}/knn/top1")
             if lin is not None:
                 lines.append(f"| {base.replace('_', ' ')} (baseline) | - | {100 * lin:.1f} | "
                              f"{'-' if knn is None else f'{100 * knn:.1f}'} | - | - |")
@@ -141,8 +142,8 @@ def _equivariance_lines(arms: dict[str, dict[int, dict[str, Any]]], method: str)
     seeds = sorted(set(ser) & set(ctl))
     for where, idx in (("first block", 0), ("last block", -1)):
         for g in GROUPS:
-            d = [_centred(ser[s], g)[idx] - _centred(ctl[s], g)[idx] for s in seeds
-                 if _centred(ser[s], g) and _centred(ctl[s], g)]
+            pairs = [(_centred(ser[s], g), _centred(ctl[s], g)) for s in seeds]
+            d = [a[idx] - b[idx] for a, b in pairs if a and b]
             if not d:
                 continue
             pos, neg = sum(x > 0 for x in d), sum(x < 0 for x in d)

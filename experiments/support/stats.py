@@ -19,6 +19,7 @@ from scipy import stats
 
 from equivision.measure.parts import PARTS
 from equivision.measure.report import METRICS, Report
+from support.studies import mean_std
 
 __all__ = ["Correlation", "rankdata", "pearson", "pearson_test", "spearman", "spearman_test",
            "spearman_by_part", "spearman_by_part_test", "t_interval"]
@@ -181,13 +182,11 @@ def spearman_by_part_test(
 def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
     """(mean, sample std, lower, upper) of the 95% t-interval of the mean of ``values``
     (2 or more; with one value the interval is (-inf, inf))."""
-    xs = [float(v) for v in values if v is not None and not math.isnan(v)]
-    if not xs:
+    m, sd = mean_std(values)
+    if m is None or sd is None:
         raise ValueError("t_interval needs at least one defined value")
-    n = len(xs)
-    m = sum(xs) / n
+    n = sum(v is not None and not math.isnan(v) for v in values)
     if n < 2:
         return m, 0.0, -math.inf, math.inf
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return m, sd, m - half, m + half

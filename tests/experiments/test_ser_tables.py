@@ -22,12 +22,12 @@ def _run(seed: int, linear: float, centred_rot: list[float]) -> dict:
                                               "scale": [0.68, 0.65]}}}}}
 
 
-def _payload(seeds: list[int], shift: float = 0.0) -> dict:
+def _payload(seeds: list[int]) -> dict:
     entries = []
     for arm, gain, rot in (("baseline (lambda=0)", 0.0, 0.4), ("SER", 0.02, 0.7),
                            ("plain (no T_eq)", 0.01, 0.4)):
         entries.append({"label": f"mocov3 {arm}", "runs": [
-            _run(s, 0.7 + gain + shift + 0.001 * s * (arm == "SER"), [rot + 0.01 * s, rot])
+            _run(s, 0.7 + gain + 0.001 * s * (arm == "SER"), [rot + 0.01 * s, rot])
             for s in seeds]})
     return {"entries": entries}
 
