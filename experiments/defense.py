@@ -158,6 +158,8 @@ class Ctx:
         self.models_dir = root / "defense-models" / (tag.lstrip("-") + self.scale_name)
         self._cache: dict[str, Any] = {}
         self.suffix = ""
+        #: output-name suffix of the sweeps (tables 4-6, figure 3) run on ``--tasks``
+        self.sweep_suffix = ""
         #: tasks of ``models`` and ``worstcase`` (``--tasks``); heads trained by ``models``
         self.run_tasks: tuple[str, ...] = ("cls", "seg")
         self.heads = data == "digits"
@@ -301,6 +303,22 @@ def metric(result: RobustnessResult, row: str, defended: bool = True) -> float:
     return 100.0 * m[result.metric]
 
 
+def interval(result: RobustnessResult, row: str, defended: bool = True
+             ) -> list[float] | None:
+    """The 95% interval (in %) of :func:`metric`, None where the result has none."""
+    r = result.row(row)
+    key = "defended" if defended and r.defended is not None else "undefended"
+    lo_hi = r.intervals.get(key, {}).get(result.metric)
+    return None if lo_hi is None or None in lo_hi else [100.0 * v for v in lo_hi]
+
+
+def cell(result: RobustnessResult, row: str, defended: bool = True) -> str:
+    """``value [low, high]`` of :func:`metric` and :func:`interval`, in %."""
+    ci = interval(result, row, defended)
+    value = fmt(metric(result, row, defended))
+    return value if ci is None else f"{value} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
 def bpda_spec(ctx: Ctx, label: str = "BPDA+EOT", sweep: bool = False, check: bool = False,
               **extra: Any) -> dict:
     opts = dict(ctx.scale["sweep_bpda"]) if sweep else dict(
@@ -310,10 +328,10 @@ def bpda_spec(ctx: Ctx, label: str = "BPDA+EOT", sweep: bool = False, check: boo
 
 
 def sweep_note(ctx: Ctx) -> str:
-    b = ctx.scale["sweep_bpda"]
-    return (f"\n\n{ctx.scale['n_sweep']} test images; PGD: {ctx.scale['attack_steps']} steps "
-            f"on the bare model (transferred); BPDA+EOT: {b['steps']} steps, "
-            f"EOT {b['eot_samples']}; defense T = {ctx.scale['defense_steps']}.")
+    b, steps = ctx.scale["sweep_bpda"], ctx.scale["defense_steps"]
+    return (f"\n\n{n_sweep(ctx)} test images (95% intervals in brackets); PGD: "
+            f"{ctx.scale['attack_steps']} steps on the bare model (transferred); BPDA+EOT: "
+            f"{b['steps']} steps, EOT {b['eot_samples']}; defense T = {steps}.")
 
 
 def fmt(v: float | None) -> str:
@@ -361,12 +379,17 @@ def paper_table(ctx: Ctx, task: str) -> dict[str, Any]:
             "metric": ctx.tasks[task]["metric"], "raw": raw}
 
 
+def n_sweep(ctx: Ctx) -> int:
+    """Test images of the sweeps (tables 4-6, figure 3): ``--n`` or the scale's."""
+    return ctx.opts.get("n") or ctx.scale["n_sweep"]
+
+
 def cmd_table4(ctx: Ctx) -> dict[str, Any]:
     out, rows = {}, []
-    for task in ("cls", "seg"):
+    for task in ctx.run_tasks:
         res = run_eval(ctx, task, "Equivariance",
                        [{"name": "pgd", "label": "PGD"}, bpda_spec(ctx, sweep=True)],
-                       n=ctx.scale["n_sweep"], equivariance=True)
+                       n=n_sweep(ctx), equivariance=True)
         out[task] = res.to_dict()
         for row in ("PGD", "BPDA+EOT"):
             eq = res.row(row).equivariance
@@ -386,16 +409,17 @@ def sweep(ctx: Ctx, task: str, configs: dict[str, dict[str, Any]]) -> dict[str, 
     for label, kw in configs.items():
         res = run_eval(ctx, task, "Equivariance",
                        [{"name": "pgd", "label": "PGD"}, bpda_spec(ctx, sweep=True)],
-                       n=ctx.scale["n_sweep"], **kw)
+                       n=n_sweep(ctx), **kw)
         out[label] = {k: metric(res, k) for k in ("clean", "PGD", "BPDA+EOT")}
+        out[label]["intervals"] = {k: interval(res, k) for k in ("clean", "PGD", "BPDA+EOT")}
         out[label]["seconds"] = res.seconds
-        rows.append([label] + [fmt(out[label][k]) for k in ("clean", "PGD", "BPDA+EOT")])
+        rows.append([label] + [cell(res, k) for k in ("clean", "PGD", "BPDA+EOT")])
     return {"results": out, "rows": rows}
 
 
 def cmd_table5(ctx: Ctx) -> dict[str, Any]:
     out, md = {}, []
-    for task in ("cls", "seg"):
+    for task in ctx.run_tasks:
         s = sweep(ctx, task, {k: {"transforms": _transforms(task, v)}
                               for k, v in SUBSETS.items()})
         out[task] = s["results"]
@@ -406,15 +430,14 @@ def cmd_table5(ctx: Ctx) -> dict[str, Any]:
 
 def cmd_table6(ctx: Ctx) -> dict[str, Any]:
     out, md = {}, []
-    for task in ("cls", "seg"):
-        base = run_eval(ctx, task, None, [{"name": "pgd", "label": "PGD"}],
-                        n=ctx.scale["n_sweep"])
+    for task in ctx.run_tasks:
+        base = run_eval(ctx, task, None, [{"name": "pgd", "label": "PGD"}], n=n_sweep(ctx))
         configs = {f"{r:g} eps": {"eps_v": r * ctx.eps(task)} for r in ctx.scale["eps_v_ratios"]}
         s = sweep(ctx, task, configs)
         zero = {"clean": metric(base, "clean"), "PGD": metric(base, "PGD"),
                 "BPDA+EOT": metric(base, "PGD")}
         out[task] = {"0 (no defense)": zero, **s["results"]}
-        rows = [["0 (no defense)"] + [fmt(zero[k]) for k in ("clean", "PGD", "BPDA+EOT")]]
+        rows = [["0 (no defense)"] + [cell(base, k) for k in ("clean", "PGD", "PGD")]]
         md.append(f"**{task}** ({ctx.tasks[task]['metric']} %, eps = {ctx.eps(task):.4f}; "
                   "no defense: BPDA+EOT = white-box PGD)\n\n"
                   + md_table(["eps_v", "clean", "PGD", "BPDA+EOT"], rows + s["rows"]))
@@ -428,8 +451,9 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     out, md = {}, []
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, task in zip(axes, ("cls", "seg")):
+    fig, axes = plt.subplots(1, len(ctx.run_tasks), figsize=(4 * len(ctx.run_tasks), 3.2),
+                             squeeze=False)
+    for ax, task in zip(axes[0], ctx.run_tasks):
         configs = {f"K={k}": {"transforms": _transforms(task, K_ORDER[:k])}
                    for k in ctx.scale["ks"]}
         s = sweep(ctx, task, configs)
@@ -442,8 +466,8 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("number of transformations K")
         ax.set_ylabel(f"{ctx.tasks[task]['metric']} (%)")
-        ax.set_title({"cls": "digits (cnn-small)", "seg": "scenes (segmenter)"}[task])
-    axes[0].legend()
+        ax.set_title(f"{ctx.tasks[task]['dataset']} ({ctx.tasks[task]['model']})")
+    axes[0][0].legend()
     fig.tight_layout()
     ctx.out.mkdir(parents=True, exist_ok=True)
     png = ctx.out / "fig3.png"
@@ -594,6 +618,10 @@ COMMANDS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
 }
 
 
+#: the sweeps over defense settings; ``--tasks`` and ``--n`` apply to them
+SWEEPS = ("table4", "table5", "table6", "fig3")
+
+
 def run_command(ctx: Ctx, name: str) -> float:
     """Run one sub-command, write its JSON and Markdown; returns its wall time (s)."""
     t0 = time.perf_counter()
@@ -603,7 +631,8 @@ def run_command(ctx: Ctx, name: str) -> float:
                   settings={"scale": {k: v for k, v in ctx.scale.items()}, "tasks": ctx.tasks,
                             "data": ctx.data_name})
     ctx.out.mkdir(parents=True, exist_ok=True)
-    stem = name + (ctx.suffix if name == "checks" else "")
+    stem = name + (ctx.suffix if name == "checks" else
+                   ctx.sweep_suffix if name in SWEEPS else "")
     write_atomic(ctx.out / f"{stem}.json", json.dumps(result, indent=1, default=str))
     md = f"## {stem} ({ctx.scale_name}, {seconds:.0f} s)\n\n{result['markdown']}\n"
     write_atomic(ctx.out / f"{stem}.md", md)
@@ -664,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument(f"--{flag}", type=int, default=None,
                             help=f"'worstcase': images of the {flag.replace('-n', '')} "
                             "evaluation" if flag != "n" else "'worstcase': cascade images "
-                            "of the defenses")
+                            "of the defenses; table4-6 / fig3: test images (default: the "
+                            "scale's n_sweep)")
     parser.add_argument("--offset", type=int, default=0,
                         help="'worstcase': first cascade image (run slices of the images in "
                         "parallel processes; their parts are joined in the report)")
@@ -674,7 +704,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-heads", action="store_true",
                         help="'models': skip the rotation / contrastive heads")
     parser.add_argument("--tasks", default=None,
-                        help="comma-separated tasks of 'models' and 'worstcase' (cls, seg)")
+                        help="comma-separated tasks of 'models', 'worstcase' and the sweeps "
+                        "table4-6 / fig3 (cls, seg); a sweep's results then go to "
+                        "<command>-<tasks>.json/.md")
     parser.add_argument("--check-tasks", default=None,
                         help="comma-separated tasks of 'checks' (cls, seg; default: the "
                         "scale's); results then go to checks-<tasks>.json/.md")
@@ -684,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ctx = Ctx(args.quick, Path(args.runs), args.data)
     if args.tasks:
         ctx.run_tasks = _task_list(parser, args.tasks, "--tasks")
+        ctx.sweep_suffix = "-" + "-".join(ctx.run_tasks)
     _worst_options(parser, args, ctx)
     ctx.heads = ctx.heads and not args.no_heads
     if args.seeds:

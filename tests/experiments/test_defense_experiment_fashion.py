@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
+import defense
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,26 @@ def test_throughput_rows(tmp_path: Path) -> None:
     assert [(r["T"], r["batch"]) for r in res["results"]] == [(2, 1), (2, 4)]
     assert all(r["predict"] > 0 for r in res["results"])
     assert "| 2 | 4 |" in res["markdown"]
+
+
+def test_sweep_runs_on_the_chosen_tasks_with_intervals(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """table5 with ``--tasks cls --n 4``: only the classifier, 4 images, every cell with its
+    95% interval, written to table5-cls.json (not over a both-task table5.json)."""
+    _write_idx(tmp_path / "data" / "fashion-mnist", {"train": 20, "test": 10})
+    monkeypatch.setenv("EQUIVISION_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(defense, "FASHION_CLS", {
+        **defense.FASHION_CLS, "epochs": 1, "model_kwargs": dict(padding=1, width=4)})
+    main(["table5", "--quick", "--data", "fashion-mnist", "--tasks", "cls", "--n", "4",
+          "--threads", "1", "--runs", str(tmp_path / "runs")])
+    out = tmp_path / "runs" / "defense-fashion-quick"
+    assert not (out / "table5.json").exists()
+    res = json.loads((out / "table5-cls.json").read_text())["results"]
+    assert set(res) == {"cls"} and set(res["cls"]) == set(defense.SUBSETS)
+    for row in res["cls"].values():
+        for key in ("clean", "PGD", "BPDA+EOT"):
+            lo, hi = row["intervals"][key]
+            assert 0.0 <= lo <= row[key] <= hi <= 100.0
+            assert hi - lo > 20.0  # 4 images cannot pin an accuracy down
+    md = (out / "table5-cls.md").read_text()
+    assert "\n4 test images" in md and "**seg**" not in md
