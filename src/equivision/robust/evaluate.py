@@ -20,31 +20,11 @@ API
   :func:`~equivision.robust.registry.build_defense`) or a
   :class:`~equivision.robust.defenses.Defense` wrapping ``model``.
 
-The result (:mod:`equivision.robust.results`) has one row for the clean images and one
-per attack. Each row holds
-
-* ``undefended``: the task metric of the bare model on the row's images
-  (``{"accuracy"}`` for classifiers, ``{"miou", "pixel_accuracy"}`` for segmenters,
-  from the confusion summed over all images, ``ignore_index`` pixels left out; segmenters also
-  get ``mean_image_miou``, the mean of the per-image mIoU);
-* ``defended``: the metric of the defended prediction ``model(purify(x))``, worst case over
-  ``repeats`` draws of a randomized defense (per image the draw with the lowest
-  :func:`~equivision.metrics.per_image_score`: an image counts as correct only if
-  every draw is correct; for segmentation the confusion of each image's worst draw is
-  accumulated), and ``defended_single`` (the first draw only);
-* ``attack_target``: ``"model"`` when the adversarial images were generated on the bare
-  model and transferred (the paper's "standard" attacks: fgsm, ifgsm, pgd, mim, cw,
-  houdini) or ``"defense"`` when the defense was in the loop (bpda, bpda-eot, full,
-  adaptive); without a defense it is always ``"model"``;
-* ``equivariance``: the mean :func:`~equivision.robust.defenses.equivariance_score` of the
-  clean, attacked and restored (purified attacked) images (paper Table 4), with the
-  defense's transforms, feature layer and pairing when it has them, else the default
-  transforms on the config's ``feature_layer``;
-* ``seconds``: time spent on the row (attack + defended predictions + scores; the
-  slowest process under ``torch.distributed``);
-* ``intervals``: 95% confidence intervals ``{key: {metric: [low, high]}}`` of every metric
-  (Wilson for accuracies, the bootstrap over images for segmentation figures;
-  :mod:`equivision.robust.intervals`).
+The result (:class:`~equivision.robust.results.RobustnessResult`) has one row for the
+clean images and one per attack; :mod:`equivision.robust.results` says what each row
+holds (undefended and defended metrics, the attack target, equivariance scores, time and
+95% intervals) and what the result holds beyond the rows (the per-image worst case, the
+per-image scores, the automatic checks).
 
 ``config.ensemble`` (``"standard"``, ``"rand"``, ``"seg"`` or ``"auto"``: ``seg`` for a
 segmenter, ``rand`` for a randomized defense, else ``standard``) adds the row
@@ -52,17 +32,6 @@ segmenter, ``rand`` for a randomized defense, else ``standard``) adds the row
 (:class:`~equivision.robust.ensemble.AutoAttackEnsemble`; through a defense with BPDA and
 EOT) with ``steps`` APGD iterations and ``ensemble_queries`` Square queries. The spec
 ``"autoattack"`` adds it as any other attack.
-
-Beyond the rows the result holds
-
-* ``worst_case``: the **per-image worst case over the attack rows** (a row
-  :data:`~equivision.robust.per_image.WORST_CASE`): an image counts as robust only if it
-  survives every attack and, defended, every repeat
-  (:class:`~equivision.robust.per_image.PerImageResults`); None without attacks;
-* ``per_image``: the per-image scores of every row, written by
-  :meth:`RobustnessResult.save_per_image` as JSON or CSV;
-* ``checks``: the automatic checks (:mod:`equivision.robust.evaluation_checks`, level
-  ``config.checks``), printed with their meaning by :meth:`RobustnessResult.report`.
 
 Sharding and seeding
 --------------------

@@ -27,13 +27,6 @@ The result has one row for the clean images and one per attack. Each row holds
   (Wilson for accuracies, the bootstrap over images for segmentation figures;
   :mod:`equivision.robust.intervals`).
 
-``config.ensemble`` (``"standard"``, ``"rand"``, ``"seg"`` or ``"auto"``: ``seg`` for a
-segmenter, ``rand`` for a randomized defense, else ``standard``) adds the row
-``autoattack-<version>``: the AutoAttack-style ensemble
-(:class:`~equivision.robust.ensemble.AutoAttackEnsemble`; through a defense with BPDA and
-EOT) with ``steps`` APGD iterations and ``ensemble_queries`` Square queries. The spec
-``"autoattack"`` adds it as any other attack.
-
 Beyond the rows the result holds
 
 * ``worst_case``: the **per-image worst case over the attack rows** (a row
