@@ -470,7 +470,7 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
     axes[0][0].legend()
     fig.tight_layout()
     ctx.out.mkdir(parents=True, exist_ok=True)
-    png = ctx.out / "fig3.png"
+    png = ctx.out / f"fig3{ctx.sweep_suffix}.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return {"results": out, "markdown": "\n\n".join(md) + sweep_note(ctx)
