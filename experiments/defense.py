@@ -158,8 +158,6 @@ class Ctx:
         self.models_dir = root / "defense-models" / (tag.lstrip("-") + self.scale_name)
         self._cache: dict[str, Any] = {}
         self.suffix = ""
-        #: output-name suffix of the sweeps (tables 4-6, figure 3) run on ``--tasks``
-        self.sweep_suffix = ""
         #: tasks of ``models`` and ``worstcase`` (``--tasks``); heads trained by ``models``
         self.run_tasks: tuple[str, ...] = ("cls", "seg")
         self.heads = data == "digits"
@@ -379,6 +377,12 @@ def paper_table(ctx: Ctx, task: str) -> dict[str, Any]:
             "metric": ctx.tasks[task]["metric"], "raw": raw}
 
 
+def sweep_suffix(ctx: Ctx) -> str:
+    """Output-name suffix of a sweep run on a subset of the tasks (``--tasks``), so that it
+    does not overwrite a run on all of them: ``"-cls"``; ``""`` on every task."""
+    return "" if set(ctx.run_tasks) == set(TASKS) else "-" + "-".join(ctx.run_tasks)
+
+
 def n_sweep(ctx: Ctx) -> int:
     """Test images of the sweeps (tables 4-6, figure 3): ``--n`` or the scale's."""
     return ctx.opts.get("n") or ctx.scale["n_sweep"]
@@ -470,7 +474,7 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
     axes[0][0].legend()
     fig.tight_layout()
     ctx.out.mkdir(parents=True, exist_ok=True)
-    png = ctx.out / f"fig3{ctx.sweep_suffix}.png"
+    png = ctx.out / f"fig3{sweep_suffix(ctx)}.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return {"results": out, "markdown": "\n\n".join(md) + sweep_note(ctx)
@@ -632,7 +636,7 @@ def run_command(ctx: Ctx, name: str) -> float:
                             "data": ctx.data_name})
     ctx.out.mkdir(parents=True, exist_ok=True)
     stem = name + (ctx.suffix if name == "checks" else
-                   ctx.sweep_suffix if name in SWEEPS else "")
+                   sweep_suffix(ctx) if name in SWEEPS else "")
     write_atomic(ctx.out / f"{stem}.json", json.dumps(result, indent=1, default=str))
     md = f"## {stem} ({ctx.scale_name}, {seconds:.0f} s)\n\n{result['markdown']}\n"
     write_atomic(ctx.out / f"{stem}.md", md)
@@ -716,7 +720,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ctx = Ctx(args.quick, Path(args.runs), args.data)
     if args.tasks:
         ctx.run_tasks = _task_list(parser, args.tasks, "--tasks")
-        ctx.sweep_suffix = "-" + "-".join(ctx.run_tasks)
     _worst_options(parser, args, ctx)
     ctx.heads = ctx.heads and not args.no_heads
     if args.seeds:
