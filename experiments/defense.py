@@ -54,7 +54,13 @@ import torch
 from support.defense_throughput import throughput
 from support.view_augment import ViewAugment
 from support.worstcase import COLUMNS as WORST_COLUMNS
-from support.worstcase import WORST_FULL, WORST_QUICK, worstcase, worstcase_markdown
+from support.worstcase import (
+    DEFAULT_COLUMNS,
+    WORST_FULL,
+    WORST_QUICK,
+    worstcase,
+    worstcase_markdown,
+)
 from torch import nn
 
 from equivision.data import ImageDataset, get_dataset
@@ -565,7 +571,7 @@ def cmd_worstcase(ctx: Ctx) -> dict[str, Any]:
           "defense_steps": ctx.opts.get("defense_steps") or ctx.scale["defense_steps"]}
     st.update({k: ctx.opts[k] for k in ("n", "clean_n", "undefended_n", "offset",
                                         "report_only") if ctx.opts.get(k)})
-    columns = ctx.opts.get("columns") or tuple(WORST_COLUMNS)
+    columns = ctx.opts.get("columns") or DEFAULT_COLUMNS
     out: dict[str, Any] = {}
     for task in ctx.run_tasks:
         cols = [c for c in columns if task == "cls" or c in ("Vanilla", "Equivariance",
@@ -688,7 +694,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="comma-separated model seeds of 'models' and 'worstcase' "
                         "(default: the task's; fashion-mnist 0,1,2)")
     parser.add_argument("--columns", default=None,
-                        help=f"comma-separated columns of 'worstcase' ({', '.join(WORST_COLUMNS)})")
+                        help=f"comma-separated columns of 'worstcase' ({', '.join(WORST_COLUMNS)}; "
+                        f"default {','.join(DEFAULT_COLUMNS)}; Rotation and Contrastive "
+                        "train their heads on first use)")
     parser.add_argument("--attack-size", choices=("full", "quick"), default=None,
                         help="attack budget of 'worstcase' (default: the scale's)")
     parser.add_argument("--defense-steps", type=int, default=None,

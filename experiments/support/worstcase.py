@@ -10,10 +10,10 @@ Stages, in order (each attacks only the images still not fooled):
 * Vanilla: APGD-CE (``apgd_steps``), APGD-T (classification, ``n_targets``) or APGD with
   the SegPGD loss (segmentation), Square (classification, ``queries``): the AutoAttack
   ensemble;
-* a defense: the adaptive attack swept over ``lambdas`` (defenses with an equivariance
-  or invariance loss), BPDA+EOT (``bpda_steps`` x ``eot`` draws), then APGD-CE through
-  BPDA with the same draws as a convergence stage: if it still breaks images, the
-  attacks before it had not converged.
+* a defense: the adaptive attack swept over ``lambdas`` (every purifier: its own
+  equivariance, invariance or head loss; not the random-noise baseline), BPDA+EOT
+  (``bpda_steps`` x ``eot`` draws), then APGD-CE through BPDA with the same draws as a
+  convergence stage: if it still breaks images, the attacks before it had not converged.
 
 Scores are the minimum over ``repeats`` seeded defended predictions (draws seeded apart
 from the attacks'). ``ctx`` is ``defense.Ctx``.
@@ -36,8 +36,8 @@ from equivision.robust.registry import build_attack, build_defense, parse_attack
 
 from .cascade import Stage, clean_draws, run_cascade, sweep_stage
 
-__all__ = ["WORST_FULL", "WORST_QUICK", "build_stages", "load_parts", "merge_parts",
-           "paired_counts", "paired_markdown", "worstcase", "worstcase_markdown"]
+__all__ = ["DEFAULT_COLUMNS", "WORST_FULL", "WORST_QUICK", "build_stages", "load_parts",
+           "merge_parts", "paired_counts", "paired_markdown", "worstcase", "worstcase_markdown"]
 
 WORST_FULL = dict(n=64, clean_n=500, undefended_n=500, steps=20, bpda_steps=50, eot=8,
                   lambdas=(0.0, 1.0, 10.0, 100.0, 1000.0), repeats=4, apgd_steps=100,
@@ -45,8 +45,12 @@ WORST_FULL = dict(n=64, clean_n=500, undefended_n=500, steps=20, bpda_steps=50, 
 WORST_QUICK = dict(n=4, clean_n=6, undefended_n=6, steps=2, bpda_steps=2, eot=2,
                    lambdas=(0.0, 10.0), repeats=2, apgd_steps=2, n_targets=2, queries=8,
                    block=4)
-COLUMNS = {"Vanilla": None, "Random": "random", "Invariance": "invariance",
+COLUMNS = {"Vanilla": None, "Random": "random", "Rotation": "rotation",
+           "Contrastive": "contrastive", "Invariance": "invariance",
            "Equivariance": "equivariance"}
+#: the columns run when none are named: those without a trained head (the Rotation and
+#: Contrastive columns train theirs on first use, ``defense.Ctx.head``)
+DEFAULT_COLUMNS = ("Vanilla", "Random", "Invariance", "Equivariance")
 EVAL_SEED = 7
 
 
@@ -80,7 +84,7 @@ def build_stages(task: str, model: nn.Module, defense: nn.Module | None, eps: fl
                      {"name": "square", "label": "Square", "queries": st["queries"]}]
         return stages + [_stage(s, model, None, eps, 200 + i) for i, s in enumerate(more)]
     lam = "/".join(f"{v:g}" for v in st["lambdas"])
-    if kind in ("equivariance", "invariance"):
+    if kind != "random":  # every purifier has a loss the attack can fool
         stages.append((f"Adaptive ({lam})", sweep_stage(
             defense, eps, st["lambdas"], steps=st["steps"], seed=300)))
     stages.append(_stage({"name": "bpda-eot", "label": f"BPDA+EOT {st['bpda_steps']}x{st['eot']}",
@@ -123,8 +127,11 @@ def _column(ctx: Any, task: str, seed: int, col: str, st: dict[str, Any],
     kind = COLUMNS[col]
     defense = None
     if kind is not None:
+        # a head defense reads its head's own layer; the others read the task's
+        where = dict(head=ctx.head(task, kind)) if kind in ("rotation", "contrastive") else \
+            dict(feature_layer=t["feature_layer"])
         defense = build_defense(kind, model, eps_v=ctx.eps_v(task), steps=st["defense_steps"],
-                                feature_layer=t["feature_layer"])
+                                **where)
     seg = task == "seg"
     x, y = data
     system = defense if defense is not None else model

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from equivision.data import ImageDataset
 from equivision.models import create_model
-from equivision.robust.registry import build_defense
+from equivision.robust import train_contrastive_head, train_rotation_head
+from equivision.robust.registry import build_defense, save_head
 
 
 def test_segmentation_interval_is_the_library_bootstrap_of_the_mean() -> None:
@@ -138,6 +139,33 @@ def test_stages_of_each_column() -> None:
     rnd = build_defense("random", model, eps_v=0.15, steps=1)
     assert not any(n.startswith("Adaptive") for n, _ in
                    build_stages("cls", model, rnd, 0.1, st, "random"))
+
+
+class _HeadCtx(_Ctx):
+    """A context whose heads are trained on first use, as ``defense.Ctx.head`` does."""
+
+    def head(self, task: str, kind: str) -> Path:
+        path = self.out / f"{task}-{kind}-head.pt"
+        if not path.exists():
+            trainer = train_rotation_head if kind == "rotation" else train_contrastive_head
+            save_head(path, trainer(self._model, "features.relu3", self._data, epochs=1),
+                      "features.relu3")
+        return path
+
+
+def test_head_columns_are_attacked_through_their_own_loss(tmp_path: Path) -> None:
+    model, data = _tiny()
+    ctx = _HeadCtx(model, data, tmp_path)
+    st = {**WORST_QUICK, "defense_steps": 1, "n": 2, "clean_n": 2, "undefended_n": 2}
+    out = worstcase(ctx, st, (0,), ("Rotation", "Contrastive"), ("cls",))["cls-seed0"]
+    assert list(out) == ["Rotation", "Contrastive"]
+    for col in out.values():
+        stages = col["cascade"]["stages"]
+        # the adaptive sweep attacks the head's loss; the noise baseline has none to attack
+        assert any(s.startswith("Adaptive") for s in stages)
+        assert len(col["cascade"]["records"]) == 2
+    assert (tmp_path / "cls-rotation-head.pt").exists()
+    assert (tmp_path / "cls-contrastive-head.pt").exists()
 
 
 def test_worstcase_writes_per_image_results_and_resumes(tmp_path: Path) -> None:
