@@ -242,8 +242,12 @@ def train_head(ctx: Ctx, task: str, kind: str, path: Path) -> None:
     layer = ctx.tasks[task]["head_layer"]
     data = _subset(ctx.data(task, "train"), ctx.scale["head_images"])
     trainer = train_rotation_head if kind == "rotation" else train_contrastive_head
+    t0 = time.perf_counter()
     head = trainer(model, layer, data, epochs=ctx.scale["head_epochs"], seed=0)
     save_head(path, head, layer)
+    # the head's training record (rotation: loss and accuracy per epoch; contrastive: loss)
+    print(f"  {task} {kind} head on {layer}, {len(data)} images, "
+          f"{time.perf_counter() - t0:.0f} s: {getattr(head, 'history', None)}", flush=True)
 
 
 def model_seeds(ctx: Ctx, task: str) -> tuple[int, ...]:
