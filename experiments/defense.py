@@ -417,9 +417,14 @@ def _transforms(task: str, idx: Sequence[int]) -> list:
     return [gs[i] for i in idx]
 
 
-def sweep(ctx: Ctx, task: str, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Equivariance defense under each config: clean, PGD (transfer) and the sweep BPDA."""
+def sweep(ctx: Ctx, task: str, configs: dict[str, dict[str, Any]], command: str
+          ) -> dict[str, Any]:
+    """Equivariance defense under each config: clean, PGD (transfer) and the sweep BPDA.
+
+    Each finished config is written at once to ``<command>-<task>-partial.json``
+    (a long sweep stopped early keeps the configs it finished)."""
     out, rows = {}, []
+    partial = ctx.out / f"{command}-{task}-partial.json"
     for label, kw in configs.items():
         res = run_eval(ctx, task, "Equivariance",
                        [{"name": "pgd", "label": "PGD"}, bpda_spec(ctx, sweep=True)],
@@ -428,6 +433,9 @@ def sweep(ctx: Ctx, task: str, configs: dict[str, dict[str, Any]]) -> dict[str, 
         out[label]["intervals"] = {k: interval(res, k) for k in ("clean", "PGD", "BPDA+EOT")}
         out[label]["seconds"] = res.seconds
         rows.append([label] + [cell(res, k) for k in ("clean", "PGD", "BPDA+EOT")])
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(partial, json.dumps({"results": out, "rows": rows}, indent=1,
+                                         default=str))
     return {"results": out, "rows": rows}
 
 
@@ -435,7 +443,7 @@ def cmd_table5(ctx: Ctx) -> dict[str, Any]:
     out, md = {}, []
     for task in ctx.run_tasks:
         s = sweep(ctx, task, {k: {"transforms": _transforms(task, v)}
-                              for k, v in SUBSETS.items()})
+                              for k, v in SUBSETS.items()}, "table5")
         out[task] = s["results"]
         md.append(f"**{task}** ({ctx.tasks[task]['metric']} %)\n\n"
                   + md_table(["transforms", "clean", "PGD", "BPDA+EOT"], s["rows"]))
@@ -447,7 +455,7 @@ def cmd_table6(ctx: Ctx) -> dict[str, Any]:
     for task in ctx.run_tasks:
         base = run_eval(ctx, task, None, [{"name": "pgd", "label": "PGD"}], n=n_sweep(ctx))
         configs = {f"{r:g} eps": {"eps_v": r * ctx.eps(task)} for r in ctx.scale["eps_v_ratios"]}
-        s = sweep(ctx, task, configs)
+        s = sweep(ctx, task, configs, "table6")
         zero = {"clean": metric(base, "clean"), "PGD": metric(base, "PGD"),
                 "BPDA+EOT": metric(base, "PGD")}
         out[task] = {"0 (no defense)": zero, **s["results"]}
@@ -470,7 +478,7 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
     for ax, task in zip(axes[0], ctx.run_tasks):
         configs = {f"K={k}": {"transforms": _transforms(task, K_ORDER[:k])}
                    for k in ctx.scale["ks"]}
-        s = sweep(ctx, task, configs)
+        s = sweep(ctx, task, configs, "fig3")
         out[task] = s["results"]
         md.append(f"**{task}** ({ctx.tasks[task]['metric']} %)\n\n"
                   + md_table(["K", "clean", "PGD", "BPDA+EOT"], s["rows"]))

@@ -105,3 +105,6 @@ def test_sweep_runs_on_the_chosen_tasks_with_intervals(tmp_path: Path,
             assert hi - lo > 20.0  # 4 images cannot pin an accuracy down
     md = (out / "table5-cls.md").read_text()
     assert "\n4 test images" in md and "**seg**" not in md
+    # every finished config was saved as it finished: the last partial file holds them all
+    partial = json.loads((out / "table5-cls-partial.json").read_text())
+    assert partial["results"] == res["cls"]
