@@ -282,9 +282,10 @@ def cmd_models(ctx: Ctx) -> dict[str, Any]:
 
 def run_eval(ctx: Ctx, task: str, column: str | None, attacks: Sequence[Any],
              n: int | None = None, equivariance: bool = False, repeats: int = 1,
-             eps: float | None = None, dataset: Any = None,
+             eps: float | None = None, dataset: Any = None, checks: str = "all",
              **defense_kwargs: Any) -> RobustnessResult:
-    """One :func:`evaluate_robustness` call with this scale's settings."""
+    """One :func:`evaluate_robustness` call with this scale's settings (``checks``: the
+    level of its automatic checks)."""
     model = ctx.model(task)
     name = DEFENSE_NAMES.get(column, column) if column else None
     kw: dict[str, Any] = dict(eps_v=ctx.eps_v(task), steps=ctx.scale["defense_steps"])
@@ -297,7 +298,7 @@ def run_eval(ctx: Ctx, task: str, column: str | None, attacks: Sequence[Any],
         eps=ctx.eps(task) if eps is None else eps, steps=ctx.scale["attack_steps"],
         eot_samples=ctx.scale["eot"], lambdas=ctx.scale["lambdas"], repeats=repeats,
         max_images=ctx.scale["n"] if n is None else n, batch_size=32, seed=0,
-        equivariance=equivariance, defense_kwargs=kw if name else None)
+        equivariance=equivariance, defense_kwargs=kw if name else None, checks=checks)
     return evaluate_robustness(
         model, dataset if dataset is not None else ctx.data(task, "test"), list(attacks),
         name, config)
@@ -405,10 +406,21 @@ def cmd_table4(ctx: Ctx) -> dict[str, Any]:
                        n=n_sweep(ctx), equivariance=True)
         out[task] = res.to_dict()
         for row in ("PGD", "BPDA+EOT"):
-            eq = res.row(row).equivariance
-            rows.append([task, row, *(f"{eq[k]:.3f}" for k in ("clean", "attacked", "restored"))])
-    md = md_table(["task", "attack", "clean", "attacked", "restored"], rows)
-    return {"results": out, "markdown": md + sweep_note(ctx)}
+            r = res.row(row)
+            rows.append([task, row, *(_eq_cell(r.equivariance[k], r.intervals["equivariance"][k])
+                                      for k in TABLE4_COLUMNS)])
+    md = md_table(["task", "attack", *TABLE4_COLUMNS], rows)
+    note = ("\n\nMean equivariance score [95 % bootstrap interval over images]; the last two "
+            "columns are the paired per-image changes.")
+    return {"results": out, "markdown": md + note + sweep_note(ctx)}
+
+
+#: Table 4's columns: the mean scores, then the paired per-image changes
+TABLE4_COLUMNS = ("clean", "attacked", "restored", "attacked - clean", "restored - attacked")
+
+
+def _eq_cell(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _transforms(task: str, idx: Sequence[int]) -> list:
@@ -420,22 +432,44 @@ def sweep(ctx: Ctx, task: str, configs: dict[str, dict[str, Any]], command: str
           ) -> dict[str, Any]:
     """Equivariance defense under each config: clean, PGD (transfer) and the sweep BPDA.
 
-    Each finished config is written at once to ``<command>-<task>-partial.json``
-    (a long sweep stopped early keeps the configs it finished)."""
+    The automatic checks run at level ``--sweep-checks``: ``first`` (default) runs all of
+    them on the first config and the cheap ones (randomness, gradients, results) on the
+    others, whose attack curves (eps growth, doubled steps) would cost about three times
+    the config itself; ``every`` runs all of them on every config. Each config keeps its
+    checks in the JSON. Each finished config is written at once to
+    ``<command>-<task>-partial.json`` (a long sweep stopped early keeps the configs it
+    finished)."""
     out, rows = {}, []
     partial = ctx.out / f"{command}-{task}-partial.json"
-    for label, kw in configs.items():
+    for i, (label, kw) in enumerate(configs.items()):
+        level = "all" if i == 0 or ctx.opts.get("sweep_checks") == "every" else "basic"
         res = run_eval(ctx, task, "Equivariance",
                        [{"name": "pgd", "label": "PGD"}, bpda_spec(ctx, sweep=True)],
-                       n=n_sweep(ctx), **kw)
+                       n=n_sweep(ctx), checks=level, **kw)
         out[label] = {k: metric(res, k) for k in ("clean", "PGD", "BPDA+EOT")}
         out[label]["intervals"] = {k: interval(res, k) for k in ("clean", "PGD", "BPDA+EOT")}
         out[label]["seconds"] = res.seconds
+        out[label]["checks"] = {"level": level, "results": res.to_dict()["checks"]}
+        raised = [c.name for c in res.checks if c.flagged]
+        print(f"  {command} {task} {label}: {res.seconds:.0f}s, checks ({level}) "
+              f"{'flagged ' + ', '.join(raised) if raised else 'none flagged'}", flush=True)
         rows.append([label] + [cell(res, k) for k in ("clean", "PGD", "BPDA+EOT")])
         ctx.out.mkdir(parents=True, exist_ok=True)
         write_atomic(partial, json.dumps({"results": out, "rows": rows}, indent=1,
                                          default=str))
-    return {"results": out, "rows": rows}
+    return {"results": out, "rows": rows, "note": _checks_note(out)}
+
+
+def _checks_note(results: dict[str, dict[str, Any]]) -> str:
+    """One line on a sweep's automatic checks: where they ran and which were flagged."""
+    flagged = [f"{label}: {c['name']}" for label, r in results.items()
+               for c in r["checks"]["results"] if c["flagged"]]
+    levels = {label: r["checks"]["level"] for label, r in results.items()}
+    where = ("all checks on every config" if set(levels.values()) == {"all"} else
+             f"all checks on {next(iter(levels))}, the cheap ones on the others")
+    return (f"Automatic checks ({where}): "
+            + ("; ".join(flagged) + " flagged (see the JSON)" if flagged else "none flagged")
+            + ".")
 
 
 def cmd_table5(ctx: Ctx) -> dict[str, Any]:
@@ -445,7 +479,8 @@ def cmd_table5(ctx: Ctx) -> dict[str, Any]:
                               for k, v in SUBSETS.items()}, "table5")
         out[task] = s["results"]
         md.append(f"**{task}** ({ctx.tasks[task]['metric']} %)\n\n"
-                  + md_table(["transforms", "clean", "PGD", "BPDA+EOT"], s["rows"]))
+                  + md_table(["transforms", "clean", "PGD", "BPDA+EOT"], s["rows"])
+                  + "\n\n" + s["note"])
     return {"results": out, "markdown": "\n\n".join(md) + sweep_note(ctx)}
 
 
@@ -461,7 +496,8 @@ def cmd_table6(ctx: Ctx) -> dict[str, Any]:
         rows = [["0 (no defense)"] + [cell(base, k) for k in ("clean", "PGD", "PGD")]]
         md.append(f"**{task}** ({ctx.tasks[task]['metric']} %, eps = {ctx.eps(task):.4f}; "
                   "no defense: BPDA+EOT = white-box PGD)\n\n"
-                  + md_table(["eps_v", "clean", "PGD", "BPDA+EOT"], rows + s["rows"]))
+                  + md_table(["eps_v", "clean", "PGD", "BPDA+EOT"], rows + s["rows"])
+                  + "\n\n" + s["note"])
     return {"results": out, "markdown": "\n\n".join(md) + sweep_note(ctx)}
 
 
@@ -480,7 +516,7 @@ def cmd_fig3(ctx: Ctx) -> dict[str, Any]:
         s = sweep(ctx, task, configs, "fig3")
         out[task] = s["results"]
         md.append(f"**{task}** ({ctx.tasks[task]['metric']} %)\n\n"
-                  + md_table(["K", "clean", "PGD", "BPDA+EOT"], s["rows"]))
+                  + md_table(["K", "clean", "PGD", "BPDA+EOT"], s["rows"]) + "\n\n" + s["note"])
         ks = list(ctx.scale["ks"])
         for key in ("clean", "PGD", "BPDA+EOT"):
             ax.plot(ks, [s["results"][f"K={k}"][key] for k in ks], marker="o", label=key)
@@ -688,7 +724,8 @@ def _worst_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ct
         ctx.opts["attack_size"] = args.attack_size
     if args.offset < 0:
         parser.error(f"--offset must be >= 0, got {args.offset}")
-    ctx.opts.update(offset=args.offset, report_only=args.report_only)
+    ctx.opts.update(offset=args.offset, report_only=args.report_only,
+                    sweep_checks=args.sweep_checks)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -730,6 +767,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="comma-separated tasks of 'models', 'worstcase' and the sweeps "
                         "table4-6 / fig3 (cls, seg); a sweep's results then go to "
                         "<command>-<tasks>.json/.md")
+    parser.add_argument("--sweep-checks", choices=("first", "every"), default="first",
+                        help="table5/6 / fig3: run the automatic checks' attack curves on "
+                        "the first config only (default; the others get the cheap checks) "
+                        "or on every config (about 4x the time)")
     parser.add_argument("--check-tasks", default=None,
                         help="comma-separated tasks of 'checks' (cls, seg; default: the "
                         "scale's); results then go to checks-<tasks>.json/.md")

@@ -108,3 +108,28 @@ def test_sweep_runs_on_the_chosen_tasks_with_intervals(tmp_path: Path,
     # every finished config was saved as it finished: the last partial file holds them all
     partial = json.loads((out / "table5-cls-partial.json").read_text())
     assert partial["results"] == res["cls"]
+    # the attack-curve checks ran on the first config only; every config kept its checks
+    levels = [row["checks"]["level"] for row in res["cls"].values()]
+    assert levels == ["all"] + ["basic"] * (len(levels) - 1)
+    names = [{c["name"] for c in row["checks"]["results"]} for row in res["cls"].values()]
+    assert names[0] > names[1] and names[1] >= {"randomness", "gradients"}
+    assert "Automatic checks (all checks on " in md
+
+
+def test_table4_scores_have_intervals_and_paired_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_idx(tmp_path / "data" / "fashion-mnist", {"train": 20, "test": 10})
+    monkeypatch.setenv("EQUIVISION_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(defense, "FASHION_CLS", {
+        **defense.FASHION_CLS, "epochs": 1, "model_kwargs": dict(padding=1, width=4)})
+    main(["table4", "--quick", "--data", "fashion-mnist", "--tasks", "cls", "--n", "4",
+          "--threads", "1", "--runs", str(tmp_path / "runs")])
+    out = tmp_path / "runs" / "defense-fashion-quick"
+    md = (out / "table4-cls.md").read_text()
+    assert "| attacked - clean | restored - attacked |" in md
+    row = json.loads((out / "table4-cls.json").read_text())["results"]["cls"]["rows"][2]
+    assert row["name"] == "BPDA+EOT"
+    for name, (lo, hi) in row["intervals"]["equivariance"].items():
+        assert lo <= row["equivariance"][name] <= hi, name
+    cells = [ln for ln in md.splitlines() if ln.startswith("| cls | BPDA+EOT |")][0]
+    assert cells.count("[") == 5

@@ -176,6 +176,35 @@ def test_defended_rows_worst_case_and_scores(digits):
     assert res.meta["repeats_used"] == 1 and len(res.rows) == 1
 
 
+def test_equivariance_scores_are_per_image_with_paired_intervals(digits, tmp_path):
+    model, data = digits
+    defense = EquivarianceDefense(model, eps_v=0.1, steps=2, noise=0.0)
+    res = evaluate_robustness(model, data, ["pgd"], defense, eps=0.2, steps=3, batch_size=6)
+    records = json.loads(res.save_per_image(tmp_path / "p.json").read_text())["records"]
+    pgd = [r for r in records if r["row"] == "pgd"]
+    assert len(pgd) == 16 and all("equivariance_restored" in r for r in pgd)
+    row = res.row("pgd")
+    for kind in ("clean", "attacked", "restored"):
+        per_image = [r[f"equivariance_{kind}"] for r in pgd]
+        assert row.equivariance[kind] == pytest.approx(sum(per_image) / 16, abs=1e-9)
+    # the paired change is the mean of per-image differences, with its own interval
+    diffs = [r["equivariance_restored"] - r["equivariance_attacked"] for r in pgd]
+    assert row.equivariance["restored - attacked"] == pytest.approx(sum(diffs) / 16, abs=1e-9)
+    assert row.equivariance["attacked - clean"] == pytest.approx(
+        row.equivariance["attacked"] - row.equivariance["clean"], abs=1e-9)
+    ci = row.intervals["equivariance"]
+    for name in ("clean", "attacked", "restored", "attacked - clean", "restored - attacked"):
+        lo, hi = ci[name]
+        assert lo <= row.equivariance[name] <= hi and lo < hi, name
+    # the attack moved the scores, so the checks above are not between constants
+    assert max(abs(d) for d in diffs) > 0
+    # no scores asked for: no figures, no intervals, nothing guessed
+    bare = evaluate_robustness(model, data, ["pgd"], defense, eps=0.2, steps=3,
+                               batch_size=6, equivariance=False)
+    assert set(bare.row("pgd").equivariance.values()) == {None}
+    assert "equivariance" not in bare.row("pgd").intervals
+
+
 def test_segmentation_numbers(scenes):
     model, data = scenes
     defense = RandomNoiseDefense(model, eps_v=0.2)
@@ -228,8 +257,9 @@ def test_result_handles_empty_restored_and_nan(digits):
     model, data = digits
     res = evaluate_robustness(model, data, [], eps=0.1, equivariance=False, max_images=4)
     row = res.to_dict()["rows"][0]
-    assert res.n_images == 4 and row["equivariance"] == {"clean": None, "attacked": None,
-                                                         "restored": None}
+    assert res.n_images == 4 and row["equivariance"] == {
+        "clean": None, "attacked": None, "restored": None, "attacked - clean": None,
+        "restored - attacked": None}
     assert not math.isnan(row["undefended"]["accuracy"])
 
 

@@ -78,7 +78,7 @@ from .checks import CheckResult
 from .defenses import Defense, EquivarianceDefense, default_transforms, equivariance_score
 from .ensemble import VERSIONS, EnsembleAttack
 from .evaluation_checks import LEVELS, basic_checks, curve_checks, result_checks
-from .per_image import KEYS, WORST_CASE, PerImageResults
+from .per_image import EQ_DIFFS, EQ_KINDS, KEYS, WORST_CASE, PerImageResults
 from .registry import AttackSpec, build_attack, build_defense, parse_attack
 from .results import RobustnessResult, RowResult
 from .view_fit import check_views, fitting_views, parse_views
@@ -135,24 +135,6 @@ def _check_output(out: Any, labels: Tensor, ignore_index: int, what: str) -> Ten
 
 def _generator(device: torch.device, *parts: Any) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_derived_seed(*parts))
-
-
-class _Row:
-    """Equivariance-score sums and time of one row (the task metrics are per image, in
-    :class:`PerImageResults`); every state is a tensor summed across processes."""
-
-    def __init__(self, device: torch.device) -> None:
-        # sums of the equivariance score of clean / attacked / restored images, and counts
-        self.scores = torch.zeros(3, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(3, dtype=torch.float64, device=device)
-        self.seconds = 0.0
-
-    def tensors(self) -> list[Tensor]:
-        return [self.scores, self.counts]
-
-    def add_scores(self, i: int, values: Tensor) -> None:
-        self.scores[i] += values.double().sum()
-        self.counts[i] += values.numel()
 
 
 # ----------------------------------------------------------------------------- config
@@ -306,12 +288,12 @@ def evaluate_robustness(
     t_start = time.perf_counter()
     cfg = _config(config, overrides).checked()
     setup = _setup(model, dataset, attacks, defense, cfg)
-    rows = {name: _Row(setup.device) for name in setup.names}
-    attack_repr = _run_blocks(setup, cfg, rows)
+    seconds = dict.fromkeys(setup.names, 0.0)
+    attack_repr = _run_blocks(setup, cfg, seconds)
     if setup.world > 1:  # a process without blocks built no attack: take the others'
         attack_repr = {k: v for part in gather_objects(attack_repr) for k, v in part.items()}
-    _all_reduce(setup, rows)
-    results = _row_results(setup, rows, attack_repr, cfg.seed)
+    _all_reduce(setup, seconds)
+    results = _row_results(setup, seconds, attack_repr, cfg.seed)
     worst = _worst_case(setup, cfg.seed) if len(setup.names) > 1 else None
     checks = _checks(setup, cfg, {r.name: r.attack_target for r in results})
     return RobustnessResult("segmentation" if setup.seg else "classification", setup.n,
@@ -418,9 +400,10 @@ def _resolve_ensemble(spec: AttackSpec, seg: bool, randomized: bool,
                                          "version": version})
 
 
-def _run_blocks(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row]
+def _run_blocks(setup: _Setup, cfg: RobustnessConfig, seconds: dict[str, float]
                 ) -> dict[str, str]:
-    """Evaluate this process's blocks into ``rows``; returns each attack's repr."""
+    """Evaluate this process's blocks into ``setup.per_image`` (each row's time into
+    ``seconds``); returns each attack's repr."""
     blocks = list(range(setup.rank, math.ceil(setup.n / cfg.batch_size), setup.world))
     bar = None
     if cfg.progress and setup.rank == 0:
@@ -431,7 +414,7 @@ def _run_blocks(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row]
     try:
         for b in blocks:
             start, stop = b * cfg.batch_size, min(setup.n, (b + 1) * cfg.batch_size)
-            attack_repr.update(_run_block(setup, cfg, rows, start, stop))
+            attack_repr.update(_run_block(setup, cfg, seconds, start, stop))
             if bar is not None:
                 bar.update(1)
     finally:
@@ -441,8 +424,8 @@ def _run_blocks(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row]
     return attack_repr
 
 
-def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], start: int,
-               stop: int) -> dict[str, str]:
+def _run_block(setup: _Setup, cfg: RobustnessConfig, seconds: dict[str, float],
+               start: int, stop: int) -> dict[str, str]:
     """Every row of the images ``start..stop-1``: attack, undefended and defended
     predictions, equivariance scores. Returns each attack's repr."""
     model, dev, ignore = setup.model, setup.device, cfg.ignore_index
@@ -454,7 +437,6 @@ def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], star
     clean_score = None
     for row_i, name in enumerate(setup.names):
         t0 = time.perf_counter()
-        acc = rows[name]
         adv = x
         if name != "clean":
             adv, _, attack_repr[name], atk = _attack(
@@ -471,11 +453,12 @@ def _run_block(setup: _Setup, cfg: RobustnessConfig, rows: dict[str, _Row], star
         if cfg.equivariance:
             if clean_score is None:
                 clean_score = _score(setup, x)
-            acc.add_scores(0, clean_score)
-            acc.add_scores(1, clean_score if adv is x else _score(setup, adv))
+            eq = setup.per_image.record_equivariance
+            eq(name, "clean", start, clean_score)
+            eq(name, "attacked", start, clean_score if adv is x else _score(setup, adv))
             if restored is not None:
-                acc.add_scores(2, _score(setup, restored))
-        acc.seconds += time.perf_counter() - t0
+                eq(name, "restored", start, _score(setup, restored))
+        seconds[name] += time.perf_counter() - t0
     return attack_repr
 
 
@@ -531,19 +514,18 @@ def _score(setup: _Setup, images: Tensor) -> Tensor:
                               setup.pairing)
 
 
-def _all_reduce(setup: _Setup, rows: dict[str, _Row]) -> None:
-    """Sum the accumulators over processes; each row's time is the slowest process's."""
+def _all_reduce(setup: _Setup, seconds: dict[str, float]) -> None:
+    """Sum the per-image states over processes; each row's time becomes the slowest
+    process's."""
     if setup.world <= 1:
         return
-    for t in [setup.square, *setup.per_image.tensors()] + [
-            t for acc in rows.values() for t in acc.tensors()]:
+    for t in [setup.square, *setup.per_image.tensors()]:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     names = setup.names
-    secs = torch.tensor([rows[nm].seconds for nm in names], dtype=torch.float64,
+    secs = torch.tensor([seconds[nm] for nm in names], dtype=torch.float64,
                         device=setup.device)
     dist.all_reduce(secs, op=dist.ReduceOp.MAX)
-    for nm, sec in zip(names, secs.tolist()):
-        rows[nm].seconds = sec
+    seconds.update(zip(names, secs.tolist()))
 
 
 def _metrics(setup: _Setup, name: str, seed: int
@@ -568,31 +550,30 @@ def _worst_case(setup: _Setup, seed: int) -> RowResult:
     return RowResult(name=WORST_CASE, attack_target=None, undefended=metrics["undefended"]
                      or {}, defended=metrics["defended"],
                      defended_single=metrics["defended_single"],
-                     equivariance={"clean": None, "attacked": None, "restored": None},
+                     equivariance=dict.fromkeys(
+                         list(EQ_KINDS) + [d[0] for d in EQ_DIFFS]),
                      seconds=0.0, attack="per-image worst case over the attack rows",
                      intervals=intervals)
 
 
-def _row_results(setup: _Setup, rows: dict[str, _Row], attack_repr: dict[str, str],
+def _row_results(setup: _Setup, seconds: dict[str, float], attack_repr: dict[str, str],
                  seed: int = 0) -> list[RowResult]:
-    """The rows of the result, from the (reduced) accumulators."""
+    """The rows of the result, from the (reduced) per-image states."""
     defended = setup.defense is not None
     results = []
     for name in setup.names:
-        acc = rows[name]
-        eq: dict[str, float | None] = {}
-        for i, key in enumerate(("clean", "attacked", "restored")):
-            c = float(acc.counts[i])
-            eq[key] = float(acc.scores[i]) / c if c > 0 else None
+        eq, eq_intervals = setup.per_image.equivariance(name, seed)
         target = None
         if name != "clean":  # the same whichever process ran the attack
             spec = setup.specs[setup.names.index(name) - 1]
             target = "defense" if spec.in_loop and defended else "model"
         metrics, intervals = _metrics(setup, name, seed)
+        if eq_intervals:
+            intervals["equivariance"] = eq_intervals
         results.append(RowResult(
             name=name, attack_target=target, undefended=metrics["undefended"] or {},
             defended=metrics["defended"], defended_single=metrics["defended_single"],
-            equivariance=eq, seconds=acc.seconds, attack=attack_repr.get(name),
+            equivariance=eq, seconds=seconds[name], attack=attack_repr.get(name),
             intervals=intervals))
     return results
 

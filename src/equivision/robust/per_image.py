@@ -3,8 +3,10 @@
 :class:`PerImageResults` holds, for every row (clean, each attack) and every key
 (``undefended``, ``defended``, ``defended_single``), the per-image score ``(N,)`` (1/0
 correct, or the per-image mIoU of a segmenter) and, for segmenters, the per-image confusion
-matrices ``(N, K, K)``. All states are tensors indexed by the global image index, so that
-processes fill their own images and a ``SUM`` all-reduce gives everyone the whole set.
+matrices ``(N, K, K)``; and, when scored, the per-image equivariance score of the row's
+clean, attacked and restored images (:data:`EQ_KINDS`). All states are tensors indexed by
+the global image index, so that processes fill their own images and a ``SUM`` all-reduce
+gives everyone the whole set.
 
 From them it computes
 
@@ -15,6 +17,9 @@ From them it computes
 * the **per-image worst case over the attacks** (:meth:`PerImageResults.worst_rows`): for
   each image and key, the attack row with the lowest score (its confusion for segmenters);
   the defended keys are already the worst over the defense's repeats;
+* the mean equivariance scores of a row with bootstrap intervals, and the paired
+  per-image differences attacked - clean and restored - attacked
+  (:meth:`PerImageResults.equivariance`, paper Table 4);
 * the records of :meth:`PerImageResults.records` (one per image and row) for JSON/CSV.
 """
 
@@ -29,12 +34,17 @@ from torch import Tensor
 from ..metrics import IGNORE_INDEX, confusion_matrix, miou_from_confusion
 from .intervals import bootstrap_interval, wilson_interval
 
-__all__ = ["KEYS", "WORST_CASE", "PerImageResults"]
+__all__ = ["EQ_DIFFS", "EQ_KINDS", "KEYS", "WORST_CASE", "PerImageResults"]
 
 #: the prediction kinds of every row
 KEYS = ("undefended", "defended", "defended_single")
 #: the name of the per-image worst case over the attack rows
 WORST_CASE = "worst-case"
+#: the images whose equivariance score a row holds
+EQ_KINDS = ("clean", "attacked", "restored")
+#: the paired per-image differences of equivariance scores: (name, minuend, subtrahend)
+EQ_DIFFS = (("attacked - clean", "attacked", "clean"),
+            ("restored - attacked", "restored", "attacked"))
 
 
 class PerImageResults:
@@ -58,10 +68,13 @@ class PerImageResults:
         self.filled = torch.zeros(shape, dtype=torch.float64, device=device)
         self.confusion = torch.zeros(shape + (num_classes, num_classes), dtype=torch.int64,
                                      device=device) if segmentation else None
+        eq_shape = (len(self.rows), len(EQ_KINDS), n)
+        self.eq_scores = torch.zeros(eq_shape, dtype=torch.float64, device=device)
+        self.eq_filled = torch.zeros(eq_shape, dtype=torch.float64, device=device)
 
     def tensors(self) -> list[Tensor]:
         """The states to sum across processes."""
-        out = [self.scores, self.filled]
+        out = [self.scores, self.filled, self.eq_scores, self.eq_filled]
         return out + ([self.confusion] if self.confusion is not None else [])
 
     def record(self, row: str, key: str, start: int, score: Tensor, pred: Tensor,
@@ -76,6 +89,14 @@ class PerImageResults:
             for i in range(score.shape[0]):
                 self.confusion[r, j, start + i] = confusion_matrix(
                     pred[i], labels[i], self.k, self.ignore_index)
+
+    def record_equivariance(self, row: str, kind: str, start: int, score: Tensor) -> None:
+        """Store the equivariance scores ``(B,)`` of images ``start..start+B-1`` of
+        ``row``, ``kind`` one of :data:`EQ_KINDS`."""
+        r, j = self.rows.index(row), EQ_KINDS.index(kind)
+        stop = start + score.shape[0]
+        self.eq_scores[r, j, start:stop] = score.double()
+        self.eq_filled[r, j, start:stop] = 1.0
 
     def has(self, key: str) -> bool:
         """Whether ``key`` was recorded (the defended keys need a defense)."""
@@ -140,21 +161,51 @@ class PerImageResults:
                 "mean_image_miou": list(bootstrap_interval(n, lambda w: w @ s / n,
                                                            seed=seed))}
 
+    def equivariance(self, row: str, seed: int = 0
+                     ) -> tuple[dict[str, float | None], dict[str, list[float]]]:
+        """Mean equivariance scores of ``row`` and their 95% intervals.
+
+        Returns ``(means, intervals)``: ``means`` maps each of :data:`EQ_KINDS` and each
+        paired difference of :data:`EQ_DIFFS` (over the images scored both ways) to its
+        mean, None where nothing was scored; ``intervals`` maps the same names to the
+        percentile bootstrap interval over images ``[low, high]`` (the differences are
+        resampled per image, so the interval is that of the paired change)."""
+        r = self.rows.index(row)
+        sets = {k: (self.eq_scores[r, j], self.eq_filled[r, j] > 0)
+                for j, k in enumerate(EQ_KINDS)}
+        for name, a, b in EQ_DIFFS:
+            sets[name] = (sets[a][0] - sets[b][0], sets[a][1] & sets[b][1])
+        means: dict[str, float | None] = {}
+        intervals: dict[str, list[float]] = {}
+        for name, (values, mask) in sets.items():
+            v = values[mask].double().cpu()
+            n = v.numel()
+            means[name] = float(v.mean()) if n else None
+            if n:
+                intervals[name] = list(bootstrap_interval(n, lambda w, v=v: w @ v / v.numel(),
+                                                          seed=seed))
+        return means, intervals
+
     # ------------------------------------------------------------------ records
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per image and row (the rows, then :data:`WORST_CASE` when there are
-        attack rows): ``index``, ``row``, the score of each recorded key and, for the worst
-        case, the row each key's worst case came from (``<key>_from``)."""
+        attack rows): ``index``, ``row``, the score of each recorded key, the row's
+        equivariance scores where scored (``equivariance_<kind>``) and, for the worst case,
+        the row each key's worst case came from (``<key>_from``)."""
         keys = [k for k in KEYS if self.has(k)]
         scores = self.scores.cpu().tolist()
+        eq = self.eq_scores.cpu().tolist()
+        eq_filled = self.eq_filled.cpu().tolist()
         out: list[dict[str, Any]] = []
         worst = {k: self.worst_rows(k).cpu().tolist() for k in keys} \
             if len(self.rows) > 1 else {}
         for i in range(self.n):
             for r, name in enumerate(self.rows):
                 out.append({"index": i, "row": name,
-                            **{k: scores[r][KEYS.index(k)][i] for k in keys}})
+                            **{k: scores[r][KEYS.index(k)][i] for k in keys},
+                            **{f"equivariance_{k}": eq[r][j][i]
+                               for j, k in enumerate(EQ_KINDS) if eq_filled[r][j][i]}})
             if worst:
                 rec: dict[str, Any] = {"index": i, "row": WORST_CASE}
                 for k in keys:

@@ -20,12 +20,14 @@ The result has one row for the clean images and one per attack. Each row holds
 * ``equivariance``: the mean :func:`~equivision.robust.defenses.equivariance_score` of the
   clean, attacked and restored (purified attacked) images (paper Table 4), with the
   defense's transforms, feature layer and pairing when it has them, else the default
-  transforms on the config's ``feature_layer``;
+  transforms on the config's ``feature_layer``; and the mean paired per-image changes
+  ``"attacked - clean"`` and ``"restored - attacked"`` (None where not scored);
 * ``seconds``: time spent on the row (attack + defended predictions + scores; the
   slowest process under ``torch.distributed``);
 * ``intervals``: 95% confidence intervals ``{key: {metric: [low, high]}}`` of every metric
   (Wilson for accuracies, the bootstrap over images for segmentation figures;
-  :mod:`equivision.robust.intervals`).
+  :mod:`equivision.robust.intervals`), and under ``"equivariance"`` the bootstrap
+  intervals of every equivariance figure (the paired changes resampled per image);
 
 Beyond the rows the result holds
 
