@@ -202,6 +202,14 @@ class Ctx:
     def eps_v(self, task: str) -> float:
         return self.tasks[task]["eps_v_ratio"] * self.eps(task)
 
+    def defense_kwargs(self, task: str, kind: str, steps: int) -> dict[str, Any]:
+        """Keyword arguments of ``build_defense(kind, model, ...)`` for ``task``: eps_v,
+        ``steps`` T and where the purifier reads the model (a head defense its trained
+        head's own layer, the others the task's feature layer)."""
+        where = dict(head=self.head(task, kind)) if kind in ("rotation", "contrastive") \
+            else dict(feature_layer=self.tasks[task]["feature_layer"])
+        return dict(eps_v=self.eps_v(task), steps=steps, **where)
+
 
 # --- models ------------------------------------------------------------------------------
 
@@ -288,12 +296,8 @@ def run_eval(ctx: Ctx, task: str, column: str | None, attacks: Sequence[Any],
     level of its automatic checks)."""
     model = ctx.model(task)
     name = DEFENSE_NAMES.get(column, column) if column else None
-    kw: dict[str, Any] = dict(eps_v=ctx.eps_v(task), steps=ctx.scale["defense_steps"])
-    if name in ("rotation", "contrastive"):
-        kw["head"] = ctx.head(task, name)
-    else:
-        kw["feature_layer"] = ctx.tasks[task]["feature_layer"]
-    kw.update(defense_kwargs)
+    kw = {**ctx.defense_kwargs(task, name, ctx.scale["defense_steps"]), **defense_kwargs} \
+        if name else {}
     config = RobustnessConfig(
         eps=ctx.eps(task) if eps is None else eps, steps=ctx.scale["attack_steps"],
         eot_samples=ctx.scale["eot"], lambdas=ctx.scale["lambdas"], repeats=repeats,

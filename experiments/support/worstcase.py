@@ -122,16 +122,10 @@ def _clean(system: nn.Module, x: Tensor, y: Tensor, draws: int, seg: bool) -> di
 
 def _column(ctx: Any, task: str, seed: int, col: str, st: dict[str, Any],
             data: tuple[Tensor, Tensor]) -> dict[str, Any]:
-    t = ctx.tasks[task]
     model = ctx.model(task, seed)
     kind = COLUMNS[col]
-    defense = None
-    if kind is not None:
-        # a head defense reads its head's own layer; the others read the task's
-        where = dict(head=ctx.head(task, kind)) if kind in ("rotation", "contrastive") else \
-            dict(feature_layer=t["feature_layer"])
-        defense = build_defense(kind, model, eps_v=ctx.eps_v(task), steps=st["defense_steps"],
-                                **where)
+    defense = None if kind is None else build_defense(
+        kind, model, **ctx.defense_kwargs(task, kind, st["defense_steps"]))
     seg = task == "seg"
     x, y = data
     system = defense if defense is not None else model

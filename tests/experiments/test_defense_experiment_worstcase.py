@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from defense import Ctx
 from support.cascade import clean_draws, run_cascade
 from support.view_augment import ViewAugment
 from support.worstcase import (
@@ -123,6 +124,8 @@ class _Ctx:
 
     def eps_v(self, task: str) -> float:
         return 0.15
+
+    defense_kwargs = Ctx.defense_kwargs  # the real one: it reads the stand-ins above
 
 
 def test_stages_of_each_column() -> None:
