@@ -11,10 +11,13 @@ Sub-commands (each takes ``--quick``; ``all`` runs them in order):
              lambda_e sweep), BPDA+EOT; columns Vanilla, Random, Rotation, Contrastive,
              Invariance, Equivariance (paper Tables 1-2)
     table2   segmentation: the same with Houdini instead of CW (mIoU)
-    table4   equivariance score of clean / attacked / restored images
+    table4   equivariance score of clean / attacked / restored images, with bootstrap
+             intervals and the paired per-image changes
     table5   equivariance defense with subsets of the transformations
     table6   eps_v trade-off: clean vs robust metric for several eps_v
     fig3     robust metric against the number of constraints K (PNG)
+             (table5/6, fig3: the automatic checks' attack curves run on the first config
+             only, ``--sweep-checks every`` runs them on every config)
     throughput  images per core-second of a defended prediction and of one BPDA+EOT
              draw-step, batch 1 / 16 / 64, T = 5 / 20 (plans the sizes of ``worstcase``)
     checks   honest-evaluation checks: undefended robustness, transfer vs white-box,
