@@ -84,17 +84,23 @@ def test_throughput_rows(tmp_path: Path) -> None:
     assert "| 2 | 4 |" in res["markdown"]
 
 
-def test_sweep_runs_on_the_chosen_tasks_with_intervals(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """table5 with ``--tasks cls --n 4``: only the classifier, 4 images, every cell with its
-    95% interval, written to table5-cls.json (not over a both-task table5.json)."""
+def _run_tiny_sweep(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``command --quick --tasks cls --n 4`` on a 20/10-image IDX folder with a width-4
+    cnn7 trained 1 epoch; returns the output folder."""
     _write_idx(tmp_path / "data" / "fashion-mnist", {"train": 20, "test": 10})
     monkeypatch.setenv("EQUIVISION_DATA", str(tmp_path / "data"))
     monkeypatch.setattr(defense, "FASHION_CLS", {
         **defense.FASHION_CLS, "epochs": 1, "model_kwargs": dict(padding=1, width=4)})
-    main(["table5", "--quick", "--data", "fashion-mnist", "--tasks", "cls", "--n", "4",
+    main([command, "--quick", "--data", "fashion-mnist", "--tasks", "cls", "--n", "4",
           "--threads", "1", "--runs", str(tmp_path / "runs")])
-    out = tmp_path / "runs" / "defense-fashion-quick"
+    return tmp_path / "runs" / "defense-fashion-quick"
+
+
+def test_sweep_runs_on_the_chosen_tasks_with_intervals(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """table5 with ``--tasks cls --n 4``: only the classifier, 4 images, every cell with its
+    95% interval, written to table5-cls.json (not over a both-task table5.json)."""
+    out = _run_tiny_sweep("table5", tmp_path, monkeypatch)
     assert not (out / "table5.json").exists()
     res = json.loads((out / "table5-cls.json").read_text())["results"]
     assert set(res) == {"cls"} and set(res["cls"]) == set(defense.SUBSETS)
@@ -118,13 +124,7 @@ def test_sweep_runs_on_the_chosen_tasks_with_intervals(tmp_path: Path,
 
 def test_table4_scores_have_intervals_and_paired_changes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_idx(tmp_path / "data" / "fashion-mnist", {"train": 20, "test": 10})
-    monkeypatch.setenv("EQUIVISION_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(defense, "FASHION_CLS", {
-        **defense.FASHION_CLS, "epochs": 1, "model_kwargs": dict(padding=1, width=4)})
-    main(["table4", "--quick", "--data", "fashion-mnist", "--tasks", "cls", "--n", "4",
-          "--threads", "1", "--runs", str(tmp_path / "runs")])
-    out = tmp_path / "runs" / "defense-fashion-quick"
+    out = _run_tiny_sweep("table4", tmp_path, monkeypatch)
     md = (out / "table4-cls.md").read_text()
     assert "| attacked - clean | restored - attacked |" in md
     row = json.loads((out / "table4-cls.json").read_text())["results"]["cls"]["rows"][2]
