@@ -69,7 +69,8 @@ def run_cascade(system: nn.Module, stages: Sequence[Stage], x: Tensor, y: Tensor
         ``{"stages": names (clean first), "after": per-stage mean score (cumulative),
         "broken": images whose worst case each stage produced, "score": final per-image
         scores, "records": per-image rows, "seconds", and for segmentation "miou" and
-        "pixel_accuracy" of the worst-case predictions}``.
+        "pixel_accuracy" of the worst-case predictions and their summed "confusion"
+        ``K x K`` (so that slices of the images can be joined)}``.
     """
     t0 = time.perf_counter()
     names = ["clean"] + [s[0] for s in stages]
@@ -99,4 +100,5 @@ def run_cascade(system: nn.Module, stages: Sequence[Stage], x: Tensor, y: Tensor
         "n": len(final)}
     if meter is not None:
         out["miou"], out["pixel_accuracy"] = meter.miou(), meter.accuracy()
+        out["confusion"] = meter.confusion.cpu().tolist()
     return out

@@ -31,6 +31,7 @@ from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from equivision.measure import write_atomic
+from equivision.metrics import ConfusionMeter
 from equivision.robust.intervals import bootstrap_interval, wilson_interval
 from equivision.robust.registry import build_attack, build_defense, parse_attack
 
@@ -180,9 +181,24 @@ def merge_parts(cols: dict[str, Any]) -> dict[str, Any]:
                   "after": [sum(r[f"score_{s}"] for r in records) / len(records)
                             for s in names]}
         merged["score_ci"] = _interval(merged["score"], bool(part.get("seg")))
+        if "miou" in a or "miou" in b:
+            merged.update(_joined_dataset_figures(a, b))
         clean = max(out[col]["clean"], part["clean"], key=lambda c: c["n"])
         out[col] = {**out[col], "cascade": merged, "clean": clean}
     return out
+
+
+def _joined_dataset_figures(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Dataset mIoU and pixel accuracy of two joined segmentation cascades, from their
+    summed confusion matrices; None (not known) when a part did not save its confusion
+    (parts written before it was saved): a part's own figure is not the joined one."""
+    if "confusion" not in a or "confusion" not in b:
+        return {"miou": None, "pixel_accuracy": None, "confusion": None}
+    conf = torch.tensor(a["confusion"]) + torch.tensor(b["confusion"])
+    meter = ConfusionMeter(conf.shape[0])
+    meter.confusion += conf
+    return {"miou": meter.miou(), "pixel_accuracy": meter.accuracy(),
+            "confusion": conf.tolist()}
 
 
 def worstcase(ctx: Any, st: dict[str, Any], seeds: Sequence[int], columns: Sequence[str],
@@ -304,7 +320,8 @@ def worstcase_markdown(results: dict[str, Any]) -> str:
         if all("miou" in c["cascade"] for c in cols.values()):
             rows.append(["dataset mIoU / pixel acc. of the worst case", *(
                 f"{_pct(c['cascade']['miou'])} / {_pct(c['cascade']['pixel_accuracy'])}"
-                for c in cols.values())])
+                if c["cascade"]["miou"] is not None else
+                "- (a joined slice saved no confusion)" for c in cols.values())])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         paired = paired_markdown(cols)

@@ -24,6 +24,7 @@ from support.worstcase import (
 from torch import Tensor, nn
 
 from equivision.data import ImageDataset
+from equivision.metrics import miou_from_confusion
 from equivision.models import create_model
 from equivision.robust import train_contrastive_head, train_rotation_head
 from equivision.robust.registry import build_defense, save_head
@@ -208,6 +209,11 @@ def test_segmentation_cascade_reports_dataset_miou() -> None:
     stages = build_stages("seg", model, None, 0.05, WORST_QUICK, None)[:1]
     res = run_cascade(model, stages, x, y, block=2)
     assert 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["pixel_accuracy"] <= 1.0
+    # its confusion (saved so that slices can be joined) gives those figures; the ignored
+    # pixel is left out
+    conf = torch.tensor(res["confusion"])
+    assert int(conf.sum()) == 3 * 64 - 1
+    assert res["miou"] == pytest.approx(miou_from_confusion(conf))
     assert len(res["score"]) == 3 and res["after"][1] <= res["after"][0]
     cols = {"Vanilla": {"clean": {"n": 3, "single": 0.5, "single_ci": [0.4, 0.6],
                                   "worst": 0.5, "worst_ci": [0.4, 0.6]}, "cascade":
@@ -236,6 +242,30 @@ def test_merge_parts_joins_slices_per_image() -> None:
     assert [r["index"] for r in c["records"]] == [0, 1, 2, 3]
     assert out["Eq"]["clean"] == {"n": 9}
     assert cols["Eq"]["cascade"]["n"] == 2  # the inputs are left alone
+
+
+def test_merge_parts_joins_segmentation_confusions() -> None:
+    """The joined dataset mIoU comes from the summed confusions of the slices, not from
+    the first slice; a slice without its confusion makes it unknown, not guessed."""
+    def part(conf: list[list[int]] | None, off: int) -> dict[str, Any]:
+        recs = [{"index": off, "score": 0.5, "score_clean": 0.9, "score_a": 0.5,
+                 "worst_stage": "a"}]
+        casc = {"stages": ["clean", "a"], "records": recs, "score": [0.5], "n": 1,
+                "seconds": 1.0, "after": [0.9, 0.5], "broken": {"clean": 0, "a": 1},
+                "score_ci": [0.5, 0.5], "miou": 0.123, "pixel_accuracy": 0.456}
+        if conf is not None:
+            casc["confusion"] = conf
+        return {"clean": {"n": 1}, "cascade": casc, "seg": True}
+
+    a, b = [[3, 1], [0, 0]], [[0, 0], [2, 4]]
+    c = merge_parts({"Eq": part(a, 0), "Eq@1": part(b, 1)})["Eq"]["cascade"]
+    total = torch.tensor(a) + torch.tensor(b)
+    assert c["confusion"] == total.tolist()
+    assert c["miou"] == pytest.approx(miou_from_confusion(total))
+    assert c["pixel_accuracy"] == pytest.approx(7 / 10)
+    old = merge_parts({"Eq": part(a, 0), "Eq@1": part(None, 1)})
+    assert old["Eq"]["cascade"]["miou"] is None
+    assert "- (a joined slice saved no confusion)" in worstcase_markdown({"seg-seed0": old})
 
 
 def _col(kept: list[bool], clean: list[bool], first: int = 0) -> dict[str, Any]:
