@@ -257,9 +257,51 @@ def paired_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "b_clean": sum(cb[i] for i in common)}
 
 
+def paired_scores(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Paired comparison of two segmentation columns on the cascade images both ran:
+    ``{"n", "a_clean", "b_clean" (mean clean per-image mIoU), "diff" (mean of the per-image
+    worst-case mIoU of a minus b), "diff_ci" (its bootstrap 95 % interval over images),
+    "a_higher", "b_higher", "p"}``, ``p`` the exact two-sided sign test of the images where
+    one is higher."""
+    ra = {r["index"]: r for r in a["cascade"]["records"]}
+    rb = {r["index"]: r for r in b["cascade"]["records"]}
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        return {"n": 0}
+    d = torch.tensor([ra[i]["score"] - rb[i]["score"] for i in common], dtype=torch.float64)
+    a_higher, b_higher = int((d > 0).sum()), int((d < 0).sum())
+    p = binomtest(a_higher, a_higher + b_higher).pvalue if a_higher + b_higher else 1.0
+    return {"n": len(common), "diff": float(d.mean()), "diff_ci": _interval(d.tolist(), True),
+            "a_clean": sum(ra[i]["score_clean"] for i in common) / len(common),
+            "b_clean": sum(rb[i]["score_clean"] for i in common) / len(common),
+            "a_higher": a_higher, "b_higher": b_higher, "p": float(p)}
+
+
+def _paired_seg_markdown(cols: dict[str, Any]) -> str:
+    names = [c for c in cols if cols[c].get("seg")]
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ps = paired_scores(cols[a], cols[b])
+            if ps["n"]:
+                rows.append(f"| {a} vs {b} | {ps['n']} | {_pct(ps['a_clean'])} / "
+                            f"{_pct(ps['b_clean'])} | {_pct(ps['diff'], ps['diff_ci'])} | "
+                            f"{ps['a_higher']} / {ps['b_higher']} | {ps['p']:.3g} |")
+    if not rows:
+        return ""
+    return ("| pair (a vs b) | common images | clean mIoU a / b | worst-case mIoU a - b "
+            "[95 %] | images a higher / b higher | sign test p |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 def paired_markdown(cols: dict[str, Any]) -> str:
-    """One row per pair of columns of one (task, seed): images kept by one and lost by
-    the other on their common cascade images, and the sign test's p."""
+    """One row per pair of columns of one (task, seed) on their common cascade images:
+    classification, the images kept by one and lost by the other and the sign test's p;
+    segmentation, the mean per-image difference of the worst-case mIoU with its bootstrap
+    interval and the sign test of the images where one is higher."""
+    seg = _paired_seg_markdown(cols)
+    if seg:
+        return seg
     names = [c for c in cols if not cols[c].get("seg")]
     rows = []
     for i, a in enumerate(names):

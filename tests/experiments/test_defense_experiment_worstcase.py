@@ -18,6 +18,8 @@ from support.worstcase import (
     build_stages,
     merge_parts,
     paired_counts,
+    paired_markdown,
+    paired_scores,
     worstcase,
     worstcase_markdown,
 )
@@ -266,6 +268,22 @@ def test_merge_parts_joins_segmentation_confusions() -> None:
     old = merge_parts({"Eq": part(a, 0), "Eq@1": part(None, 1)})
     assert old["Eq"]["cascade"]["miou"] is None
     assert "- (a joined slice saved no confusion)" in worstcase_markdown({"seg-seed0": old})
+
+
+def test_paired_segmentation_columns_compare_per_image_miou() -> None:
+    def col(scores: list[float], first: int) -> dict[str, Any]:
+        recs = [{"index": first + i, "score": v, "score_clean": 0.8}
+                for i, v in enumerate(scores)]
+        return {"cascade": {"records": recs}, "seg": True}
+
+    eq, van = col([0.3, 0.2, 0.25, 0.1], 0), col([0.1, 0.1, 0.3, 0.1, 0.05], 0)
+    ps = paired_scores(eq, van)
+    assert ps["n"] == 4 and ps["a_higher"] == 2 and ps["b_higher"] == 1
+    assert ps["diff"] == pytest.approx((0.2 + 0.1 - 0.05 + 0.0) / 4)
+    assert ps["diff_ci"][0] <= ps["diff"] <= ps["diff_ci"][1] and ps["p"] == 1.0
+    md = paired_markdown({"Vanilla": van, "Equivariance": eq})
+    assert "| Vanilla vs Equivariance | 4 | 80.0 / 80.0 | -6.2 [" in md
+    assert "2 / 1" not in md and "| 1 / 2 |" in md
 
 
 def _col(kept: list[bool], clean: list[bool], first: int = 0) -> dict[str, Any]:
