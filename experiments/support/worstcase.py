@@ -192,7 +192,7 @@ def _joined_dataset_figures(a: dict[str, Any], b: dict[str, Any]) -> dict[str, A
     """Dataset mIoU and pixel accuracy of two joined segmentation cascades, from their
     summed confusion matrices; None (not known) when a part did not save its confusion
     (parts written before it was saved): a part's own figure is not the joined one."""
-    if "confusion" not in a or "confusion" not in b:
+    if a.get("confusion") is None or b.get("confusion") is None:
         return {"miou": None, "pixel_accuracy": None, "confusion": None}
     conf = torch.tensor(a["confusion"]) + torch.tensor(b["confusion"])
     meter = ConfusionMeter(conf.shape[0])

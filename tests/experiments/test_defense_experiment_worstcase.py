@@ -265,8 +265,8 @@ def test_merge_parts_joins_segmentation_confusions() -> None:
     assert c["confusion"] == total.tolist()
     assert c["miou"] == pytest.approx(miou_from_confusion(total))
     assert c["pixel_accuracy"] == pytest.approx(7 / 10)
-    old = merge_parts({"Eq": part(a, 0), "Eq@1": part(None, 1)})
-    assert old["Eq"]["cascade"]["miou"] is None
+    old = merge_parts({"Eq": part(a, 0), "Eq@1": part(None, 1), "Eq@2": part(b, 2)})
+    assert old["Eq"]["cascade"]["miou"] is None  # and stays unknown after a third slice
     assert "- (a joined slice saved no confusion)" in worstcase_markdown({"seg-seed0": old})
 
 
