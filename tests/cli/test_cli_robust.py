@@ -70,7 +70,9 @@ def test_defend_end_to_end(checkpoint, tmp_path, capsys):
     assert [r["attack_target"] for r in d["rows"]] == [None, "model", "defense", "defense"]
     for row in d["rows"]:
         assert 0 <= row["defended"]["accuracy"] <= row["defended_single"]["accuracy"] <= 1
-        assert set(row["equivariance"]) == {"clean", "attacked", "restored"}
+        assert set(row["equivariance"]) == {"clean", "attacked", "restored",
+                                             "attacked - clean", "restored - attacked"}
+        assert set(row["intervals"]["equivariance"]) == set(row["equivariance"])
         assert row["equivariance"]["restored"] is not None
 
 
