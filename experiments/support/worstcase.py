@@ -277,21 +277,19 @@ def paired_scores(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "a_higher": a_higher, "b_higher": b_higher, "p": float(p)}
 
 
-def _paired_seg_markdown(cols: dict[str, Any]) -> str:
-    names = [c for c in cols if cols[c].get("seg")]
-    rows = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            ps = paired_scores(cols[a], cols[b])
-            if ps["n"]:
-                rows.append(f"| {a} vs {b} | {ps['n']} | {_pct(ps['a_clean'])} / "
-                            f"{_pct(ps['b_clean'])} | {_pct(ps['diff'], ps['diff_ci'])} | "
-                            f"{ps['a_higher']} / {ps['b_higher']} | {ps['p']:.3g} |")
-    if not rows:
-        return ""
-    return ("| pair (a vs b) | common images | clean mIoU a / b | worst-case mIoU a - b "
-            "[95 %] | images a higher / b higher | sign test p |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows))
+#: the paired table of each task kind: heading, then one row's cells from the comparison
+_PAIRED_HEAD = {
+    True: "| pair (a vs b) | common images | clean mIoU a / b | worst-case mIoU a - b [95 %] "
+          "| images a higher / b higher | sign test p |\n|---|---|---|---|---|---|\n",
+    False: "| pair (a vs b) | common images | clean a / b | kept by a only | kept by b only "
+           "| kept by both | sign test p |\n|---|---|---|---|---|---|---|\n"}
+
+
+def _paired_cells(seg: bool, pc: dict[str, Any]) -> str:
+    if seg:
+        return (f"{_pct(pc['a_clean'])} / {_pct(pc['b_clean'])} | "
+                f"{_pct(pc['diff'], pc['diff_ci'])} | {pc['a_higher']} / {pc['b_higher']}")
+    return f"{pc['a_clean']} / {pc['b_clean']} | {pc['a_only']} | {pc['b_only']} | {pc['both']}"
 
 
 def paired_markdown(cols: dict[str, Any]) -> str:
@@ -299,22 +297,17 @@ def paired_markdown(cols: dict[str, Any]) -> str:
     classification, the images kept by one and lost by the other and the sign test's p;
     segmentation, the mean per-image difference of the worst-case mIoU with its bootstrap
     interval and the sign test of the images where one is higher."""
-    seg = _paired_seg_markdown(cols)
-    if seg:
-        return seg
-    names = [c for c in cols if not cols[c].get("seg")]
+    seg = any(c.get("seg") for c in cols.values())
+    names = [c for c in cols if bool(cols[c].get("seg")) == seg]
+    compare = paired_scores if seg else paired_counts
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            pc = paired_counts(cols[a], cols[b])
+            pc = compare(cols[a], cols[b])
             if pc["n"]:
-                rows.append(f"| {a} vs {b} | {pc['n']} | {pc['a_clean']} / {pc['b_clean']} "
-                            f"| {pc['a_only']} | {pc['b_only']} | {pc['both']} | "
+                rows.append(f"| {a} vs {b} | {pc['n']} | {_paired_cells(seg, pc)} | "
                             f"{pc['p']:.3g} |")
-    if not rows:
-        return ""
-    return ("| pair (a vs b) | common images | clean a / b | kept by a only | kept by b only "
-            "| kept by both | sign test p |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    return _PAIRED_HEAD[seg] + "\n".join(rows) if rows else ""
 
 
 def _clean_cell(clean: dict[str, Any], key: str) -> str:
